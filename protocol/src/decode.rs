@@ -1,0 +1,200 @@
+//! Decoding of client frames in one pass, with precise errors.
+//!
+//! A frame is first read into a flat, borrowing [`RawFrame`], so that an
+//! unknown `type`, a missing field and malformed JSON each get their own
+//! error code and the request id is echoed whenever it could be read. The
+//! body is captured as raw JSON text and never parsed into a tree.
+
+use std::borrow::Cow;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::{Body, ClientRequest, ErrorCode, Request, RequestId};
+
+/// Why a client frame could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecodeError {
+    /// The request id, when the frame was JSON enough to carry one.
+    pub id: Option<RequestId>,
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl std::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code.as_str(), self.message)
+    }
+}
+
+impl std::error::Error for DecodeError {}
+
+/// The union of every request's fields, borrowed from the frame text.
+#[derive(Deserialize)]
+struct RawFrame<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Option<Cow<'a, str>>,
+    id: Option<RequestId>,
+    #[serde(borrow)]
+    room: Option<Cow<'a, str>>,
+    since: Option<u64>,
+    #[serde(borrow)]
+    epoch: Option<Cow<'a, str>>,
+    before: Option<u64>,
+    after: Option<u64>,
+    limit: Option<u32>,
+    #[serde(borrow)]
+    body: Option<&'a RawValue>,
+    #[serde(borrow)]
+    key: Option<Cow<'a, str>>,
+}
+
+/// Only the id, read again when the full frame failed to decode.
+#[derive(Deserialize)]
+struct IdOnly {
+    id: Option<RequestId>,
+}
+
+/// Decodes one client text frame.
+///
+/// The caller enforces the frame size limit before calling. A body nested
+/// deeper than `max_depth` arrays or objects is refused with `too_large`.
+pub fn decode_request(text: &str, max_depth: usize) -> Result<Request, DecodeError> {
+    let raw: RawFrame<'_> = serde_json::from_str(text).map_err(|e| {
+        let id = serde_json::from_str::<IdOnly>(text).ok().and_then(|f| f.id);
+        DecodeError {
+            id,
+            code: ErrorCode::BadRequest,
+            message: format!("malformed frame: {e}"),
+        }
+    })?;
+    let id = raw.id;
+    let fail = |code: ErrorCode, message: String| DecodeError { id, code, message };
+    let Some(kind) = raw.kind.as_deref() else {
+        return Err(fail(ErrorCode::BadRequest, "missing field `type`".into()));
+    };
+    let room = || {
+        raw.room
+            .as_deref()
+            .map(str::to_owned)
+            .ok_or_else(|| fail(ErrorCode::BadRequest, format!("`{kind}` needs `room`")))
+    };
+    let body = match kind {
+        "join" => ClientRequest::Join {
+            room: room()?,
+            since: raw.since,
+            epoch: raw.epoch.as_deref().map(str::to_owned),
+        },
+        "leave" => ClientRequest::Leave { room: room()? },
+        "send" => ClientRequest::Send {
+            room: room()?,
+            body: match raw.body {
+                None => return Err(fail(ErrorCode::BadRequest, "`send` needs `body`".into())),
+                Some(b) if nesting_depth(b.get()) > max_depth => {
+                    return Err(fail(
+                        ErrorCode::TooLarge,
+                        format!("body is nested deeper than {max_depth} levels"),
+                    ));
+                }
+                Some(b) => Body(b.to_owned()),
+            },
+            key: raw.key.as_deref().map(str::to_owned),
+        },
+        "history" => ClientRequest::History {
+            room: room()?,
+            before: raw.before,
+            after: raw.after,
+            limit: raw.limit,
+        },
+        "typing" => ClientRequest::Typing { room: room()? },
+        "ping" => ClientRequest::Ping,
+        other => {
+            let shown: String = other.chars().take(32).collect();
+            return Err(fail(
+                ErrorCode::UnknownType,
+                format!("unknown type `{}`", shown.escape_default()),
+            ));
+        }
+    };
+    Ok(Request { id, body })
+}
+
+/// The deepest nesting of arrays and objects in a valid JSON text.
+pub fn nesting_depth(json: &str) -> usize {
+    let (mut depth, mut max, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for b in json.bytes() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn send_keeps_body_verbatim() {
+        let r = decode_request(
+            r#"{"type":"send","id":7,"room":"a","body":{"x": [1, 2]}}"#,
+            32,
+        );
+        let Ok(Request {
+            id,
+            body: ClientRequest::Send { body, .. },
+        }) = r
+        else {
+            panic!("not a send: {r:?}");
+        };
+        assert_eq!(id, Some(7));
+        assert_eq!(body.get(), r#"{"x": [1, 2]}"#);
+    }
+
+    #[test]
+    fn errors_are_classified_and_keep_the_id() {
+        let e = decode_request(r#"{"type":"dance","id":3}"#, 32).unwrap_err();
+        assert_eq!((e.code, e.id), (ErrorCode::UnknownType, Some(3)));
+        let e = decode_request(r#"{"type":"join","id":4}"#, 32).unwrap_err();
+        assert_eq!((e.code, e.id), (ErrorCode::BadRequest, Some(4)));
+        let e = decode_request(r#"{"type":"join","id":5,"room":7}"#, 32).unwrap_err();
+        assert_eq!((e.code, e.id), (ErrorCode::BadRequest, Some(5)));
+        let e = decode_request("{nope", 32).unwrap_err();
+        assert_eq!((e.code, e.id), (ErrorCode::BadRequest, None));
+    }
+
+    #[test]
+    fn escaped_strings_decode() {
+        let r = decode_request(r#"{"type":"join","room":"a\u0062"}"#, 32);
+        assert!(
+            matches!(r, Ok(Request { body: ClientRequest::Join { ref room, .. }, .. }) if room == "ab")
+        );
+    }
+
+    #[test]
+    fn deep_nesting_is_rejected() {
+        let deep = format!(
+            r#"{{"type":"send","room":"a","body":{}{}}}"#,
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        let e = decode_request(&deep, 32).unwrap_err();
+        assert_eq!(e.code, ErrorCode::TooLarge);
+        assert_eq!(nesting_depth(r#"{"a":"[[[","b":[{}]}"#), 3);
+    }
+}

@@ -1,0 +1,309 @@
+//! Wire types of the Switchboard protocol, version 1.
+//!
+//! This crate is the one home of everything that crosses the socket: client
+//! requests ([`ClientRequest`]), server frames ([`ServerFrame`]), error codes
+//! ([`ErrorCode`]), close codes ([`close`]) and the naming rules for rooms and
+//! users ([`names`]). `PROTOCOL.md` beside this crate is the specification;
+//! its examples are this crate's test data, so the two cannot drift.
+//!
+//! It depends on serde and serde_json only. It must not know about sockets,
+//! runtimes or storage: store records are separate types in the server.
+
+pub mod close;
+mod decode;
+pub mod names;
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+pub use decode::{DecodeError, decode_request, nesting_depth};
+
+/// Protocol version announced in `welcome`.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// A client-chosen request id. Every reply to a request echoes it.
+pub type RequestId = u64;
+
+/// A JSON value carried verbatim: message bodies are never re-encoded.
+///
+/// Serialises as the raw JSON text. Deserialises from any JSON value, also
+/// inside internally tagged enums (where serde buffers content and a bare
+/// `RawValue` cannot be used).
+#[derive(Debug, Clone)]
+pub struct Body(pub Box<RawValue>);
+
+impl Body {
+    /// Wraps JSON text, checking that it is one valid JSON value.
+    pub fn from_json(text: &str) -> Result<Self, serde_json::Error> {
+        RawValue::from_string(text.to_owned()).map(Body)
+    }
+
+    /// The JSON text of the body.
+    pub fn get(&self) -> &str {
+        self.0.get()
+    }
+}
+
+impl PartialEq for Body {
+    fn eq(&self, other: &Self) -> bool {
+        self.get() == other.get()
+    }
+}
+
+impl Serialize for Body {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for Body {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let value = serde_json::Value::deserialize(deserializer)?;
+        serde_json::value::to_raw_value(&value)
+            .map(Body)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// One client frame: an optional request id and the request itself.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Request {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<RequestId>,
+    #[serde(flatten)]
+    pub body: ClientRequest,
+}
+
+/// Everything a client may ask of the server.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientRequest {
+    /// Join a room; with `since`, replay every message after it first.
+    Join {
+        room: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        since: Option<u64>,
+        /// The epoch the client saw with `since`; a different epoch means the
+        /// history was recreated and nothing can be recovered.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        epoch: Option<String>,
+    },
+    /// Leave a room.
+    Leave { room: String },
+    /// Publish a durable message to a room.
+    Send {
+        room: String,
+        body: Body,
+        /// Idempotency key: the same user, room and key store one message.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        key: Option<String>,
+    },
+    /// Page a room's history.
+    History {
+        room: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        before: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        after: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        limit: Option<u32>,
+    },
+    /// An ephemeral typing notice for the other members of a room.
+    Typing { room: String },
+    /// Application-level ping, for browsers which cannot send WebSocket pings.
+    Ping,
+}
+
+impl ClientRequest {
+    /// The wire name of this request's `type`.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            ClientRequest::Join { .. } => "join",
+            ClientRequest::Leave { .. } => "leave",
+            ClientRequest::Send { .. } => "send",
+            ClientRequest::History { .. } => "history",
+            ClientRequest::Typing { .. } => "typing",
+            ClientRequest::Ping => "ping",
+        }
+    }
+}
+
+/// One stored message as it appears in `history` replies.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryMessage {
+    pub seq: u64,
+    pub from: String,
+    pub ts: u64,
+    /// `None` when the message was erased; its seq stays in place.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<Body>,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub erased: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// Everything the server sends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerFrame {
+    /// The first frame of every session.
+    Welcome {
+        session: String,
+        user: String,
+        heartbeat_ms: u64,
+        server: String,
+        protocol: u32,
+    },
+    /// Reply to `join`.
+    Joined {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<RequestId>,
+        room: String,
+        /// The latest seq of the room when the join took effect.
+        seq: u64,
+        epoch: String,
+        presence: Vec<String>,
+        /// Present when the join carried `since`: whether every missed
+        /// message follows as a replay.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        recovered: Option<bool>,
+    },
+    /// Reply to `leave`.
+    Left {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<RequestId>,
+        room: String,
+    },
+    /// Reply to `send` once the message is durable.
+    Ack {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<RequestId>,
+        room: String,
+        seq: u64,
+        ts: u64,
+        /// True when an idempotency key matched an earlier message.
+        #[serde(default, skip_serializing_if = "is_false")]
+        duplicate: bool,
+    },
+    /// A durable message in a room, live or replayed.
+    Message {
+        room: String,
+        seq: u64,
+        from: String,
+        ts: u64,
+        body: Body,
+        #[serde(default, skip_serializing_if = "is_false")]
+        replay: bool,
+    },
+    /// Reply to `history`, oldest first.
+    History {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<RequestId>,
+        room: String,
+        messages: Vec<HistoryMessage>,
+        /// Whether more messages exist beyond this page in the paging direction.
+        more: bool,
+    },
+    /// Someone else in the room is typing. Never stored, no seq.
+    Typing { room: String, user: String },
+    /// Users came or went. A user with several sessions is one member.
+    Presence {
+        room: String,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        joined: Vec<String>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        left: Vec<String>,
+    },
+    /// Reply to `ping`.
+    Pong {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<RequestId>,
+    },
+    /// A request failed. Unless a close follows, the session stays usable.
+    Error {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<RequestId>,
+        code: ErrorCode,
+        message: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry_after_ms: Option<u64>,
+    },
+}
+
+/// The `code` of an `error` frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The frame is not valid JSON, or a field is missing or has the wrong type.
+    BadRequest,
+    /// The `type` is not one this server knows.
+    UnknownType,
+    /// The request names a room the session has not joined.
+    NotJoined,
+    /// The room name breaks the naming rules.
+    InvalidRoom,
+    /// The session may not do this.
+    Forbidden,
+    /// A field is longer than its limit.
+    TooLarge,
+    /// Too many requests; retry after `retry_after_ms`.
+    RateLimited,
+    /// A binary frame arrived; the protocol is JSON text frames.
+    BinaryUnsupported,
+    /// The server failed; the request may be retried.
+    Internal,
+}
+
+impl ErrorCode {
+    /// Every error code, in the order of the spec's table.
+    pub const ALL: [ErrorCode; 9] = [
+        ErrorCode::BadRequest,
+        ErrorCode::UnknownType,
+        ErrorCode::NotJoined,
+        ErrorCode::InvalidRoom,
+        ErrorCode::Forbidden,
+        ErrorCode::TooLarge,
+        ErrorCode::RateLimited,
+        ErrorCode::BinaryUnsupported,
+        ErrorCode::Internal,
+    ];
+
+    /// The wire name of the code.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::UnknownType => "unknown_type",
+            ErrorCode::NotJoined => "not_joined",
+            ErrorCode::InvalidRoom => "invalid_room",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::BinaryUnsupported => "binary_unsupported",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+impl ServerFrame {
+    /// Encodes the frame as JSON text.
+    pub fn to_json(&self) -> String {
+        // Serialising these types cannot fail: every map key is a string and
+        // every `Body` is already valid JSON.
+        serde_json::to_string(self).unwrap_or_else(|_| String::from("{}"))
+    }
+
+    /// Decodes a server frame (for clients).
+    pub fn from_json(text: &str) -> Result<Self, serde_json::Error> {
+        serde_json::from_str(text)
+    }
+}
+
+impl Request {
+    /// Encodes the request as JSON text (for clients).
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|_| String::from("{}"))
+    }
+}
