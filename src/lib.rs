@@ -1,1 +1,25 @@
-//! Switchboard.
+//! Switchboard: a TLS WebSocket chat gateway with durable history.
+//!
+//! # Layout
+//! - [`config`]: every limit, with defaults; merged from file, env and flags.
+//! - [`server`]: [`server::run`], the server's lifetime (start, drain, stop).
+//! - [`gateway`]: TCP accept, TLS, HTTP upgrade, connection limits.
+//! - [`session`]: one task per client: requests, replies, its outbox.
+//! - [`hub`]: rooms, presence and fan-out of committed messages.
+//! - [`store`]: redb history with a group-committing writer thread.
+//! - [`tls`]: rustls configuration and development certificates.
+//! - [`metrics`]: lock-free counters.
+//!
+//! Wire types live in the `protocol` crate, never here.
+
+pub mod config;
+pub mod gateway;
+pub mod hub;
+pub mod metrics;
+pub mod server;
+pub mod session;
+pub mod store;
+pub mod tls;
+
+pub use config::Config;
+pub use server::{Listeners, Server, ServerError, run};

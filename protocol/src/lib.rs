@@ -301,9 +301,84 @@ impl ServerFrame {
     }
 }
 
+/// A borrowed `message` frame, for encoding on the hot path without copying
+/// the room, sender or body. Encodes exactly like [`ServerFrame::Message`].
+#[derive(Debug, Serialize)]
+pub struct MessageRef<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    pub room: &'a str,
+    pub seq: u64,
+    pub from: &'a str,
+    pub ts: u64,
+    pub body: &'a RawValue,
+    #[serde(skip_serializing_if = "is_false")]
+    pub replay: bool,
+}
+
+impl<'a> MessageRef<'a> {
+    pub fn new(room: &'a str, seq: u64, from: &'a str, ts: u64, body: &'a RawValue) -> Self {
+        MessageRef {
+            kind: "message",
+            room,
+            seq,
+            from,
+            ts,
+            body,
+            replay: false,
+        }
+    }
+
+    /// Encodes the frame as JSON text.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|_| String::from("{}"))
+    }
+}
+
 impl Request {
     /// Encodes the request as JSON text (for clients).
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).unwrap_or_else(|_| String::from("{}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_ref_encodes_like_the_enum() {
+        let body = Body::from_json(r#"{"text":"hi"}"#).unwrap_or_else(|e| panic!("{e}"));
+        let owned = ServerFrame::Message {
+            room: "general".into(),
+            seq: 9,
+            from: "alice".into(),
+            ts: 1_700_000_000_000,
+            body: body.clone(),
+            replay: true,
+        };
+        let mut borrowed = MessageRef::new("general", 9, "alice", 1_700_000_000_000, &body.0);
+        borrowed.replay = true;
+        assert_eq!(owned.to_json(), borrowed.to_json());
+        borrowed.replay = false;
+        assert!(!borrowed.to_json().contains("replay"));
+    }
+
+    #[test]
+    fn request_round_trips_through_decode() {
+        let req = Request {
+            id: Some(5),
+            body: ClientRequest::Send {
+                room: "r".into(),
+                body: Body::from_json("[1,2]").unwrap_or_else(|e| panic!("{e}")),
+                key: Some("k".into()),
+            },
+        };
+        assert_eq!(decode_request(&req.to_json(), 32), Ok(req));
+        let ping = Request {
+            id: None,
+            body: ClientRequest::Ping,
+        };
+        assert_eq!(ping.to_json(), r#"{"type":"ping"}"#);
     }
 }

@@ -1,0 +1,220 @@
+//! Server configuration: every limit, with its documented default.
+//!
+//! Values come from a TOML file, then `SWITCHBOARD_*` environment variables,
+//! then command-line flags (see `main.rs`); this module owns only the merged
+//! result and its validation. Nothing else in the crate hard-codes a limit.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::store::{Durability, StoreOptions};
+
+/// The whole server configuration. Field docs are the configuration reference.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address of the TLS WebSocket listener (`wss://ADDR/ws`). Default `127.0.0.1:8443`.
+    pub listen: SocketAddr,
+    /// Optional plain `ws://` listener, for deployments behind a TLS-terminating
+    /// proxy and for benchmarks. Default: off.
+    pub plain_listen: Option<SocketAddr>,
+    /// Certificate chain (PEM). Default `certs/server.pem`. When both this and
+    /// `tls_key` are missing, a development CA and certificate are generated.
+    pub tls_cert: PathBuf,
+    /// Private key (PEM). Default `certs/server.key`.
+    pub tls_key: PathBuf,
+    /// Directory of the redb history file. Default `data`.
+    pub data_dir: PathBuf,
+    /// Time allowed for the TCP accept to finish the TLS and WebSocket handshakes. Default 10 000 ms.
+    pub handshake_timeout_ms: u64,
+    /// Most concurrent connections; past it the upgrade is refused with HTTP 503. Default 16 384.
+    pub max_connections: usize,
+    /// Largest WebSocket message and frame, in bytes; past it the session closes with 1009. Default 65 536.
+    pub max_message_bytes: usize,
+    /// Per-connection read buffer of the WebSocket codec, in bytes. Default 4 096.
+    pub read_buffer_bytes: usize,
+    /// Bytes the WebSocket codec buffers before writing to the socket. Default 16 384.
+    pub write_buffer_bytes: usize,
+    /// Most bytes waiting in one session's outbound queue before it is a slow consumer. Default 1 MiB.
+    pub outbound_queue_bytes: usize,
+    /// Most frames waiting in one session's outbound queue. Default 4 096.
+    pub outbound_queue_frames: usize,
+    /// Most frames written to a socket before one flush (write coalescing). Default 64.
+    pub write_batch_frames: usize,
+    /// A write that takes longer than this closes the session as a slow consumer. Default 10 000 ms.
+    pub write_timeout_ms: u64,
+    /// After sending a close frame, how long to wait for the client's reply. Default 1 000 ms.
+    pub close_linger_ms: u64,
+    /// Most un-acknowledged sends per session; past it the session stops reading. Default 256.
+    pub max_inflight_sends: usize,
+    /// Server ping interval; a session silent for two intervals is closed with 4102. Default 25 000 ms.
+    pub heartbeat_interval_ms: u64,
+    /// Most messages replayed by a `join` with `since`; a longer gap answers `recovered: false`. Default 1 000.
+    pub replay_cap: u64,
+    /// `history` page size when the request gives no `limit`. Default 50.
+    pub history_default_limit: u32,
+    /// Largest `history` page; larger limits are clamped. Default 200.
+    pub history_max_limit: u32,
+    /// Deepest nesting of arrays and objects in a message body. Default 32.
+    pub max_body_depth: usize,
+    /// Longest idempotency `key`, in bytes. Default 128.
+    pub max_key_bytes: usize,
+    /// Most rooms one session may be joined to. Default 256.
+    pub max_rooms_per_session: usize,
+    /// Commit durability: `immediate` (fsync per commit, the default) or `none`
+    /// (commits reach the disk later; a crash may lose acknowledged messages).
+    pub durability: Durability,
+    /// Most appends grouped into one commit. 1 means a commit per message. Default 1 024.
+    pub commit_max_batch: usize,
+    /// Appends waiting for the store writer before senders wait. Default 65 536.
+    pub store_queue_capacity: usize,
+    /// How long an idempotency key is remembered. Default 86 400 s (24 h).
+    pub idempotency_ttl_secs: u64,
+    /// Time allowed, at shutdown, for sessions to close and commits to finish. Default 10 000 ms.
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8443)),
+            plain_listen: None,
+            tls_cert: PathBuf::from("certs/server.pem"),
+            tls_key: PathBuf::from("certs/server.key"),
+            data_dir: PathBuf::from("data"),
+            handshake_timeout_ms: 10_000,
+            max_connections: 16_384,
+            max_message_bytes: 64 * 1024,
+            read_buffer_bytes: 4 * 1024,
+            write_buffer_bytes: 16 * 1024,
+            outbound_queue_bytes: 1024 * 1024,
+            outbound_queue_frames: 4096,
+            write_batch_frames: 64,
+            write_timeout_ms: 10_000,
+            close_linger_ms: 1000,
+            max_inflight_sends: 256,
+            heartbeat_interval_ms: 25_000,
+            replay_cap: 1000,
+            history_default_limit: 50,
+            history_max_limit: 200,
+            max_body_depth: 32,
+            max_key_bytes: 128,
+            max_rooms_per_session: 256,
+            durability: Durability::Immediate,
+            commit_max_batch: 1024,
+            store_queue_capacity: 65_536,
+            idempotency_ttl_secs: 86_400,
+            shutdown_grace_ms: 10_000,
+        }
+    }
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    #[error("`{field}` must be at least {min}")]
+    TooSmall { field: &'static str, min: u64 },
+    #[error(
+        "dev mode (no auth configured) serves loopback addresses only, but `{field}` is {addr}"
+    )]
+    DevModeNotLoopback {
+        field: &'static str,
+        addr: SocketAddr,
+    },
+}
+
+impl Config {
+    /// Reads a TOML file; missing keys take their defaults.
+    pub fn from_file(path: &std::path::Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })
+    }
+
+    /// Checks the limits that would otherwise make the server misbehave.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let at_least = |field: &'static str, value: u64, min: u64| {
+            if value < min {
+                Err(ConfigError::TooSmall { field, min })
+            } else {
+                Ok(())
+            }
+        };
+        at_least("max_connections", self.max_connections as u64, 1)?;
+        at_least("max_message_bytes", self.max_message_bytes as u64, 256)?;
+        at_least("read_buffer_bytes", self.read_buffer_bytes as u64, 512)?;
+        at_least("outbound_queue_bytes", self.outbound_queue_bytes as u64, 1024)?;
+        at_least("outbound_queue_frames", self.outbound_queue_frames as u64, 1)?;
+        at_least("write_batch_frames", self.write_batch_frames as u64, 1)?;
+        at_least("max_inflight_sends", self.max_inflight_sends as u64, 1)?;
+        at_least("heartbeat_interval_ms", self.heartbeat_interval_ms, 10)?;
+        at_least("history_max_limit", u64::from(self.history_max_limit), 1)?;
+        at_least("commit_max_batch", self.commit_max_batch as u64, 1)?;
+        at_least("store_queue_capacity", self.store_queue_capacity as u64, 1)?;
+        // Dev mode takes the user name from the URL, so anyone who can reach
+        // the port can be anyone: it must never face a network.
+        for (field, addr) in [("listen", Some(self.listen)), ("plain_listen", self.plain_listen)] {
+            if let Some(addr) = addr {
+                if !addr.ip().is_loopback() {
+                    return Err(ConfigError::DevModeNotLoopback { field, addr });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Path of the redb file inside `data_dir`.
+    pub fn db_path(&self) -> PathBuf {
+        self.data_dir.join("switchboard.redb")
+    }
+
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout_ms)
+    }
+
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_interval_ms)
+    }
+
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_millis(self.write_timeout_ms)
+    }
+
+    pub fn close_linger(&self) -> Duration {
+        Duration::from_millis(self.close_linger_ms)
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_millis(self.shutdown_grace_ms)
+    }
+
+    /// The store's share of the configuration.
+    pub fn store_options(&self) -> StoreOptions {
+        StoreOptions {
+            durability: self.durability,
+            max_batch: self.commit_max_batch,
+            queue_capacity: self.store_queue_capacity,
+            idempotency_ttl: Duration::from_secs(self.idempotency_ttl_secs),
+        }
+    }
+}

@@ -1,0 +1,163 @@
+//! The server's lifetime: start, serve, drain, stop.
+//!
+//! [`run`] takes listeners that are already bound, so tests can bind
+//! `127.0.0.1:0` and need no readiness wait. It owns the task tracker and the
+//! shutdown token; every task of the server is spawned on that tracker and
+//! watches that token.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::config::{Config, ConfigError};
+use crate::gateway;
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::store::{OpenError, Store, StoreHandle};
+use crate::tls::{self, TlsError};
+
+/// Everything sessions share.
+pub struct ServerState {
+    pub config: Config,
+    pub hub: Arc<Hub>,
+    pub store: StoreHandle,
+    pub metrics: Arc<Metrics>,
+    /// One permit per open connection.
+    pub connection_permits: Arc<Semaphore>,
+    pub next_session: AtomicU64,
+}
+
+/// The listeners to serve on, already bound.
+#[derive(Debug, Default)]
+pub struct Listeners {
+    /// Serves `wss://` with the configured certificate.
+    pub tls: Option<TcpListener>,
+    /// Serves plain `ws://`.
+    pub plain: Option<TcpListener>,
+}
+
+/// Why the server could not start or stop cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("TLS setup failed")]
+    Tls(#[from] TlsError),
+    #[error("cannot open the history store")]
+    Store(#[from] OpenError),
+    #[error("the store did not shut down cleanly")]
+    StoreShutdown(#[source] crate::store::ShutdownError),
+    #[error("a startup task failed")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// Serves until `shutdown` resolves, then drains: stops accepting, closes
+/// every session with 1001 after its in-flight acks, commits every queued
+/// append and returns.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
+    Server::start(config, listeners).await?.serve(shutdown).await
+}
+
+/// A started server: its store is open and its listeners are bound, but
+/// nothing is accepted until [`Server::serve`].
+pub struct Server {
+    state: Arc<ServerState>,
+    store: Store,
+    listeners: Listeners,
+    tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+impl Server {
+    /// Validates the config, loads TLS and opens the store.
+    pub async fn start(config: Config, listeners: Listeners) -> Result<Server, ServerError> {
+        config.validate()?;
+        let tls = match &listeners.tls {
+            Some(_) => Some(tls::server_config(&config.tls_cert, &config.tls_key)?),
+            None => None,
+        };
+        let metrics = Arc::new(Metrics::default());
+        let hub = Arc::new(Hub::new());
+        let store = {
+            let path = config.db_path();
+            let opts = config.store_options();
+            let sink = hub.clone();
+            tokio::task::spawn_blocking(move || Store::open(&path, opts, sink)).await??
+        };
+        let state = Arc::new(ServerState {
+            connection_permits: Arc::new(Semaphore::new(config.max_connections)),
+            config,
+            hub,
+            store: store.handle(),
+            metrics,
+            next_session: AtomicU64::new(1),
+        });
+        Ok(Server {
+            state,
+            store,
+            listeners,
+            tls,
+        })
+    }
+
+    /// The shared state: hub, store handle, metrics and config.
+    pub fn state(&self) -> Arc<ServerState> {
+        self.state.clone()
+    }
+
+    /// Serves until `shutdown` resolves, then drains (see [`run`]).
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+        let Server {
+            state,
+            store,
+            listeners,
+            tls,
+        } = self;
+        let token = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        if let Some(listener) = listeners.tls {
+            let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+            tracker.spawn(gateway::accept_loop(
+                listener,
+                acceptor,
+                state.clone(),
+                tracker.clone(),
+                token.clone(),
+            ));
+        }
+        if let Some(listener) = listeners.plain {
+            tracker.spawn(gateway::accept_loop(
+                listener,
+                None,
+                state.clone(),
+                tracker.clone(),
+                token.clone(),
+            ));
+        }
+
+        shutdown.await;
+        info!("shutting down: closing sessions");
+        token.cancel();
+        tracker.close();
+        let grace = state.config.shutdown_grace();
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+            warn!(?grace, "sessions did not close within the grace period");
+        }
+        drop(state);
+        info!("committing queued appends");
+        tokio::task::spawn_blocking(move || store.shutdown())
+            .await?
+            .map_err(ServerError::StoreShutdown)?;
+        info!("stopped");
+        Ok(())
+    }
+}

@@ -1,0 +1,78 @@
+//! Why a session ended: one typed reason per connection.
+//!
+//! The reason decides the close code the client sees and is counted in
+//! metrics by name (the nats-server `ClosedState` policy).
+
+use protocol::close::{self, CloseCode};
+
+/// Why a session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum CloseReason {
+    /// The client closed the connection or the socket went away.
+    ClientClosed = 1,
+    /// The server is shutting down.
+    ServerShutdown,
+    /// The outbound queue overflowed or a write timed out.
+    SlowConsumer,
+    /// An operator kicked the session.
+    Kicked,
+    /// Nothing arrived for two heartbeat intervals.
+    HeartbeatTimeout,
+    /// A frame was larger than `max_message_bytes`.
+    TooBig,
+    /// A text frame was not valid UTF-8.
+    InvalidUtf8,
+    /// The WebSocket framing was broken.
+    ProtocolViolation,
+    /// The socket failed.
+    TransportError,
+}
+
+impl CloseReason {
+    /// Every reason, for metrics that list them all.
+    pub const ALL: [CloseReason; 9] = [
+        CloseReason::ClientClosed,
+        CloseReason::ServerShutdown,
+        CloseReason::SlowConsumer,
+        CloseReason::Kicked,
+        CloseReason::HeartbeatTimeout,
+        CloseReason::TooBig,
+        CloseReason::InvalidUtf8,
+        CloseReason::ProtocolViolation,
+        CloseReason::TransportError,
+    ];
+
+    /// The close code to send, or `None` when the socket is already gone.
+    pub fn code(self) -> Option<CloseCode> {
+        match self {
+            CloseReason::ClientClosed | CloseReason::TransportError => None,
+            CloseReason::ServerShutdown => Some(close::GOING_AWAY),
+            CloseReason::SlowConsumer => Some(close::SLOW_CONSUMER),
+            CloseReason::Kicked => Some(close::KICKED),
+            CloseReason::HeartbeatTimeout => Some(close::HEARTBEAT_TIMEOUT),
+            CloseReason::TooBig => Some(close::TOO_BIG),
+            CloseReason::InvalidUtf8 => Some(close::INVALID_UTF8),
+            CloseReason::ProtocolViolation => Some(close::PROTOCOL_VIOLATION),
+        }
+    }
+
+    /// A stable name for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::ClientClosed => "client_closed",
+            CloseReason::ServerShutdown => "server_shutdown",
+            CloseReason::SlowConsumer => "slow_consumer",
+            CloseReason::Kicked => "kicked",
+            CloseReason::HeartbeatTimeout => "heartbeat_timeout",
+            CloseReason::TooBig => "too_big",
+            CloseReason::InvalidUtf8 => "invalid_utf8",
+            CloseReason::ProtocolViolation => "protocol_violation",
+            CloseReason::TransportError => "transport_error",
+        }
+    }
+
+    pub(crate) fn from_u8(v: u8) -> Option<CloseReason> {
+        CloseReason::ALL.iter().copied().find(|r| *r as u8 == v)
+    }
+}

@@ -1,0 +1,679 @@
+//! One client session: its socket, its rooms and its request handling.
+//!
+//! A session is one task that owns its WebSocket and selects over: frames
+//! from the client, frames the hub queued in its [`Outbox`], acks of its
+//! sends as commits finish, the heartbeat timer, and its kill and shutdown
+//! tokens. Replies to requests are written directly; room traffic arrives
+//! only through the outbox.
+//!
+//! Invariants:
+//! - A session never blocks another: everything reaches it through its own
+//!   bounded outbox, and every write it makes has a deadline.
+//! - Per room, a session writes messages in strictly increasing seq order
+//!   with no duplicate: it keeps the highest seq written (`floor`) and drops
+//!   any queued message at or below it. On join the floor is the room's
+//!   high-water mark, read *after* the session was registered with the hub,
+//!   so every later message reaches the outbox and every earlier one is in
+//!   history.
+//! - Nothing from the peer is trusted: decode errors become `error` frames
+//!   and socket errors a typed [`CloseReason`]; nothing panics.
+
+mod close;
+mod outbox;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use futures_util::stream::FuturesUnordered;
+use futures_util::{SinkExt, StreamExt};
+use protocol::{Body, ClientRequest, ErrorCode, HistoryMessage, RequestId, ServerFrame};
+use serde_json::value::RawValue;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::oneshot;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+pub use close::CloseReason;
+pub use outbox::{Delivery, Outbox, OutboxReceiver, Outgoing, outbox};
+
+use crate::hub::{Member, SessionEntry, SessionId, SessionStats};
+use crate::server::ServerState;
+use crate::store::{Append, AppendError, Appended, StoredMessage};
+
+/// Who the session is, as established by the handshake.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub user: Arc<str>,
+    pub remote: SocketAddr,
+}
+
+/// An in-flight `send`, resolved when its commit finishes.
+struct PendingAck {
+    id: Option<RequestId>,
+    room: Arc<str>,
+    rx: oneshot::Receiver<Result<Appended, AppendError>>,
+}
+
+impl Future for PendingAck {
+    type Output = (Option<RequestId>, Arc<str>, Option<Result<Appended, AppendError>>);
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.rx)
+            .poll(cx)
+            .map(|r| (self.id, self.room.clone(), r.ok()))
+    }
+}
+
+/// Ends the session's main loop.
+type Flow = Result<(), CloseReason>;
+
+/// A live session.
+pub struct Session<S> {
+    ws: WebSocketStream<S>,
+    id: SessionId,
+    identity: Identity,
+    state: Arc<ServerState>,
+    shutdown: CancellationToken,
+    kill: CancellationToken,
+    outbox: Outbox,
+    inbox: OutboxReceiver,
+    /// Joined rooms and the highest seq written to the client for each.
+    rooms: HashMap<Arc<str>, u64>,
+    pending: FuturesUnordered<PendingAck>,
+    last_seen: Instant,
+    stats: Arc<SessionStats>,
+}
+
+impl<S> Session<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    pub fn new(
+        ws: WebSocketStream<S>,
+        id: SessionId,
+        identity: Identity,
+        state: Arc<ServerState>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let kill = CancellationToken::new();
+        let config = &state.config;
+        let (outbox, inbox) = outbox(
+            config.outbound_queue_frames,
+            config.outbound_queue_bytes,
+            kill.clone(),
+            state.metrics.clone(),
+        );
+        Session {
+            ws,
+            id,
+            identity,
+            state,
+            shutdown,
+            kill,
+            outbox,
+            inbox,
+            rooms: HashMap::new(),
+            pending: FuturesUnordered::new(),
+            last_seen: Instant::now(),
+            stats: Arc::new(SessionStats::default()),
+        }
+    }
+
+    /// A handle that can close this session from elsewhere (kicks).
+    pub fn outbox(&self) -> Outbox {
+        self.outbox.clone()
+    }
+
+    /// Runs the session to its end and returns why it ended.
+    pub async fn run(mut self) -> CloseReason {
+        let welcome = ServerFrame::Welcome {
+            session: format!("{:016x}", self.id),
+            user: self.identity.user.to_string(),
+            heartbeat_ms: self.state.config.heartbeat_interval_ms,
+            server: concat!("switchboard/", env!("CARGO_PKG_VERSION")).to_owned(),
+            protocol: protocol::PROTOCOL_VERSION,
+        };
+        let connected_at_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        self.state.hub.register_session(
+            self.id,
+            SessionEntry {
+                user: self.identity.user.clone(),
+                remote: self.identity.remote,
+                connected_at_ms,
+                outbox: self.outbox.clone(),
+                stats: self.stats.clone(),
+            },
+        );
+        let reason = match self.send(&welcome).await {
+            Ok(()) => self.main_loop().await,
+            Err(reason) => reason,
+        };
+        self.finish(reason).await;
+        reason
+    }
+
+    async fn main_loop(&mut self) -> CloseReason {
+        let interval = self.state.config.heartbeat_interval();
+        let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let max_inflight = self.state.config.max_inflight_sends;
+        loop {
+            let flow = tokio::select! {
+                biased;
+                () = self.kill.cancelled() => {
+                    Err(self.inbox.close_reason().unwrap_or(CloseReason::SlowConsumer))
+                }
+                () = self.shutdown.cancelled() => Err(CloseReason::ServerShutdown),
+                Some(done) = self.pending.next(), if !self.pending.is_empty() => {
+                    self.on_ack(done).await
+                }
+                item = self.inbox.recv() => match item {
+                    Some(item) => self.write_outgoing(item).await,
+                    // The outbox sender lives in `self`, so this cannot end first.
+                    None => Err(CloseReason::TransportError),
+                },
+                frame = self.ws.next(), if self.pending.len() < max_inflight => {
+                    self.last_seen = Instant::now();
+                    self.on_frame(frame).await
+                }
+                _ = heartbeat.tick() => self.on_heartbeat(interval).await,
+            };
+            if let Err(reason) = flow {
+                return reason;
+            }
+        }
+    }
+
+    /// Closes the socket with the reason's code and leaves every room.
+    async fn finish(&mut self, reason: CloseReason) {
+        let state = self.state.clone();
+        if reason == CloseReason::ServerShutdown {
+            // Commits already queued finish; their acks go out before the close.
+            let drain = async {
+                while let Some(done) = self.pending.next().await {
+                    if self.on_ack(done).await.is_err() {
+                        break;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(state.config.shutdown_grace(), drain).await;
+        }
+        for room in std::mem::take(&mut self.rooms).into_keys() {
+            state.hub.leave(&room, self.id);
+        }
+        state.hub.unregister_session(self.id);
+        if let Some(code) = reason.code() {
+            let frame = CloseFrame {
+                code: CloseCode::from(code.code),
+                reason: Utf8Bytes::from_static(code.name),
+            };
+            let close = self.ws.close(Some(frame));
+            match tokio::time::timeout(state.config.write_timeout(), close).await {
+                Ok(Ok(())) => {
+                    // Wait briefly for the client's close reply, reading off
+                    // what it still sends, so the socket ends with FIN rather
+                    // than a reset that could destroy the close frame.
+                    let linger = async {
+                        while let Some(Ok(msg)) = self.ws.next().await {
+                            if msg.is_close() {
+                                break;
+                            }
+                        }
+                    };
+                    let _ = tokio::time::timeout(state.config.close_linger(), linger).await;
+                }
+                Ok(Err(e)) => debug!(error = %e, "close frame not written"),
+                Err(_) => debug!("close frame not written in time"),
+            }
+        } else {
+            let _ = tokio::time::timeout(state.config.write_timeout(), self.ws.flush()).await;
+        }
+        state.metrics.session_closed(reason);
+    }
+
+    /// Writes one frame and flushes, within the write deadline.
+    async fn send(&mut self, frame: &ServerFrame) -> Flow {
+        let text = frame.to_json();
+        self.state.metrics.bytes_out.add(text.len() as u64);
+        self.write(Message::Text(Utf8Bytes::from(text)), true).await
+    }
+
+    /// Feeds (and with `flush`, sends) one frame. The write has a deadline
+    /// and gives way to a kill, so a peer that stops reading can hold up
+    /// only its own session, and only until then.
+    async fn write(&mut self, msg: Message, flush: bool) -> Flow {
+        let deadline = self.state.config.write_timeout();
+        let Session {
+            ws, kill, inbox, outbox, ..
+        } = self;
+        let io = async move {
+            if flush {
+                ws.send(msg).await
+            } else {
+                ws.feed(msg).await
+            }
+        };
+        with_deadline(deadline, kill, inbox, outbox, io).await
+    }
+
+    async fn flush(&mut self) -> Flow {
+        let deadline = self.state.config.write_timeout();
+        let Session {
+            ws, kill, inbox, outbox, ..
+        } = self;
+        with_deadline(deadline, kill, inbox, outbox, ws.flush()).await
+    }
+
+    async fn send_error(&mut self, id: Option<RequestId>, code: ErrorCode, message: String) -> Flow {
+        self.state.metrics.error_frames.inc();
+        self.send(&ServerFrame::Error {
+            id,
+            code,
+            message,
+            retry_after_ms: None,
+        })
+        .await
+    }
+
+    /// Writes queued frames, coalescing up to `write_batch_frames` into one flush.
+    async fn write_outgoing(&mut self, first: Outgoing) -> Flow {
+        let batch = self.state.config.write_batch_frames;
+        let mut next = Some(first);
+        let mut written = 0;
+        while let Some(item) = next.take() {
+            let text = match item {
+                Outgoing::Ephemeral(text) => Some(text),
+                Outgoing::Message(d) => match self.rooms.get_mut(&d.room) {
+                    Some(floor) if d.seq > *floor => {
+                        *floor = d.seq;
+                        self.state.metrics.messages_delivered.inc();
+                        self.stats.messages_out.fetch_add(1, Ordering::Relaxed);
+                        Some(d.text.clone())
+                    }
+                    // Already replayed, or the room was left meanwhile.
+                    _ => None,
+                },
+            };
+            if let Some(text) = text {
+                self.state.metrics.bytes_out.add(text.len() as u64);
+                self.write(Message::Text(text), false).await?;
+                written += 1;
+            }
+            if written < batch {
+                next = self.inbox.try_recv();
+            }
+        }
+        if written > 0 {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn on_heartbeat(&mut self, interval: std::time::Duration) -> Flow {
+        if self.last_seen.elapsed() >= interval * 2 {
+            return Err(CloseReason::HeartbeatTimeout);
+        }
+        self.write(Message::Ping(Default::default()), true).await
+    }
+
+    async fn on_frame(&mut self, frame: Option<Result<Message, WsError>>) -> Flow {
+        let msg = match frame {
+            None => return Err(CloseReason::ClientClosed),
+            Some(Err(e)) => return Err(socket_error(&e)),
+            Some(Ok(msg)) => msg,
+        };
+        match msg {
+            Message::Text(text) => {
+                self.state.metrics.bytes_in.add(text.len() as u64);
+                self.on_request(text.as_str()).await
+            }
+            Message::Binary(data) => {
+                self.state.metrics.bytes_in.add(data.len() as u64);
+                self.send_error(
+                    None,
+                    ErrorCode::BinaryUnsupported,
+                    "binary frames are not part of the protocol; send JSON text frames".into(),
+                )
+                .await
+            }
+            // tungstenite queues the pong (or the close reply); flushing sends it.
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {
+                self.flush().await
+            }
+            Message::Close(_) => {
+                let _ = self.flush().await;
+                Err(CloseReason::ClientClosed)
+            }
+        }
+    }
+
+    async fn on_request(&mut self, text: &str) -> Flow {
+        let request = match protocol::decode_request(text, self.state.config.max_body_depth) {
+            Ok(r) => r,
+            Err(e) => return self.send_error(e.id, e.code, e.message).await,
+        };
+        let id = request.id;
+        match request.body {
+            ClientRequest::Join { room, since, epoch } => self.on_join(id, room, since, epoch).await,
+            ClientRequest::Leave { room } => {
+                if self.rooms.remove(room.as_str()).is_some() {
+                    self.state.hub.leave(&room, self.id);
+                    self.send(&ServerFrame::Left { id, room }).await
+                } else {
+                    self.not_joined(id, &room).await
+                }
+            }
+            ClientRequest::Send { room, body, key } => self.on_send(id, room, body.0, key).await,
+            ClientRequest::History {
+                room,
+                before,
+                after,
+                limit,
+            } => self.on_history(id, room, before, after, limit).await,
+            ClientRequest::Typing { room } => {
+                if self.rooms.contains_key(room.as_str()) {
+                    self.state.hub.typing(&room, &self.identity.user);
+                    Ok(())
+                } else {
+                    self.not_joined(id, &room).await
+                }
+            }
+            ClientRequest::Ping => self.send(&ServerFrame::Pong { id }).await,
+        }
+    }
+
+    async fn not_joined(&mut self, id: Option<RequestId>, room: &str) -> Flow {
+        self.send_error(id, ErrorCode::NotJoined, format!("not joined to `{room}`"))
+            .await
+    }
+
+    /// Checks a room name; on failure answers `invalid_room` and returns false.
+    async fn valid_room(&mut self, id: Option<RequestId>, room: &str) -> Result<bool, CloseReason> {
+        match protocol::names::validate_room(room) {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                self.send_error(id, ErrorCode::InvalidRoom, format!("invalid room name: {e}"))
+                    .await?;
+                Ok(false)
+            }
+        }
+    }
+
+    async fn on_join(
+        &mut self,
+        id: Option<RequestId>,
+        room: String,
+        since: Option<u64>,
+        epoch: Option<String>,
+    ) -> Flow {
+        if !self.valid_room(id, &room).await? {
+            return Ok(());
+        }
+        let state = self.state.clone();
+        let already = self.rooms.contains_key(room.as_str());
+        if !already && self.rooms.len() >= state.config.max_rooms_per_session {
+            let max = state.config.max_rooms_per_session;
+            return self
+                .send_error(id, ErrorCode::Forbidden, format!("a session may join at most {max} rooms"))
+                .await;
+        }
+        // Register first, then read the high-water mark: every message
+        // committed after the read reaches the outbox, every one before is
+        // in history.
+        let outcome = state.hub.join(
+            &room,
+            Member {
+                session: self.id,
+                user: self.identity.user.clone(),
+                outbox: self.outbox.clone(),
+            },
+        );
+        let latest = match state.store.latest_seq(&room).await {
+            Ok(seq) => seq,
+            Err(e) => {
+                warn!(error = %e, "latest seq read failed");
+                if !already {
+                    state.hub.leave(&room, self.id);
+                }
+                return self
+                    .send_error(id, ErrorCode::Internal, "history is unavailable".into())
+                    .await;
+            }
+        };
+        let store_epoch = state.store.epoch().to_owned();
+        let (recovered, replay) = match since {
+            Some(since) if !already => {
+                self.recover(&room, since, latest, epoch.as_deref() == Some(store_epoch.as_str()) || epoch.is_none())
+                    .await
+            }
+            _ => (None, Vec::new()),
+        };
+        if !already {
+            self.rooms.insert(outcome.room.clone(), latest);
+        }
+        self.send(&ServerFrame::Joined {
+            id,
+            room: room.clone(),
+            seq: latest,
+            epoch: store_epoch,
+            presence: outcome.presence,
+            recovered,
+        })
+        .await?;
+        for m in &replay {
+            let text = replay_frame(&room, m);
+            self.write(Message::Text(Utf8Bytes::from(text)), false).await?;
+        }
+        if !replay.is_empty() {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Decides recovery for a join with `since`: all of (since, latest] or nothing.
+    async fn recover(
+        &mut self,
+        room: &str,
+        since: u64,
+        latest: u64,
+        epoch_matches: bool,
+    ) -> (Option<bool>, Vec<StoredMessage>) {
+        if !epoch_matches {
+            return (Some(false), Vec::new());
+        }
+        if since >= latest {
+            return (Some(true), Vec::new());
+        }
+        let gap = latest - since;
+        if gap > self.state.config.replay_cap {
+            return (Some(false), Vec::new());
+        }
+        let limit = usize::try_from(gap).unwrap_or(usize::MAX);
+        match self.state.store.read_after(room, since, limit).await {
+            Ok(messages)
+                if messages.len() == limit
+                    && messages.iter().zip(since + 1..).all(|(m, seq)| m.seq == seq) =>
+            {
+                (Some(true), messages)
+            }
+            Ok(_) => (Some(false), Vec::new()),
+            Err(e) => {
+                warn!(error = %e, "replay read failed");
+                (Some(false), Vec::new())
+            }
+        }
+    }
+
+    async fn on_send(
+        &mut self,
+        id: Option<RequestId>,
+        room: String,
+        body: Box<RawValue>,
+        key: Option<String>,
+    ) -> Flow {
+        let Some((room_key, _)) = self.rooms.get_key_value(room.as_str()) else {
+            return self.not_joined(id, &room).await;
+        };
+        let room_key = room_key.clone();
+        let max_key = self.state.config.max_key_bytes;
+        if key.as_ref().is_some_and(|k| k.len() > max_key) {
+            return self
+                .send_error(id, ErrorCode::TooLarge, format!("`key` is longer than {max_key} bytes"))
+                .await;
+        }
+        let (reply, rx) = oneshot::channel();
+        let append = Append {
+            room: room_key.clone(),
+            from: self.identity.user.clone(),
+            body,
+            key,
+            reply,
+        };
+        if self.state.store.append(append).await.is_err() {
+            return self
+                .send_error(id, ErrorCode::Internal, "the store is closed".into())
+                .await;
+        }
+        self.state.metrics.messages_received.inc();
+        self.stats.messages_in.fetch_add(1, Ordering::Relaxed);
+        self.pending.push(PendingAck {
+            id,
+            room: room_key,
+            rx,
+        });
+        Ok(())
+    }
+
+    async fn on_ack(&mut self, done: <PendingAck as Future>::Output) -> Flow {
+        let (id, room, result) = done;
+        match result {
+            Some(Ok(a)) => {
+                self.send(&ServerFrame::Ack {
+                    id,
+                    room: room.to_string(),
+                    seq: a.seq,
+                    ts: a.ts,
+                    duplicate: a.duplicate,
+                })
+                .await
+            }
+            Some(Err(e)) => {
+                warn!(error = %e, "append failed");
+                self.send_error(id, ErrorCode::Internal, "the message was not stored; retry with the same key".into())
+                    .await
+            }
+            None => {
+                self.send_error(id, ErrorCode::Internal, "the store stopped; retry with the same key".into())
+                    .await
+            }
+        }
+    }
+
+    async fn on_history(
+        &mut self,
+        id: Option<RequestId>,
+        room: String,
+        before: Option<u64>,
+        after: Option<u64>,
+        limit: Option<u32>,
+    ) -> Flow {
+        if !self.valid_room(id, &room).await? {
+            return Ok(());
+        }
+        let config = &self.state.config;
+        let limit = limit
+            .unwrap_or(config.history_default_limit)
+            .min(config.history_max_limit) as usize;
+        let page = match self.state.store.history(&room, before, after, limit).await {
+            Ok(page) => page,
+            Err(e) => {
+                warn!(error = %e, "history read failed");
+                return self
+                    .send_error(id, ErrorCode::Internal, "history is unavailable".into())
+                    .await;
+            }
+        };
+        let messages = page
+            .messages
+            .into_iter()
+            .map(|m| {
+                let body = m.body.as_deref().and_then(|b| Body::from_json(b).ok());
+                HistoryMessage {
+                    seq: m.seq,
+                    from: m.from,
+                    ts: m.ts,
+                    erased: body.is_none(),
+                    body,
+                }
+            })
+            .collect();
+        self.send(&ServerFrame::History {
+            id,
+            room,
+            messages,
+            more: page.more,
+        })
+        .await
+    }
+}
+
+/// Encodes a replayed message. An erased message keeps its seq, with a
+/// `null` body, so that the client's seq continuity holds.
+fn replay_frame(room: &str, m: &StoredMessage) -> String {
+    let null = RawValue::NULL;
+    let body = m
+        .body
+        .as_deref()
+        .and_then(|b| serde_json::from_str::<&RawValue>(b).ok())
+        .unwrap_or(null);
+    let mut frame = protocol::MessageRef::new(room, m.seq, &m.from, m.ts, body);
+    frame.replay = true;
+    frame.to_json()
+}
+
+/// Runs socket I/O with a deadline, giving way to a kill. A write that
+/// misses the deadline marks the session a slow consumer.
+async fn with_deadline(
+    deadline: std::time::Duration,
+    kill: &CancellationToken,
+    inbox: &OutboxReceiver,
+    outbox: &Outbox,
+    io: impl Future<Output = Result<(), WsError>>,
+) -> Flow {
+    tokio::select! {
+        r = tokio::time::timeout(deadline, io) => match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(socket_error(&e)),
+            Err(_) => {
+                outbox.close(CloseReason::SlowConsumer);
+                Err(CloseReason::SlowConsumer)
+            }
+        },
+        () = kill.cancelled() => Err(inbox.close_reason().unwrap_or(CloseReason::SlowConsumer)),
+    }
+}
+
+/// Maps a socket error to the reason the session ends.
+fn socket_error(e: &WsError) -> CloseReason {
+    use tokio_tungstenite::tungstenite::error::CapacityError;
+    match e {
+        WsError::Capacity(CapacityError::MessageTooLong { .. }) => CloseReason::TooBig,
+        WsError::Capacity(_) => CloseReason::TooBig,
+        WsError::Utf8(_) => CloseReason::InvalidUtf8,
+        WsError::Protocol(_) => CloseReason::ProtocolViolation,
+        WsError::ConnectionClosed | WsError::AlreadyClosed => CloseReason::ClientClosed,
+        _ => CloseReason::TransportError,
+    }
+}

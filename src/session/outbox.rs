@@ -1,0 +1,229 @@
+//! A session's bounded outbound queue and its slow-consumer policy.
+//!
+//! The hub pushes into an [`Outbox`] from any thread without awaiting:
+//! every push is a `try_send` plus one atomic add. The queue is bounded in
+//! frames and in bytes. On overflow an ephemeral event (typing, presence) is
+//! shed and counted; a durable message is never dropped silently: the
+//! session is marked a slow consumer and closed, and it resumes by seq.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+use crate::session::CloseReason;
+
+/// One durable message, encoded once and shared by every recipient.
+#[derive(Debug)]
+pub struct Delivery {
+    pub room: Arc<str>,
+    pub seq: u64,
+    pub text: Utf8Bytes,
+}
+
+/// What travels through an outbox.
+#[derive(Debug)]
+pub enum Outgoing {
+    /// A durable message: never shed.
+    Message(Arc<Delivery>),
+    /// A typing or presence event: shed first under pressure.
+    Ephemeral(Utf8Bytes),
+}
+
+impl Outgoing {
+    fn len(&self) -> usize {
+        match self {
+            Outgoing::Message(d) => d.text.len(),
+            Outgoing::Ephemeral(t) => t.len(),
+        }
+    }
+}
+
+/// State shared between the pushing side and the session.
+#[derive(Debug)]
+struct Shared {
+    queued_bytes: AtomicUsize,
+    max_bytes: usize,
+    /// The first close reason set wins; 0 means none yet.
+    close_reason: AtomicU8,
+    /// Cancelled when the session must close (slow consumer, kick).
+    kill: CancellationToken,
+}
+
+/// The pushing half, held by the hub for every room membership.
+#[derive(Debug, Clone)]
+pub struct Outbox {
+    tx: mpsc::Sender<Outgoing>,
+    shared: Arc<Shared>,
+    metrics: Arc<Metrics>,
+}
+
+/// The receiving half, owned by the session task.
+#[derive(Debug)]
+pub struct OutboxReceiver {
+    rx: mpsc::Receiver<Outgoing>,
+    shared: Arc<Shared>,
+}
+
+/// Makes an outbox bounded to `max_frames` frames and `max_bytes` bytes.
+/// `kill` is the session's own token.
+pub fn outbox(
+    max_frames: usize,
+    max_bytes: usize,
+    kill: CancellationToken,
+    metrics: Arc<Metrics>,
+) -> (Outbox, OutboxReceiver) {
+    let (tx, rx) = mpsc::channel(max_frames);
+    let shared = Arc::new(Shared {
+        queued_bytes: AtomicUsize::new(0),
+        max_bytes,
+        close_reason: AtomicU8::new(0),
+        kill,
+    });
+    (
+        Outbox {
+            tx,
+            shared: shared.clone(),
+            metrics,
+        },
+        OutboxReceiver { rx, shared },
+    )
+}
+
+impl Outbox {
+    /// Queues a frame without waiting. Returns false when it did not fit
+    /// (or the session is gone); the caller applies the policy.
+    fn try_push(&self, item: Outgoing) -> bool {
+        let len = item.len();
+        let queued = &self.shared.queued_bytes;
+        let before = queued.fetch_add(len, Ordering::Relaxed);
+        if before + len <= self.shared.max_bytes && self.tx.try_send(item).is_ok() {
+            return true;
+        }
+        queued.fetch_sub(len, Ordering::Relaxed);
+        false
+    }
+
+    /// Queues a durable message; on overflow closes the session as a slow
+    /// consumer instead of dropping the message silently.
+    pub fn push_message(&self, delivery: &Arc<Delivery>) {
+        if !self.try_push(Outgoing::Message(delivery.clone())) && !self.tx.is_closed() {
+            self.close(CloseReason::SlowConsumer);
+        }
+    }
+
+    /// Queues an ephemeral event; on overflow sheds it and counts the shed.
+    pub fn push_ephemeral(&self, text: &Utf8Bytes) {
+        if !self.try_push(Outgoing::Ephemeral(text.clone())) {
+            self.metrics.ephemeral_shed.inc();
+        }
+    }
+
+    /// Asks the session to close for `reason`. The first reason wins.
+    pub fn close(&self, reason: CloseReason) {
+        if self
+            .shared
+            .close_reason
+            .compare_exchange(0, reason as u8, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            if reason == CloseReason::SlowConsumer {
+                self.metrics.slow_consumers.inc();
+            }
+            self.shared.kill.cancel();
+        }
+    }
+
+    /// Bytes currently queued.
+    pub fn queued_bytes(&self) -> usize {
+        self.shared.queued_bytes.load(Ordering::Relaxed)
+    }
+}
+
+impl OutboxReceiver {
+    /// Waits for the next frame. Cancel-safe.
+    pub async fn recv(&mut self) -> Option<Outgoing> {
+        let item = self.rx.recv().await?;
+        self.taken(&item);
+        Some(item)
+    }
+
+    /// Takes a frame if one is ready.
+    pub fn try_recv(&mut self) -> Option<Outgoing> {
+        let item = self.rx.try_recv().ok()?;
+        self.taken(&item);
+        Some(item)
+    }
+
+    fn taken(&self, item: &Outgoing) {
+        self.shared
+            .queued_bytes
+            .fetch_sub(item.len(), Ordering::Relaxed);
+    }
+
+    /// The reason set by [`Outbox::close`], if any.
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        CloseReason::from_u8(self.shared.close_reason.load(Ordering::Acquire))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn delivery(seq: u64, len: usize) -> Arc<Delivery> {
+        Arc::new(Delivery {
+            room: Arc::from("r"),
+            seq,
+            text: Utf8Bytes::from("x".repeat(len)),
+        })
+    }
+
+    #[test]
+    fn ephemeral_events_are_shed_and_messages_close_the_session() {
+        let metrics = Arc::new(Metrics::default());
+        let kill = CancellationToken::new();
+        let (tx, mut rx) = outbox(2, 1024, kill.clone(), metrics.clone());
+        let typing = Utf8Bytes::from_static("typing");
+        for _ in 0..5 {
+            tx.push_ephemeral(&typing);
+        }
+        assert_eq!(metrics.ephemeral_shed.get(), 3);
+        assert!(!kill.is_cancelled(), "shedding ephemeral events keeps the session");
+        tx.push_message(&delivery(1, 10));
+        assert!(kill.is_cancelled(), "a message that does not fit closes the session");
+        assert_eq!(rx.close_reason(), Some(CloseReason::SlowConsumer));
+        assert_eq!(metrics.slow_consumers.get(), 1);
+        // What was queued is still there, in order; nothing was reordered.
+        assert!(matches!(rx.try_recv(), Some(Outgoing::Ephemeral(_))));
+        assert!(matches!(rx.try_recv(), Some(Outgoing::Ephemeral(_))));
+        assert!(rx.try_recv().is_none());
+        assert_eq!(tx.queued_bytes(), 0);
+    }
+
+    #[test]
+    fn byte_bound_applies_before_the_frame_bound() {
+        let metrics = Arc::new(Metrics::default());
+        let kill = CancellationToken::new();
+        let (tx, mut rx) = outbox(100, 100, kill.clone(), metrics);
+        tx.push_message(&delivery(1, 60));
+        assert_eq!(tx.queued_bytes(), 60);
+        assert!(!kill.is_cancelled());
+        tx.push_message(&delivery(2, 60));
+        assert!(kill.is_cancelled());
+        assert!(matches!(rx.try_recv(), Some(Outgoing::Message(d)) if d.seq == 1));
+    }
+
+    #[test]
+    fn the_first_close_reason_wins() {
+        let metrics = Arc::new(Metrics::default());
+        let (tx, rx) = outbox(1, 10, CancellationToken::new(), metrics);
+        tx.close(CloseReason::Kicked);
+        tx.close(CloseReason::SlowConsumer);
+        assert_eq!(rx.close_reason(), Some(CloseReason::Kicked));
+    }
+}

@@ -1,0 +1,11 @@
+//! The one integration-test binary. Every module starts real servers on
+//! loopback with real TLS, redb in a temp dir and real WebSocket clients.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+mod backpressure;
+mod chat;
+mod gateway;
+mod shutdown;

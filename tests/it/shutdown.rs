@@ -1,0 +1,237 @@
+//! Graceful shutdown and crashes: every acknowledged message survives.
+//!
+//! The process tests start the real `switchboard` binary as a child and
+//! signal it by PID; they stop only the processes they started.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::process::Stdio;
+
+use protocol::{ClientRequest, ServerFrame, close};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+use crate::support::{Client, DEADLINE, Fixture, TestServer, connect_tls, json};
+
+/// The real binary, started on port 0 in `fixture`'s directory.
+struct Process {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Process {
+    async fn start(fixture: &Fixture) -> Process {
+        let dir = fixture.path();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .arg("--tls-cert")
+            .arg(dir.join("server.pem"))
+            .arg("--tls-key")
+            .arg(dir.join("server.key"))
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn switchboard");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        // The server prints its bound address once it listens.
+        let addr = tokio::time::timeout(DEADLINE, async {
+            while let Some(line) = lines.next_line().await.expect("read stdout") {
+                if let Some(rest) = line.strip_prefix("listening on wss://") {
+                    return rest
+                        .trim_end_matches("/ws")
+                        .parse::<SocketAddr>()
+                        .expect("addr");
+                }
+            }
+            panic!("server exited before listening");
+        })
+        .await
+        .expect("server listens within the deadline");
+        // Keep draining stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Process { child, addr }
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.id().expect("pid").to_string();
+        let status = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    async fn connect(&self, fixture: &Fixture, user: &str) -> Client {
+        let url = format!("wss://localhost:{}/ws?user={user}", self.addr.port());
+        let mut c = connect_tls(self.addr, &fixture.tls_connector(), &url)
+            .await
+            .expect("connect");
+        assert!(matches!(c.recv().await, ServerFrame::Welcome { .. }));
+        c
+    }
+}
+
+/// What one sender saw acknowledged: body text -> seq.
+type Acked = BTreeMap<String, u64>;
+
+/// Sends numbered messages as fast as acks come back, until the connection
+/// ends; returns every acknowledged one and the close frame, if any.
+async fn send_until_closed(mut c: Client, who: String) -> (Acked, Option<CloseCode>) {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let mut acked = Acked::new();
+    let mut pending = BTreeMap::new();
+    let mut n = 0u64;
+    // Keep a window of 16 sends in flight; bounded by count.
+    const MAX: u64 = 200_000;
+    loop {
+        while pending.len() < 16 && n < MAX {
+            let body = format!("\"{who}-{n}\"");
+            let req = ClientRequest::Send {
+                room: "crash".into(),
+                body: json(&body),
+                key: None,
+            };
+            let Ok(id) = c.try_send(req).await else {
+                return (acked, None);
+            };
+            pending.insert(id, body);
+            n += 1;
+        }
+        let msg = tokio::time::timeout(DEADLINE, c.ws.next())
+            .await
+            .expect("progress");
+        match msg {
+            Some(Ok(Message::Text(t))) => {
+                if let Ok(ServerFrame::Ack {
+                    id: Some(id), seq, ..
+                }) = ServerFrame::from_json(t.as_str())
+                {
+                    if let Some(body) = pending.remove(&id) {
+                        acked.insert(body, seq);
+                    }
+                }
+            }
+            Some(Ok(Message::Close(f))) => return (acked, f.map(|f| f.code)),
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => return (acked, None),
+        }
+    }
+}
+
+/// Every acked message is in history exactly once with its seq, and the
+/// room's seqs run 1..=latest without a gap.
+async fn check_history(server: &TestServer, acked: &Acked) {
+    let mut reader = server.connect("auditor").await;
+    let mut seen: BTreeMap<u64, String> = BTreeMap::new();
+    let mut after = 0;
+    loop {
+        let page = reader
+            .request(ClientRequest::History {
+                room: "crash".into(),
+                before: None,
+                after: Some(after),
+                limit: Some(200),
+            })
+            .await;
+        let ServerFrame::History { messages, more, .. } = page else {
+            panic!("{page:?}")
+        };
+        for m in messages {
+            assert_eq!(m.seq, after + 1, "gap in seqs");
+            after = m.seq;
+            seen.insert(m.seq, m.body.expect("body").get().to_owned());
+        }
+        if !more {
+            break;
+        }
+    }
+    let mut bodies = HashSet::new();
+    for body in seen.values() {
+        assert!(bodies.insert(body.clone()), "{body} stored twice");
+    }
+    for (body, seq) in acked {
+        assert_eq!(
+            seen.get(seq),
+            Some(body),
+            "acked message {body} at {seq} missing"
+        );
+    }
+}
+
+async fn crash_test(signal: &str) {
+    let fixture = Fixture::new();
+    let mut process = Process::start(&fixture).await;
+    let mut senders = Vec::new();
+    for i in 0..4 {
+        let mut c = process.connect(&fixture, &format!("sender{i}")).await;
+        c.join("crash").await;
+        senders.push(tokio::spawn(send_until_closed(c, format!("s{i}"))));
+    }
+    // Let traffic build up: wait for a watcher to see 500 messages.
+    let mut watcher = process.connect(&fixture, "watcher").await;
+    watcher.join("crash").await;
+    loop {
+        if let ServerFrame::Message { seq, .. } = watcher.next_message("crash").await {
+            if seq >= 500 {
+                break;
+            }
+        }
+    }
+    process.signal(signal);
+    let status = tokio::time::timeout(DEADLINE, process.child.wait())
+        .await
+        .expect("exits within the deadline")
+        .expect("wait");
+    let mut acked = Acked::new();
+    let mut closes = Vec::new();
+    for s in senders {
+        let (a, code) = s.await.expect("sender");
+        acked.extend(a);
+        closes.push(code);
+    }
+    assert!(acked.len() >= 500, "traffic flowed: {} acks", acked.len());
+    if signal == "-TERM" {
+        assert!(status.success(), "graceful exit: {status:?}");
+        for code in closes {
+            assert_eq!(code, Some(CloseCode::from(close::GOING_AWAY.code)));
+        }
+    }
+    let server = TestServer::start_with(fixture, |_| {}).await;
+    check_history(&server, &acked).await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_sending_keeps_every_acked_message() {
+    crash_test("-TERM").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_while_sending_keeps_every_acked_message_exactly_once() {
+    crash_test("-KILL").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_closes_sessions_with_1001() {
+    let server = TestServer::start().await;
+    let mut a = server.connect("a").await;
+    a.join("g").await;
+    let seq = a.say("g", "1").await;
+    let (fixture, frame) = tokio::join!(server.stop(), a.expect_close());
+    assert_eq!(
+        frame.expect("close frame").code,
+        CloseCode::from(close::GOING_AWAY.code)
+    );
+    let server = TestServer::start_with(fixture, |_| {}).await;
+    let mut b = server.connect("b").await;
+    let joined = b.join("g").await;
+    assert!(matches!(joined, ServerFrame::Joined { seq: s, .. } if s == seq));
+    server.stop().await;
+}

@@ -1,0 +1,377 @@
+//! The test harness: a real server on `127.0.0.1:0` with real TLS and a
+//! real redb file in a temp dir, and a real WebSocket client.
+//!
+//! Readiness needs no sleep: listeners are bound before the server starts.
+//! Every wait has a deadline so a broken server fails a test, never hangs it.
+
+#![allow(dead_code)]
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use protocol::{Body, ClientRequest, Request, ServerFrame};
+use switchboard::{Config, Listeners};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+
+/// How long any single wait in a test may take before the test fails.
+pub const DEADLINE: Duration = Duration::from_secs(15);
+
+/// A temp dir with development certificates and room for the data dir.
+pub struct Fixture {
+    pub dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    pub fn new() -> Fixture {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let certs = switchboard::tls::generate_dev_certs().expect("certs");
+        std::fs::write(dir.path().join("ca.pem"), certs.ca_pem).expect("write ca");
+        std::fs::write(dir.path().join("server.pem"), certs.cert_pem).expect("write cert");
+        std::fs::write(dir.path().join("server.key"), certs.key_pem).expect("write key");
+        Fixture { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn config(&self) -> Config {
+        Config {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            tls_cert: self.path().join("server.pem"),
+            tls_key: self.path().join("server.key"),
+            data_dir: self.path().join("data"),
+            ..Config::default()
+        }
+    }
+
+    pub fn ca_path(&self) -> PathBuf {
+        self.path().join("ca.pem")
+    }
+
+    pub fn tls_connector(&self) -> TlsConnector {
+        tls_connector(&self.ca_path())
+    }
+}
+
+pub fn tls_connector(ca: &Path) -> TlsConnector {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).expect("ca") {
+        roots.add(cert.expect("ca cert")).expect("add ca");
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    TlsConnector::from(Arc::new(config))
+}
+
+/// A server running in this test's runtime.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub plain_addr: Option<SocketAddr>,
+    pub fixture: Fixture,
+    pub state: Arc<switchboard::server::ServerState>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), switchboard::ServerError>>>,
+}
+
+impl TestServer {
+    pub async fn start() -> TestServer {
+        Self::start_with(Fixture::new(), |_| {}).await
+    }
+
+    /// Starts a server on `fixture`, after `tweak` adjusts its config.
+    pub async fn start_with(fixture: Fixture, tweak: impl FnOnce(&mut Config)) -> TestServer {
+        let mut config = fixture.config();
+        tweak(&mut config);
+        let tls = TcpListener::bind(config.listen).await.expect("bind tls");
+        let addr = tls.local_addr().expect("addr");
+        let plain = match config.plain_listen {
+            Some(a) => Some(TcpListener::bind(a).await.expect("bind plain")),
+            None => None,
+        };
+        let plain_addr = plain.as_ref().map(|l| l.local_addr().expect("addr"));
+        let (stop, stopped) = oneshot::channel::<()>();
+        let listeners = Listeners {
+            tls: Some(tls),
+            plain,
+        };
+        let server = switchboard::Server::start(config, listeners)
+            .await
+            .expect("server starts");
+        let state = server.state();
+        let task = tokio::spawn(server.serve(async {
+            let _ = stopped.await;
+        }));
+        TestServer {
+            addr,
+            plain_addr,
+            fixture,
+            state,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// Graceful shutdown; returns the fixture so the same data dir can be reused.
+    pub async fn stop(mut self) -> Fixture {
+        self.shutdown().await;
+        self.fixture
+    }
+
+    async fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(DEADLINE, task)
+                .await
+                .expect("server stops within the deadline")
+                .expect("server task")
+                .expect("server returns Ok");
+        }
+    }
+
+    /// Waits until `cond` holds on the server's state (metrics, hub),
+    /// checking whenever the runtime yields; fails at the deadline.
+    pub async fn wait_for(
+        &self,
+        what: &str,
+        cond: impl Fn(&switchboard::server::ServerState) -> bool,
+    ) {
+        let start = tokio::time::Instant::now();
+        while !cond(&self.state) {
+            assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    pub fn url(&self, user: &str) -> String {
+        format!("wss://localhost:{}/ws?user={user}", self.addr.port())
+    }
+
+    /// Connects over TLS as `user` and reads the `welcome` frame.
+    pub async fn connect(&self, user: &str) -> Client {
+        let mut client = self.connect_raw(&self.url(user)).await.expect("connect");
+        match client.recv().await {
+            ServerFrame::Welcome { user: u, .. } => assert_eq!(u, user),
+            other => panic!("expected welcome, got {other:?}"),
+        }
+        client
+    }
+
+    /// Connects over TLS to `url` without reading anything.
+    pub async fn connect_raw(
+        &self,
+        url: &str,
+    ) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
+        connect_tls(self.addr, &self.fixture.tls_connector(), url).await
+    }
+}
+
+pub async fn connect_tls(
+    addr: SocketAddr,
+    connector: &TlsConnector,
+    url: &str,
+) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
+    let tcp = TcpStream::connect(addr).await?;
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let tls = connector.connect(name, tcp).await?;
+    let (ws, _) = tokio_tungstenite::client_async(url, tls).await?;
+    Ok(Client {
+        ws,
+        next_id: 1,
+        buffered: VecDeque::new(),
+    })
+}
+
+/// A protocol client for tests.
+pub struct Client {
+    pub ws: WebSocketStream<TlsStream<TcpStream>>,
+    next_id: u64,
+    buffered: VecDeque<ServerFrame>,
+}
+
+impl Client {
+    /// Sends a request with a fresh id and returns the id.
+    pub async fn send(&mut self, body: ClientRequest) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        let text = Request { id: Some(id), body }.to_json();
+        self.send_text(&text).await;
+        id
+    }
+
+    /// Like [`Client::send`], but a closed socket is an error, not a panic.
+    pub async fn try_send(
+        &mut self,
+        body: ClientRequest,
+    ) -> Result<u64, tokio_tungstenite::tungstenite::Error> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let text = Request { id: Some(id), body }.to_json();
+        self.ws.send(Message::Text(text.into())).await?;
+        Ok(id)
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        self.ws
+            .send(Message::Text(text.into()))
+            .await
+            .expect("send frame");
+    }
+
+    /// The next frame, buffered ones first.
+    pub async fn recv(&mut self) -> ServerFrame {
+        if let Some(f) = self.buffered.pop_front() {
+            return f;
+        }
+        self.recv_wire().await
+    }
+
+    async fn recv_wire(&mut self) -> ServerFrame {
+        loop {
+            let msg = tokio::time::timeout(DEADLINE, self.ws.next())
+                .await
+                .expect("a frame within the deadline")
+                .expect("stream open")
+                .expect("frame");
+            match msg {
+                Message::Text(t) => {
+                    return ServerFrame::from_json(t.as_str())
+                        .unwrap_or_else(|e| panic!("bad server frame {t}: {e}"));
+                }
+                Message::Ping(_) | Message::Pong(_) => continue,
+                other => panic!("unexpected frame {other:?}"),
+            }
+        }
+    }
+
+    /// Sends a request and waits for the reply that echoes its id; other
+    /// frames received meanwhile stay buffered in order.
+    pub async fn request(&mut self, body: ClientRequest) -> ServerFrame {
+        let id = self.send(body).await;
+        self.reply_to(id).await
+    }
+
+    pub async fn reply_to(&mut self, id: u64) -> ServerFrame {
+        if let Some(pos) = self.buffered.iter().position(|f| frame_id(f) == Some(id)) {
+            return self.buffered.remove(pos).expect("buffered");
+        }
+        loop {
+            let f = self.recv_wire().await;
+            if frame_id(&f) == Some(id) {
+                return f;
+            }
+            self.buffered.push_back(f);
+        }
+    }
+
+    /// The next frame that matches `pred`; others stay buffered.
+    pub async fn recv_where(&mut self, pred: impl Fn(&ServerFrame) -> bool) -> ServerFrame {
+        if let Some(pos) = self.buffered.iter().position(&pred) {
+            return self.buffered.remove(pos).expect("buffered");
+        }
+        loop {
+            let f = self.recv_wire().await;
+            if pred(&f) {
+                return f;
+            }
+            self.buffered.push_back(f);
+        }
+    }
+
+    pub async fn join(&mut self, room: &str) -> ServerFrame {
+        let reply = self
+            .request(ClientRequest::Join {
+                room: room.into(),
+                since: None,
+                epoch: None,
+            })
+            .await;
+        assert!(
+            matches!(reply, ServerFrame::Joined { .. }),
+            "join failed: {reply:?}"
+        );
+        reply
+    }
+
+    /// Sends a message and returns its acked seq.
+    pub async fn say(&mut self, room: &str, body: &str) -> u64 {
+        let reply = self
+            .request(ClientRequest::Send {
+                room: room.into(),
+                body: json(body),
+                key: None,
+            })
+            .await;
+        match reply {
+            ServerFrame::Ack { seq, .. } => seq,
+            other => panic!("send failed: {other:?}"),
+        }
+    }
+
+    /// The next `message` frame for `room`.
+    pub async fn next_message(&mut self, room: &str) -> ServerFrame {
+        let room = room.to_owned();
+        self.recv_where(move |f| matches!(f, ServerFrame::Message { room: r, .. } if *r == room))
+            .await
+    }
+
+    /// The next raw WebSocket message, or `None` when the stream ends.
+    pub async fn recv_raw(&mut self) -> Option<Message> {
+        tokio::time::timeout(DEADLINE, self.ws.next())
+            .await
+            .expect("a frame within the deadline")
+            .and_then(Result::ok)
+    }
+
+    /// Reads until the server closes; returns the close frame.
+    pub async fn expect_close(&mut self) -> Option<CloseFrame> {
+        loop {
+            let msg = tokio::time::timeout(DEADLINE, self.ws.next())
+                .await
+                .expect("close within the deadline");
+            match msg {
+                Some(Ok(Message::Close(frame))) => return frame,
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => panic!("socket error before close: {e}"),
+                None => return None,
+            }
+        }
+    }
+}
+
+/// A body from JSON text.
+pub fn json(text: &str) -> Body {
+    Body::from_json(text).expect("valid json")
+}
+
+/// The request id a reply echoes, if any.
+pub fn frame_id(f: &ServerFrame) -> Option<u64> {
+    match f {
+        ServerFrame::Joined { id, .. }
+        | ServerFrame::Left { id, .. }
+        | ServerFrame::Ack { id, .. }
+        | ServerFrame::History { id, .. }
+        | ServerFrame::Pong { id }
+        | ServerFrame::Error { id, .. } => *id,
+        _ => None,
+    }
+}
