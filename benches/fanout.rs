@@ -53,6 +53,7 @@ fn fanout(c: &mut Criterion) {
                 room: Arc::from("general"),
                 seq: 1,
                 text: frame(),
+                created: std::time::Instant::now(),
             });
             b.iter(|| {
                 for tx in &txs {
@@ -68,13 +69,14 @@ fn fanout(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::new("switchboard_outbox", n), &n, |b, &n| {
             let metrics = Arc::new(Metrics::default());
             let boxes: Vec<_> = (0..n)
-                .map(|_| outbox(1024, 1 << 20, CancellationToken::new(), metrics.clone()))
+                .map(|_| outbox(1024, 1 << 20, 64, CancellationToken::new(), metrics.clone()))
                 .collect();
             let (txs, mut rxs): (Vec<_>, Vec<_>) = boxes.into_iter().unzip();
             let d = Arc::new(Delivery {
                 room: Arc::from("general"),
                 seq: 1,
                 text: frame(),
+                created: std::time::Instant::now(),
             });
             b.iter(|| {
                 for tx in &txs {

@@ -42,6 +42,8 @@ pub struct Config {
     pub outbound_queue_bytes: usize,
     /// Most frames waiting in one session's outbound queue. Default 4 096.
     pub outbound_queue_frames: usize,
+    /// Most typing/presence events waiting for one session; more are shed. Default 64.
+    pub outbound_event_frames: usize,
     /// Most frames written to a socket before one flush (write coalescing). Default 64.
     pub write_batch_frames: usize,
     /// A write that takes longer than this closes the session as a slow consumer. Default 10 000 ms.
@@ -75,7 +77,44 @@ pub struct Config {
     pub idempotency_ttl_secs: u64,
     /// Time allowed, at shutdown, for sessions to close and commits to finish. Default 10 000 ms.
     pub shutdown_grace_ms: u64,
+    /// Address of the internal HTTP listener (`/healthz`, `/readyz`, `/metrics`,
+    /// the admin API and `/dashboard`); never the client port. Plain HTTP: keep
+    /// it on loopback or a private interface. Default `127.0.0.1:9090`.
+    pub admin_listen: Option<SocketAddr>,
+    /// Bearer token of the admin API and the dashboard, at least 16 characters.
+    /// Default: none, and then both answer 401 to everything (the health
+    /// and metrics endpoints stay open). Never logged.
+    pub admin_token: Option<Secret>,
+    /// Most entries one admin API list returns (connections, rooms, audit
+    /// entries); a larger `?limit=` is clamped. Default 1 000.
+    pub admin_page_max: usize,
 }
+
+/// A configuration secret: its `Debug` output is redacted, so logging a
+/// `Config` never prints it.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    /// The secret itself. Do not log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret([redacted])")
+    }
+}
+
+/// The shortest accepted `admin_token`.
+pub const ADMIN_TOKEN_MIN_LEN: usize = 16;
 
 impl Default for Config {
     fn default() -> Self {
@@ -92,6 +131,7 @@ impl Default for Config {
             write_buffer_bytes: 16 * 1024,
             outbound_queue_bytes: 1024 * 1024,
             outbound_queue_frames: 4096,
+            outbound_event_frames: 64,
             write_batch_frames: 64,
             write_timeout_ms: 10_000,
             close_linger_ms: 1000,
@@ -108,6 +148,9 @@ impl Default for Config {
             store_queue_capacity: 65_536,
             idempotency_ttl_secs: 86_400,
             shutdown_grace_ms: 10_000,
+            admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9090))),
+            admin_token: None,
+            admin_page_max: 1000,
         }
     }
 }
@@ -136,6 +179,13 @@ pub enum ConfigError {
         field: &'static str,
         addr: SocketAddr,
     },
+    #[error("`admin_listen` ({addr}) must not be the client port (`{field}`)")]
+    AdminOnClientPort {
+        field: &'static str,
+        addr: SocketAddr,
+    },
+    #[error("`admin_token` must be at least {min} characters")]
+    AdminTokenTooShort { min: usize },
 }
 
 impl Config {
@@ -163,22 +213,64 @@ impl Config {
         at_least("max_connections", self.max_connections as u64, 1)?;
         at_least("max_message_bytes", self.max_message_bytes as u64, 256)?;
         at_least("read_buffer_bytes", self.read_buffer_bytes as u64, 512)?;
-        at_least("outbound_queue_bytes", self.outbound_queue_bytes as u64, 1024)?;
-        at_least("outbound_queue_frames", self.outbound_queue_frames as u64, 1)?;
+        at_least(
+            "outbound_queue_bytes",
+            self.outbound_queue_bytes as u64,
+            1024,
+        )?;
+        at_least(
+            "outbound_queue_frames",
+            self.outbound_queue_frames as u64,
+            1,
+        )?;
+        at_least(
+            "outbound_event_frames",
+            self.outbound_event_frames as u64,
+            1,
+        )?;
         at_least("write_batch_frames", self.write_batch_frames as u64, 1)?;
         at_least("max_inflight_sends", self.max_inflight_sends as u64, 1)?;
         at_least("heartbeat_interval_ms", self.heartbeat_interval_ms, 10)?;
         at_least("history_max_limit", u64::from(self.history_max_limit), 1)?;
         at_least("commit_max_batch", self.commit_max_batch as u64, 1)?;
         at_least("store_queue_capacity", self.store_queue_capacity as u64, 1)?;
+        at_least("admin_page_max", self.admin_page_max as u64, 1)?;
         // Dev mode takes the user name from the URL, so anyone who can reach
         // the port can be anyone: it must never face a network.
-        for (field, addr) in [("listen", Some(self.listen)), ("plain_listen", self.plain_listen)] {
+        for (field, addr) in [
+            ("listen", Some(self.listen)),
+            ("plain_listen", self.plain_listen),
+        ] {
             if let Some(addr) = addr {
                 if !addr.ip().is_loopback() {
                     return Err(ConfigError::DevModeNotLoopback { field, addr });
                 }
             }
+        }
+        if let Some(admin) = self.admin_listen.filter(|a| a.port() != 0) {
+            for (field, addr) in [
+                ("listen", Some(self.listen)),
+                ("plain_listen", self.plain_listen),
+            ] {
+                let clash = |a: SocketAddr| {
+                    a.port() == admin.port()
+                        && (a.ip() == admin.ip()
+                            || a.ip().is_unspecified()
+                            || admin.ip().is_unspecified())
+                };
+                if addr.is_some_and(clash) {
+                    return Err(ConfigError::AdminOnClientPort { field, addr: admin });
+                }
+            }
+        }
+        if self
+            .admin_token
+            .as_ref()
+            .is_some_and(|t| t.expose().chars().count() < ADMIN_TOKEN_MIN_LEN)
+        {
+            return Err(ConfigError::AdminTokenTooShort {
+                min: ADMIN_TOKEN_MIN_LEN,
+            });
         }
         Ok(())
     }

@@ -99,14 +99,16 @@ async fn connection(
                 Err(_) => Err(HandshakeError::Timeout),
             }
         }
-        None => match tokio::time::timeout(timeout, upgrade(stream, remote, permit, &state)).await {
-            Ok(Ok((ws, identity, permit))) => {
-                serve(ws, identity, permit, state.clone(), shutdown).await;
-                Ok(())
+        None => {
+            match tokio::time::timeout(timeout, upgrade(stream, remote, permit, &state)).await {
+                Ok(Ok((ws, identity, permit))) => {
+                    serve(ws, identity, permit, state.clone(), shutdown).await;
+                    Ok(())
+                }
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(HandshakeError::Timeout),
             }
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(HandshakeError::Timeout),
-        },
+        }
     };
     if let Err(e) = result {
         state.metrics.handshake_failures.inc();
@@ -157,13 +159,19 @@ where
                 .map(|(_, v)| v.into_owned())
         });
         match name {
-            None => Err(reject(StatusCode::UNAUTHORIZED, "dev mode: pass ?user=NAME")),
+            None => Err(reject(
+                StatusCode::UNAUTHORIZED,
+                "dev mode: pass ?user=NAME",
+            )),
             Some(name) => match protocol::names::validate_user(&name) {
                 Ok(()) => {
                     user = Some(name);
                     Ok(response)
                 }
-                Err(e) => Err(reject(StatusCode::BAD_REQUEST, &format!("invalid user: {e}"))),
+                Err(e) => Err(reject(
+                    StatusCode::BAD_REQUEST,
+                    &format!("invalid user: {e}"),
+                )),
             },
         }
     };

@@ -237,7 +237,10 @@ impl Hub {
         let mut rooms_of: HashMap<SessionId, Vec<String>> = HashMap::new();
         for r in self.rooms.iter() {
             for m in &r.members {
-                rooms_of.entry(m.session).or_default().push(r.name.to_string());
+                rooms_of
+                    .entry(m.session)
+                    .or_default()
+                    .push(r.name.to_string());
             }
         }
         let mut out: Vec<SessionInfo> = self
@@ -296,11 +299,13 @@ impl CommitSink for Hub {
         let Some(r) = self.rooms.get(msg.room) else {
             return;
         };
-        let text = protocol::MessageRef::new(msg.room, msg.seq, msg.from, msg.ts, msg.body).to_json();
+        let text =
+            protocol::MessageRef::new(msg.room, msg.seq, msg.from, msg.ts, msg.body).to_json();
         let delivery = Arc::new(Delivery {
             room: r.name.clone(),
             seq: msg.seq,
             text: Utf8Bytes::from(text),
+            created: std::time::Instant::now(),
         });
         for m in &r.members {
             m.outbox.push_message(&delivery);

@@ -8,10 +8,12 @@
 //! - [`hub`]: rooms, presence and fan-out of committed messages.
 //! - [`store`]: redb history with a group-committing writer thread.
 //! - [`tls`]: rustls configuration and development certificates.
-//! - [`metrics`]: lock-free counters.
+//! - [`metrics`]: lock-free counters, gauges and histograms, with their Prometheus names.
+//! - [`admin`]: the internal HTTP listener: health, `/metrics`, admin API, dashboard.
 //!
 //! Wire types live in the `protocol` crate, never here.
 
+pub mod admin;
 pub mod config;
 pub mod gateway;
 pub mod hub;

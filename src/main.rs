@@ -108,6 +108,13 @@ struct ServeArgs {
     /// Shutdown grace period in ms [default: 10000].
     #[arg(long, env = "SWITCHBOARD_SHUTDOWN_GRACE_MS")]
     shutdown_grace_ms: Option<u64>,
+    /// Internal HTTP listener: /healthz, /readyz, /metrics, admin API, /dashboard [default: 127.0.0.1:9090].
+    #[arg(long, env = "SWITCHBOARD_ADMIN_LISTEN")]
+    admin_listen: Option<SocketAddr>,
+    /// Admin API and dashboard bearer token, 16+ characters; without one they answer 401.
+    /// Prefer the environment variable: flags show in `ps`.
+    #[arg(long, env = "SWITCHBOARD_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
 }
 
 impl ServeArgs {
@@ -136,6 +143,12 @@ impl ServeArgs {
         );
         if self.plain_listen.is_some() {
             config.plain_listen = self.plain_listen;
+        }
+        if self.admin_listen.is_some() {
+            config.admin_listen = self.admin_listen;
+        }
+        if let Some(token) = &self.admin_token {
+            config.admin_token = Some(switchboard::config::Secret::new(token.clone()));
         }
         if let Some(d) = self.durability {
             config.durability = match d {
@@ -207,6 +220,16 @@ async fn main() -> anyhow::Result<()> {
         listeners.tls.is_some() || listeners.plain.is_some(),
         "--no-tls needs --plain-listen"
     );
+    if let Some(admin) = config.admin_listen {
+        let listener = TcpListener::bind(admin)
+            .await
+            .with_context(|| format!("cannot listen on {admin} (admin_listen)"))?;
+        let addr = listener.local_addr()?;
+        println!(
+            "admin on http://{addr} (dashboard: http://{addr}/dashboard, metrics: http://{addr}/metrics)"
+        );
+        listeners.admin = Some(listener);
+    }
     switchboard::run(config, listeners, shutdown_signal()).await?;
     Ok(())
 }

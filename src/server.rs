@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::admin;
 use crate::config::{Config, ConfigError};
 use crate::gateway;
 use crate::hub::Hub;
@@ -40,6 +41,8 @@ pub struct Listeners {
     pub tls: Option<TcpListener>,
     /// Serves plain `ws://`.
     pub plain: Option<TcpListener>,
+    /// Serves the internal HTTP side: health, metrics, admin API, dashboard.
+    pub admin: Option<TcpListener>,
 }
 
 /// Why the server could not start or stop cleanly.
@@ -65,7 +68,10 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
-    Server::start(config, listeners).await?.serve(shutdown).await
+    Server::start(config, listeners)
+        .await?
+        .serve(shutdown)
+        .await
 }
 
 /// A started server: its store is open and its listeners are bound, but
@@ -90,7 +96,11 @@ impl Server {
         let store = {
             let path = config.db_path();
             let opts = config.store_options();
-            let sink = hub.clone();
+            // Records each commit's duration and size, then fans out through the hub.
+            let sink = Arc::new(crate::metrics::ObservedSink::new(
+                hub.clone(),
+                metrics.clone(),
+            ));
             tokio::task::spawn_blocking(move || Store::open(&path, opts, sink)).await??
         };
         let state = Arc::new(ServerState {
@@ -143,6 +153,20 @@ impl Server {
                 token.clone(),
             ));
         }
+        // The admin listener has its own tracker and stop token: it keeps
+        // answering while sessions drain (`/readyz` then says 503, because
+        // `token` is cancelled) and stops only after them.
+        let admin_tracker = TaskTracker::new();
+        let admin_stop = CancellationToken::new();
+        if let Some(listener) = listeners.admin {
+            admin_tracker.spawn(admin::serve(
+                listener,
+                state.clone(),
+                token.clone(),
+                admin_stop.clone(),
+            ));
+        }
+        admin_tracker.close();
 
         shutdown.await;
         info!("shutting down: closing sessions");
@@ -151,6 +175,16 @@ impl Server {
         let grace = state.config.shutdown_grace();
         if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
             warn!(?grace, "sessions did not close within the grace period");
+        }
+        admin_stop.cancel();
+        if tokio::time::timeout(grace, admin_tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                ?grace,
+                "admin requests did not finish within the grace period"
+            );
         }
         drop(state);
         info!("committing queued appends");

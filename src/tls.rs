@@ -101,7 +101,9 @@ pub fn generate_dev_certs() -> Result<DevCerts, TlsError> {
     params
         .distinguished_name
         .push(DnType::CommonName, "switchboard dev server");
-    let cert = params.signed_by(&key, &issuer).map_err(TlsError::Generate)?;
+    let cert = params
+        .signed_by(&key, &issuer)
+        .map_err(TlsError::Generate)?;
     Ok(DevCerts {
         ca_pem: ca_cert.pem(),
         cert_pem: cert.pem(),

@@ -34,7 +34,7 @@ use futures_util::stream::FuturesUnordered;
 use futures_util::{SinkExt, StreamExt};
 use protocol::{Body, ClientRequest, ErrorCode, HistoryMessage, RequestId, ServerFrame};
 use serde_json::value::RawValue;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::sync::oneshot;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -62,17 +62,27 @@ struct PendingAck {
     id: Option<RequestId>,
     room: Arc<str>,
     rx: oneshot::Receiver<Result<Appended, AppendError>>,
+    /// When the `send` was read off the socket: the start of the ack latency.
+    received: Instant,
 }
 
 impl Future for PendingAck {
-    type Output = (Option<RequestId>, Arc<str>, Option<Result<Appended, AppendError>>);
+    type Output = (
+        Option<RequestId>,
+        Arc<str>,
+        Option<Result<Appended, AppendError>>,
+        Instant,
+    );
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         Pin::new(&mut self.rx)
             .poll(cx)
-            .map(|r| (self.id, self.room.clone(), r.ok()))
+            .map(|r| (self.id, self.room.clone(), r.ok(), self.received))
     }
 }
+
+/// Bytes read at a time when discarding input after a close.
+const DRAIN_CHUNK: usize = 1024;
 
 /// Ends the session's main loop.
 type Flow = Result<(), CloseReason>;
@@ -110,6 +120,7 @@ where
         let (outbox, inbox) = outbox(
             config.outbound_queue_frames,
             config.outbound_queue_bytes,
+            config.outbound_event_frames,
             kill.clone(),
             state.metrics.clone(),
         );
@@ -166,7 +177,8 @@ where
 
     async fn main_loop(&mut self) -> CloseReason {
         let interval = self.state.config.heartbeat_interval();
-        let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        let mut heartbeat =
+            tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let max_inflight = self.state.config.max_inflight_sends;
         loop {
@@ -226,11 +238,21 @@ where
                     // what it still sends, so the socket ends with FIN rather
                     // than a reset that could destroy the close frame.
                     let linger = async {
-                        while let Some(Ok(msg)) = self.ws.next().await {
-                            if msg.is_close() {
-                                break;
+                        loop {
+                            match self.ws.next().await {
+                                Some(Ok(msg)) if msg.is_close() => return,
+                                Some(Ok(_)) => {}
+                                // The codec stopped (after an oversized or
+                                // invalid frame, it reads no further):
+                                // discard the rest raw, so that closing the
+                                // socket does not reset the connection and
+                                // destroy the close frame in flight.
+                                Some(Err(_)) | None => break,
                             }
                         }
+                        let mut buf = [0u8; DRAIN_CHUNK];
+                        let raw = self.ws.get_mut();
+                        while matches!(raw.read(&mut buf).await, Ok(n) if n > 0) {}
                     };
                     let _ = tokio::time::timeout(state.config.close_linger(), linger).await;
                 }
@@ -256,7 +278,11 @@ where
     async fn write(&mut self, msg: Message, flush: bool) -> Flow {
         let deadline = self.state.config.write_timeout();
         let Session {
-            ws, kill, inbox, outbox, ..
+            ws,
+            kill,
+            inbox,
+            outbox,
+            ..
         } = self;
         let io = async move {
             if flush {
@@ -271,12 +297,21 @@ where
     async fn flush(&mut self) -> Flow {
         let deadline = self.state.config.write_timeout();
         let Session {
-            ws, kill, inbox, outbox, ..
+            ws,
+            kill,
+            inbox,
+            outbox,
+            ..
         } = self;
         with_deadline(deadline, kill, inbox, outbox, ws.flush()).await
     }
 
-    async fn send_error(&mut self, id: Option<RequestId>, code: ErrorCode, message: String) -> Flow {
+    async fn send_error(
+        &mut self,
+        id: Option<RequestId>,
+        code: ErrorCode,
+        message: String,
+    ) -> Flow {
         self.state.metrics.error_frames.inc();
         self.send(&ServerFrame::Error {
             id,
@@ -299,6 +334,12 @@ where
                     Some(floor) if d.seq > *floor => {
                         *floor = d.seq;
                         self.state.metrics.messages_delivered.inc();
+                        // Commit to the write into this socket (the flush
+                        // follows within the same write batch).
+                        self.state
+                            .metrics
+                            .fanout_latency
+                            .observe_duration(d.created.elapsed());
                         self.stats.messages_out.fetch_add(1, Ordering::Relaxed);
                         Some(d.text.clone())
                     }
@@ -349,9 +390,7 @@ where
                 .await
             }
             // tungstenite queues the pong (or the close reply); flushing sends it.
-            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {
-                self.flush().await
-            }
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => self.flush().await,
             Message::Close(_) => {
                 let _ = self.flush().await;
                 Err(CloseReason::ClientClosed)
@@ -366,7 +405,9 @@ where
         };
         let id = request.id;
         match request.body {
-            ClientRequest::Join { room, since, epoch } => self.on_join(id, room, since, epoch).await,
+            ClientRequest::Join { room, since, epoch } => {
+                self.on_join(id, room, since, epoch).await
+            }
             ClientRequest::Leave { room } => {
                 if self.rooms.remove(room.as_str()).is_some() {
                     self.state.hub.leave(&room, self.id);
@@ -404,8 +445,12 @@ where
         match protocol::names::validate_room(room) {
             Ok(()) => Ok(true),
             Err(e) => {
-                self.send_error(id, ErrorCode::InvalidRoom, format!("invalid room name: {e}"))
-                    .await?;
+                self.send_error(
+                    id,
+                    ErrorCode::InvalidRoom,
+                    format!("invalid room name: {e}"),
+                )
+                .await?;
                 Ok(false)
             }
         }
@@ -426,7 +471,11 @@ where
         if !already && self.rooms.len() >= state.config.max_rooms_per_session {
             let max = state.config.max_rooms_per_session;
             return self
-                .send_error(id, ErrorCode::Forbidden, format!("a session may join at most {max} rooms"))
+                .send_error(
+                    id,
+                    ErrorCode::Forbidden,
+                    format!("a session may join at most {max} rooms"),
+                )
                 .await;
         }
         // Register first, then read the high-water mark: every message
@@ -455,8 +504,13 @@ where
         let store_epoch = state.store.epoch().to_owned();
         let (recovered, replay) = match since {
             Some(since) if !already => {
-                self.recover(&room, since, latest, epoch.as_deref() == Some(store_epoch.as_str()) || epoch.is_none())
-                    .await
+                self.recover(
+                    &room,
+                    since,
+                    latest,
+                    epoch.as_deref() == Some(store_epoch.as_str()) || epoch.is_none(),
+                )
+                .await
             }
             _ => (None, Vec::new()),
         };
@@ -474,7 +528,8 @@ where
         .await?;
         for m in &replay {
             let text = replay_frame(&room, m);
-            self.write(Message::Text(Utf8Bytes::from(text)), false).await?;
+            self.write(Message::Text(Utf8Bytes::from(text)), false)
+                .await?;
         }
         if !replay.is_empty() {
             self.flush().await?;
@@ -504,7 +559,10 @@ where
         match self.state.store.read_after(room, since, limit).await {
             Ok(messages)
                 if messages.len() == limit
-                    && messages.iter().zip(since + 1..).all(|(m, seq)| m.seq == seq) =>
+                    && messages
+                        .iter()
+                        .zip(since + 1..)
+                        .all(|(m, seq)| m.seq == seq) =>
             {
                 (Some(true), messages)
             }
@@ -530,7 +588,11 @@ where
         let max_key = self.state.config.max_key_bytes;
         if key.as_ref().is_some_and(|k| k.len() > max_key) {
             return self
-                .send_error(id, ErrorCode::TooLarge, format!("`key` is longer than {max_key} bytes"))
+                .send_error(
+                    id,
+                    ErrorCode::TooLarge,
+                    format!("`key` is longer than {max_key} bytes"),
+                )
                 .await;
         }
         let (reply, rx) = oneshot::channel();
@@ -552,31 +614,47 @@ where
             id,
             room: room_key,
             rx,
+            // The main loop stamps this when it reads a frame: this `send`.
+            received: self.last_seen,
         });
         Ok(())
     }
 
     async fn on_ack(&mut self, done: <PendingAck as Future>::Output) -> Flow {
-        let (id, room, result) = done;
+        let (id, room, result, received) = done;
         match result {
             Some(Ok(a)) => {
-                self.send(&ServerFrame::Ack {
-                    id,
-                    room: room.to_string(),
-                    seq: a.seq,
-                    ts: a.ts,
-                    duplicate: a.duplicate,
-                })
-                .await
+                let flow = self
+                    .send(&ServerFrame::Ack {
+                        id,
+                        room: room.to_string(),
+                        seq: a.seq,
+                        ts: a.ts,
+                        duplicate: a.duplicate,
+                    })
+                    .await;
+                self.state
+                    .metrics
+                    .ack_latency
+                    .observe_duration(received.elapsed());
+                flow
             }
             Some(Err(e)) => {
                 warn!(error = %e, "append failed");
-                self.send_error(id, ErrorCode::Internal, "the message was not stored; retry with the same key".into())
-                    .await
+                self.send_error(
+                    id,
+                    ErrorCode::Internal,
+                    "the message was not stored; retry with the same key".into(),
+                )
+                .await
             }
             None => {
-                self.send_error(id, ErrorCode::Internal, "the store stopped; retry with the same key".into())
-                    .await
+                self.send_error(
+                    id,
+                    ErrorCode::Internal,
+                    "the store stopped; retry with the same key".into(),
+                )
+                .await
             }
         }
     }

@@ -1,13 +1,16 @@
 //! A session's bounded outbound queue and its slow-consumer policy.
 //!
 //! The hub pushes into an [`Outbox`] from any thread without awaiting:
-//! every push is a `try_send` plus one atomic add. The queue is bounded in
-//! frames and in bytes. On overflow an ephemeral event (typing, presence) is
-//! shed and counted; a durable message is never dropped silently: the
-//! session is marked a slow consumer and closed, and it resumes by seq.
+//! every push is a `try_send` plus one atomic add. Durable messages and
+//! ephemeral events (typing, presence) travel in two queues, so events can
+//! never crowd out a message: the message queue is bounded in frames and
+//! bytes, the event queue in frames. A full event queue sheds the event and
+//! counts it; a durable message is never dropped silently: the session is
+//! marked a slow consumer and closed, and it resumes by seq.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::time::Instant;
 
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
@@ -22,6 +25,9 @@ pub struct Delivery {
     pub room: Arc<str>,
     pub seq: u64,
     pub text: Utf8Bytes,
+    /// When the hub encoded it, right after its commit: the start of the
+    /// fan-out latency each subscriber's session observes when writing it.
+    pub created: Instant,
 }
 
 /// What travels through an outbox.
@@ -57,6 +63,7 @@ struct Shared {
 #[derive(Debug, Clone)]
 pub struct Outbox {
     tx: mpsc::Sender<Outgoing>,
+    events: mpsc::Sender<Outgoing>,
     shared: Arc<Shared>,
     metrics: Arc<Metrics>,
 }
@@ -65,18 +72,22 @@ pub struct Outbox {
 #[derive(Debug)]
 pub struct OutboxReceiver {
     rx: mpsc::Receiver<Outgoing>,
+    events: mpsc::Receiver<Outgoing>,
     shared: Arc<Shared>,
 }
 
-/// Makes an outbox bounded to `max_frames` frames and `max_bytes` bytes.
+/// Makes an outbox whose message queue is bounded to `max_frames` frames
+/// and `max_bytes` bytes and whose event queue holds `max_events` frames.
 /// `kill` is the session's own token.
 pub fn outbox(
     max_frames: usize,
     max_bytes: usize,
+    max_events: usize,
     kill: CancellationToken,
     metrics: Arc<Metrics>,
 ) -> (Outbox, OutboxReceiver) {
     let (tx, rx) = mpsc::channel(max_frames);
+    let (events_tx, events_rx) = mpsc::channel(max_events);
     let shared = Arc::new(Shared {
         queued_bytes: AtomicUsize::new(0),
         max_bytes,
@@ -86,10 +97,15 @@ pub fn outbox(
     (
         Outbox {
             tx,
+            events: events_tx,
             shared: shared.clone(),
             metrics,
         },
-        OutboxReceiver { rx, shared },
+        OutboxReceiver {
+            rx,
+            events: events_rx,
+            shared,
+        },
     )
 }
 
@@ -111,13 +127,19 @@ impl Outbox {
     /// consumer instead of dropping the message silently.
     pub fn push_message(&self, delivery: &Arc<Delivery>) {
         if !self.try_push(Outgoing::Message(delivery.clone())) && !self.tx.is_closed() {
+            self.metrics.messages_dropped.inc();
             self.close(CloseReason::SlowConsumer);
         }
     }
 
     /// Queues an ephemeral event; on overflow sheds it and counts the shed.
     pub fn push_ephemeral(&self, text: &Utf8Bytes) {
-        if !self.try_push(Outgoing::Ephemeral(text.clone())) {
+        if self
+            .events
+            .try_send(Outgoing::Ephemeral(text.clone()))
+            .is_err()
+            && !self.events.is_closed()
+        {
             self.metrics.ephemeral_shed.inc();
         }
     }
@@ -137,25 +159,35 @@ impl Outbox {
         }
     }
 
-    /// Bytes currently queued.
+    /// Bytes of durable messages currently queued.
     pub fn queued_bytes(&self) -> usize {
         self.shared.queued_bytes.load(Ordering::Relaxed)
     }
 }
 
 impl OutboxReceiver {
-    /// Waits for the next frame. Cancel-safe.
+    /// Waits for the next frame, messages first. Cancel-safe: both
+    /// receives are.
     pub async fn recv(&mut self) -> Option<Outgoing> {
-        let item = self.rx.recv().await?;
+        let item = tokio::select! {
+            biased;
+            Some(item) = self.rx.recv() => item,
+            Some(event) = self.events.recv() => return Some(event),
+            else => return None,
+        };
         self.taken(&item);
         Some(item)
     }
 
-    /// Takes a frame if one is ready.
+    /// Takes a frame if one is ready, messages first.
     pub fn try_recv(&mut self) -> Option<Outgoing> {
-        let item = self.rx.try_recv().ok()?;
-        self.taken(&item);
-        Some(item)
+        match self.rx.try_recv() {
+            Ok(item) => {
+                self.taken(&item);
+                Some(item)
+            }
+            Err(_) => self.events.try_recv().ok(),
+        }
     }
 
     fn taken(&self, item: &Outgoing) {
@@ -180,6 +212,7 @@ mod tests {
             room: Arc::from("r"),
             seq,
             text: Utf8Bytes::from("x".repeat(len)),
+            created: Instant::now(),
         })
     }
 
@@ -187,18 +220,30 @@ mod tests {
     fn ephemeral_events_are_shed_and_messages_close_the_session() {
         let metrics = Arc::new(Metrics::default());
         let kill = CancellationToken::new();
-        let (tx, mut rx) = outbox(2, 1024, kill.clone(), metrics.clone());
+        let (tx, mut rx) = outbox(2, 1024, 2, kill.clone(), metrics.clone());
         let typing = Utf8Bytes::from_static("typing");
         for _ in 0..5 {
             tx.push_ephemeral(&typing);
         }
         assert_eq!(metrics.ephemeral_shed.get(), 3);
-        assert!(!kill.is_cancelled(), "shedding ephemeral events keeps the session");
+        assert!(
+            !kill.is_cancelled(),
+            "shedding ephemeral events keeps the session"
+        );
+        // Events never crowd out messages.
         tx.push_message(&delivery(1, 10));
-        assert!(kill.is_cancelled(), "a message that does not fit closes the session");
+        tx.push_message(&delivery(2, 10));
+        assert!(!kill.is_cancelled());
+        tx.push_message(&delivery(3, 10));
+        assert!(
+            kill.is_cancelled(),
+            "a message that does not fit closes the session"
+        );
         assert_eq!(rx.close_reason(), Some(CloseReason::SlowConsumer));
         assert_eq!(metrics.slow_consumers.get(), 1);
-        // What was queued is still there, in order; nothing was reordered.
+        // What was queued is still there: messages in order, then events.
+        assert!(matches!(rx.try_recv(), Some(Outgoing::Message(d)) if d.seq == 1));
+        assert!(matches!(rx.try_recv(), Some(Outgoing::Message(d)) if d.seq == 2));
         assert!(matches!(rx.try_recv(), Some(Outgoing::Ephemeral(_))));
         assert!(matches!(rx.try_recv(), Some(Outgoing::Ephemeral(_))));
         assert!(rx.try_recv().is_none());
@@ -209,7 +254,7 @@ mod tests {
     fn byte_bound_applies_before_the_frame_bound() {
         let metrics = Arc::new(Metrics::default());
         let kill = CancellationToken::new();
-        let (tx, mut rx) = outbox(100, 100, kill.clone(), metrics);
+        let (tx, mut rx) = outbox(100, 100, 4, kill.clone(), metrics);
         tx.push_message(&delivery(1, 60));
         assert_eq!(tx.queued_bytes(), 60);
         assert!(!kill.is_cancelled());
@@ -221,7 +266,7 @@ mod tests {
     #[test]
     fn the_first_close_reason_wins() {
         let metrics = Arc::new(Metrics::default());
-        let (tx, rx) = outbox(1, 10, CancellationToken::new(), metrics);
+        let (tx, rx) = outbox(1, 10, 1, CancellationToken::new(), metrics);
         tx.close(CloseReason::Kicked);
         tx.close(CloseReason::SlowConsumer);
         assert_eq!(rx.close_reason(), Some(CloseReason::Kicked));

@@ -29,7 +29,8 @@ use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot};
 
 pub use error::{
-    AppendError, NotWritable, OpenError, ReadError, ShutdownError, StoreClosed, TryAppendError, WriteError,
+    AppendError, NotWritable, OpenError, ReadError, ShutdownError, StoreClosed, TryAppendError,
+    WriteError,
 };
 use tables::{BY_USER, EPOCH_KEY, KEY_EXPIRY, KEYS, MESSAGES, META, ROOMS, Record};
 use writer::{Op, Writer};
@@ -138,14 +139,20 @@ pub struct StoreHandle {
 
 impl std::fmt::Debug for StoreHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StoreHandle").field("epoch", &self.epoch).finish_non_exhaustive()
+        f.debug_struct("StoreHandle")
+            .field("epoch", &self.epoch)
+            .finish_non_exhaustive()
     }
 }
 
 impl Store {
     /// Opens (or creates) the database at `path` and starts the writer.
     /// Blocking: call it outside async workers.
-    pub fn open(path: &Path, opts: StoreOptions, sink: Arc<dyn CommitSink>) -> Result<Store, OpenError> {
+    pub fn open(
+        path: &Path,
+        opts: StoreOptions,
+        sink: Arc<dyn CommitSink>,
+    ) -> Result<Store, OpenError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|source| OpenError::CreateDir {
                 path: dir.to_owned(),
@@ -241,7 +248,10 @@ impl StoreHandle {
     /// Queues an append, waiting for room in the queue; the result arrives
     /// on `append.reply` after the commit.
     pub async fn append(&self, append: Append) -> Result<(), StoreClosed> {
-        self.tx.send(Op::Append(append)).await.map_err(|_| StoreClosed)
+        self.tx
+            .send(Op::Append(append))
+            .await
+            .map_err(|_| StoreClosed)
     }
 
     /// Queues an append if there is room now.
@@ -309,13 +319,21 @@ impl StoreHandle {
     }
 
     /// Messages with seq in `(after, after + limit]`, ascending.
-    pub async fn read_after(&self, room: &str, after: u64, limit: usize) -> Result<Vec<StoredMessage>, ReadError> {
+    pub async fn read_after(
+        &self,
+        room: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, ReadError> {
         let room = room.to_owned();
         self.read(move |txn| {
             let table = txn.open_table(MESSAGES)?;
             let mut out = Vec::with_capacity(limit.min(1024));
             let start = after.saturating_add(1);
-            for entry in table.range((room.as_str(), start)..=(room.as_str(), u64::MAX))?.take(limit) {
+            for entry in table
+                .range((room.as_str(), start)..=(room.as_str(), u64::MAX))?
+                .take(limit)
+            {
                 let (k, v) = entry?;
                 out.push(stored(k.value().1, v.value())?);
             }
@@ -341,7 +359,10 @@ impl StoreHandle {
             let high = before.unwrap_or(u64::MAX);
             let mut out = Vec::with_capacity(limit.min(1024) + 1);
             if low >= high {
-                return Ok(Page { messages: out, more: false });
+                return Ok(Page {
+                    messages: out,
+                    more: false,
+                });
             }
             let range = table.range((room.as_str(), low)..(room.as_str(), high))?;
             // Forward from `after`; otherwise backwards from the newest.
@@ -362,13 +383,19 @@ impl StoreHandle {
             if !forward {
                 out.reverse();
             }
-            Ok(Page { messages: out, more })
+            Ok(Page {
+                messages: out,
+                more,
+            })
         })
         .await
     }
 
     /// Every message `user` sent, as (room, message), by room then seq.
-    pub async fn messages_by_user(&self, user: &str) -> Result<Vec<(String, StoredMessage)>, ReadError> {
+    pub async fn messages_by_user(
+        &self,
+        user: &str,
+    ) -> Result<Vec<(String, StoredMessage)>, ReadError> {
         let user = user.to_owned();
         self.read(move |txn| {
             let index = txn.open_table(BY_USER)?;

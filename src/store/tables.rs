@@ -63,7 +63,11 @@ impl<'a> Record<'a> {
         out.extend_from_slice(&self.ts.to_le_bytes());
         out.extend_from_slice(&from_len.to_le_bytes());
         out.extend_from_slice(self.from.as_bytes());
-        out.push(if self.body.is_some() { BODY_PRESENT } else { BODY_ERASED });
+        out.push(if self.body.is_some() {
+            BODY_PRESENT
+        } else {
+            BODY_ERASED
+        });
         out.extend_from_slice(body.as_bytes());
         Ok(out)
     }
@@ -73,8 +77,12 @@ impl<'a> Record<'a> {
         if version != RECORD_V1 {
             return Err(RecordError::Version(version));
         }
-        let (ts, rest) = rest.split_first_chunk::<8>().ok_or(RecordError::Truncated)?;
-        let (from_len, rest) = rest.split_first_chunk::<2>().ok_or(RecordError::Truncated)?;
+        let (ts, rest) = rest
+            .split_first_chunk::<8>()
+            .ok_or(RecordError::Truncated)?;
+        let (from_len, rest) = rest
+            .split_first_chunk::<2>()
+            .ok_or(RecordError::Truncated)?;
         let from_len = usize::from(u16::from_le_bytes(*from_len));
         if rest.len() < from_len + 1 {
             return Err(RecordError::Truncated);
@@ -101,7 +109,11 @@ mod tests {
 
     #[test]
     fn records_round_trip_and_corruption_is_an_error() {
-        let r = Record { ts: 42, from: "alice", body: Some(r#"{"a":1}"#) };
+        let r = Record {
+            ts: 42,
+            from: "alice",
+            body: Some(r#"{"a":1}"#),
+        };
         let bytes = r.encode().unwrap();
         assert_eq!(Record::decode(&bytes), Ok(r));
         let erased = Record { body: None, ..r };

@@ -15,7 +15,10 @@ struct Recorder {
 
 impl CommitSink for Recorder {
     fn committed(&self, msg: &Committed<'_>) {
-        self.seen.lock().unwrap().push((msg.room.to_owned(), msg.seq));
+        self.seen
+            .lock()
+            .unwrap()
+            .push((msg.room.to_owned(), msg.seq));
     }
     fn batch_committed(&self, operations: usize, _elapsed: Duration) {
         self.batches.lock().unwrap().push(operations);
@@ -37,7 +40,12 @@ fn open(dir: &tempfile::TempDir) -> (Store, Arc<Recorder>) {
     (store, rec)
 }
 
-fn append(room: &str, from: &str, body: &str, key: Option<&str>) -> (Append, oneshot::Receiver<Result<Appended, AppendError>>) {
+fn append(
+    room: &str,
+    from: &str,
+    body: &str,
+    key: Option<&str>,
+) -> (Append, oneshot::Receiver<Result<Appended, AppendError>>) {
     let (reply, rx) = oneshot::channel();
     (
         Append {
@@ -68,7 +76,10 @@ async fn seq_continues_after_reopen_and_epoch_is_kept() {
     assert_eq!(send(&h, "b", "u", "1", None).await.seq, 1);
     let epoch = h.epoch().to_owned();
     drop(h);
-    tokio::task::spawn_blocking(move || store.shutdown()).await.unwrap().unwrap();
+    tokio::task::spawn_blocking(move || store.shutdown())
+        .await
+        .unwrap()
+        .unwrap();
     let (store, _) = open(&dir);
     let h = store.handle();
     assert_eq!(h.epoch(), epoch);
@@ -96,7 +107,11 @@ async fn group_commit_batches_and_the_sink_sees_commit_order() {
     assert_eq!(batches.iter().sum::<usize>(), 500);
     let seen = rec.seen.lock().unwrap().clone();
     for room in ["even", "odd"] {
-        let seqs: Vec<u64> = seen.iter().filter(|(r, _)| r == room).map(|(_, s)| *s).collect();
+        let seqs: Vec<u64> = seen
+            .iter()
+            .filter(|(r, _)| r == room)
+            .map(|(_, s)| *s)
+            .collect();
         assert_eq!(seqs, (1..=250).collect::<Vec<_>>());
     }
 }
@@ -113,16 +128,35 @@ async fn idempotency_keys_dedupe_within_a_batch_and_across_reopen() {
     let first = r1.await.unwrap().unwrap();
     let second = r2.await.unwrap().unwrap();
     assert_eq!((first.seq, first.duplicate), (1, false));
-    assert_eq!(second, Appended { duplicate: true, ..first });
+    assert_eq!(
+        second,
+        Appended {
+            duplicate: true,
+            ..first
+        }
+    );
     // Another user's key is another key.
     assert_eq!(send(&h, "r", "bob", "3", Some("k")).await.seq, 2);
-    assert_eq!(rec.seen.lock().unwrap().len(), 2, "duplicates are not delivered");
+    assert_eq!(
+        rec.seen.lock().unwrap().len(),
+        2,
+        "duplicates are not delivered"
+    );
     drop(h);
-    tokio::task::spawn_blocking(move || store.shutdown()).await.unwrap().unwrap();
+    tokio::task::spawn_blocking(move || store.shutdown())
+        .await
+        .unwrap()
+        .unwrap();
     let (store, _) = open(&dir);
     let h = store.handle();
     let again = send(&h, "r", "alice", "4", Some("k")).await;
-    assert_eq!(again, Appended { duplicate: true, ..first });
+    assert_eq!(
+        again,
+        Appended {
+            duplicate: true,
+            ..first
+        }
+    );
     assert_eq!(h.latest_seq("r").await.unwrap(), 2);
 }
 
@@ -132,7 +166,10 @@ async fn expired_keys_store_again() {
     let rec = Arc::new(Recorder::default());
     let store = Store::open(
         &dir.path().join("db.redb"),
-        StoreOptions { idempotency_ttl: Duration::ZERO, ..opts() },
+        StoreOptions {
+            idempotency_ttl: Duration::ZERO,
+            ..opts()
+        },
         rec,
     )
     .unwrap();
@@ -151,15 +188,42 @@ async fn history_pages_and_read_after() {
         send(&h, "h", "u", &i.to_string(), None).await;
     }
     let seqs = |p: Page| (p.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), p.more);
-    assert_eq!(seqs(h.history("h", None, None, 4).await.unwrap()), (vec![7, 8, 9, 10], true));
-    assert_eq!(seqs(h.history("h", None, None, 10).await.unwrap()), ((1..=10).collect(), false));
-    assert_eq!(seqs(h.history("h", Some(7), None, 4).await.unwrap()), (vec![3, 4, 5, 6], true));
-    assert_eq!(seqs(h.history("h", Some(3), None, 4).await.unwrap()), (vec![1, 2], false));
-    assert_eq!(seqs(h.history("h", None, Some(6), 4).await.unwrap()), (vec![7, 8, 9, 10], false));
-    assert_eq!(seqs(h.history("h", None, Some(5), 4).await.unwrap()), (vec![6, 7, 8, 9], true));
-    assert_eq!(seqs(h.history("h", Some(6), Some(2), 10).await.unwrap()), (vec![3, 4, 5], false));
-    assert_eq!(seqs(h.history("h", Some(1), None, 10).await.unwrap()), (vec![], false));
-    assert_eq!(seqs(h.history("other", None, None, 10).await.unwrap()), (vec![], false));
+    assert_eq!(
+        seqs(h.history("h", None, None, 4).await.unwrap()),
+        (vec![7, 8, 9, 10], true)
+    );
+    assert_eq!(
+        seqs(h.history("h", None, None, 10).await.unwrap()),
+        ((1..=10).collect(), false)
+    );
+    assert_eq!(
+        seqs(h.history("h", Some(7), None, 4).await.unwrap()),
+        (vec![3, 4, 5, 6], true)
+    );
+    assert_eq!(
+        seqs(h.history("h", Some(3), None, 4).await.unwrap()),
+        (vec![1, 2], false)
+    );
+    assert_eq!(
+        seqs(h.history("h", None, Some(6), 4).await.unwrap()),
+        (vec![7, 8, 9, 10], false)
+    );
+    assert_eq!(
+        seqs(h.history("h", None, Some(5), 4).await.unwrap()),
+        (vec![6, 7, 8, 9], true)
+    );
+    assert_eq!(
+        seqs(h.history("h", Some(6), Some(2), 10).await.unwrap()),
+        (vec![3, 4, 5], false)
+    );
+    assert_eq!(
+        seqs(h.history("h", Some(1), None, 10).await.unwrap()),
+        (vec![], false)
+    );
+    assert_eq!(
+        seqs(h.history("other", None, None, 10).await.unwrap()),
+        (vec![], false)
+    );
     let after = h.read_after("h", 8, 100).await.unwrap();
     assert_eq!(after.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![9, 10]);
     assert_eq!(after[0].body.as_deref(), Some("9"));
@@ -175,11 +239,24 @@ async fn erase_keeps_seqs_and_export_lists_a_users_messages() {
     send(&h, "r1", "bob", "2", None).await;
     send(&h, "r2", "alice", "3", None).await;
     let mine = h.messages_by_user("alice").await.unwrap();
-    assert_eq!(mine.iter().map(|(r, m)| (r.as_str(), m.seq)).collect::<Vec<_>>(), vec![("r1", 1), ("r2", 1)]);
+    assert_eq!(
+        mine.iter()
+            .map(|(r, m)| (r.as_str(), m.seq))
+            .collect::<Vec<_>>(),
+        vec![("r1", 1), ("r2", 1)]
+    );
     assert_eq!(h.erase_user("alice").await.unwrap(), 2);
-    assert_eq!(h.erase_user("alice").await.unwrap(), 0, "erasing twice finds nothing new");
+    assert_eq!(
+        h.erase_user("alice").await.unwrap(),
+        0,
+        "erasing twice finds nothing new"
+    );
     let page = h.history("r1", None, None, 10).await.unwrap();
-    let view: Vec<_> = page.messages.iter().map(|m| (m.seq, m.body.clone())).collect();
+    let view: Vec<_> = page
+        .messages
+        .iter()
+        .map(|m| (m.seq, m.body.clone()))
+        .collect();
     assert_eq!(view, vec![(1, None), (2, Some("2".to_owned()))]);
 }
 
@@ -194,12 +271,18 @@ async fn shutdown_commits_everything_queued() {
         h.try_append(a).unwrap();
         rxs.push(rx);
     }
-    tokio::task::spawn_blocking(move || store.shutdown()).await.unwrap().unwrap();
+    tokio::task::spawn_blocking(move || store.shutdown())
+        .await
+        .unwrap()
+        .unwrap();
     for rx in rxs {
         assert!(rx.await.unwrap().is_ok());
     }
     let (a, _rx) = append("s", "u", "1", None);
-    assert!(h.try_append(a).is_err(), "appends after shutdown are refused");
+    assert!(
+        h.try_append(a).is_err(),
+        "appends after shutdown are refused"
+    );
     drop(h);
     let (store, _) = open(&dir);
     assert_eq!(store.handle().latest_seq("s").await.unwrap(), 300);

@@ -164,10 +164,16 @@ impl Writer {
                 match op {
                     Op::Append(a) => {
                         if let Some(key) = &a.key {
-                            let hit = keys.get((&*a.room, &*a.from, key.as_str()))?.map(|g| g.value());
+                            let hit = keys
+                                .get((&*a.room, &*a.from, key.as_str()))?
+                                .map(|g| g.value());
                             if let Some((seq, ts, at)) = hit {
                                 if now.saturating_sub(at) < ttl_ms {
-                                    outcomes.push(Outcome::Duplicate(Appended { seq, ts, duplicate: true }));
+                                    outcomes.push(Outcome::Duplicate(Appended {
+                                        seq,
+                                        ts,
+                                        duplicate: true,
+                                    }));
                                     continue;
                                 }
                             }
@@ -177,7 +183,12 @@ impl Writer {
                             None => rooms.get(&*a.room)?.map_or(0, |g| g.value()),
                         };
                         let seq = latest + 1;
-                        let record = Record { ts: now, from: &a.from, body: Some(a.body.get()) }.encode()?;
+                        let record = Record {
+                            ts: now,
+                            from: &a.from,
+                            body: Some(a.body.get()),
+                        }
+                        .encode()?;
                         messages.insert((&*a.room, seq), record.as_slice())?;
                         rooms.insert(&*a.room, seq)?;
                         by_user.insert((&*a.from, &*a.room, seq), ())?;
@@ -186,7 +197,11 @@ impl Writer {
                             expiry.insert((now, &*a.room, &*a.from, key.as_str()), ())?;
                         }
                         self.latest.insert(a.room.clone(), seq);
-                        outcomes.push(Outcome::New(Appended { seq, ts: now, duplicate: false }));
+                        outcomes.push(Outcome::New(Appended {
+                            seq,
+                            ts: now,
+                            duplicate: false,
+                        }));
                     }
                     Op::EraseUser { user, .. } => {
                         let mut targets = Vec::new();
@@ -221,7 +236,10 @@ impl Writer {
             // Forget expired idempotency keys, a bounded number per commit.
             let cutoff = now.saturating_sub(ttl_ms);
             let mut expired = Vec::new();
-            for entry in expiry.range((0u64, "", "", "")..(cutoff, "", "", ""))?.take(self.opts.max_batch) {
+            for entry in expiry
+                .range((0u64, "", "", "")..(cutoff, "", "", ""))?
+                .take(self.opts.max_batch)
+            {
                 let (k, _) = entry?;
                 let (at, room, user, key) = k.value();
                 expired.push((at, room.to_owned(), user.to_owned(), key.to_owned()));
@@ -229,7 +247,9 @@ impl Writer {
             for (at, room, user, key) in &expired {
                 expiry.remove((*at, room.as_str(), user.as_str(), key.as_str()))?;
                 // A key re-used after expiry has a newer entry: keep it.
-                let current = keys.get((room.as_str(), user.as_str(), key.as_str()))?.map(|g| g.value());
+                let current = keys
+                    .get((room.as_str(), user.as_str(), key.as_str()))?
+                    .map(|g| g.value());
                 if current.is_some_and(|(_, _, inserted)| inserted == *at) {
                     keys.remove((room.as_str(), user.as_str(), key.as_str()))?;
                 }

@@ -9,42 +9,57 @@ use crate::support::{Fixture, TestServer, json};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_consumer_is_cut_off_and_resumes_without_loss() {
     let server = TestServer::start_with(Fixture::new(), |c| {
-        c.outbound_queue_bytes = 64 * 1024;
-        c.write_timeout_ms = 5_000;
+        c.outbound_queue_bytes = 4 * 1024 * 1024;
+        c.replay_cap = 10_000;
     })
     .await;
-    let mut slow = server.connect("slow").await;
+    let mut slow = crate::support::connect_tls_small_rcvbuf(
+        server.addr,
+        &server.fixture.tls_connector(),
+        &server.url("slow"),
+    )
+    .await
+    .expect("connect");
+    assert!(matches!(slow.recv().await, ServerFrame::Welcome { .. }));
     slow.join("busy").await;
     let mut fast = server.connect("fast").await;
     fast.join("busy").await;
     let mut publisher = server.connect("pub").await;
     publisher.join("busy").await;
 
-    // 12 MiB in 16 KiB messages: more than the socket buffers hold, so the
-    // slow session's writes block and its outbox overflows.
-    const N: u64 = 768;
+    // 24 MiB in 16 KiB messages: more than the slow client's tiny receive
+    // buffer, the server's send buffer (at most 4 MiB here) and its 4 MiB
+    // outbox hold, so its writes block and its outbox overflows.
+    const N: u64 = 1536;
     let body = json(&format!("\"{}\"", "x".repeat(16 * 1024)));
-    for _ in 0..N {
-        publisher
-            .send(ClientRequest::Send {
-                room: "busy".into(),
-                body: body.clone(),
-                key: None,
-            })
-            .await;
-    }
-    // The publisher is never held up: every send is acked.
-    let mut acked = 0;
+    // The fast reader reads concurrently and gets everything, in order.
+    let fast_reader = tokio::spawn(async move {
+        for seq in 1..=N {
+            let m = fast.next_message("busy").await;
+            assert!(matches!(m, ServerFrame::Message { seq: s, .. } if s == seq));
+        }
+    });
+    // The publisher keeps 32 sends in flight and reads its own echoes too.
+    // It is never held up: every send is acked.
+    let (mut sent, mut acked) = (0, 0);
     while acked < N {
+        while sent < N && sent - acked < 32 {
+            publisher
+                .send(ClientRequest::Send {
+                    room: "busy".into(),
+                    body: body.clone(),
+                    key: None,
+                })
+                .await;
+            sent += 1;
+        }
         if let ServerFrame::Ack { .. } = publisher.recv().await {
             acked += 1;
         }
     }
-    // The fast reader gets everything, in order.
-    for seq in 1..=N {
-        let m = fast.next_message("busy").await;
-        assert!(matches!(m, ServerFrame::Message { seq: s, .. } if s == seq));
-    }
+    fast_reader
+        .await
+        .expect("fast reader got every message in order");
     server
         .wait_for("a slow consumer", |s| s.metrics.slow_consumers.get() >= 1)
         .await;

@@ -96,7 +96,7 @@ async fn presence_typing_and_second_sessions() {
 
     // A second session of alice is not a new member: bob sees no presence event.
     alice2.join("room").await;
-    bob.request(ClientRequest::Typing {
+    bob.send(ClientRequest::Typing {
         room: "room".into(),
     })
     .await;
@@ -549,7 +549,7 @@ async fn oversized_frame_closes_with_1009_and_others_keep_chatting() {
     alice.send_text(&big).await;
     let frame = alice.expect_close().await.expect("a close frame");
     assert_eq!(frame.code, CloseCode::from(close::TOO_BIG.code));
-    assert_eq!(bob.say("x", "still here").await, 1);
+    assert_eq!(bob.say("x", r#""still here""#).await, 1);
     server.stop().await;
 }
 

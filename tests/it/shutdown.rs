@@ -24,7 +24,13 @@ impl Process {
     async fn start(fixture: &Fixture) -> Process {
         let dir = fixture.path();
         let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
-            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+            ])
             .arg("--tls-cert")
             .arg(dir.join("server.pem"))
             .arg("--tls-key")

@@ -52,6 +52,7 @@ impl Fixture {
             tls_cert: self.path().join("server.pem"),
             tls_key: self.path().join("server.key"),
             data_dir: self.path().join("data"),
+            admin_listen: Some("127.0.0.1:0".parse().expect("addr")),
             ..Config::default()
         }
     }
@@ -85,6 +86,8 @@ pub fn tls_connector(ca: &Path) -> TlsConnector {
 pub struct TestServer {
     pub addr: SocketAddr,
     pub plain_addr: Option<SocketAddr>,
+    /// The internal HTTP listener (health, metrics, admin API, dashboard).
+    pub admin_addr: Option<SocketAddr>,
     pub fixture: Fixture,
     pub state: Arc<switchboard::server::ServerState>,
     stop: Option<oneshot::Sender<()>>,
@@ -107,10 +110,16 @@ impl TestServer {
             None => None,
         };
         let plain_addr = plain.as_ref().map(|l| l.local_addr().expect("addr"));
+        let admin = match config.admin_listen {
+            Some(a) => Some(TcpListener::bind(a).await.expect("bind admin")),
+            None => None,
+        };
+        let admin_addr = admin.as_ref().map(|l| l.local_addr().expect("addr"));
         let (stop, stopped) = oneshot::channel::<()>();
         let listeners = Listeners {
             tls: Some(tls),
             plain,
+            admin,
         };
         let server = switchboard::Server::start(config, listeners)
             .await
@@ -122,6 +131,7 @@ impl TestServer {
         TestServer {
             addr,
             plain_addr,
+            admin_addr,
             fixture,
             state,
             stop: Some(stop),
@@ -190,7 +200,27 @@ pub async fn connect_tls(
     connector: &TlsConnector,
     url: &str,
 ) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
-    let tcp = TcpStream::connect(addr).await?;
+    connect_tls_stream(TcpStream::connect(addr).await?, connector, url).await
+}
+
+/// Connects with a tiny, fixed receive buffer: a client whose socket fills
+/// after a few KiB, for slow-consumer tests.
+pub async fn connect_tls_small_rcvbuf(
+    addr: SocketAddr,
+    connector: &TlsConnector,
+    url: &str,
+) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
+    const RCVBUF: u32 = 4096;
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_recv_buffer_size(RCVBUF)?;
+    connect_tls_stream(socket.connect(addr).await?, connector, url).await
+}
+
+async fn connect_tls_stream(
+    tcp: TcpStream,
+    connector: &TlsConnector,
+    url: &str,
+) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
     let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
     let tls = connector.connect(name, tcp).await?;
     let (ws, _) = tokio_tungstenite::client_async(url, tls).await?;

@@ -1,0 +1,473 @@
+//! The admin API handlers: JSON under `/admin/api`.
+//!
+//! It owns the API's request and reply shapes (documented in
+//! `docs/openapi.yaml`) and the audit entry of each action. It steers the
+//! server only through the hub (kicks), the store (publish, export, erase)
+//! and metrics; it must not reach into sessions, and it never logs a
+//! message body.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Extension, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use serde_json::value::RawValue;
+use tokio::sync::oneshot;
+use tracing::{info, warn};
+
+use super::audit::{AuditEntry, AuditError};
+use super::auth::Caller;
+use super::{AdminState, health, now_ms, rfc3339};
+use crate::hub::SessionInfo;
+use crate::session::CloseReason;
+use crate::store::{Append, AppendError, ReadError, StoreClosed};
+
+/// The user that system messages come from.
+pub const SYSTEM_USER: &str = "system";
+
+/// Why an admin request failed; the reply is `{"error": code, "message": ...}`.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum ApiError {
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("the audit log cannot be written, so the action was not performed")]
+    Audit(#[source] AuditError),
+    #[error("the audit log cannot be read")]
+    AuditRead(#[source] AuditError),
+    #[error("the store cannot be read")]
+    Read(#[from] ReadError),
+    #[error("the store did not store it")]
+    Write(#[from] AppendError),
+    #[error("the store is closed")]
+    Closed(#[from] StoreClosed),
+}
+
+impl ApiError {
+    fn code(&self) -> (StatusCode, &'static str) {
+        match self {
+            ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ApiError::Audit(_)
+            | ApiError::AuditRead(_)
+            | ApiError::Read(_)
+            | ApiError::Write(_)
+            | ApiError::Closed(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.code();
+        if status.is_server_error() {
+            let mut causes = String::new();
+            let mut source = std::error::Error::source(&self);
+            while let Some(e) = source {
+                causes.push_str(": ");
+                causes.push_str(&e.to_string());
+                source = e.source();
+            }
+            warn!(error = %self, causes, "admin request failed");
+        }
+        let body = Json(json!({ "error": code, "message": self.to_string() }));
+        let mut response = (status, body).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer realm=\"switchboard-admin\""),
+            );
+        }
+        response
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// A list's `?limit=`, clamped to `admin_page_max`.
+#[derive(Debug, Deserialize)]
+pub(super) struct Page {
+    limit: Option<usize>,
+}
+
+fn page_limit(state: &AdminState, asked: Option<usize>) -> usize {
+    let max = state.server.config.admin_page_max;
+    asked.unwrap_or(max).min(max)
+}
+
+/// Writes the audit entry of an action before it runs.
+async fn audit(
+    state: &AdminState,
+    caller: &Caller,
+    action: &str,
+    params: serde_json::Value,
+) -> ApiResult<()> {
+    let ts_ms = now_ms();
+    let entry = AuditEntry {
+        ts: rfc3339(ts_ms),
+        ts_ms,
+        who: caller.who.clone(),
+        remote: caller.remote.map(|r| r.to_string()),
+        action: action.to_owned(),
+        params,
+    };
+    info!(who = %entry.who, remote = ?entry.remote, action, params = %entry.params, "admin action");
+    state.audit.append(&entry).await.map_err(ApiError::Audit)
+}
+
+fn valid_user(user: &str) -> ApiResult<()> {
+    protocol::names::validate_user(user)
+        .map_err(|e| ApiError::BadRequest(format!("invalid user name: {e}")))
+}
+
+fn valid_room(room: &str) -> ApiResult<()> {
+    protocol::names::validate_room(room)
+        .map_err(|e| ApiError::BadRequest(format!("invalid room name: {e}")))
+}
+
+/// Parses a session id as shown in `welcome` (hexadecimal).
+fn session_id(id: &str) -> ApiResult<u64> {
+    u64::from_str_radix(id, 16)
+        .map_err(|_| ApiError::BadRequest(format!("`{id}` is not a session id (hexadecimal)")))
+}
+
+/// Unknown paths under `/admin/api` (after authentication).
+pub(super) async fn not_found() -> ApiError {
+    ApiError::NotFound("no such admin API route; see docs/openapi.yaml".into())
+}
+
+/// `GET /admin/api/stats`: counters for the dashboard, as running totals
+/// (rates are the difference between two reads).
+pub(super) async fn stats(State(state): State<Arc<AdminState>>) -> Json<serde_json::Value> {
+    let s = &state.server;
+    let m = &s.metrics;
+    let (queued, largest) = health::queue_depth(s);
+    let closed: HashMap<&str, u64> = CloseReason::ALL
+        .iter()
+        .map(|r| (r.as_str(), m.closed_for(*r)))
+        .collect();
+    Json(json!({
+        "ts_ms": now_ms(),
+        "uptime_seconds": state.started.elapsed().as_secs_f64(),
+        "ready": !state.draining.is_cancelled(),
+        "connections_open": m.connections_open.get(),
+        "rooms": s.hub.room_count(),
+        "messages_received_total": m.messages_received.get(),
+        "messages_delivered_total": m.messages_delivered.get(),
+        "messages_dropped_total": m.messages_dropped.get() + m.ephemeral_shed.get(),
+        "bytes_in_total": m.bytes_in.get(),
+        "bytes_out_total": m.bytes_out.get(),
+        "slow_consumers_total": m.slow_consumers.get(),
+        "sessions_closed_total": closed,
+        "outbound_queue_bytes": queued,
+        "outbound_queue_largest_bytes": largest,
+        "store_commits_total": s.store.commits(),
+        "store_commit_seconds_sum": m.store_commit_latency.sum(),
+        "store_commit_seconds_count": m.store_commit_latency.count(),
+        "ack_latency_seconds_sum": m.ack_latency.sum(),
+        "ack_latency_seconds_count": m.ack_latency.count(),
+        "fanout_latency_seconds_sum": m.fanout_latency.sum(),
+        "fanout_latency_seconds_count": m.fanout_latency.count(),
+    }))
+}
+
+/// One connection as the API shows it.
+#[derive(Debug, Serialize)]
+pub(super) struct Connection {
+    /// Hexadecimal, as in the client's `welcome`.
+    id: String,
+    user: String,
+    remote: String,
+    rooms: Vec<String>,
+    /// RFC 3339 UTC.
+    connected_since: String,
+    connected_since_ms: u64,
+    messages_in: u64,
+    messages_out: u64,
+    queue_bytes: usize,
+}
+
+impl From<SessionInfo> for Connection {
+    fn from(s: SessionInfo) -> Connection {
+        Connection {
+            id: format!("{:016x}", s.id),
+            user: s.user,
+            remote: s.remote.to_string(),
+            rooms: s.rooms,
+            connected_since: rfc3339(s.connected_at_ms),
+            connected_since_ms: s.connected_at_ms,
+            messages_in: s.messages_in,
+            messages_out: s.messages_out,
+            queue_bytes: s.queued_bytes,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct ConnectionFilter {
+    user: Option<String>,
+    room: Option<String>,
+    limit: Option<usize>,
+}
+
+/// `GET /admin/api/connections?user=&room=&limit=`.
+pub(super) async fn list_connections(
+    State(state): State<Arc<AdminState>>,
+    Query(filter): Query<ConnectionFilter>,
+) -> Json<serde_json::Value> {
+    let limit = page_limit(&state, filter.limit);
+    let matching: Vec<SessionInfo> = state
+        .server
+        .hub
+        .sessions()
+        .into_iter()
+        .filter(|s| filter.user.as_ref().is_none_or(|u| &s.user == u))
+        .filter(|s| filter.room.as_ref().is_none_or(|r| s.rooms.contains(r)))
+        .collect();
+    let total = matching.len();
+    let connections: Vec<Connection> = matching
+        .into_iter()
+        .take(limit)
+        .map(Connection::from)
+        .collect();
+    Json(json!({ "total": total, "connections": connections }))
+}
+
+/// `GET /admin/api/connections/{id}`.
+pub(super) async fn get_connection(
+    State(state): State<Arc<AdminState>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Connection>> {
+    let id = session_id(&id)?;
+    state
+        .server
+        .hub
+        .sessions()
+        .into_iter()
+        .find(|s| s.id == id)
+        .map(|s| Json(Connection::from(s)))
+        .ok_or_else(|| ApiError::NotFound(format!("no live session {id:016x}")))
+}
+
+/// `POST /admin/api/connections/{id}/kick`: closes it with 4009.
+pub(super) async fn kick_connection(
+    State(state): State<Arc<AdminState>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let sid = session_id(&id)?;
+    let id = format!("{sid:016x}");
+    audit(&state, &caller, "kick_session", json!({ "session": id })).await?;
+    if state.server.hub.close_session(sid, CloseReason::Kicked) {
+        Ok(Json(json!({ "kicked": 1 })))
+    } else {
+        Err(ApiError::NotFound(format!("no live session {id}")))
+    }
+}
+
+/// `POST /admin/api/users/{user}/kick`: closes every session of the user with 4009.
+pub(super) async fn kick_user(
+    State(state): State<Arc<AdminState>>,
+    Extension(caller): Extension<Caller>,
+    Path(user): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    valid_user(&user)?;
+    audit(&state, &caller, "kick_user", json!({ "user": user })).await?;
+    let kicked = state.server.hub.close_user(&user, CloseReason::Kicked);
+    Ok(Json(json!({ "kicked": kicked })))
+}
+
+/// One room in the list.
+#[derive(Debug, Serialize)]
+pub(super) struct RoomSummary {
+    name: String,
+    sessions: usize,
+    users: usize,
+    latest_seq: u64,
+}
+
+/// `GET /admin/api/rooms?limit=`: rooms with members, busiest (most
+/// sessions) first.
+pub(super) async fn list_rooms(
+    State(state): State<Arc<AdminState>>,
+    Query(page): Query<Page>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let limit = page_limit(&state, page.limit);
+    let mut rooms = state.server.hub.rooms();
+    let total = rooms.len();
+    rooms.sort_unstable_by(|a, b| {
+        b.sessions
+            .cmp(&a.sessions)
+            .then_with(|| a.name.cmp(&b.name))
+    });
+    rooms.truncate(limit);
+    let mut out = Vec::with_capacity(rooms.len());
+    for r in rooms {
+        let latest_seq = latest_seq(&state, &r.name).await?;
+        out.push(RoomSummary {
+            sessions: r.sessions,
+            users: r.users.len(),
+            name: r.name,
+            latest_seq,
+        });
+    }
+    Ok(Json(json!({ "total": total, "rooms": out })))
+}
+
+async fn latest_seq(state: &AdminState, room: &str) -> ApiResult<u64> {
+    state
+        .server
+        .store
+        .latest_seq(room)
+        .await
+        .map_err(ApiError::from)
+}
+
+/// `GET /admin/api/rooms/{room}`: members and presence. A room without
+/// members but with history answers with `sessions: 0`.
+pub(super) async fn get_room(
+    State(state): State<Arc<AdminState>>,
+    Path(room): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    valid_room(&room)?;
+    let info = state.server.hub.room(&room);
+    let latest_seq = latest_seq(&state, &room).await?;
+    if info.is_none() && latest_seq == 0 {
+        return Err(ApiError::NotFound(format!("no room `{room}`")));
+    }
+    let (sessions, presence) = info.map_or((0, Vec::new()), |r| (r.sessions, r.users));
+    Ok(Json(json!({
+        "name": room,
+        "sessions": sessions,
+        "presence": presence,
+        "latest_seq": latest_seq,
+    })))
+}
+
+/// `POST /admin/api/rooms/{room}/messages`: the request body (any JSON
+/// value) is stored as a message from `system` and delivered live. An
+/// `Idempotency-Key` header makes retries safe.
+pub(super) async fn publish(
+    State(state): State<Arc<AdminState>>,
+    Extension(caller): Extension<Caller>,
+    Path(room): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Json<serde_json::Value>> {
+    valid_room(&room)?;
+    let config = &state.server.config;
+    let text = std::str::from_utf8(&body)
+        .map_err(|_| ApiError::BadRequest("the body is not UTF-8".into()))?
+        .trim();
+    let body = RawValue::from_string(text.to_owned())
+        .map_err(|e| ApiError::BadRequest(format!("the body is not one JSON value: {e}")))?;
+    if protocol::nesting_depth(body.get()) > config.max_body_depth {
+        let max = config.max_body_depth;
+        return Err(ApiError::BadRequest(format!(
+            "the body nests deeper than {max}"
+        )));
+    }
+    let key = match headers.get("idempotency-key") {
+        Some(v) => {
+            let k = v
+                .to_str()
+                .map_err(|_| ApiError::BadRequest("Idempotency-Key must be ASCII".into()))?;
+            if k.len() > config.max_key_bytes {
+                let max = config.max_key_bytes;
+                return Err(ApiError::BadRequest(format!(
+                    "Idempotency-Key is longer than {max} bytes"
+                )));
+            }
+            Some(k.to_owned())
+        }
+        None => None,
+    };
+    audit(
+        &state,
+        &caller,
+        "publish",
+        json!({ "room": room, "bytes": body.get().len(), "key": key }),
+    )
+    .await?;
+    let (reply, rx) = oneshot::channel();
+    let append = Append {
+        room: Arc::from(room.as_str()),
+        from: Arc::from(SYSTEM_USER),
+        body,
+        key,
+        reply,
+    };
+    state.server.store.append(append).await?;
+    let appended = rx.await.map_err(|_| StoreClosed)??;
+    Ok(Json(json!({
+        "room": room,
+        "seq": appended.seq,
+        "ts": appended.ts,
+        "duplicate": appended.duplicate,
+    })))
+}
+
+/// `GET /admin/api/users/{user}/messages`: every message of the user, as
+/// JSON Lines (`application/x-ndjson`), one `{room, seq, from, ts, body,
+/// erased}` object per line.
+pub(super) async fn export_user(
+    State(state): State<Arc<AdminState>>,
+    Extension(caller): Extension<Caller>,
+    Path(user): Path<String>,
+) -> ApiResult<Response> {
+    valid_user(&user)?;
+    audit(&state, &caller, "export_user", json!({ "user": user })).await?;
+    let messages = state.server.store.messages_by_user(&user).await?;
+    let mut out = String::new();
+    for (room, m) in &messages {
+        let body = m
+            .body
+            .as_deref()
+            .and_then(|b| serde_json::from_str::<&RawValue>(b).ok());
+        let line = json!({
+            "room": room,
+            "seq": m.seq,
+            "from": m.from,
+            "ts": m.ts,
+            "body": body,
+            "erased": body.is_none(),
+        });
+        out.push_str(&line.to_string());
+        out.push('\n');
+    }
+    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], out).into_response())
+}
+
+/// `DELETE /admin/api/users/{user}/messages`: erases the bodies of every
+/// message of the user. The messages keep their seqs; history and replay
+/// show them as erased.
+pub(super) async fn erase_user(
+    State(state): State<Arc<AdminState>>,
+    Extension(caller): Extension<Caller>,
+    Path(user): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    valid_user(&user)?;
+    audit(&state, &caller, "erase_user", json!({ "user": user })).await?;
+    let erased = state.server.store.erase_user(&user).await?;
+    info!(erased, "user messages erased");
+    Ok(Json(json!({ "user": user, "erased": erased })))
+}
+
+/// `GET /admin/api/audit?limit=`: the latest audit entries, oldest first.
+pub(super) async fn audit_log(
+    State(state): State<Arc<AdminState>>,
+    Query(page): Query<Page>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let limit = page_limit(&state, page.limit.or(Some(100)));
+    let entries = state.audit.tail(limit).await.map_err(ApiError::AuditRead)?;
+    Ok(Json(json!({ "entries": entries })))
+}
