@@ -310,3 +310,60 @@ impl Config {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_values_override_defaults_and_unknown_keys_are_refused() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("switchboard.toml");
+        std::fs::write(
+            &path,
+            "replay_cap = 7\nplain_listen = \"127.0.0.1:8080\"\ndurability = \"none\"\n",
+        )
+        .expect("write");
+        let config = Config::from_file(&path).expect("parses");
+        assert_eq!(config.replay_cap, 7);
+        assert_eq!(
+            config.plain_listen,
+            Some(SocketAddr::from(([127, 0, 0, 1], 8080)))
+        );
+        assert_eq!(config.durability, Durability::None);
+        assert_eq!(
+            config.max_message_bytes,
+            Config::default().max_message_bytes
+        );
+        config.validate().expect("valid");
+
+        std::fs::write(&path, "replay_kap = 7\n").expect("write");
+        assert!(matches!(
+            Config::from_file(&path),
+            Err(ConfigError::Parse { .. })
+        ));
+    }
+
+    #[test]
+    fn dev_mode_refuses_non_loopback_addresses_and_silly_limits() {
+        let config = Config {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8443)),
+            ..Config::default()
+        };
+        assert!(matches!(
+            config.validate(),
+            Err(ConfigError::DevModeNotLoopback { .. })
+        ));
+        let config = Config {
+            max_message_bytes: 10,
+            ..Config::default()
+        };
+        assert!(matches!(
+            config.validate(),
+            Err(ConfigError::TooSmall {
+                field: "max_message_bytes",
+                ..
+            })
+        ));
+    }
+}
