@@ -106,7 +106,7 @@ impl Collector for ScrapeCollector {
         gauge(
             &mut encoder,
             "switchboard_rooms",
-            "Rooms with at least one member",
+            "Rooms with at least one member.",
             None,
             rooms,
         )?;
@@ -114,21 +114,21 @@ impl Collector for ScrapeCollector {
         gauge(
             &mut encoder,
             "switchboard_outbound_queue",
-            "Bytes waiting in every session's outbound queue",
+            "Bytes waiting in every session's outbound queue.",
             Some(&Unit::Bytes),
             i64::try_from(queued).unwrap_or(i64::MAX),
         )?;
         gauge(
             &mut encoder,
             "switchboard_outbound_queue_largest",
-            "Bytes waiting in the fullest session's outbound queue",
+            "Bytes waiting in the fullest session's outbound queue.",
             Some(&Unit::Bytes),
             i64::try_from(largest).unwrap_or(i64::MAX),
         )?;
         let commits = ConstCounter::new(server.store.commits());
         commits.encode(encoder.encode_descriptor(
             "switchboard_store_commits",
-            "Store write transactions committed",
+            "Store write transactions committed.",
             None,
             commits.metric_type(),
         )?)?;

@@ -17,6 +17,10 @@
 //! - Every admin action that changes state or reads user data (kick,
 //!   publish, export, erase) is appended to the audit log *before* it runs;
 //!   an action that cannot be audited is not performed.
+//!
+//! Lifetime: [`serve`] runs as a tracked task of the server. axum spawns one
+//! task per admin connection itself; its graceful shutdown (on `stop`, after
+//! the sessions drained) waits for them, so nothing outlives the server.
 
 mod api;
 mod audit;

@@ -75,8 +75,31 @@ async fn http_inner(
     req.push_str("\r\n");
     req.push_str(body.unwrap_or(""));
     stream.write_all(req.as_bytes()).await.expect("write");
+    // Read until the response is complete: by Content-Length, by the last
+    // chunk, or else to the end of the stream (some servers keep the
+    // connection open despite `Connection: close`).
     let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).await.expect("read");
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        if let Some(head_end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&raw[..head_end]).to_ascii_lowercase();
+            let body_len = raw.len() - head_end - 4;
+            let length = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok());
+            if length.is_some_and(|n| body_len >= n)
+                || (head.contains("transfer-encoding: chunked") && raw.ends_with(b"0\r\n\r\n"))
+            {
+                break;
+            }
+        }
+        let n = stream.read(&mut buf).await.expect("read");
+        if n == 0 {
+            break;
+        }
+        raw.extend_from_slice(&buf[..n]);
+    }
     parse_response(&raw)
 }
 
@@ -160,12 +183,17 @@ pub async fn start_with(tweak: impl FnOnce(&mut switchboard::Config)) -> TestSer
 }
 
 pub fn admin_addr(server: &TestServer) -> SocketAddr {
-    server.admin_addr.expect("the test server binds an admin listener")
+    server
+        .admin_addr
+        .expect("the test server binds an admin listener")
 }
 
 /// Connects as `user` and returns the client with its session id (hex).
 pub async fn connect_with_id(server: &TestServer, user: &str) -> (Client, String) {
-    let mut client = server.connect_raw(&server.url(user)).await.expect("connect");
+    let mut client = server
+        .connect_raw(&server.url(user))
+        .await
+        .expect("connect");
     match client.recv().await {
         ServerFrame::Welcome { session, .. } => (client, session),
         other => panic!("expected welcome, got {other:?}"),
@@ -234,18 +262,34 @@ async fn every_documented_route_needs_the_token() {
         let open = !path.starts_with("/admin/api/");
 
         let anonymous = http(admin, method, &path, &[], body).await;
-        let wrong = http(admin, method, &path, &[("Authorization", "Bearer wrong-token-0123456789")], body).await;
+        let wrong = http(
+            admin,
+            method,
+            &path,
+            &[("Authorization", "Bearer wrong-token-0123456789")],
+            body,
+        )
+        .await;
         if open {
-            assert_eq!(anonymous.status, 200, "{method} {path} is open: {anonymous:?}");
+            assert_eq!(
+                anonymous.status, 200,
+                "{method} {path} is open: {anonymous:?}"
+            );
         } else {
             for r in [&anonymous, &wrong] {
                 assert_eq!(r.status, 401, "{method} {path} without the token: {r:?}");
                 assert_eq!(r.json()["error"], "unauthorized");
-                assert!(r.header("www-authenticate").is_some_and(|v| v.starts_with("Bearer")));
+                assert!(
+                    r.header("www-authenticate")
+                        .is_some_and(|v| v.starts_with("Bearer"))
+                );
             }
         }
         let authed = call(admin, method, &path, body).await;
-        assert_eq!(authed.status, 200, "{method} {path} with the token: {authed:?}");
+        assert_eq!(
+            authed.status, 200,
+            "{method} {path} with the token: {authed:?}"
+        );
     }
 
     // The kick route closed carol with 4009; the user kick closed alice.
@@ -262,9 +306,21 @@ async fn without_a_configured_token_the_api_refuses_everything() {
     let admin = admin_addr(&server);
     for token in [TOKEN, ""] {
         let auth = bearer(token);
-        let r = http(admin, "GET", "/admin/api/stats", &[("Authorization", &auth)], None).await;
+        let r = http(
+            admin,
+            "GET",
+            "/admin/api/stats",
+            &[("Authorization", &auth)],
+            None,
+        )
+        .await;
         assert_eq!(r.status, 401);
-        assert!(r.json()["message"].as_str().unwrap().contains("no admin_token"));
+        assert!(
+            r.json()["message"]
+                .as_str()
+                .unwrap()
+                .contains("no admin_token")
+        );
     }
     let r = http(admin, "POST", "/admin/api/users/alice/kick", &[], None).await;
     assert_eq!(r.status, 401);
@@ -272,7 +328,13 @@ async fn without_a_configured_token_the_api_refuses_everything() {
     assert_eq!(http(admin, "GET", "/healthz", &[], None).await.status, 200);
     assert_eq!(http(admin, "GET", "/readyz", &[], None).await.status, 200);
     let metrics = http(admin, "GET", "/metrics", &[], None).await;
-    assert!(metrics.body.contains("switchboard_admin_unauthorized_total 3"), "{}", metrics.body);
+    assert!(
+        metrics
+            .body
+            .contains("switchboard_admin_unauthorized_total 3"),
+        "{}",
+        metrics.body
+    );
     server.stop().await;
 }
 
@@ -284,7 +346,13 @@ async fn kick_a_session_or_every_session_of_a_user() {
     let (mut two, _) = connect_with_id(&server, "bob").await;
     let (mut three, _) = connect_with_id(&server, "bob").await;
 
-    let r = call(admin, "POST", &format!("/admin/api/connections/{one_id}/kick"), None).await;
+    let r = call(
+        admin,
+        "POST",
+        &format!("/admin/api/connections/{one_id}/kick"),
+        None,
+    )
+    .await;
     assert_eq!((r.status, r.json()["kicked"].as_u64()), (200, Some(1)));
     let frame = one.expect_close().await.expect("close frame");
     assert_eq!(frame.code, CloseCode::from(4009));
@@ -293,19 +361,38 @@ async fn kick_a_session_or_every_session_of_a_user() {
     let r = call(admin, "POST", "/admin/api/users/bob/kick", None).await;
     assert_eq!(r.json()["kicked"], 2);
     for c in [&mut two, &mut three] {
-        assert_eq!(c.expect_close().await.expect("close").code, CloseCode::from(4009));
+        assert_eq!(
+            c.expect_close().await.expect("close").code,
+            CloseCode::from(4009)
+        );
     }
     server
         .wait_for("three kicked sessions", |s| {
-            s.metrics.closed_for(switchboard::session::CloseReason::Kicked) == 3
+            s.metrics
+                .closed_for(switchboard::session::CloseReason::Kicked)
+                == 3
         })
         .await;
 
     // Gone now: 404. Not an id: 400.
-    let r = call(admin, "POST", &format!("/admin/api/connections/{one_id}/kick"), None).await;
+    let r = call(
+        admin,
+        "POST",
+        &format!("/admin/api/connections/{one_id}/kick"),
+        None,
+    )
+    .await;
     assert_eq!(r.status, 404);
-    assert_eq!(get(admin, "/admin/api/connections/not-hex").await.status, 400);
-    assert_eq!(call(admin, "POST", "/admin/api/users/bad%20name/kick", None).await.status, 400);
+    assert_eq!(
+        get(admin, "/admin/api/connections/not-hex").await.status,
+        400
+    );
+    assert_eq!(
+        call(admin, "POST", "/admin/api/users/bad%20name/kick", None)
+            .await
+            .status,
+        400
+    );
 
     let audit = get(admin, "/admin/api/audit").await.json();
     let actions: Vec<&str> = audit["entries"]
@@ -318,7 +405,10 @@ async fn kick_a_session_or_every_session_of_a_user() {
     let first = &audit["entries"][0];
     assert_eq!(first["params"]["session"], one_id.as_str());
     assert!(first["who"].as_str().unwrap().starts_with("token:"));
-    assert!(!audit.to_string().contains(TOKEN), "the token must never be in the audit log");
+    assert!(
+        !audit.to_string().contains(TOKEN),
+        "the token must never be in the audit log"
+    );
     server.stop().await;
 }
 
@@ -346,17 +436,32 @@ async fn connections_and_rooms_are_listed_and_filtered() {
     assert_eq!(c["messages_in"], 2);
     assert!(c["remote"].as_str().unwrap().starts_with("127.0.0.1:"));
     assert!(c["connected_since"].as_str().unwrap().ends_with('Z'));
-    assert_eq!(get(admin, "/admin/api/connections?room=ops").await.json()["total"], 1);
-    assert_eq!(get(admin, "/admin/api/connections?limit=1").await.json()["connections"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        get(admin, "/admin/api/connections?room=ops").await.json()["total"],
+        1
+    );
+    assert_eq!(
+        get(admin, "/admin/api/connections?limit=1").await.json()["connections"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
 
     let one = get(admin, &format!("/admin/api/connections/{alice_id}")).await;
     assert_eq!(one.json()["user"], "alice");
-    assert_eq!(get(admin, "/admin/api/connections/ffffffff").await.status, 404);
+    assert_eq!(
+        get(admin, "/admin/api/connections/ffffffff").await.status,
+        404
+    );
 
     // Bob's out count includes both live messages.
     server
         .wait_for("bob's deliveries counted", |s| {
-            s.hub.sessions().iter().any(|x| x.user == "bob" && x.messages_out == 2)
+            s.hub
+                .sessions()
+                .iter()
+                .any(|x| x.user == "bob" && x.messages_out == 2)
         })
         .await;
 
@@ -371,6 +476,27 @@ async fn connections_and_rooms_are_listed_and_filtered() {
     assert_eq!(get(admin, "/admin/api/rooms/nowhere").await.status, 404);
     assert_eq!(get(admin, "/admin/api/rooms/bad%20room").await.status, 400);
     assert_eq!(get(admin, "/admin/api/no-such-route").await.status, 404);
+    // The scheme is case-insensitive; the token is not.
+    let lower = format!("bearer {TOKEN}");
+    let r = http(
+        admin,
+        "GET",
+        "/admin/api/stats",
+        &[("Authorization", &lower)],
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let upper = format!("Bearer {}", TOKEN.to_uppercase());
+    let r = http(
+        admin,
+        "GET",
+        "/admin/api/stats",
+        &[("Authorization", &upper)],
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 401);
     server.stop().await;
 }
 
@@ -382,13 +508,24 @@ async fn publish_stores_with_a_seq_and_delivers_live() {
     alice.join("general").await;
     let first = alice.say("general", r#"{"text":"before"}"#).await;
 
-    let r = call(admin, "POST", "/admin/api/rooms/general/messages", Some(r#" {"text":"maintenance at 22:00"} "#)).await;
+    let r = call(
+        admin,
+        "POST",
+        "/admin/api/rooms/general/messages",
+        Some(r#" {"text":"maintenance at 22:00"} "#),
+    )
+    .await;
     assert_eq!(r.status, 200, "{r:?}");
     let reply = r.json();
     assert_eq!(reply["seq"], first + 1);
     assert_eq!(reply["duplicate"], false);
-    match alice.next_message("general").await {
-        ServerFrame::Message { seq, from, body, .. } => {
+    let system = alice
+        .recv_where(|f| matches!(f, ServerFrame::Message { from, .. } if from == "system"))
+        .await;
+    match system {
+        ServerFrame::Message {
+            seq, from, body, ..
+        } => {
             assert_eq!(seq, first + 1);
             assert_eq!(from, "system");
             assert_eq!(body.get(), r#"{"text":"maintenance at 22:00"}"#);
@@ -398,30 +535,88 @@ async fn publish_stores_with_a_seq_and_delivers_live() {
 
     // The same Idempotency-Key stores it once.
     let auth = bearer(TOKEN);
-    let headers = [("Authorization", auth.as_str()), ("Idempotency-Key", "notice-1")];
-    let a = http(admin, "POST", "/admin/api/rooms/general/messages", &headers, Some("[1,2]")).await.json();
-    let b = http(admin, "POST", "/admin/api/rooms/general/messages", &headers, Some("[1,2]")).await.json();
+    let headers = [
+        ("Authorization", auth.as_str()),
+        ("Idempotency-Key", "notice-1"),
+    ];
+    let a = http(
+        admin,
+        "POST",
+        "/admin/api/rooms/general/messages",
+        &headers,
+        Some("[1,2]"),
+    )
+    .await
+    .json();
+    let b = http(
+        admin,
+        "POST",
+        "/admin/api/rooms/general/messages",
+        &headers,
+        Some("[1,2]"),
+    )
+    .await
+    .json();
     assert_eq!(a["seq"], b["seq"]);
     assert_eq!(b["duplicate"], true);
 
     // Bad bodies are refused; nothing is stored.
     for bad in ["not json", "{\"a\":1} trailing", ""] {
-        let r = call(admin, "POST", "/admin/api/rooms/general/messages", Some(bad)).await;
+        let r = call(
+            admin,
+            "POST",
+            "/admin/api/rooms/general/messages",
+            Some(bad),
+        )
+        .await;
         assert_eq!(r.status, 400, "{bad:?}: {r:?}");
     }
     let deep = format!("{}{}", "[".repeat(40), "]".repeat(40));
-    assert_eq!(call(admin, "POST", "/admin/api/rooms/general/messages", Some(&deep)).await.status, 400);
+    assert_eq!(
+        call(
+            admin,
+            "POST",
+            "/admin/api/rooms/general/messages",
+            Some(&deep)
+        )
+        .await
+        .status,
+        400
+    );
     let huge = format!("\"{}\"", "x".repeat(70_000));
-    assert_eq!(call(admin, "POST", "/admin/api/rooms/general/messages", Some(&huge)).await.status, 413);
+    assert_eq!(
+        call(
+            admin,
+            "POST",
+            "/admin/api/rooms/general/messages",
+            Some(&huge)
+        )
+        .await
+        .status,
+        413
+    );
 
     // A room nobody joined can be published to; it then has history.
-    let r = call(admin, "POST", "/admin/api/rooms/empty-room/messages", Some("{}")).await.json();
+    let r = call(
+        admin,
+        "POST",
+        "/admin/api/rooms/empty-room/messages",
+        Some("{}"),
+    )
+    .await
+    .json();
     assert_eq!(r["seq"], 1);
     let room = get(admin, "/admin/api/rooms/empty-room").await.json();
-    assert_eq!((room["sessions"].as_u64(), room["latest_seq"].as_u64()), (Some(0), Some(1)));
+    assert_eq!(
+        (room["sessions"].as_u64(), room["latest_seq"].as_u64()),
+        (Some(0), Some(1))
+    );
 
     let audit = get(admin, "/admin/api/audit").await;
-    assert!(!audit.body.contains("maintenance"), "bodies are not audited");
+    assert!(
+        !audit.body.contains("maintenance"),
+        "bodies are not audited"
+    );
     assert_eq!(audit.json()["entries"][0]["action"], "publish");
     server.stop().await;
 }
@@ -453,13 +648,25 @@ async fn export_and_erase_a_users_messages() {
         .map(|l| {
             assert_eq!(l["from"], "alice");
             assert_eq!(l["erased"], false);
-            (l["room"].as_str().unwrap().to_owned(), l["seq"].as_u64().unwrap(), l["body"]["text"].as_str().unwrap().to_owned())
+            (
+                l["room"].as_str().unwrap().to_owned(),
+                l["seq"].as_u64().unwrap(),
+                l["body"]["text"].as_str().unwrap().to_owned(),
+            )
         })
         .collect();
     seen.sort();
-    assert_eq!(seen, [("general".into(), 1, "a1".into()), ("ops".into(), 1, "a2".into())]);
+    assert_eq!(
+        seen,
+        [
+            ("general".into(), 1, "a1".into()),
+            ("ops".into(), 1, "a2".into())
+        ]
+    );
 
-    let erased = call(admin, "DELETE", "/admin/api/users/alice/messages", None).await.json();
+    let erased = call(admin, "DELETE", "/admin/api/users/alice/messages", None)
+        .await
+        .json();
     assert_eq!(erased["erased"], 2);
 
     // History keeps the seqs; alice's bodies are gone, bob's stay.
@@ -473,29 +680,51 @@ async fn export_and_erase_a_users_messages() {
         .await;
     match reply {
         ServerFrame::History { messages, .. } => {
-            let view: Vec<(u64, &str, bool)> = messages.iter().map(|m| (m.seq, m.from.as_str(), m.erased)).collect();
+            let view: Vec<(u64, &str, bool)> = messages
+                .iter()
+                .map(|m| (m.seq, m.from.as_str(), m.erased))
+                .collect();
             assert_eq!(view, [(1, "alice", true), (2, "bob", false)]);
             assert!(messages[0].body.is_none());
         }
         other => panic!("expected history, got {other:?}"),
     }
     let export = get(admin, "/admin/api/users/alice/messages").await;
-    assert!(export.body.lines().all(|l| l.contains("\"erased\":true") && l.contains("\"body\":null")), "{}", export.body);
+    assert!(
+        export
+            .body
+            .lines()
+            .all(|l| l.contains("\"erased\":true") && l.contains("\"body\":null")),
+        "{}",
+        export.body
+    );
 
     let audit = get(admin, "/admin/api/audit?limit=2").await.json();
-    let actions: Vec<&str> = audit["entries"].as_array().unwrap().iter().map(|e| e["action"].as_str().unwrap()).collect();
+    let actions: Vec<&str> = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
     assert_eq!(actions, ["erase_user", "export_user"]);
     // The same entries are on disk, one JSON object per line.
-    let file = std::fs::read_to_string(server.fixture.path().join("data").join("audit.log")).expect("audit.log");
+    let file = std::fs::read_to_string(server.fixture.path().join("data").join("audit.log"))
+        .expect("audit.log");
     assert_eq!(file.lines().count(), 3);
-    assert!(file.lines().all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()));
+    assert!(
+        file.lines()
+            .all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok())
+    );
     server.stop().await;
 }
 
 /// Parses one sample (`name{labels} value`) out of the OpenMetrics text.
 fn sample(text: &str, series: &str) -> f64 {
     text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("no sample {series} in\n{text}"))
 }
@@ -505,8 +734,16 @@ async fn metrics_move_with_traffic() {
     let server = start().await;
     let admin = admin_addr(&server);
     let before = http(admin, "GET", "/metrics", &[], None).await;
-    assert!(before.header("content-type").unwrap().starts_with("application/openmetrics-text"));
-    assert_eq!(sample(&before.body, "switchboard_messages_received_total"), 0.0);
+    assert!(
+        before
+            .header("content-type")
+            .unwrap()
+            .starts_with("application/openmetrics-text")
+    );
+    assert_eq!(
+        sample(&before.body, "switchboard_messages_received_total"),
+        0.0
+    );
 
     let mut alice = server.connect("alice").await;
     let mut bob = server.connect("bob").await;
@@ -519,7 +756,9 @@ async fn metrics_move_with_traffic() {
         bob.next_message("general").await;
     }
     server
-        .wait_for("deliveries counted", |s| s.metrics.messages_delivered.get() >= 10)
+        .wait_for("deliveries counted", |s| {
+            s.metrics.messages_delivered.get() >= 10
+        })
         .await;
 
     let text = http(admin, "GET", "/metrics", &[], None).await.body;
@@ -529,7 +768,10 @@ async fn metrics_move_with_traffic() {
     assert_eq!(sample(&text, "switchboard_messages_delivered_total"), 10.0);
     assert!(sample(&text, "switchboard_received_bytes_total") > 0.0);
     assert!(sample(&text, "switchboard_sent_bytes_total") > 0.0);
-    assert_eq!(sample(&text, "switchboard_fanout_latency_seconds_count"), 10.0);
+    assert_eq!(
+        sample(&text, "switchboard_fanout_latency_seconds_count"),
+        10.0
+    );
     assert_eq!(sample(&text, "switchboard_ack_latency_seconds_count"), 5.0);
     assert!(sample(&text, "switchboard_store_commits_total") >= 1.0);
     assert!(sample(&text, "switchboard_store_commit_seconds_count") >= 1.0);
@@ -545,12 +787,50 @@ async fn metrics_move_with_traffic() {
     ] {
         assert_eq!(sample(&text, series), 0.0, "{series}");
     }
-    assert!(text.contains("# TYPE switchboard_auth_failures counter"));
     assert!(text.trim_end().ends_with("# EOF"));
+    // Auth failures are a family by reason: a reason shows once it happened.
+    assert!(!text.contains("switchboard_auth_failures_total"));
+    server.state.metrics.auth_failed("expired");
+    let text = http(admin, "GET", "/metrics", &[], None).await.body;
+    assert_eq!(
+        sample(&text, "switchboard_auth_failures_total{reason=\"expired\"}"),
+        1.0
+    );
+
+    // Every metric the sample Grafana dashboard queries exists.
+    let grafana = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/grafana-dashboard.json"
+    ))
+    .expect("deploy/grafana-dashboard.json");
+    let grafana: serde_json::Value = serde_json::from_str(&grafana).expect("valid JSON");
+    let mut queried = BTreeSet::new();
+    for panel in grafana["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().expect("targets") {
+            let expr = target["expr"].as_str().expect("expr");
+            for (i, _) in expr.match_indices("switchboard_") {
+                let name: String = expr[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                queried.insert(name);
+            }
+        }
+    }
+    assert!(queried.len() > 10, "{queried:?}");
+    for name in &queried {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(&format!("{name} ")) || l.starts_with(&format!("{name}{{"))),
+            "the Grafana dashboard queries {name}, which /metrics does not export"
+        );
+    }
 
     drop(alice);
     server
-        .wait_for("alice's close counted", |s| s.metrics.connections_open.get() == 1)
+        .wait_for("alice's close counted", |s| {
+            s.metrics.connections_open.get() == 1
+        })
         .await;
     let text = http(admin, "GET", "/metrics", &[], None).await.body;
     assert_eq!(sample(&text, "switchboard_connections_open"), 1.0);
@@ -568,7 +848,10 @@ async fn readyz_turns_not_ready_while_draining() {
     let server = start_with(|c| c.close_linger_ms = 3000).await;
     let admin = admin_addr(&server);
     let r = http(admin, "GET", "/readyz", &[], None).await;
-    assert_eq!((r.status, r.json()["status"].as_str()), (200, Some("ready")));
+    assert_eq!(
+        (r.status, r.json()["status"].as_str()),
+        (200, Some("ready"))
+    );
     assert_eq!(http(admin, "GET", "/healthz", &[], None).await.status, 200);
 
     let _silent = server.connect("silent").await;
@@ -590,7 +873,10 @@ async fn readyz_turns_not_ready_while_draining() {
         .expect("stops")
         .expect("stop task");
     // After the drain the admin listener is gone too.
-    assert!(TcpStream::connect(admin).await.is_err(), "the admin listener stops last");
+    assert!(
+        TcpStream::connect(admin).await.is_err(),
+        "the admin listener stops last"
+    );
 }
 
 #[test]

@@ -5,7 +5,9 @@
 
 mod support;
 
+mod admin;
 mod backpressure;
 mod chat;
+mod dashboard;
 mod gateway;
 mod shutdown;

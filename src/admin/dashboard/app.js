@@ -108,17 +108,19 @@
     drawChart(s.ts_ms / 1000);
   }
 
+  // The chart's top: four grid steps of a round size (1, 1.5, 2, 2.5, 3,
+  // 4, 5, 6 or 8 times a power of ten).
   function niceMax(v) {
-    if (v <= 5) return 5;
-    const p = Math.pow(10, Math.floor(Math.log10(v)));
-    for (const m of [1, 2, 2.5, 5, 10]) if (v <= m * p) return m * p;
-    return 10 * p;
+    const step = Math.max(v / 4, 1);
+    const p = Math.pow(10, Math.floor(Math.log10(step)));
+    for (const m of [1, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10]) if (step <= m * p) return 4 * m * p;
+    return 40 * p;
   }
 
   function drawChart(now) {
     const canvas = $("chart");
     const dpr = window.devicePixelRatio || 1;
-    const w = canvas.clientWidth, h = canvas.clientHeight || 220;
+    const w = canvas.clientWidth, h = canvas.clientHeight;
     if (canvas.width !== Math.round(w * dpr) || canvas.height !== Math.round(h * dpr)) {
       canvas.width = Math.round(w * dpr);
       canvas.height = Math.round(h * dpr);
@@ -141,7 +143,7 @@
     for (let i = 0; i <= 4; i++) {
       const v = ymax * i / 4, yy = Math.round(y(v)) + 0.5;
       ctx.beginPath(); ctx.moveTo(left, yy); ctx.lineTo(left + pw, yy); ctx.stroke();
-      ctx.fillText(fmtRate(v), left - 6, yy);
+      ctx.fillText(Number.isInteger(v) ? fmtInt(v) : v.toFixed(1), left - 6, yy);
     }
     ctx.textAlign = "center";
     ctx.textBaseline = "top";
@@ -217,6 +219,13 @@
     s.className = isError ? "error" : "muted";
   }
 
+  // The last operator action, kept until the next one.
+  function note(text, isError) {
+    const a = $("action");
+    a.textContent = "· " + text;
+    a.className = isError ? "error" : "";
+  }
+
   async function poll() {
     timer = null;
     try {
@@ -274,11 +283,11 @@
       ev.target.disabled = true;
       try {
         await api("/connections/" + encodeURIComponent(id) + "/kick", { method: "POST" });
-        status("kicked session " + id);
+        note("kicked session " + id + " at " + fmtTime(Date.now()));
         await refreshTables();
       } catch (e) {
         if (e instanceof Unauthorized) { logout(e.message); return; }
-        status("kick failed: " + e.message, true);
+        note("kick of " + id + " failed: " + e.message, true);
         ev.target.disabled = false;
       }
     });
