@@ -88,6 +88,77 @@ pub struct Config {
     /// Most entries one admin API list returns (connections, rooms, audit
     /// entries); a larger `?limit=` is clamped. Default 1 000.
     pub admin_page_max: usize,
+    /// Shared secret of HS256 client tokens (JWT), at least 32 bytes. Setting
+    /// any `auth_*` key turns dev mode off. Default: none. Prefer
+    /// `SWITCHBOARD_AUTH_HS256_SECRET` or `auth_hs256_secret_file`. Never logged.
+    pub auth_hs256_secret: Option<Secret>,
+    /// File holding the HS256 secret (surrounding whitespace is trimmed). Default: none.
+    pub auth_hs256_secret_file: Option<PathBuf>,
+    /// PEM public key (SPKI or PKCS#1) verifying RS256 client tokens. Default: none.
+    pub auth_rs256_public_key: Option<PathBuf>,
+    /// PEM public key (SPKI, P-256) verifying ES256 client tokens. Default: none.
+    pub auth_es256_public_key: Option<PathBuf>,
+    /// When set, a token's `iss` must equal it (and be present). Default: not checked.
+    pub auth_issuer: Option<String>,
+    /// When set, a token's `aud` must contain it (and be present). Default: not checked.
+    pub auth_audience: Option<String>,
+    /// Clock skew tolerated on `exp` and `nbf`, in seconds. Default 5.
+    pub auth_leeway_secs: u64,
+    /// How long before its token expires a session gets `token_expiring`. Default 60 s.
+    pub token_expiry_warning_secs: u64,
+    /// Origins (`scheme://host[:port]`) whose browsers may open a client
+    /// socket. Checked, with auth on, whenever an `Origin` header is present;
+    /// an origin not listed gets HTTP 403. Empty (the default) refuses every
+    /// browser origin. Off in dev mode.
+    pub allowed_origins: Vec<String>,
+    /// Most open client connections from one IP address; past it the upgrade
+    /// gets HTTP 429. Default 256. Off in dev mode.
+    pub max_connections_per_ip: usize,
+    /// Most open client connections of one user; past it the upgrade gets
+    /// HTTP 429 (or, with first-frame auth, close 1013). Default 32. Off in dev mode.
+    pub max_connections_per_user: usize,
+    /// TLS handshakes plus upgrades one IP address may start; past it new
+    /// connections are dropped before the TLS handshake. Default 20/s, burst 50. Off in dev mode.
+    pub handshake_rate_per_ip: Rate,
+    /// `send`s per session. Default 20/s, burst 50. Off in dev mode.
+    pub send_rate_per_session: Rate,
+    /// `send`s per user, across their sessions. Default 50/s, burst 100. Off in dev mode.
+    pub send_rate_per_user: Rate,
+    /// `join`s per session. Default 5/s, burst 50. Off in dev mode.
+    pub join_rate_per_session: Rate,
+    /// `join`s per user. Default 10/s, burst 100. Off in dev mode.
+    pub join_rate_per_user: Rate,
+    /// `history` reads per session. Default 5/s, burst 20. Off in dev mode.
+    pub history_rate_per_session: Rate,
+    /// `history` reads per user. Default 10/s, burst 40. Off in dev mode.
+    pub history_rate_per_user: Rate,
+    /// This many `rate_limited` refusals within `rate_limit_window_ms` close
+    /// the session with 4101. Default 20.
+    pub rate_limit_strikes: u32,
+    /// The window of `rate_limit_strikes`. Default 10 000 ms.
+    pub rate_limit_window_ms: u64,
+}
+
+/// A token-bucket rate: `per_sec` tokens added each second, up to `burst`
+/// held. `per_sec = 0` turns the limit off. In TOML: `{ per_sec = 20, burst = 50 }`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rate {
+    pub per_sec: u32,
+    pub burst: u32,
+}
+
+impl Rate {
+    pub const fn new(per_sec: u32, burst: u32) -> Rate {
+        Rate { per_sec, burst }
+    }
+
+    /// No limit.
+    pub const OFF: Rate = Rate::new(0, 0);
+
+    pub fn is_off(self) -> bool {
+        self.per_sec == 0
+    }
 }
 
 /// A configuration secret: its `Debug` output is redacted, so logging a
@@ -151,6 +222,26 @@ impl Default for Config {
             admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9090))),
             admin_token: None,
             admin_page_max: 1000,
+            auth_hs256_secret: None,
+            auth_hs256_secret_file: None,
+            auth_rs256_public_key: None,
+            auth_es256_public_key: None,
+            auth_issuer: None,
+            auth_audience: None,
+            auth_leeway_secs: 5,
+            token_expiry_warning_secs: 60,
+            allowed_origins: Vec::new(),
+            max_connections_per_ip: 256,
+            max_connections_per_user: 32,
+            handshake_rate_per_ip: Rate::new(20, 50),
+            send_rate_per_session: Rate::new(20, 50),
+            send_rate_per_user: Rate::new(50, 100),
+            join_rate_per_session: Rate::new(5, 50),
+            join_rate_per_user: Rate::new(10, 100),
+            history_rate_per_session: Rate::new(5, 20),
+            history_rate_per_user: Rate::new(10, 40),
+            rate_limit_strikes: 20,
+            rate_limit_window_ms: 10_000,
         }
     }
 }
@@ -186,6 +277,12 @@ pub enum ConfigError {
     },
     #[error("`admin_token` must be at least {min} characters")]
     AdminTokenTooShort { min: usize },
+    #[error("configure at most one token key, but {0} are set")]
+    SeveralAuthKeys(String),
+    #[error(
+        "`{field}` with a burst of 0 admits nothing; give a burst of at least 1 or per_sec = 0 (off)"
+    )]
+    EmptyBurst { field: &'static str },
 }
 
 impl Config {
@@ -235,15 +332,45 @@ impl Config {
         at_least("commit_max_batch", self.commit_max_batch as u64, 1)?;
         at_least("store_queue_capacity", self.store_queue_capacity as u64, 1)?;
         at_least("admin_page_max", self.admin_page_max as u64, 1)?;
+        let keys = self.auth_keys_set();
+        if keys.len() > 1 {
+            return Err(ConfigError::SeveralAuthKeys(keys.join(", ")));
+        }
+        for (field, rate) in [
+            ("handshake_rate_per_ip", self.handshake_rate_per_ip),
+            ("send_rate_per_session", self.send_rate_per_session),
+            ("send_rate_per_user", self.send_rate_per_user),
+            ("join_rate_per_session", self.join_rate_per_session),
+            ("join_rate_per_user", self.join_rate_per_user),
+            ("history_rate_per_session", self.history_rate_per_session),
+            ("history_rate_per_user", self.history_rate_per_user),
+        ] {
+            if !rate.is_off() && rate.burst == 0 {
+                return Err(ConfigError::EmptyBurst { field });
+            }
+        }
+        at_least(
+            "max_connections_per_ip",
+            self.max_connections_per_ip as u64,
+            1,
+        )?;
+        at_least(
+            "max_connections_per_user",
+            self.max_connections_per_user as u64,
+            1,
+        )?;
+        at_least("rate_limit_strikes", u64::from(self.rate_limit_strikes), 1)?;
         // Dev mode takes the user name from the URL, so anyone who can reach
         // the port can be anyone: it must never face a network.
-        for (field, addr) in [
-            ("listen", Some(self.listen)),
-            ("plain_listen", self.plain_listen),
-        ] {
-            if let Some(addr) = addr {
-                if !addr.ip().is_loopback() {
-                    return Err(ConfigError::DevModeNotLoopback { field, addr });
+        if self.dev_mode() {
+            for (field, addr) in [
+                ("listen", Some(self.listen)),
+                ("plain_listen", self.plain_listen),
+            ] {
+                if let Some(addr) = addr {
+                    if !addr.ip().is_loopback() {
+                        return Err(ConfigError::DevModeNotLoopback { field, addr });
+                    }
                 }
             }
         }
@@ -273,6 +400,34 @@ impl Config {
             });
         }
         Ok(())
+    }
+
+    /// The token keys that are configured, by config key.
+    fn auth_keys_set(&self) -> Vec<&'static str> {
+        [
+            ("auth_hs256_secret", self.auth_hs256_secret.is_some()),
+            (
+                "auth_hs256_secret_file",
+                self.auth_hs256_secret_file.is_some(),
+            ),
+            (
+                "auth_rs256_public_key",
+                self.auth_rs256_public_key.is_some(),
+            ),
+            (
+                "auth_es256_public_key",
+                self.auth_es256_public_key.is_some(),
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(name, set)| set.then_some(name))
+        .collect()
+    }
+
+    /// Dev mode: no token key is configured, the user comes from `?user=`,
+    /// only loopback addresses are served and the abuse limits are off.
+    pub fn dev_mode(&self) -> bool {
+        self.auth_keys_set().is_empty()
     }
 
     /// Path of the redb file inside `data_dir`.

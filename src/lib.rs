@@ -14,9 +14,11 @@
 //! Wire types live in the `protocol` crate, never here.
 
 pub mod admin;
+pub mod auth;
 pub mod config;
 pub mod gateway;
 pub mod hub;
+pub mod limits;
 pub mod metrics;
 pub mod server;
 pub mod session;

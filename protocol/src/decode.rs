@@ -10,7 +10,7 @@ use std::borrow::Cow;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::{Body, ClientRequest, ErrorCode, Request, RequestId};
+use crate::{Body, ClientRequest, ErrorCode, Request, RequestId, Token};
 
 /// Why a client frame could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,6 +47,8 @@ struct RawFrame<'a> {
     body: Option<&'a RawValue>,
     #[serde(borrow)]
     key: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    token: Option<Cow<'a, str>>,
 }
 
 /// Only the id, read again when the full frame failed to decode.
@@ -79,6 +81,12 @@ pub fn decode_request(text: &str, max_depth: usize) -> Result<Request, DecodeErr
             .map(str::to_owned)
             .ok_or_else(|| fail(ErrorCode::BadRequest, format!("`{kind}` needs `room`")))
     };
+    let token = || {
+        raw.token
+            .as_deref()
+            .map(|t| Token(t.to_owned()))
+            .ok_or_else(|| fail(ErrorCode::BadRequest, format!("`{kind}` needs `token`")))
+    };
     let body = match kind {
         "join" => ClientRequest::Join {
             room: room()?,
@@ -108,6 +116,8 @@ pub fn decode_request(text: &str, max_depth: usize) -> Result<Request, DecodeErr
         },
         "typing" => ClientRequest::Typing { room: room()? },
         "ping" => ClientRequest::Ping,
+        "auth" => ClientRequest::Auth { token: token()? },
+        "refresh" => ClientRequest::Refresh { token: token()? },
         other => {
             let shown: String = other.chars().take(32).collect();
             return Err(fail(
@@ -176,6 +186,22 @@ mod tests {
         assert_eq!((e.code, e.id), (ErrorCode::BadRequest, Some(5)));
         let e = decode_request("{nope", 32).unwrap_err();
         assert_eq!((e.code, e.id), (ErrorCode::BadRequest, None));
+    }
+
+    #[test]
+    fn auth_and_refresh_carry_a_token_that_debug_hides() {
+        let r = decode_request(r#"{"type":"auth","token":"a.b.c"}"#, 32);
+        let Ok(Request {
+            body: ClientRequest::Auth { token },
+            ..
+        }) = r
+        else {
+            panic!("not an auth: {r:?}");
+        };
+        assert_eq!(token.expose(), "a.b.c");
+        assert!(!format!("{token:?}").contains("a.b.c"));
+        let e = decode_request(r#"{"type":"refresh","id":2}"#, 32).unwrap_err();
+        assert_eq!((e.code, e.id), (ErrorCode::BadRequest, Some(2)));
     }
 
     #[test]

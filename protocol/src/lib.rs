@@ -112,6 +112,30 @@ pub enum ClientRequest {
     Typing { room: String },
     /// Application-level ping, for browsers which cannot send WebSocket pings.
     Ping,
+    /// Authenticates the session: the first frame after the upgrade, when no
+    /// token came with it (header or URL). Valid only then.
+    Auth { token: Token },
+    /// Replaces the token of a live session; the subject must stay the same.
+    Refresh { token: Token },
+}
+
+/// A bearer token as it travels in `auth` and `refresh`. Its `Debug` output
+/// is redacted, so logging a request never prints a credential.
+#[derive(Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct Token(pub String);
+
+impl Token {
+    /// The token text. Do not log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token([redacted])")
+    }
 }
 
 impl ClientRequest {
@@ -124,6 +148,8 @@ impl ClientRequest {
             ClientRequest::History { .. } => "history",
             ClientRequest::Typing { .. } => "typing",
             ClientRequest::Ping => "ping",
+            ClientRequest::Auth { .. } => "auth",
+            ClientRequest::Refresh { .. } => "refresh",
         }
     }
 }
@@ -216,6 +242,16 @@ pub enum ServerFrame {
         joined: Vec<String>,
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         left: Vec<String>,
+    },
+    /// The session's token expires at `expires_at` (Unix seconds): send
+    /// `refresh` before then, or the session closes with 4001.
+    TokenExpiring { expires_at: u64 },
+    /// Reply to `refresh`: the new token is in force until `expires_at`
+    /// (Unix seconds).
+    Refreshed {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<RequestId>,
+        expires_at: u64,
     },
     /// Reply to `ping`.
     Pong {

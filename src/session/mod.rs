@@ -432,6 +432,14 @@ where
                 }
             }
             ClientRequest::Ping => self.send(&ServerFrame::Pong { id }).await,
+            ClientRequest::Auth { .. } | ClientRequest::Refresh { .. } => {
+                self.send_error(
+                    id,
+                    ErrorCode::BadRequest,
+                    "this server takes no tokens (dev mode)".into(),
+                )
+                .await
+            }
         }
     }
 
