@@ -195,6 +195,31 @@ pub enum AuthError {
 }
 
 impl AuthError {
+    /// A short stable name, for the `reason` label of the auth-failure metric.
+    pub fn label(&self) -> &'static str {
+        match self {
+            AuthError::Missing => "missing",
+            AuthError::TooLong => "too_long",
+            AuthError::Jwt { source, .. } => match source.kind() {
+                ErrorKind::ExpiredSignature => "expired",
+                ErrorKind::ImmatureSignature => "not_yet_valid",
+                ErrorKind::InvalidSignature => "bad_signature",
+                ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => "bad_algorithm",
+                ErrorKind::InvalidIssuer => "bad_issuer",
+                ErrorKind::InvalidAudience => "bad_audience",
+                ErrorKind::MissingRequiredClaim(_) => "missing_claim",
+                _ => "malformed",
+            },
+            AuthError::BadSubject(_) => "bad_subject",
+            AuthError::TooManyGrants => "too_many_grants",
+            AuthError::BadGrant(_) => "bad_grant",
+            AuthError::AdminToken => "admin_token",
+            AuthError::OtherUser => "other_user",
+            AuthError::Expired => "expired",
+            AuthError::Sign(_) => "sign",
+        }
+    }
+
     fn from_jwt(source: jsonwebtoken::errors::Error) -> AuthError {
         let reason = match source.kind() {
             ErrorKind::ExpiredSignature => "token expired",
@@ -234,8 +259,12 @@ pub enum AuthSetupError {
 /// The claims a client token carries.
 #[derive(Debug, Deserialize)]
 struct Claims {
-    sub: String,
-    exp: u64,
+    // Optional here so that a missing one is reported by the validation
+    // as a missing claim, not as a malformed token.
+    #[serde(default)]
+    sub: Option<String>,
+    #[serde(default)]
+    exp: Option<u64>,
     #[serde(default)]
     grants: Vec<String>,
     #[serde(default)]
@@ -347,10 +376,15 @@ impl Verifier {
         let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
             .map_err(AuthError::from_jwt)?;
         let claims = data.claims;
+        let (Some(sub), Some(exp)) = (claims.sub, claims.exp) else {
+            return Err(AuthError::from_jwt(
+                ErrorKind::MissingRequiredClaim("exp/sub".into()).into(),
+            ));
+        };
         if claims.admin {
             return Err(AuthError::AdminToken);
         }
-        protocol::names::validate_user(&claims.sub).map_err(AuthError::BadSubject)?;
+        protocol::names::validate_user(&sub).map_err(AuthError::BadSubject)?;
         if claims.grants.len() > MAX_GRANTS {
             return Err(AuthError::TooManyGrants);
         }
@@ -361,10 +395,10 @@ impl Verifier {
             .collect::<Result<Vec<_>, _>>()
             .map_err(AuthError::BadGrant)?;
         Ok(Principal {
-            user: Arc::from(claims.sub),
+            user: Arc::from(sub),
             grants,
             everything: false,
-            expires_at: Some(claims.exp),
+            expires_at: Some(exp),
         })
     }
 
@@ -452,5 +486,47 @@ mod tests {
         assert!(carol.may("general", Access::Write));
         let alice = Principal::dev(Arc::from("alice"));
         assert!(alice.may("dm:alice:bob", Access::Write));
+    }
+}
+#[cfg(test)]
+mod verify_tests {
+    use super::*;
+    use crate::config::Secret;
+
+    const SECRET: &str = "unit-test-secret-of-at-least-32-bytes";
+
+    fn verifier(tweak: impl FnOnce(&mut Config)) -> Verifier {
+        let mut config = Config {
+            auth_hs256_secret: Some(Secret::new(SECRET)),
+            ..Config::default()
+        };
+        tweak(&mut config);
+        Verifier::from_config(&config).unwrap().unwrap()
+    }
+
+    fn mint(claims: &MintClaims) -> String {
+        mint_hs256(SECRET.as_bytes(), claims).unwrap()
+    }
+
+    #[test]
+    fn a_minted_token_verifies_with_its_grants() {
+        let v = verifier(|c| {
+            c.auth_issuer = Some("me".into());
+            c.auth_audience = Some("chat".into());
+        });
+        let token = mint(&MintClaims {
+            sub: "alice".into(),
+            exp: now_unix() + 60,
+            iss: Some("me".into()),
+            aud: Some("chat".into()),
+            grants: vec!["general:rw".into(), "team-*:r".into()],
+            ..Default::default()
+        });
+        let p = v.verify(&token).unwrap();
+        assert_eq!(&*p.user, "alice");
+        assert!(p.may("general", Access::Write));
+        assert!(p.may("team-x", Access::Read));
+        assert!(!p.may("team-x", Access::Write));
+        assert!(!p.may("random", Access::Read));
     }
 }

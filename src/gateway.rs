@@ -1,29 +1,45 @@
-//! The gateway: TCP accept, TLS, the HTTP upgrade, and connection limits.
+//! The gateway: TCP accept, TLS, the HTTP upgrade, authentication and
+//! connection limits.
 //!
 //! It is the only module that knows about TCP, TLS and HTTP. It hands a
-//! finished WebSocket and an [`Identity`] to a session and keeps nothing.
-//! A connection that does not finish its handshakes within
-//! `handshake_timeout_ms` is dropped; past `max_connections` the upgrade is
-//! refused with HTTP 503.
+//! finished WebSocket and an authenticated [`Identity`] to a session and
+//! keeps nothing. Its order of checks is cheapest first, so that an abusive
+//! peer costs as little as possible:
+//! 1. the per-IP handshake rate, before any TLS work (over it: dropped);
+//! 2. the per-IP connection cap (HTTP 429), the global cap (HTTP 503);
+//! 3. path, `Origin` allow-list (HTTP 403), then the token from
+//!    `Authorization: Bearer` or `?token=` (HTTP 401 with the reason);
+//! 4. without a token at the upgrade, a first `auth` frame within what is
+//!    left of `handshake_timeout_ms` (else close 4001 with the reason).
+//!
+//! It must never log a token or an unbounded string from the peer.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use futures_util::StreamExt;
+use protocol::ClientRequest;
+use std::net::IpAddr;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::TlsAcceptor;
+use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::StatusCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info_span, warn};
 
+use crate::auth::{AuthError, Principal};
+use crate::limits::ConnGuard;
 use crate::server::ServerState;
-use crate::session::{Identity, Session};
+use crate::session::{CloseReason, Identity, Session};
 
 /// The only path that upgrades.
 const WS_PATH: &str = "/ws";
@@ -68,10 +84,18 @@ pub async fn accept_loop(
 enum HandshakeError {
     #[error("handshake timed out")]
     Timeout,
+    #[error("too many handshakes from this address")]
+    HandshakeRate,
     #[error("TLS handshake failed")]
     Tls(#[source] std::io::Error),
     #[error("WebSocket upgrade failed")]
     Upgrade(#[source] tokio_tungstenite::tungstenite::Error),
+    #[error("authentication failed")]
+    Auth(#[source] AuthError),
+    #[error("the first frame was not `auth`")]
+    NoAuthFrame,
+    #[error("the user is at its connection limit")]
+    UserLimit,
 }
 
 async fn connection(
@@ -81,34 +105,42 @@ async fn connection(
     state: Arc<ServerState>,
     shutdown: CancellationToken,
 ) {
+    let ip = remote.ip();
+    // Cheapest check first: a flood of handshakes costs no TLS work.
+    if state.limits.handshakes_per_ip.take(&ip).is_err() {
+        state.metrics.rate_limited.inc();
+        state.metrics.handshake_failures.inc();
+        debug!(%remote, error = %HandshakeError::HandshakeRate, "handshake refused");
+        return;
+    }
     let _ = stream.set_nodelay(true);
-    let permit = state.connection_permits.clone().try_acquire_owned().ok();
-    let timeout = state.config.handshake_timeout();
+    let admission = Admission {
+        permit: state.connection_permits.clone().try_acquire_owned().ok(),
+        ip_guard: state.limits.connections_per_ip.acquire(ip),
+    };
+    let started = tokio::time::Instant::now();
+    let deadline = started + state.config.handshake_timeout();
     let result = match tls {
         Some(acceptor) => {
             let handshake = async {
                 let stream = acceptor.accept(stream).await.map_err(HandshakeError::Tls)?;
-                upgrade(stream, remote, permit, &state).await
+                upgrade(stream, remote, admission, &state).await
             };
-            match tokio::time::timeout(timeout, handshake).await {
-                Ok(Ok((ws, identity, permit))) => {
-                    serve(ws, identity, permit, state.clone(), shutdown).await;
-                    Ok(())
+            match tokio::time::timeout_at(deadline, handshake).await {
+                Ok(Ok(upgraded)) => {
+                    finish_handshake(upgraded, deadline, state.clone(), shutdown).await
                 }
                 Ok(Err(e)) => Err(e),
                 Err(_) => Err(HandshakeError::Timeout),
             }
         }
-        None => {
-            match tokio::time::timeout(timeout, upgrade(stream, remote, permit, &state)).await {
-                Ok(Ok((ws, identity, permit))) => {
-                    serve(ws, identity, permit, state.clone(), shutdown).await;
-                    Ok(())
-                }
-                Ok(Err(e)) => Err(e),
-                Err(_) => Err(HandshakeError::Timeout),
-            }
-        }
+        None => match tokio::time::timeout_at(deadline, upgrade(stream, remote, admission, &state))
+            .await
+        {
+            Ok(Ok(upgraded)) => finish_handshake(upgraded, deadline, state.clone(), shutdown).await,
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(HandshakeError::Timeout),
+        },
     };
     if let Err(e) = result {
         state.metrics.handshake_failures.inc();
@@ -116,18 +148,34 @@ async fn connection(
     }
 }
 
-type Upgraded<S> = (
-    tokio_tungstenite::WebSocketStream<S>,
-    Identity,
-    OwnedSemaphorePermit,
-);
+/// What the connection holds from the moment it is accepted: its slot in
+/// the global and per-IP counts. Either missing means the upgrade is refused.
+struct Admission {
+    permit: Option<OwnedSemaphorePermit>,
+    ip_guard: Option<ConnGuard<IpAddr>>,
+}
+
+/// Whom the upgrade established, or that the first frame must say.
+enum Who {
+    Known(Principal, ConnGuard<Arc<str>>),
+    /// Authentication is on and no token came with the upgrade.
+    AwaitingAuthFrame,
+}
+
+struct Upgraded<S> {
+    ws: WebSocketStream<S>,
+    remote: SocketAddr,
+    who: Who,
+    /// Held for the connection's life: they free its slots on drop.
+    _slots: (OwnedSemaphorePermit, ConnGuard<IpAddr>),
+}
 
 /// Runs the HTTP upgrade. The callback checks the path, the connection
-/// limit and the identity before the upgrade is accepted.
+/// limits, the origin and the token before the upgrade is accepted.
 async fn upgrade<S>(
     stream: S,
     remote: SocketAddr,
-    permit: Option<OwnedSemaphorePermit>,
+    admission: Admission,
     state: &ServerState,
 ) -> Result<Upgraded<S>, HandshakeError>
 where
@@ -139,13 +187,21 @@ where
         .write_buffer_size(config.write_buffer_bytes)
         .max_message_size(Some(config.max_message_bytes))
         .max_frame_size(Some(config.max_message_bytes));
-    let mut user = None;
-    let has_permit = permit.is_some();
+    let mut who = None;
+    let mut auth_error = None;
+    let Admission { permit, ip_guard } = admission;
+    let (has_permit, has_ip_slot) = (permit.is_some(), ip_guard.is_some());
     // The error type is tungstenite's `Callback` contract, not ours to shrink.
     #[allow(clippy::result_large_err)]
     let callback = |request: &Request, response: Response| -> Result<Response, ErrorResponse> {
         if request.uri().path() != WS_PATH {
             return Err(reject(StatusCode::NOT_FOUND, "only /ws upgrades"));
+        }
+        if !has_ip_slot {
+            return Err(reject(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many connections from this address",
+            ));
         }
         if !has_permit {
             return Err(reject(
@@ -153,46 +209,131 @@ where
                 "the server is at its connection limit; retry later",
             ));
         }
-        let name = request.uri().query().and_then(|q| {
-            form_urlencoded::parse(q.as_bytes())
-                .find(|(k, _)| k == "user")
-                .map(|(_, v)| v.into_owned())
-        });
-        match name {
-            None => Err(reject(
-                StatusCode::UNAUTHORIZED,
-                "dev mode: pass ?user=NAME",
-            )),
-            Some(name) => match protocol::names::validate_user(&name) {
-                Ok(()) => {
-                    user = Some(name);
-                    Ok(response)
+        let Some(verifier) = &state.verifier else {
+            return match dev_user(request) {
+                Ok(user) => {
+                    let principal = Principal::dev(user);
+                    match state
+                        .limits
+                        .connections_per_user
+                        .acquire(principal.user.clone())
+                    {
+                        Some(guard) => {
+                            who = Some(Who::Known(principal, guard));
+                            Ok(response)
+                        }
+                        None => Err(too_many_for_user()),
+                    }
                 }
-                Err(e) => Err(reject(
-                    StatusCode::BAD_REQUEST,
-                    &format!("invalid user: {e}"),
-                )),
+                Err(e) => Err(e),
+            };
+        };
+        if let Some(origin) = request.headers().get("origin") {
+            let allowed = origin
+                .to_str()
+                .is_ok_and(|o| config.allowed_origins.iter().any(|a| a == o));
+            if !allowed {
+                return Err(reject(
+                    StatusCode::FORBIDDEN,
+                    "this Origin is not allowed (allowed_origins)",
+                ));
+            }
+        }
+        match presented_token(request) {
+            None => {
+                who = Some(Who::AwaitingAuthFrame);
+                Ok(response)
+            }
+            Some(token) => match verifier.verify(&token) {
+                Ok(principal) => match state
+                    .limits
+                    .connections_per_user
+                    .acquire(principal.user.clone())
+                {
+                    Some(guard) => {
+                        who = Some(Who::Known(principal, guard));
+                        Ok(response)
+                    }
+                    None => Err(too_many_for_user()),
+                },
+                Err(e) => {
+                    // Counted before the refusal is written, so that a
+                    // client that sees the 401 also sees it counted.
+                    state.metrics.auth_failed(e.label());
+                    let refusal = reject(StatusCode::UNAUTHORIZED, &e.to_string());
+                    auth_error = Some(e);
+                    Err(refusal)
+                }
             },
         }
     };
-    let ws = tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(ws_config))
-        .await
-        .map_err(HandshakeError::Upgrade)?;
-    match (user, permit) {
-        (Some(user), Some(permit)) => Ok((
+    let upgraded =
+        tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(ws_config)).await;
+    if let Some(e) = auth_error {
+        return Err(HandshakeError::Auth(e));
+    }
+    let ws = upgraded.map_err(HandshakeError::Upgrade)?;
+    match (who, permit, ip_guard) {
+        (Some(who), Some(permit), Some(ip_guard)) => Ok(Upgraded {
             ws,
-            Identity {
-                user: Arc::from(user),
-                remote,
-            },
-            permit,
-        )),
-        // The callback accepted only with both, so this is unreachable in
-        // practice; treat it as a failed upgrade rather than panic.
+            remote,
+            who,
+            _slots: (permit, ip_guard),
+        }),
+        // The callback accepted only with all three, so this is unreachable
+        // in practice; treat it as a failed upgrade rather than panic.
         _ => Err(HandshakeError::Upgrade(
             tokio_tungstenite::tungstenite::Error::ConnectionClosed,
         )),
     }
+}
+
+/// Dev mode's identity: `?user=NAME`.
+#[allow(clippy::result_large_err)]
+fn dev_user(request: &Request) -> Result<Arc<str>, ErrorResponse> {
+    match query_param(request, "user") {
+        None => Err(reject(
+            StatusCode::UNAUTHORIZED,
+            "dev mode: pass ?user=NAME",
+        )),
+        Some(name) => match protocol::names::validate_user(&name) {
+            Ok(()) => Ok(Arc::from(name)),
+            Err(e) => Err(reject(
+                StatusCode::BAD_REQUEST,
+                &format!("invalid user: {e}"),
+            )),
+        },
+    }
+}
+
+fn query_param(request: &Request, key: &str) -> Option<String> {
+    request.uri().query().and_then(|q| {
+        form_urlencoded::parse(q.as_bytes())
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.into_owned())
+    })
+}
+
+/// The token of the upgrade request: `Authorization: Bearer`, else `?token=`.
+fn presented_token(request: &Request) -> Option<String> {
+    let header = request
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, token) = v.split_once(' ')?;
+            scheme
+                .eq_ignore_ascii_case("bearer")
+                .then(|| token.trim().to_owned())
+        });
+    header.or_else(|| query_param(request, "token"))
+}
+
+fn too_many_for_user() -> ErrorResponse {
+    reject(
+        StatusCode::TOO_MANY_REQUESTS,
+        "this user is at its connection limit",
+    )
 }
 
 fn reject(status: StatusCode, why: &str) -> ErrorResponse {
@@ -201,17 +342,174 @@ fn reject(status: StatusCode, why: &str) -> ErrorResponse {
     response
 }
 
+/// Completes authentication (a first `auth` frame where needed) and serves.
+async fn finish_handshake<S>(
+    upgraded: Upgraded<S>,
+    deadline: tokio::time::Instant,
+    state: Arc<ServerState>,
+    shutdown: CancellationToken,
+) -> Result<(), HandshakeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let Upgraded {
+        mut ws,
+        remote,
+        who,
+        _slots,
+    } = upgraded;
+    let (principal, user_guard) = match who {
+        Who::Known(principal, guard) => (principal, guard),
+        Who::AwaitingAuthFrame => {
+            let principal = match auth_frame(&mut ws, deadline, &state).await {
+                Ok(p) => p,
+                Err(e) => {
+                    if let HandshakeError::Auth(a) = &e {
+                        state.metrics.auth_failed(a.label());
+                    }
+                    let (reason, detail) = match &e {
+                        HandshakeError::Auth(a) => (CloseReason::Unauthorized, a.to_string()),
+                        HandshakeError::Timeout => (
+                            CloseReason::Unauthorized,
+                            "no `auth` frame within the handshake timeout".to_owned(),
+                        ),
+                        _ => (
+                            CloseReason::Unauthorized,
+                            "the first frame must be `auth {token}`".to_owned(),
+                        ),
+                    };
+                    close_with(&mut ws, reason, &detail, &state).await;
+                    state.metrics.session_closed(reason);
+                    return Err(e);
+                }
+            };
+            match state
+                .limits
+                .connections_per_user
+                .acquire(principal.user.clone())
+            {
+                Some(guard) => (principal, guard),
+                None => {
+                    let reason = CloseReason::TooManyConnections;
+                    close_with(
+                        &mut ws,
+                        reason,
+                        "this user is at its connection limit",
+                        &state,
+                    )
+                    .await;
+                    state.metrics.session_closed(reason);
+                    return Err(HandshakeError::UserLimit);
+                }
+            }
+        }
+    };
+    let identity = Identity { principal, remote };
+    serve(ws, identity, (_slots, user_guard), state, shutdown).await;
+    Ok(())
+}
+
+/// Reads frames until the first request, which must be `auth`, by `deadline`.
+async fn auth_frame<S>(
+    ws: &mut WebSocketStream<S>,
+    deadline: tokio::time::Instant,
+    state: &ServerState,
+) -> Result<Principal, HandshakeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let Some(verifier) = &state.verifier else {
+        return Err(HandshakeError::NoAuthFrame);
+    };
+    loop {
+        let next = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .map_err(|_| HandshakeError::Timeout)?;
+        let text = match next {
+            Some(Ok(Message::Text(text))) => text,
+            // Control frames before `auth` are fine; tungstenite answers pings.
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            Some(Ok(_)) => return Err(HandshakeError::NoAuthFrame),
+            Some(Err(e)) => return Err(HandshakeError::Upgrade(e)),
+            None => {
+                return Err(HandshakeError::Upgrade(
+                    tokio_tungstenite::tungstenite::Error::ConnectionClosed,
+                ));
+            }
+        };
+        state.metrics.bytes_in.add(text.len() as u64);
+        return match protocol::decode_request(text.as_str(), state.config.max_body_depth) {
+            Ok(protocol::Request {
+                body: ClientRequest::Auth { token },
+                ..
+            }) => verifier
+                .verify(token.expose())
+                .map_err(HandshakeError::Auth),
+            _ => Err(HandshakeError::NoAuthFrame),
+        };
+    }
+}
+
+/// Sends a close frame with `detail` as its reason and waits briefly for
+/// the reply. The reason is cut to what a close frame can carry.
+pub(crate) async fn close_with<S>(
+    ws: &mut WebSocketStream<S>,
+    reason: CloseReason,
+    detail: &str,
+    state: &ServerState,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let Some(code) = reason.code() else {
+        return;
+    };
+    let frame = CloseFrame {
+        code: code.code.into(),
+        reason: Utf8Bytes::from(close_reason_text(code.name, detail)),
+    };
+    let close = async {
+        ws.close(Some(frame)).await?;
+        while let Some(msg) = ws.next().await {
+            if msg?.is_close() {
+                break;
+            }
+        }
+        Ok::<(), tokio_tungstenite::tungstenite::Error>(())
+    };
+    let _ = tokio::time::timeout(state.config.close_linger(), close).await;
+}
+
+/// A close frame's payload holds at most 125 bytes, 2 of them the code.
+const CLOSE_REASON_MAX: usize = 123;
+
+/// `name: detail`, cut at a character boundary to fit a close frame.
+pub fn close_reason_text(name: &str, detail: &str) -> String {
+    let mut text = if detail.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{name}: {detail}")
+    };
+    if text.len() > CLOSE_REASON_MAX {
+        let mut cut = CLOSE_REASON_MAX;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+    }
+    text
+}
+
 async fn serve<S>(
-    ws: tokio_tungstenite::WebSocketStream<S>,
+    ws: WebSocketStream<S>,
     identity: Identity,
-    _permit: OwnedSemaphorePermit,
+    _slots: impl Send,
     state: Arc<ServerState>,
     shutdown: CancellationToken,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let id = state.next_session.fetch_add(1, Ordering::Relaxed);
-    let span = info_span!("session", id = format_args!("{id:016x}"), user = %identity.user, remote = %identity.remote);
+    let span = info_span!("session", id = format_args!("{id:016x}"), user = %identity.principal.user, remote = %identity.remote);
     state.metrics.connections_open.inc();
     let session = Session::new(ws, id, identity, state.clone(), shutdown);
     let reason = session.run().instrument(span.clone()).await;

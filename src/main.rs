@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use switchboard::store::Durability;
-use switchboard::{Config, Listeners};
+use switchboard::{Config, Listeners, Server};
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
@@ -28,6 +28,31 @@ struct Cli {
 enum Command {
     /// Run the server (the default when no command is given).
     Serve(Box<ServeArgs>),
+    /// Mint a client token (HS256) from the configured secret, for operators and tests.
+    Token(TokenArgs),
+}
+
+/// `switchboard token --user alice --grant 'general:rw' --grant 'team-*:r' --ttl 1h`
+#[derive(Args, Debug)]
+struct TokenArgs {
+    /// The user (the token's `sub`).
+    #[arg(long)]
+    user: String,
+    /// A grant, `ROOM_PATTERN:RIGHTS` with rights r, w or rw; `*` matches any run of characters. Repeatable.
+    #[arg(long = "grant")]
+    grants: Vec<String>,
+    /// Lifetime, e.g. `90s`, `15m`, `1h`, `7d`.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    ttl: std::time::Duration,
+    /// TOML config file holding the secret (`auth_hs256_secret[_file]`, `auth_issuer`, `auth_audience`).
+    #[arg(long, env = "SWITCHBOARD_CONFIG")]
+    config: Option<PathBuf>,
+    /// The HS256 secret (32+ bytes). Prefer the environment variable: flags show in `ps`.
+    #[arg(long, env = "SWITCHBOARD_AUTH_HS256_SECRET", hide_env_values = true)]
+    auth_hs256_secret: Option<String>,
+    /// A file holding the HS256 secret.
+    #[arg(long, env = "SWITCHBOARD_AUTH_HS256_SECRET_FILE")]
+    auth_hs256_secret_file: Option<PathBuf>,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy)]
@@ -115,6 +140,32 @@ struct ServeArgs {
     /// Prefer the environment variable: flags show in `ps`.
     #[arg(long, env = "SWITCHBOARD_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+    /// HS256 secret for client tokens (32+ bytes); setting any auth key turns dev mode off.
+    /// Prefer the environment variable: flags show in `ps`.
+    #[arg(long, env = "SWITCHBOARD_AUTH_HS256_SECRET", hide_env_values = true)]
+    auth_hs256_secret: Option<String>,
+    /// A file holding the HS256 secret.
+    #[arg(long, env = "SWITCHBOARD_AUTH_HS256_SECRET_FILE")]
+    auth_hs256_secret_file: Option<PathBuf>,
+    /// RS256 public key (PEM) for client tokens.
+    #[arg(long, env = "SWITCHBOARD_AUTH_RS256_PUBLIC_KEY")]
+    auth_rs256_public_key: Option<PathBuf>,
+    /// ES256 public key (PEM) for client tokens.
+    #[arg(long, env = "SWITCHBOARD_AUTH_ES256_PUBLIC_KEY")]
+    auth_es256_public_key: Option<PathBuf>,
+    /// Required `iss` of client tokens [default: not checked].
+    #[arg(long, env = "SWITCHBOARD_AUTH_ISSUER")]
+    auth_issuer: Option<String>,
+    /// Required `aud` of client tokens [default: not checked].
+    #[arg(long, env = "SWITCHBOARD_AUTH_AUDIENCE")]
+    auth_audience: Option<String>,
+    /// A browser origin allowed to open a client socket (repeatable; comma-separated in the environment) [default: none].
+    #[arg(
+        long = "allowed-origin",
+        env = "SWITCHBOARD_ALLOWED_ORIGINS",
+        value_delimiter = ','
+    )]
+    allowed_origins: Vec<String>,
 }
 
 impl ServeArgs {
@@ -147,6 +198,22 @@ impl ServeArgs {
         if self.admin_listen.is_some() {
             config.admin_listen = self.admin_listen;
         }
+        if let Some(secret) = &self.auth_hs256_secret {
+            config.auth_hs256_secret = Some(switchboard::config::Secret::new(secret.clone()));
+        }
+        macro_rules! set_opt {
+            ($($field:ident),*) => { $( if self.$field.is_some() { config.$field = self.$field.clone(); } )* };
+        }
+        set_opt!(
+            auth_hs256_secret_file,
+            auth_rs256_public_key,
+            auth_es256_public_key,
+            auth_issuer,
+            auth_audience
+        );
+        if !self.allowed_origins.is_empty() {
+            config.allowed_origins = self.allowed_origins.clone();
+        }
         if let Some(token) = &self.admin_token {
             config.admin_token = Some(switchboard::config::Secret::new(token.clone()));
         }
@@ -176,6 +243,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let args = match cli.command {
         Some(Command::Serve(args)) => *args,
+        Some(Command::Token(args)) => return mint(args),
         None => ServeArgs::parse_from_env_only(),
     };
     init_tracing(args.log_format.unwrap_or(LogFormat::Pretty));
@@ -186,9 +254,11 @@ async fn main() -> anyhow::Result<()> {
     };
     args.apply(&mut config);
     config.validate()?;
-    warn!(
-        "dev mode: no auth configured; the user comes from ?user=NAME and only loopback addresses are served"
-    );
+    if config.dev_mode() {
+        warn!(
+            "dev mode: no auth configured; the user comes from ?user=NAME and only loopback addresses are served"
+        );
+    }
 
     let mut listeners = Listeners::default();
     if !args.no_tls {
@@ -230,8 +300,63 @@ async fn main() -> anyhow::Result<()> {
         );
         listeners.admin = Some(listener);
     }
-    switchboard::run(config, listeners, shutdown_signal()).await?;
+    let server = Server::start(config, listeners).await?;
+    let certs = server.certs();
+    tokio::select! {
+        r = server.serve(shutdown_signal()) => r?,
+        () = reload_on_sighup(certs) => {}
+    }
     Ok(())
+}
+
+/// Prints a token for `args` on stdout.
+fn mint(args: TokenArgs) -> anyhow::Result<()> {
+    let mut config = match &args.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    if let Some(secret) = args.auth_hs256_secret {
+        config.auth_hs256_secret = Some(switchboard::config::Secret::new(secret));
+    }
+    if args.auth_hs256_secret_file.is_some() {
+        config.auth_hs256_secret_file = args.auth_hs256_secret_file;
+    }
+    let secret = switchboard::auth::hs256_secret(&config)?.context(
+        "no HS256 secret: set SWITCHBOARD_AUTH_HS256_SECRET, --auth-hs256-secret-file or the config's auth_hs256_secret",
+    )?;
+    let claims = switchboard::auth::MintClaims {
+        sub: args.user,
+        exp: switchboard::auth::now_unix().saturating_add(args.ttl.as_secs()),
+        iss: config.auth_issuer.clone(),
+        aud: config.auth_audience.clone(),
+        grants: args.grants,
+        ..Default::default()
+    };
+    println!("{}", switchboard::auth::mint_hs256(&secret, &claims)?);
+    Ok(())
+}
+
+/// Reloads the TLS certificate and key on every SIGHUP; never returns.
+async fn reload_on_sighup(certs: Option<std::sync::Arc<switchboard::tls::CertStore>>) {
+    #[cfg(unix)]
+    if let Some(certs) = certs {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(mut hup) => {
+                while hup.recv().await.is_some() {
+                    match certs.reload() {
+                        Ok(()) => info!("SIGHUP: reloaded the TLS certificate and key"),
+                        Err(e) => {
+                            warn!(error = %e, "SIGHUP: TLS reload failed; keeping the old certificate")
+                        }
+                    }
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot listen for SIGHUP"),
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = certs;
+    std::future::pending::<()>().await;
 }
 
 impl ServeArgs {

@@ -16,9 +16,11 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::admin;
+use crate::auth::{AuthSetupError, Verifier};
 use crate::config::{Config, ConfigError};
 use crate::gateway;
 use crate::hub::Hub;
+use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::store::{OpenError, Store, StoreHandle};
 use crate::tls::{self, TlsError};
@@ -32,6 +34,10 @@ pub struct ServerState {
     /// One permit per open connection.
     pub connection_permits: Arc<Semaphore>,
     pub next_session: AtomicU64,
+    /// Checks client tokens; `None` in dev mode.
+    pub verifier: Option<Arc<Verifier>>,
+    /// Per-IP and per-user connection counts and rate limits.
+    pub limits: Limits,
 }
 
 /// The listeners to serve on, already bound.
@@ -52,6 +58,8 @@ pub enum ServerError {
     Config(#[from] ConfigError),
     #[error("TLS setup failed")]
     Tls(#[from] TlsError),
+    #[error("cannot load the token key")]
+    Auth(#[from] AuthSetupError),
     #[error("cannot open the history store")]
     Store(#[from] OpenError),
     #[error("the store did not shut down cleanly")]
@@ -81,16 +89,21 @@ pub struct Server {
     store: Store,
     listeners: Listeners,
     tls: Option<Arc<rustls::ServerConfig>>,
+    certs: Option<Arc<tls::CertStore>>,
 }
 
 impl Server {
     /// Validates the config, loads TLS and opens the store.
     pub async fn start(config: Config, listeners: Listeners) -> Result<Server, ServerError> {
         config.validate()?;
-        let tls = match &listeners.tls {
-            Some(_) => Some(tls::server_config(&config.tls_cert, &config.tls_key)?),
-            None => None,
+        let (tls, certs) = match &listeners.tls {
+            Some(_) => {
+                let certs = tls::CertStore::load(&config.tls_cert, &config.tls_key)?;
+                (Some(tls::server_config(certs.clone())?), Some(certs))
+            }
+            None => (None, None),
         };
+        let verifier = Verifier::from_config(&config)?.map(Arc::new);
         let metrics = Arc::new(Metrics::default());
         let hub = Arc::new(Hub::new());
         let store = {
@@ -105,18 +118,26 @@ impl Server {
         };
         let state = Arc::new(ServerState {
             connection_permits: Arc::new(Semaphore::new(config.max_connections)),
-            config,
             hub,
             store: store.handle(),
             metrics,
             next_session: AtomicU64::new(1),
+            verifier,
+            limits: Limits::new(&config),
+            config,
         });
         Ok(Server {
             state,
             store,
             listeners,
             tls,
+            certs,
         })
+    }
+
+    /// The TLS certificate store, to reload on `SIGHUP`; `None` without TLS.
+    pub fn certs(&self) -> Option<Arc<tls::CertStore>> {
+        self.certs.clone()
     }
 
     /// The shared state: hub, store handle, metrics and config.
@@ -131,6 +152,7 @@ impl Server {
             store,
             listeners,
             tls,
+            certs: _,
         } = self;
         let token = CancellationToken::new();
         let tracker = TaskTracker::new();

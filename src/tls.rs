@@ -3,9 +3,15 @@
 //! This module owns reading PEM files into a `rustls::ServerConfig` and
 //! making a throw-away CA plus server certificate for development and tests.
 //! It must not touch sockets: the gateway layers TLS over TCP itself.
+//! The certificate lives in a [`CertStore`], which `SIGHUP` reloads without
+//! touching established connections.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
+
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -39,9 +45,60 @@ pub enum TlsError {
     },
 }
 
-/// Builds the server configuration: TLS 1.2 and 1.3, rustls defaults, no
-/// client certificates, HTTP/1.1 only (the WebSocket upgrade).
-pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+/// The server's certificate and key, swappable while connections live.
+///
+/// Every TLS handshake asks the resolver for the current pair; a reload
+/// swaps it, so new handshakes use the new one while established sessions
+/// keep their negotiated keys and are never dropped. The lock is held only
+/// to clone or replace an `Arc`, never across I/O.
+#[derive(Debug)]
+pub struct CertStore {
+    cert: PathBuf,
+    key: PathBuf,
+    current: RwLock<Arc<CertifiedKey>>,
+}
+
+impl CertStore {
+    /// Loads `cert` and `key` (PEM) and checks that they match.
+    pub fn load(cert: &Path, key: &Path) -> Result<Arc<CertStore>, TlsError> {
+        let current = RwLock::new(load_pair(cert, key)?);
+        Ok(Arc::new(CertStore {
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+            current,
+        }))
+    }
+
+    /// Re-reads the files. On error the previous pair stays in force.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let fresh = load_pair(&self.cert, &self.key)?;
+        match self.current.write() {
+            Ok(mut guard) => *guard = fresh,
+            // A poisoned lock still holds a valid pair: replace it anyway.
+            Err(poisoned) => *poisoned.into_inner() = fresh,
+        }
+        Ok(())
+    }
+
+    fn get(&self) -> Arc<CertifiedKey> {
+        match self.current.read() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+}
+
+impl ResolvesServerCert for CertStore {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.get())
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn load_pair(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, TlsError> {
     let chain = CertificateDer::pem_file_iter(cert)
         .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
         .map_err(|source| TlsError::ReadCert {
@@ -57,13 +114,19 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig
         path: key.to_owned(),
         source,
     })?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+    let pair = CertifiedKey::from_der(chain, key, &provider()).map_err(TlsError::Config)?;
+    Ok(Arc::new(pair))
+}
+
+/// Builds the server configuration: TLS 1.2 and 1.3, rustls defaults, no
+/// client certificates, HTTP/1.1 only (the WebSocket upgrade), and the
+/// certificate from `certs`, which may be reloaded.
+pub fn server_config(certs: Arc<CertStore>) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(TlsError::Config)?
         .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .map_err(TlsError::Config)?;
+        .with_cert_resolver(certs);
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }

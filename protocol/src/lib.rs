@@ -281,6 +281,8 @@ pub enum ErrorCode {
     NotJoined,
     /// The room name breaks the naming rules.
     InvalidRoom,
+    /// A token was refused (a `refresh` with a bad, expired or other user's token).
+    Unauthorized,
     /// The session may not do this.
     Forbidden,
     /// A field is longer than its limit.
@@ -295,11 +297,12 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every error code, in the order of the spec's table.
-    pub const ALL: [ErrorCode; 9] = [
+    pub const ALL: [ErrorCode; 10] = [
         ErrorCode::BadRequest,
         ErrorCode::UnknownType,
         ErrorCode::NotJoined,
         ErrorCode::InvalidRoom,
+        ErrorCode::Unauthorized,
         ErrorCode::Forbidden,
         ErrorCode::TooLarge,
         ErrorCode::RateLimited,
@@ -314,6 +317,7 @@ impl ErrorCode {
             ErrorCode::UnknownType => "unknown_type",
             ErrorCode::NotJoined => "not_joined",
             ErrorCode::InvalidRoom => "invalid_room",
+            ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::TooLarge => "too_large",
             ErrorCode::RateLimited => "rate_limited",

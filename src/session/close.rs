@@ -27,11 +27,17 @@ pub enum CloseReason {
     ProtocolViolation,
     /// The socket failed.
     TransportError,
+    /// The token was refused, was not sent in time, or expired.
+    Unauthorized,
+    /// The session kept exceeding its rate limits.
+    RateLimited,
+    /// The user is at its connection limit (found after a first-frame `auth`).
+    TooManyConnections,
 }
 
 impl CloseReason {
     /// Every reason, for metrics that list them all.
-    pub const ALL: [CloseReason; 9] = [
+    pub const ALL: [CloseReason; 12] = [
         CloseReason::ClientClosed,
         CloseReason::ServerShutdown,
         CloseReason::SlowConsumer,
@@ -41,6 +47,9 @@ impl CloseReason {
         CloseReason::InvalidUtf8,
         CloseReason::ProtocolViolation,
         CloseReason::TransportError,
+        CloseReason::Unauthorized,
+        CloseReason::RateLimited,
+        CloseReason::TooManyConnections,
     ];
 
     /// The close code to send, or `None` when the socket is already gone.
@@ -54,6 +63,9 @@ impl CloseReason {
             CloseReason::TooBig => Some(close::TOO_BIG),
             CloseReason::InvalidUtf8 => Some(close::INVALID_UTF8),
             CloseReason::ProtocolViolation => Some(close::PROTOCOL_VIOLATION),
+            CloseReason::Unauthorized => Some(close::UNAUTHORIZED),
+            CloseReason::RateLimited => Some(close::RATE_LIMITED),
+            CloseReason::TooManyConnections => Some(close::TRY_AGAIN_LATER),
         }
     }
 
@@ -69,6 +81,9 @@ impl CloseReason {
             CloseReason::InvalidUtf8 => "invalid_utf8",
             CloseReason::ProtocolViolation => "protocol_violation",
             CloseReason::TransportError => "transport_error",
+            CloseReason::Unauthorized => "unauthorized",
+            CloseReason::RateLimited => "rate_limited",
+            CloseReason::TooManyConnections => "too_many_connections",
         }
     }
 

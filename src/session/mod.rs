@@ -46,14 +46,17 @@ use tracing::{debug, warn};
 pub use close::CloseReason;
 pub use outbox::{Delivery, Outbox, OutboxReceiver, Outgoing, outbox};
 
+use crate::auth::{Access, AuthError, Principal};
 use crate::hub::{Member, SessionEntry, SessionId, SessionStats};
+use crate::limits::{Action, SessionLimits};
 use crate::server::ServerState;
 use crate::store::{Append, AppendError, Appended, StoredMessage};
 
 /// Who the session is, as established by the handshake.
 #[derive(Debug, Clone)]
 pub struct Identity {
-    pub user: Arc<str>,
+    /// The user and their grants; `refresh` replaces it (same user).
+    pub principal: Principal,
     pub remote: SocketAddr,
 }
 
@@ -81,6 +84,9 @@ impl Future for PendingAck {
     }
 }
 
+/// Stands for "no deadline" on the token timer (a year).
+const NO_DEADLINE: std::time::Duration = std::time::Duration::from_secs(365 * 24 * 3600);
+
 /// Bytes read at a time when discarding input after a close.
 const DRAIN_CHUNK: usize = 1024;
 
@@ -102,6 +108,13 @@ pub struct Session<S> {
     pending: FuturesUnordered<PendingAck>,
     last_seen: Instant,
     stats: Arc<SessionStats>,
+    limits: SessionLimits,
+    /// Whether `token_expiring` went out for the current token.
+    expiry_warned: bool,
+    /// Set when the token or its warning state changed: the timer must move.
+    token_changed: bool,
+    /// Said in the close frame after the reason's name, when set.
+    close_detail: Option<String>,
 }
 
 impl<S> Session<S>
@@ -117,6 +130,7 @@ where
     ) -> Self {
         let kill = CancellationToken::new();
         let config = &state.config;
+        let limits = SessionLimits::new(config);
         let (outbox, inbox) = outbox(
             config.outbound_queue_frames,
             config.outbound_queue_bytes,
@@ -137,6 +151,10 @@ where
             pending: FuturesUnordered::new(),
             last_seen: Instant::now(),
             stats: Arc::new(SessionStats::default()),
+            limits,
+            expiry_warned: false,
+            token_changed: false,
+            close_detail: None,
         }
     }
 
@@ -149,7 +167,7 @@ where
     pub async fn run(mut self) -> CloseReason {
         let welcome = ServerFrame::Welcome {
             session: format!("{:016x}", self.id),
-            user: self.identity.user.to_string(),
+            user: self.identity.principal.user.to_string(),
             heartbeat_ms: self.state.config.heartbeat_interval_ms,
             server: concat!("switchboard/", env!("CARGO_PKG_VERSION")).to_owned(),
             protocol: protocol::PROTOCOL_VERSION,
@@ -160,7 +178,7 @@ where
         self.state.hub.register_session(
             self.id,
             SessionEntry {
-                user: self.identity.user.clone(),
+                user: self.identity.principal.user.clone(),
                 remote: self.identity.remote,
                 connected_at_ms,
                 outbox: self.outbox.clone(),
@@ -181,7 +199,17 @@ where
             tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let max_inflight = self.state.config.max_inflight_sends;
+        // One timer for the token's warning and expiry, reset only when they
+        // change, so that the loop registers no timer per iteration.
+        let never = tokio::time::Instant::now() + NO_DEADLINE;
+        let token_timer = tokio::time::sleep_until(self.token_deadline().unwrap_or(never));
+        tokio::pin!(token_timer);
         loop {
+            if std::mem::take(&mut self.token_changed) {
+                token_timer
+                    .as_mut()
+                    .reset(self.token_deadline().unwrap_or(never));
+            }
             let flow = tokio::select! {
                 biased;
                 () = self.kill.cancelled() => {
@@ -201,6 +229,10 @@ where
                     self.on_frame(frame).await
                 }
                 _ = heartbeat.tick() => self.on_heartbeat(interval).await,
+                () = &mut token_timer, if self.identity.principal.expires_at.is_some() => {
+                    self.token_changed = true;
+                    self.on_token_deadline().await
+                }
             };
             if let Err(reason) = flow {
                 return reason;
@@ -227,9 +259,13 @@ where
         }
         state.hub.unregister_session(self.id);
         if let Some(code) = reason.code() {
+            let text = match self.close_detail.take() {
+                Some(detail) => crate::gateway::close_reason_text(code.name, &detail),
+                None => code.name.to_owned(),
+            };
             let frame = CloseFrame {
                 code: CloseCode::from(code.code),
-                reason: Utf8Bytes::from_static(code.name),
+                reason: Utf8Bytes::from(text),
             };
             let close = self.ws.close(Some(frame));
             match tokio::time::timeout(state.config.write_timeout(), close).await {
@@ -424,23 +460,142 @@ where
                 limit,
             } => self.on_history(id, room, before, after, limit).await,
             ClientRequest::Typing { room } => {
-                if self.rooms.contains_key(room.as_str()) {
-                    self.state.hub.typing(&room, &self.identity.user);
+                if !self.identity.principal.may(&room, Access::Write) {
+                    self.forbidden(id, &room).await
+                } else if self.rooms.contains_key(room.as_str()) {
+                    self.state.hub.typing(&room, &self.identity.principal.user);
                     Ok(())
                 } else {
                     self.not_joined(id, &room).await
                 }
             }
             ClientRequest::Ping => self.send(&ServerFrame::Pong { id }).await,
-            ClientRequest::Auth { .. } | ClientRequest::Refresh { .. } => {
+            ClientRequest::Auth { .. } => {
                 self.send_error(
                     id,
                     ErrorCode::BadRequest,
-                    "this server takes no tokens (dev mode)".into(),
+                    "the session is already authenticated; use `refresh` to replace its token"
+                        .into(),
                 )
                 .await
             }
+            ClientRequest::Refresh { token } => self.on_refresh(id, token.expose()).await,
         }
+    }
+
+    /// Refuses a request outside the session's grants. The answer is the
+    /// same whether or not the room exists or has members, so it leaks nothing.
+    async fn forbidden(&mut self, id: Option<RequestId>, room: &str) -> Flow {
+        self.send_error(id, ErrorCode::Forbidden, format!("no access to `{room}`"))
+            .await
+    }
+
+    /// Takes a rate-limit token for `action`. On refusal answers
+    /// `rate_limited` with the wait and returns false; persistent refusals
+    /// end the session with 4101.
+    async fn admit(&mut self, id: Option<RequestId>, action: Action) -> Result<bool, CloseReason> {
+        let state = self.state.clone();
+        let wait = match self
+            .limits
+            .take(action, &self.identity.principal.user, &state.limits)
+        {
+            Ok(()) => return Ok(true),
+            Err(wait) => wait,
+        };
+        state.metrics.rate_limited.inc();
+        let retry_after_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
+        if self.limits.strikes.strike(Instant::now()) {
+            let window = state.config.rate_limit_window_ms;
+            self.close_detail = Some(format!("retry_after_ms={window}"));
+            return Err(CloseReason::RateLimited);
+        }
+        state.metrics.error_frames.inc();
+        self.send(&ServerFrame::Error {
+            id,
+            code: ErrorCode::RateLimited,
+            message: "too many requests; retry later".into(),
+            retry_after_ms: Some(retry_after_ms),
+        })
+        .await?;
+        Ok(false)
+    }
+
+    /// When the token next needs attention: the warning, then the expiry
+    /// (plus the verifier's leeway). `None` for a session without a token.
+    fn token_deadline(&self) -> Option<tokio::time::Instant> {
+        let expires_at = self.identity.principal.expires_at?;
+        let leeway = self.state.verifier.as_ref().map_or(0, |v| v.leeway_secs());
+        let at = if self.expiry_warned {
+            expires_at.saturating_add(leeway)
+        } else {
+            expires_at.saturating_sub(self.state.config.token_expiry_warning_secs)
+        };
+        let from_now = at.saturating_sub(crate::auth::now_unix());
+        Some(tokio::time::Instant::now() + std::time::Duration::from_secs(from_now))
+    }
+
+    async fn on_token_deadline(&mut self) -> Flow {
+        let Some(expires_at) = self.identity.principal.expires_at else {
+            return Ok(());
+        };
+        if !self.expiry_warned {
+            self.expiry_warned = true;
+            return self.send(&ServerFrame::TokenExpiring { expires_at }).await;
+        }
+        self.state.metrics.auth_failed(AuthError::Expired.label());
+        self.close_detail = Some(AuthError::Expired.to_string());
+        Err(CloseReason::Unauthorized)
+    }
+
+    /// Replaces the session's token. The new one must name the same user.
+    /// Rooms the new grants no longer let it read are left.
+    async fn on_refresh(&mut self, id: Option<RequestId>, token: &str) -> Flow {
+        let state = self.state.clone();
+        let Some(verifier) = &state.verifier else {
+            return self
+                .send_error(
+                    id,
+                    ErrorCode::BadRequest,
+                    "this server runs without tokens (dev mode)".into(),
+                )
+                .await;
+        };
+        let principal = verifier.verify(token).and_then(|p| {
+            if p.user == self.identity.principal.user {
+                Ok(p)
+            } else {
+                Err(AuthError::OtherUser)
+            }
+        });
+        let principal = match principal {
+            Ok(p) => p,
+            Err(e) => {
+                state.metrics.auth_failed(e.label());
+                return self
+                    .send_error(id, ErrorCode::Unauthorized, e.to_string())
+                    .await;
+            }
+        };
+        let expires_at = principal.expires_at.unwrap_or(0);
+        self.identity.principal = principal;
+        self.expiry_warned = false;
+        self.token_changed = true;
+        let lost: Vec<Arc<str>> = self
+            .rooms
+            .keys()
+            .filter(|r| !self.identity.principal.may(r, Access::Read))
+            .cloned()
+            .collect();
+        for room in lost {
+            self.rooms.remove(&room);
+            state.hub.leave(&room, self.id);
+            self.send(&ServerFrame::Left {
+                id: None,
+                room: room.to_string(),
+            })
+            .await?;
+        }
+        self.send(&ServerFrame::Refreshed { id, expires_at }).await
     }
 
     async fn not_joined(&mut self, id: Option<RequestId>, room: &str) -> Flow {
@@ -474,6 +629,12 @@ where
         if !self.valid_room(id, &room).await? {
             return Ok(());
         }
+        if !self.identity.principal.may(&room, Access::Read) {
+            return self.forbidden(id, &room).await;
+        }
+        if !self.admit(id, Action::Join).await? {
+            return Ok(());
+        }
         let state = self.state.clone();
         let already = self.rooms.contains_key(room.as_str());
         if !already && self.rooms.len() >= state.config.max_rooms_per_session {
@@ -493,7 +654,7 @@ where
             &room,
             Member {
                 session: self.id,
-                user: self.identity.user.clone(),
+                user: self.identity.principal.user.clone(),
                 outbox: self.outbox.clone(),
             },
         );
@@ -589,10 +750,16 @@ where
         body: Box<RawValue>,
         key: Option<String>,
     ) -> Flow {
+        if !self.identity.principal.may(&room, Access::Write) {
+            return self.forbidden(id, &room).await;
+        }
         let Some((room_key, _)) = self.rooms.get_key_value(room.as_str()) else {
             return self.not_joined(id, &room).await;
         };
         let room_key = room_key.clone();
+        if !self.admit(id, Action::Send).await? {
+            return Ok(());
+        }
         let max_key = self.state.config.max_key_bytes;
         if key.as_ref().is_some_and(|k| k.len() > max_key) {
             return self
@@ -606,7 +773,7 @@ where
         let (reply, rx) = oneshot::channel();
         let append = Append {
             room: room_key.clone(),
-            from: self.identity.user.clone(),
+            from: self.identity.principal.user.clone(),
             body,
             key,
             reply,
@@ -676,6 +843,12 @@ where
         limit: Option<u32>,
     ) -> Flow {
         if !self.valid_room(id, &room).await? {
+            return Ok(());
+        }
+        if !self.identity.principal.may(&room, Access::Read) {
+            return self.forbidden(id, &room).await;
+        }
+        if !self.admit(id, Action::History).await? {
             return Ok(());
         }
         let config = &self.state.config;

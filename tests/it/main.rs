@@ -10,4 +10,5 @@ mod backpressure;
 mod chat;
 mod dashboard;
 mod gateway;
+mod security;
 mod shutdown;

@@ -15,13 +15,18 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use crate::support::{Client, DEADLINE, Fixture, TestServer, connect_tls, json};
 
 /// The real binary, started on port 0 in `fixture`'s directory.
-struct Process {
+pub struct Process {
     child: Child,
-    addr: SocketAddr,
+    pub addr: SocketAddr,
 }
 
 impl Process {
     async fn start(fixture: &Fixture) -> Process {
+        Self::start_with(fixture, &[]).await
+    }
+
+    /// Starts the binary with extra environment variables.
+    pub async fn start_with(fixture: &Fixture, env: &[(&str, &str)]) -> Process {
         let dir = fixture.path();
         let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
             .args([
@@ -38,6 +43,7 @@ impl Process {
             .arg("--data-dir")
             .arg(dir.join("data"))
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
@@ -64,7 +70,16 @@ impl Process {
         Process { child, addr }
     }
 
-    fn signal(&self, sig: &str) {
+    /// Waits for the process to exit and returns whether it succeeded.
+    pub async fn wait_success(&mut self) -> bool {
+        tokio::time::timeout(DEADLINE, self.child.wait())
+            .await
+            .expect("exits within the deadline")
+            .expect("wait")
+            .success()
+    }
+
+    pub fn signal(&self, sig: &str) {
         let pid = self.child.id().expect("pid").to_string();
         let status = std::process::Command::new("kill")
             .args([sig, &pid])

@@ -186,6 +186,15 @@ impl TestServer {
         client
     }
 
+    /// Connects over TLS with a prepared request (headers) without reading anything.
+    pub async fn connect_request(
+        &self,
+        request: ClientRequestHttp,
+    ) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
+        let tcp = TcpStream::connect(self.addr).await?;
+        connect_tls_stream(tcp, &self.fixture.tls_connector(), request).await
+    }
+
     /// Connects over TLS to `url` without reading anything.
     pub async fn connect_raw(
         &self,
@@ -203,6 +212,23 @@ pub async fn connect_tls(
     connect_tls_stream(TcpStream::connect(addr).await?, connector, url).await
 }
 
+/// The upgrade request for `url` with extra headers (`Authorization`, `Origin`).
+pub fn request_with(url: &str, headers: &[(&str, &str)]) -> ClientRequestHttp {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = url.into_client_request().expect("request");
+    for (name, value) in headers {
+        request.headers_mut().insert(
+            tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(name.as_bytes())
+                .expect("header name"),
+            value.parse().expect("header value"),
+        );
+    }
+    request
+}
+
+/// An HTTP upgrade request as tungstenite's client takes it.
+pub type ClientRequestHttp = tokio_tungstenite::tungstenite::handshake::client::Request;
+
 /// Connects with a tiny, fixed receive buffer: a client whose socket fills
 /// after a few KiB, for slow-consumer tests.
 pub async fn connect_tls_small_rcvbuf(
@@ -219,11 +245,11 @@ pub async fn connect_tls_small_rcvbuf(
 async fn connect_tls_stream(
     tcp: TcpStream,
     connector: &TlsConnector,
-    url: &str,
+    request: impl tokio_tungstenite::tungstenite::client::IntoClientRequest + Unpin,
 ) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
     let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
     let tls = connector.connect(name, tcp).await?;
-    let (ws, _) = tokio_tungstenite::client_async(url, tls).await?;
+    let (ws, _) = tokio_tungstenite::client_async(request, tls).await?;
     Ok(Client {
         ws,
         next_id: 1,
@@ -401,6 +427,7 @@ pub fn frame_id(f: &ServerFrame) -> Option<u64> {
         | ServerFrame::Ack { id, .. }
         | ServerFrame::History { id, .. }
         | ServerFrame::Pong { id }
+        | ServerFrame::Refreshed { id, .. }
         | ServerFrame::Error { id, .. } => *id,
         _ => None,
     }
