@@ -83,13 +83,25 @@ fn every_frame_type_has_an_example() {
     };
     let server = types_in("server");
     for t in [
-        "welcome", "joined", "left", "ack", "message", "history", "typing", "presence", "pong",
+        "welcome",
+        "joined",
+        "left",
+        "ack",
+        "message",
+        "history",
+        "typing",
+        "presence",
+        "pong",
         "error",
+        "token_expiring",
+        "refreshed",
     ] {
         assert!(server.iter().any(|s| s == t), "no server example of `{t}`");
     }
     let client = types_in("client");
-    for t in ["join", "leave", "send", "history", "typing", "ping"] {
+    for t in [
+        "join", "leave", "send", "history", "typing", "ping", "auth", "refresh",
+    ] {
         assert!(client.iter().any(|s| s == t), "no client example of `{t}`");
     }
 }
