@@ -81,7 +81,7 @@ pub(super) async fn require_token(
         }
         other => {
             state.server.metrics.admin_unauthorized.inc();
-            debug!(?remote, path = %request.uri().path(), "admin request refused");
+            debug!(?remote, path = ?request.uri().path(), "admin request refused");
             let why = if other.is_some() {
                 "wrong admin token"
             } else {
