@@ -273,10 +273,17 @@ async fn main() -> anyhow::Result<()> {
         // Printed on stdout, one line per listener, so scripts and tests can
         // read the bound address (port 0 picks a free port).
         println!("listening on wss://{addr}/ws");
-        println!(
-            "  try: websocat --ca-file {} 'wss://{addr}/ws?user=alice'",
-            ca.display()
-        );
+        if config.dev_mode() {
+            println!(
+                "  try: websocat --ca-file {} 'wss://{addr}/ws?user=alice'",
+                ca.display()
+            );
+        } else {
+            println!(
+                "  try: websocat --ca-file {} -H \"Authorization: Bearer $(switchboard token --user alice --grant '*:rw')\" 'wss://{addr}/ws'",
+                ca.display()
+            );
+        }
         listeners.tls = Some(listener);
     }
     if let Some(plain) = config.plain_listen {
