@@ -480,7 +480,10 @@ async fn bad_requests_get_error_frames_and_the_session_stays_usable() {
         ),
         (r#"[1,2,3]"#, ErrorCode::BadRequest, None),
     ];
-    for (text, code, id) in cases {
+    // A room name one byte over the 128-byte limit.
+    let long_room = format!(r#"{{"type":"join","id":17,"room":"{}"}}"#, "r".repeat(129));
+    let long_case = [(long_room.as_str(), ErrorCode::InvalidRoom, Some(17))];
+    for (text, code, id) in cases.iter().chain(long_case.iter()) {
         c.send_text(text).await;
         match c.recv().await {
             ServerFrame::Error {
