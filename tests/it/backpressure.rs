@@ -11,6 +11,11 @@ async fn slow_consumer_is_cut_off_and_resumes_without_loss() {
     let server = TestServer::start_with(Fixture::new(), |c| {
         c.outbound_queue_bytes = 4 * 1024 * 1024;
         c.replay_cap = 10_000;
+        // The close frame waits behind the unread backlog until the slow
+        // reader reads below; on a loaded machine publishing everything can
+        // take longer than the default 10 s write deadline, after which the
+        // server would rightly drop the socket without a close frame.
+        c.write_timeout_ms = 120_000;
     })
     .await;
     let mut slow = crate::support::connect_tls_small_rcvbuf(
