@@ -1,154 +1,578 @@
-//! The run's report: counters, latency percentiles, pass/fail, and the
-//! server's CPU and memory read from /proc.
+//! The run's report: counts, rates, latency percentiles from HDR histograms,
+//! errors and close codes, server and generator CPU, the timeline, and
+//! pass/fail. [`Collected`] is what one process measured; it crosses a
+//! worker's stdout (histograms in hdrhistogram's V2 format) and merges.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
-use std::time::Duration;
+use std::fmt::Write as _;
 
+use anyhow::Context;
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Default, Clone, Serialize)]
-struct Inner {
-    scenario: String,
-    values: BTreeMap<String, f64>,
-    /// name -> (p50, p90, p99, p99.9, max), in milliseconds.
-    latency_ms: BTreeMap<String, [f64; 5]>,
-    errors: BTreeMap<String, u64>,
-    connect_failures: u64,
-    failures: Vec<String>,
+use crate::cli::Common;
+use crate::metrics::{Interval, Metrics, get, new_histogram};
+
+/// Counts over the run. `sent`, `delivered` and `acked` count the measured
+/// window only; loss, duplicates and connections count the whole run.
+#[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Counts {
+    pub sent: u64,
+    pub delivered: u64,
+    pub acked: u64,
+    pub lost: u64,
+    pub duplicated: u64,
+    pub recovered: u64,
+    pub connections_established: u64,
+    pub connections_failed: u64,
+    pub reconnects: u64,
+    pub typing_sent: u64,
+    pub typing_received: u64,
+    pub joins: u64,
+    pub leaves: u64,
+    pub history_pages: u64,
+    pub history_messages: u64,
+    pub unacked_at_close: u64,
+    pub delivered_all: u64,
 }
 
-/// What a run measured. Shared between tasks; every method takes `&self`.
-#[derive(Debug)]
+impl Counts {
+    fn add(&mut self, o: &Counts) {
+        self.sent += o.sent;
+        self.delivered += o.delivered;
+        self.acked += o.acked;
+        self.lost += o.lost;
+        self.duplicated += o.duplicated;
+        self.recovered += o.recovered;
+        self.connections_established += o.connections_established;
+        self.connections_failed += o.connections_failed;
+        self.reconnects += o.reconnects;
+        self.typing_sent += o.typing_sent;
+        self.typing_received += o.typing_received;
+        self.joins += o.joins;
+        self.leaves += o.leaves;
+        self.history_pages += o.history_pages;
+        self.history_messages += o.history_messages;
+        self.unacked_at_close += o.unacked_at_close;
+        self.delivered_all += o.delivered_all;
+    }
+}
+
+/// What one process measured.
+#[derive(Debug, Default, Clone)]
+pub struct Collected {
+    pub counts: Counts,
+    pub hists: BTreeMap<String, Histogram<u64>>,
+    pub timeline: BTreeMap<i64, Interval>,
+    pub errors: BTreeMap<String, u64>,
+    pub closes: BTreeMap<String, u64>,
+    pub loadgen_cpu_seconds: f64,
+    pub extra: BTreeMap<String, f64>,
+}
+
+impl Collected {
+    pub fn from_metrics(m: &Metrics, loadgen_cpu_seconds: f64) -> Collected {
+        let c = &m.c;
+        let counts = Counts {
+            sent: get(&c.sent),
+            delivered: get(&c.delivered),
+            acked: get(&c.acked),
+            lost: get(&c.lost),
+            duplicated: get(&c.duplicated),
+            recovered: get(&c.recovered),
+            connections_established: get(&c.established),
+            connections_failed: get(&c.failed),
+            reconnects: get(&c.reconnects),
+            typing_sent: get(&c.typing_sent),
+            typing_received: get(&c.typing_received),
+            joins: get(&c.joins),
+            leaves: get(&c.leaves),
+            history_pages: get(&c.history_pages),
+            history_messages: get(&c.history_messages),
+            unacked_at_close: get(&c.unacked_at_close),
+            delivered_all: get(&c.delivered_all),
+        };
+        let mut hists = BTreeMap::new();
+        for (name, r) in [
+            ("delivery", &m.delivery),
+            ("delivery_slow", &m.delivery_slow),
+            ("ack", &m.ack),
+            ("handshake", &m.handshake),
+            ("history", &m.history),
+        ] {
+            let h = r.total();
+            if !h.is_empty() {
+                hists.insert(name.to_owned(), h);
+            }
+        }
+        Collected {
+            counts,
+            hists,
+            timeline: m.timeline(),
+            errors: m.errors(),
+            closes: m.closes(),
+            loadgen_cpu_seconds,
+            extra: BTreeMap::new(),
+        }
+    }
+
+    pub fn merge(&mut self, o: Collected) {
+        self.counts.add(&o.counts);
+        for (k, h) in o.hists {
+            let _ = self.hists.entry(k).or_insert_with(new_histogram).add(&h);
+        }
+        for (k, iv) in o.timeline {
+            match self.timeline.get_mut(&k) {
+                Some(mine) => {
+                    mine.sent += iv.sent;
+                    mine.delivered += iv.delivered;
+                    mine.acked += iv.acked;
+                    mine.open += iv.open;
+                    let _ = mine.latency.add(&iv.latency);
+                }
+                None => {
+                    self.timeline.insert(k, iv);
+                }
+            }
+        }
+        for (k, n) in o.errors {
+            *self.errors.entry(k).or_default() += n;
+        }
+        for (k, n) in o.closes {
+            *self.closes.entry(k).or_default() += n;
+        }
+        for (k, v) in o.extra {
+            *self.extra.entry(k).or_default() += v;
+        }
+        self.loadgen_cpu_seconds += o.loadgen_cpu_seconds;
+    }
+
+    /// One line of JSON; histograms as hex of hdrhistogram's V2 encoding.
+    pub fn to_wire(&self) -> anyhow::Result<String> {
+        let mut hists = BTreeMap::new();
+        for (k, h) in &self.hists {
+            hists.insert(k.clone(), encode(h)?);
+        }
+        let mut timeline = Vec::new();
+        for (k, iv) in &self.timeline {
+            timeline.push((
+                *k,
+                iv.sent,
+                iv.delivered,
+                iv.acked,
+                iv.open,
+                encode(&iv.latency)?,
+            ));
+        }
+        let wire = Wire {
+            counts: self.counts.clone(),
+            hists,
+            timeline,
+            errors: self.errors.clone(),
+            closes: self.closes.clone(),
+            loadgen_cpu_seconds: self.loadgen_cpu_seconds,
+            extra: self.extra.clone(),
+        };
+        Ok(serde_json::to_string(&wire)?)
+    }
+
+    pub fn from_wire(line: &str) -> anyhow::Result<Collected> {
+        let w: Wire = serde_json::from_str(line).context("worker result")?;
+        let mut hists = BTreeMap::new();
+        for (k, hex) in w.hists {
+            hists.insert(k, decode(&hex)?);
+        }
+        let mut timeline = BTreeMap::new();
+        for (k, sent, delivered, acked, open, hex) in w.timeline {
+            timeline.insert(
+                k,
+                Interval {
+                    sent,
+                    delivered,
+                    acked,
+                    open,
+                    latency: decode(&hex)?,
+                },
+            );
+        }
+        Ok(Collected {
+            counts: w.counts,
+            hists,
+            timeline,
+            errors: w.errors,
+            closes: w.closes,
+            loadgen_cpu_seconds: w.loadgen_cpu_seconds,
+            extra: w.extra,
+        })
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct Wire {
+    counts: Counts,
+    hists: BTreeMap<String, String>,
+    timeline: Vec<(i64, u64, u64, u64, u64, String)>,
+    errors: BTreeMap<String, u64>,
+    closes: BTreeMap<String, u64>,
+    loadgen_cpu_seconds: f64,
+    extra: BTreeMap<String, f64>,
+}
+
+fn encode(h: &Histogram<u64>) -> anyhow::Result<String> {
+    let mut buf = Vec::new();
+    V2Serializer::new()
+        .serialize(h, &mut buf)
+        .map_err(|e| anyhow::anyhow!("serializing a histogram: {e:?}"))?;
+    let mut s = String::with_capacity(buf.len() * 2);
+    for b in buf {
+        let _ = write!(s, "{b:02x}");
+    }
+    Ok(s)
+}
+
+fn decode(hex: &str) -> anyhow::Result<Histogram<u64>> {
+    let bytes = (0..hex.len() / 2)
+        .map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2).unwrap_or("zz"), 16))
+        .collect::<Result<Vec<u8>, _>>()
+        .context("histogram hex")?;
+    Deserializer::new()
+        .deserialize(&mut bytes.as_slice())
+        .map_err(|e| anyhow::anyhow!("deserializing a histogram: {e:?}"))
+}
+
+/// Percentiles in milliseconds.
+#[derive(Debug, Default, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct Percentiles {
+    pub count: u64,
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+}
+
+impl Percentiles {
+    pub fn of(h: &Histogram<u64>) -> Percentiles {
+        let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+        Percentiles {
+            count: h.len(),
+            p50: ms(0.5),
+            p90: ms(0.9),
+            p99: ms(0.99),
+            p999: ms(0.999),
+            max: h.max() as f64 / 1000.0,
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct Rates {
+    pub sent_per_s: f64,
+    pub delivered_per_s: f64,
+    pub acked_per_s: f64,
+    /// Connections established per second (handshake + join for Switchboard).
+    pub connections_per_s: f64,
+}
+
+/// The server's use of the machine, from /proc/PID.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct ServerUsage {
+    pub pid: u32,
+    /// CPU seconds (user + system) over the measured window.
+    pub cpu_seconds: f64,
+    /// Measured deliveries per server CPU-second.
+    pub deliveries_per_cpu_second: Option<f64>,
+    pub rss_before_bytes: Option<u64>,
+    pub rss_after_bytes: Option<u64>,
+    /// (after - before) / connections held, for `idle`.
+    pub bytes_per_connection: Option<f64>,
+}
+
+/// One second of the run; `t` counts from the end of the warm-up.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct Sample {
+    pub t: i64,
+    pub sent: u64,
+    pub delivered: u64,
+    pub acked: u64,
+    pub open: u64,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+/// The final report.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct Report {
-    inner: Mutex<Inner>,
-    handshakes: Mutex<Option<Histogram<u64>>>,
-    json: bool,
+    pub scenario: String,
+    /// `switchboard`, or `raw` for a plain broadcast server.
+    pub target: String,
+    pub url: String,
+    pub clients: u32,
+    pub processes: u32,
+    pub warmup_seconds: f64,
+    pub measured_seconds: f64,
+    pub counts: Counts,
+    pub rates: Rates,
+    pub latency_ms: BTreeMap<String, Percentiles>,
+    pub errors: BTreeMap<String, u64>,
+    pub close_codes: BTreeMap<String, u64>,
+    pub server: Option<ServerUsage>,
+    pub loadgen_cpu_seconds: f64,
+    pub extra: BTreeMap<String, f64>,
+    pub timeline: Vec<Sample>,
+    pub failures: Vec<String>,
 }
 
 impl Report {
-    pub fn new(scenario: &str, json: bool) -> Report {
-        Report {
-            inner: Mutex::new(Inner {
-                scenario: scenario.to_owned(),
-                ..Inner::default()
-            }),
-            handshakes: Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3).ok()),
-            json,
+    pub fn build(
+        scenario: &str,
+        clients: u32,
+        common: &Common,
+        c: &Collected,
+        measured_seconds: f64,
+        server: Option<ServerUsage>,
+    ) -> Report {
+        let per = |n: u64| {
+            if measured_seconds > 0.0 {
+                n as f64 / measured_seconds
+            } else {
+                0.0
+            }
+        };
+        let mut server = server;
+        if scenario != "idle"
+            && let Some(s) = server.as_mut()
+        {
+            // Only an idle run holds still enough to divide memory by connections.
+            s.bytes_per_connection = None;
         }
-    }
-
-    fn with<R>(&self, f: impl FnOnce(&mut Inner) -> R) -> R {
-        let mut guard = self
-            .inner
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        f(&mut guard)
-    }
-
-    pub fn set(&self, name: &str, value: f64) {
-        self.with(|i| i.values.insert(name.to_owned(), value));
-    }
-
-    pub fn error(&self, code: &str) {
-        self.with(|i| *i.errors.entry(code.to_owned()).or_default() += 1);
-    }
-
-    pub fn connect_failed(&self, e: &anyhow::Error) {
-        self.with(|i| {
-            i.connect_failures += 1;
-            *i.errors.entry(format!("connect: {e}")).or_default() += 1;
-        });
-    }
-
-    pub fn record_handshake(&self, took: Duration) {
-        let mut h = self
-            .handshakes
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(h) = h.as_mut() {
-            let _ = h.record(u64::try_from(took.as_micros()).unwrap_or(u64::MAX).max(1));
+        if let Some(s) = server.as_mut()
+            && s.cpu_seconds > 0.0
+            && c.counts.delivered > 0
+        {
+            s.deliveries_per_cpu_second = Some(c.counts.delivered as f64 / s.cpu_seconds);
         }
+        let mut r = Report {
+            scenario: scenario.to_owned(),
+            target: if common.raw { "raw" } else { "switchboard" }.to_owned(),
+            url: common.url.clone(),
+            clients,
+            processes: common.workers.max(1),
+            warmup_seconds: common.warmup,
+            measured_seconds,
+            counts: c.counts.clone(),
+            rates: Rates {
+                sent_per_s: per(c.counts.sent),
+                delivered_per_s: per(c.counts.delivered),
+                acked_per_s: per(c.counts.acked),
+                connections_per_s: per(c.counts.connections_established),
+            },
+            latency_ms: c
+                .hists
+                .iter()
+                .map(|(k, h)| (k.clone(), Percentiles::of(h)))
+                .collect(),
+            errors: c.errors.clone(),
+            close_codes: c.closes.clone(),
+            server,
+            loadgen_cpu_seconds: c.loadgen_cpu_seconds,
+            extra: c.extra.clone(),
+            timeline: c
+                .timeline
+                .iter()
+                .map(|(t, iv)| {
+                    let p = Percentiles::of(&iv.latency);
+                    Sample {
+                        t: *t,
+                        sent: iv.sent,
+                        delivered: iv.delivered,
+                        acked: iv.acked,
+                        open: iv.open,
+                        p50_ms: p.p50,
+                        p90_ms: p.p90,
+                        p99_ms: p.p99,
+                        max_ms: p.max,
+                    }
+                })
+                .collect(),
+            failures: Vec::new(),
+        };
+        r.judge(common.slo_p99_ms);
+        r
     }
 
-    /// Records percentiles of a histogram of microseconds.
-    pub fn latency(&self, name: &str, h: &Histogram<u64>) {
-        if h.is_empty() {
-            return;
+    /// The latency the SLO applies to, by scenario.
+    pub fn main_latency(&self) -> Option<(&'static str, Percentiles)> {
+        let name = match self.scenario.as_str() {
+            "connect" | "idle" => "handshake",
+            "history" => "history",
+            _ => "delivery",
+        };
+        self.latency_ms.get(name).map(|p| (name, *p))
+    }
+
+    fn judge(&mut self, slo_p99_ms: Option<f64>) {
+        let c = &self.counts;
+        if c.lost > 0 {
+            self.failures.push(format!("{} messages lost", c.lost));
         }
-        let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
-        let row = [
-            ms(0.5),
-            ms(0.9),
-            ms(0.99),
-            ms(0.999),
-            h.max() as f64 / 1000.0,
-        ];
-        self.with(|i| i.latency_ms.insert(name.to_owned(), row));
-    }
-
-    pub fn fail_if(&self, failed: bool, why: String) {
-        if failed {
-            self.with(|i| i.failures.push(why));
+        if c.duplicated > 0 {
+            self.failures
+                .push(format!("{} messages duplicated", c.duplicated));
+        }
+        if c.connections_established == 0 {
+            self.failures.push("no connection was established".into());
+        }
+        if let Some(slo) = slo_p99_ms {
+            match self.main_latency() {
+                Some((name, p)) if p.p99 > slo => self.failures.push(format!(
+                    "{name} p99 {:.2} ms misses the SLO of {slo} ms",
+                    p.p99
+                )),
+                Some(_) => {}
+                None => self
+                    .failures
+                    .push(format!("no latency measured for the SLO of {slo} ms")),
+            }
         }
     }
 
     pub fn passed(&self) -> bool {
-        self.with(|i| i.failures.is_empty())
+        self.failures.is_empty()
     }
 
-    pub fn snapshot(&self) -> Report {
-        let inner = self.with(|i| i.clone());
-        Report {
-            inner: Mutex::new(inner),
-            handshakes: Mutex::new(None),
-            json: self.json,
-        }
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).unwrap_or_default()
     }
 
-    pub fn print(&self) {
-        if let Some(h) = self
-            .handshakes
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .as_ref()
-        {
-            self.latency("handshake+join", h);
-        }
-        let inner = self.with(|i| i.clone());
-        if self.json {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&inner).unwrap_or_default()
-            );
-            return;
-        }
-        println!("scenario: {}", inner.scenario);
-        for (k, v) in &inner.values {
-            println!("  {k:<36} {v:>16.1}");
-        }
-        if !inner.latency_ms.is_empty() {
-            println!(
-                "  {:<16} {:>9} {:>9} {:>9} {:>9} {:>9}  (ms)",
-                "latency", "p50", "p90", "p99", "p99.9", "max"
-            );
-            for (k, [a, b, c, d, e]) in &inner.latency_ms {
-                println!("  {k:<16} {a:>9.3} {b:>9.3} {c:>9.3} {d:>9.3} {e:>9.3}");
-            }
-        }
-        println!("  connect failures: {}", inner.connect_failures);
-        for (code, n) in &inner.errors {
-            println!("  error {code}: {n}");
-        }
-        if inner.failures.is_empty() {
-            println!("result: PASS");
+    /// The human-readable table.
+    pub fn to_table(&self) -> String {
+        let mut o = String::new();
+        let c = &self.counts;
+        let _ = writeln!(
+            o,
+            "switchboard-loadtest {} against {} ({}), {} clients, {} process{}",
+            self.scenario,
+            self.url,
+            self.target,
+            self.clients,
+            self.processes,
+            if self.processes == 1 { "" } else { "es" }
+        );
+        if self.scenario == "connect" {
+            let _ = writeln!(o, "  storm lasted {:.2} s", self.measured_seconds);
         } else {
-            for f in &inner.failures {
-                println!("FAIL: {f}");
+            let _ = writeln!(
+                o,
+                "  measured {:.1} s after a {:.1} s warm-up",
+                self.measured_seconds, self.warmup_seconds
+            );
+        }
+        let _ = write!(
+            o,
+            "  connections  {} established, {} failed, {} reconnects",
+            c.connections_established, c.connections_failed, c.reconnects
+        );
+        if self.scenario == "connect" {
+            let _ = write!(o, "; {:.1} per second", self.rates.connections_per_s);
+        }
+        let _ = writeln!(o);
+        let _ = writeln!(o, "  {:<22} {:>14} {:>14}", "", "measured", "per second");
+        for (name, n, rate) in [
+            ("sent", c.sent, self.rates.sent_per_s),
+            ("delivered", c.delivered, self.rates.delivered_per_s),
+            ("acked", c.acked, self.rates.acked_per_s),
+        ] {
+            let _ = writeln!(o, "  {name:<22} {n:>14} {rate:>14.1}");
+        }
+        let _ = writeln!(
+            o,
+            "  lost {}   duplicated {}   recovered {}   (whole run, {} deliveries)",
+            c.lost, c.duplicated, c.recovered, c.delivered_all
+        );
+        if c.typing_sent + c.joins + c.history_pages > 0 {
+            let _ = writeln!(
+                o,
+                "  typing {} sent / {} received   joins {}   leaves {}   history {} pages, {} messages   un-acked at a drop {}",
+                c.typing_sent,
+                c.typing_received,
+                c.joins,
+                c.leaves,
+                c.history_pages,
+                c.history_messages,
+                c.unacked_at_close
+            );
+        }
+        if !self.latency_ms.is_empty() {
+            let _ = writeln!(
+                o,
+                "  {:<12} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9}",
+                "latency ms", "count", "p50", "p90", "p99", "p99.9", "max"
+            );
+            for (k, p) in &self.latency_ms {
+                let _ = writeln!(
+                    o,
+                    "  {k:<12} {:>10} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3}",
+                    p.count, p.p50, p.p90, p.p99, p.p999, p.max
+                );
             }
         }
+        if let Some(s) = &self.server {
+            let _ = write!(
+                o,
+                "  server pid {}: {:.2} CPU-s ({:.0}% of a core)",
+                s.pid,
+                s.cpu_seconds,
+                100.0 * s.cpu_seconds / self.measured_seconds.max(1e-9)
+            );
+            if let Some(d) = s.deliveries_per_cpu_second {
+                let _ = write!(o, ", {d:.0} deliveries per CPU-second");
+            }
+            let _ = writeln!(o);
+            if let (Some(a), Some(b)) = (s.rss_before_bytes, s.rss_after_bytes) {
+                let _ = write!(o, "  server RSS {} -> {}", mib(a), mib(b));
+                if let Some(per) = s.bytes_per_connection {
+                    let _ = write!(
+                        o,
+                        " = {:.0} bytes ({:.2} KiB) per connection",
+                        per,
+                        per / 1024.0
+                    );
+                }
+                let _ = writeln!(o);
+            }
+        }
+        let _ = writeln!(
+            o,
+            "  load generator: {:.2} CPU-s ({:.0}% of a core)",
+            self.loadgen_cpu_seconds,
+            100.0 * self.loadgen_cpu_seconds / self.measured_seconds.max(1e-9)
+        );
+        for (k, v) in &self.extra {
+            let _ = writeln!(o, "  {k:<36} {v:>14.1}");
+        }
+        for (k, n) in &self.errors {
+            let _ = writeln!(o, "  error {k}: {n}");
+        }
+        for (k, n) in &self.close_codes {
+            let _ = writeln!(o, "  close code {k}: {n}");
+        }
+        if self.failures.is_empty() {
+            let _ = writeln!(o, "result: PASS");
+        } else {
+            for f in &self.failures {
+                let _ = writeln!(o, "FAIL: {f}");
+            }
+        }
+        o
     }
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0))
 }
 
 /// The process's resident memory in bytes, from /proc/PID/status.
@@ -181,5 +605,38 @@ mod tests {
         let me = std::process::id();
         assert!(rss_bytes(me).is_some_and(|b| b > 0));
         assert!(cpu_seconds(me).is_some());
+    }
+
+    #[test]
+    fn collected_round_trips_and_merges() {
+        let mut h = new_histogram();
+        for v in [100, 200, 300, 5000] {
+            h.record(v).unwrap_or_default();
+        }
+        let mut a = Collected::default();
+        a.counts.delivered = 4;
+        a.hists.insert("delivery".into(), h.clone());
+        a.timeline.insert(
+            0,
+            Interval {
+                sent: 1,
+                delivered: 4,
+                acked: 1,
+                open: 2,
+                latency: h.clone(),
+            },
+        );
+        a.errors.insert("x".into(), 1);
+        let wire = a.to_wire().unwrap_or_default();
+        let b = Collected::from_wire(&wire).unwrap_or_default();
+        assert_eq!(b.counts, a.counts);
+        assert_eq!(b.hists.get("delivery").map(Histogram::len), Some(4));
+        let mut m = a.clone();
+        m.merge(b);
+        assert_eq!(m.counts.delivered, 8);
+        assert_eq!(m.hists.get("delivery").map(Histogram::len), Some(8));
+        assert_eq!(m.timeline.get(&0).map(|i| i.latency.len()), Some(8));
+        assert_eq!(m.errors.get("x"), Some(&2));
+        assert_eq!(m.hists.get("delivery").map(Histogram::max), Some(h.max()));
     }
 }

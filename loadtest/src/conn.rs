@@ -1,0 +1,446 @@
+//! Opening connections (TCP, optional TLS, WebSocket upgrade) from one or
+//! several loopback source addresses, and reading the few fields of a server
+//! frame the generator needs without building a tree.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use futures_util::SinkExt;
+use protocol::{ClientRequest, Request};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpSocket;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+use crate::cli::Common;
+
+/// Read buffer per connection: the generator holds many sockets.
+pub const READ_BUFFER: usize = 4 * 1024;
+/// Longest wait for any single step (connect, join, a reply).
+pub const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Any stream a client can speak WebSocket over.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// A client WebSocket over plain TCP or TLS.
+pub type Ws = WebSocketStream<Box<dyn Io>>;
+
+/// Opens connections to the server named by a URL.
+pub struct Connector {
+    addr: SocketAddr,
+    host: String,
+    base: String,
+    tls: Option<tokio_rustls::TlsConnector>,
+    sources: Vec<IpAddr>,
+    next_source: AtomicUsize,
+    /// Talking to a plain broadcast server: no welcome, no join.
+    pub raw: bool,
+}
+
+impl Connector {
+    pub fn new(common: &Common) -> anyhow::Result<Connector> {
+        let (scheme, rest) = common.url.split_once("://").context("URL needs a scheme")?;
+        let hostport = rest.split('/').next().unwrap_or(rest);
+        let (host, port) = hostport.rsplit_once(':').context("URL needs HOST:PORT")?;
+        let port: u16 = port.parse().context("bad port")?;
+        let ip: IpAddr = match host {
+            "localhost" => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            h => h
+                .trim_matches(['[', ']'])
+                .parse()
+                .with_context(|| format!("`{h}` is neither an IP nor localhost"))?,
+        };
+        let tls = match scheme {
+            "ws" => None,
+            "wss" => Some(tls_connector(common.ca.as_deref(), common.insecure)?),
+            other => bail!("unknown scheme {other}"),
+        };
+        let sources = match &common.source_ips {
+            Some(spec) => parse_ip_range(spec)?,
+            None => Vec::new(),
+        };
+        Ok(Connector {
+            addr: SocketAddr::new(ip, port),
+            host: if host.parse::<IpAddr>().is_ok() {
+                "localhost".into()
+            } else {
+                host.into()
+            },
+            base: common.url.clone(),
+            tls,
+            next_source: AtomicUsize::new(common.worker.map_or(0, |w| w as usize)),
+            sources,
+            raw: common.raw,
+        })
+    }
+
+    /// TCP connect (from the next source address), TLS, WebSocket upgrade.
+    pub async fn connect(&self, user: &str) -> anyhow::Result<Ws> {
+        let socket = match self.addr {
+            SocketAddr::V4(_) => TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => TcpSocket::new_v6()?,
+        };
+        if !self.sources.is_empty() {
+            let i = self.next_source.fetch_add(1, Ordering::Relaxed) % self.sources.len();
+            socket
+                .bind(SocketAddr::new(self.sources[i], 0))
+                .with_context(|| format!("binding to {}", self.sources[i]))?;
+        }
+        let tcp = socket.connect(self.addr).await?;
+        tcp.set_nodelay(true)?;
+        let stream: Box<dyn Io> = match &self.tls {
+            Some(tls) => {
+                let name = ServerName::try_from(self.host.clone())?;
+                Box::new(tls.connect(name, tcp).await?)
+            }
+            None => Box::new(tcp),
+        };
+        let url = format!("{}?user={user}", self.base);
+        let config = WebSocketConfig::default()
+            .read_buffer_size(READ_BUFFER)
+            .write_buffer_size(0);
+        let (ws, _) =
+            tokio_tungstenite::client_async_with_config(url, stream, Some(config)).await?;
+        Ok(ws)
+    }
+}
+
+/// `127.0.0.2-127.0.0.60`, `127.0.0.2,127.0.0.3` or one address.
+pub fn parse_ip_range(spec: &str) -> anyhow::Result<Vec<IpAddr>> {
+    let mut out = Vec::new();
+    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let a: Ipv4Addr = a.trim().parse().with_context(|| format!("`{a}`"))?;
+                let b: Ipv4Addr = b.trim().parse().with_context(|| format!("`{b}`"))?;
+                let (a, b) = (u32::from(a), u32::from(b));
+                if b < a || b - a > 65_535 {
+                    bail!("bad address range {part}");
+                }
+                out.extend((a..=b).map(|x| IpAddr::V4(Ipv4Addr::from(x))));
+            }
+            None => out.push(part.parse().with_context(|| format!("`{part}`"))?),
+        }
+    }
+    if out.is_empty() {
+        bail!("no source address in `{spec}`");
+    }
+    Ok(out)
+}
+
+fn tls_connector(ca: Option<&Path>, insecure: bool) -> anyhow::Result<tokio_rustls::TlsConnector> {
+    use rustls::pki_types::pem::PemObject;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?;
+    let config = if insecure {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
+            .with_no_client_auth()
+    } else {
+        let ca = ca.unwrap_or(Path::new("certs/ca.pem"));
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(ca)
+            .with_context(|| format!("reading {}", ca.display()))?
+        {
+            roots.add(cert?)?;
+        }
+        builder.with_root_certificates(roots).with_no_client_auth()
+    };
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
+/// `--insecure`: any certificate is accepted (signatures are still checked).
+#[derive(Debug)]
+struct AnyCert(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for AnyCert {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Microseconds since the Unix epoch: the clock every process shares.
+pub fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
+/// The tokio instant at a Unix time in µs (now, if it has passed).
+pub fn instant_at(us: u64) -> tokio::time::Instant {
+    let now = now_us();
+    tokio::time::Instant::now() + Duration::from_micros(us.saturating_sub(now))
+}
+
+/// A request frame.
+pub fn request(id: Option<u64>, body: ClientRequest) -> Message {
+    Message::Text(Request { id, body }.to_json().into())
+}
+
+/// Sends a `join`, optionally resuming after `since`.
+pub async fn send_join(
+    ws: &mut Ws,
+    id: u64,
+    room: &str,
+    since: Option<u64>,
+    epoch: Option<&str>,
+) -> anyhow::Result<()> {
+    ws.send(request(
+        Some(id),
+        ClientRequest::Join {
+            room: room.into(),
+            since,
+            epoch: epoch.map(str::to_owned),
+        },
+    ))
+    .await?;
+    Ok(())
+}
+
+/// The few fields of a server frame the generator uses, found by scanning
+/// the text (the server's field order is fixed, but nothing relies on it).
+/// Nothing is allocated.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Frame<'a> {
+    pub kind: &'a str,
+    pub room: Option<&'a str>,
+    pub seq: Option<u64>,
+    pub id: Option<u64>,
+    /// `body.t`: the publisher's send time, µs since the epoch.
+    pub stamp: Option<u64>,
+    /// `body.end`: the publisher's end-of-run marker.
+    pub end: bool,
+    pub replay: bool,
+    /// `recovered` of `joined`.
+    pub recovered: Option<bool>,
+    pub code: Option<&'a str>,
+    pub more: bool,
+    /// `epoch` of `joined`.
+    pub epoch: Option<&'a str>,
+}
+
+impl<'a> Frame<'a> {
+    pub fn parse(text: &'a str) -> Frame<'a> {
+        let kind = str_field(text, "type").unwrap_or("");
+        let mut f = Frame {
+            kind,
+            ..Frame::default()
+        };
+        match kind {
+            "message" => {
+                // The body comes last but one; look for its fields after it.
+                let (head, body) = match text.find("\"body\":") {
+                    Some(i) => text.split_at(i),
+                    None => (text, ""),
+                };
+                f.room = str_field(head, "room");
+                f.seq = u64_field(head, "seq");
+                f.stamp = u64_field(body, "t");
+                f.end = body.contains("\"end\":");
+                f.replay = text.ends_with("\"replay\":true}");
+            }
+            "joined" => {
+                f.room = str_field(text, "room");
+                f.seq = u64_field(text, "seq");
+                f.id = u64_field(text, "id");
+                f.recovered = bool_field(text, "recovered");
+                f.epoch = str_field(text, "epoch");
+            }
+            "ack" => {
+                f.room = str_field(text, "room");
+                f.seq = u64_field(text, "seq");
+                f.id = u64_field(text, "id");
+            }
+            "error" => {
+                f.id = u64_field(text, "id");
+                f.code = str_field(text, "code");
+            }
+            "history" => {
+                f.id = u64_field(text, "id");
+                f.room = str_field(text, "room");
+                f.more = bool_field(text, "more").unwrap_or(false);
+            }
+            "typing" | "presence" => f.room = str_field(text, "room"),
+            _ => f.id = u64_field(text, "id"),
+        }
+        f
+    }
+}
+
+fn value_after<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    // `"key":` with the quotes, so `t` does not match inside `"type"`.
+    let mut from = 0;
+    while let Some(i) = text[from..].find(key) {
+        let start = from + i;
+        let end = start + key.len();
+        if start > 0 && text.as_bytes()[start - 1] == b'"' && text[end..].starts_with("\":") {
+            return Some(&text[end + 2..]);
+        }
+        from = end;
+    }
+    None
+}
+
+fn u64_field(text: &str, key: &str) -> Option<u64> {
+    let v = value_after(text, key)?;
+    let digits = v.bytes().take_while(u8::is_ascii_digit).count();
+    v[..digits].parse().ok()
+}
+
+fn str_field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    let v = value_after(text, key)?.strip_prefix('"')?;
+    v.find('"').map(|end| &v[..end])
+}
+
+fn bool_field(text: &str, key: &str) -> Option<bool> {
+    let v = value_after(text, key)?;
+    if v.starts_with("true") {
+        Some(true)
+    } else if v.starts_with("false") {
+        Some(false)
+    } else {
+        None
+    }
+}
+
+/// The `seq`s of a `history` reply's messages, in order.
+pub fn history_seqs(text: &str, out: &mut Vec<u64>) {
+    out.clear();
+    let Some(i) = text.find("\"messages\":[") else {
+        return;
+    };
+    let mut rest = &text[i..];
+    while let Some(j) = rest.find("{\"seq\":") {
+        rest = &rest[j + 7..];
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if let Ok(seq) = rest[..digits].parse() {
+            out.push(seq);
+        }
+    }
+}
+
+/// Per-room seq continuity: gaps are lost, repeats are duplicates.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Continuity {
+    pub last: u64,
+    pub lost: u64,
+    pub duplicated: u64,
+}
+
+impl Continuity {
+    pub fn starting_at(last: u64) -> Continuity {
+        Continuity {
+            last,
+            ..Continuity::default()
+        }
+    }
+
+    pub fn see(&mut self, seq: u64) {
+        if seq <= self.last {
+            self.duplicated += 1;
+        } else {
+            self.lost += seq - self.last - 1;
+            self.last = seq;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn continuity_counts_gaps_and_duplicates() {
+        let mut c = Continuity::starting_at(10);
+        for seq in [11, 12, 15, 15, 14, 16] {
+            c.see(seq);
+        }
+        assert_eq!((c.last, c.lost, c.duplicated), (16, 2, 2));
+    }
+
+    #[test]
+    fn parses_message_frames_without_a_tree() {
+        let t = r#"{"type":"message","room":"r1","seq":42,"from":"u7","ts":1764000000123,"body":{"t":1764000000123456,"n":3},"replay":true}"#;
+        let f = Frame::parse(t);
+        assert_eq!(f.kind, "message");
+        assert_eq!(f.room, Some("r1"));
+        assert_eq!(f.seq, Some(42));
+        assert_eq!(f.stamp, Some(1_764_000_000_123_456));
+        assert!(f.replay && !f.end);
+        let end = Frame::parse(r#"{"type":"message","room":"r","seq":9,"body":{"end":1}}"#);
+        assert!(end.end && end.stamp.is_none() && !end.replay);
+    }
+
+    #[test]
+    fn parses_replies() {
+        let j = Frame::parse(
+            r#"{"type":"joined","id":2,"room":"g","seq":41,"epoch":"5f","presence":["a"],"recovered":false}"#,
+        );
+        assert_eq!((j.id, j.seq, j.recovered), (Some(2), Some(41), Some(false)));
+        let e = Frame::parse(r#"{"type":"error","id":9,"code":"not_joined","message":"x"}"#);
+        assert_eq!((e.id, e.code), (Some(9), Some("not_joined")));
+        let h = r#"{"type":"history","id":6,"room":"g","messages":[{"seq":38,"from":"b","ts":1,"body":{"t":1}},{"seq":39,"from":"c","ts":2,"erased":true}],"more":true}"#;
+        let f = Frame::parse(h);
+        assert_eq!((f.id, f.more), (Some(6), true));
+        let mut seqs = Vec::new();
+        history_seqs(h, &mut seqs);
+        assert_eq!(seqs, vec![38, 39]);
+    }
+
+    #[test]
+    fn parses_ranges() {
+        let v = parse_ip_range("127.0.0.2-127.0.0.4,127.0.0.9").unwrap_or_default();
+        assert_eq!(v.len(), 4);
+        assert!(parse_ip_range("127.0.0.9-127.0.0.2").is_err());
+    }
+}

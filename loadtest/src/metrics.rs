@@ -1,0 +1,354 @@
+//! What a run measures while it runs: lock-free counters, sharded HDR
+//! histograms (one uncontended lock per record), a per-second timeline, and
+//! the run's clock (start, measured window, stop) in Unix µs so that worker
+//! processes share it.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+
+use crate::conn::now_us;
+
+/// Histogram bounds: 1 µs to 60 s, 3 significant figures.
+pub const HIST_MAX_US: u64 = 60_000_000;
+
+pub fn new_histogram() -> Histogram<u64> {
+    match Histogram::new_with_bounds(1, HIST_MAX_US, 3) {
+        Ok(h) => h,
+        // Constant bounds that hdrhistogram accepts: not reachable.
+        Err(e) => panic!("histogram bounds rejected: {e}"),
+    }
+}
+
+/// The run's clock, in Unix µs.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    /// The load starts (publishers, senders, readers).
+    pub start: u64,
+    /// Figures count from here (after the warm-up).
+    pub measure_from: u64,
+    /// Load stops here.
+    pub stop: u64,
+}
+
+impl Clock {
+    pub fn new(start: u64, warmup: u64, duration: u64) -> Clock {
+        Clock {
+            start,
+            measure_from: start + warmup,
+            stop: start + warmup + duration,
+        }
+    }
+
+    pub fn measured(&self, t: u64) -> bool {
+        t >= self.measure_from && t < self.stop
+    }
+
+    pub fn seconds(&self) -> f64 {
+        (self.stop - self.measure_from) as f64 / 1e6
+    }
+}
+
+/// A latency recorder: shards of (since-last-tick, measured total).
+pub struct Recorder {
+    shards: Vec<Mutex<(Histogram<u64>, Histogram<u64>)>>,
+}
+
+const SHARDS: usize = 32;
+
+impl Recorder {
+    pub fn new() -> Recorder {
+        Recorder {
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new((new_histogram(), new_histogram())))
+                .collect(),
+        }
+    }
+
+    /// Records `us` into shard `who % SHARDS`; into the total only when `measured`.
+    pub fn record(&self, who: usize, us: u64, measured: bool) {
+        let v = us.clamp(1, HIST_MAX_US);
+        let mut g = lock(&self.shards[who % SHARDS]);
+        g.0.saturating_record(v);
+        if measured {
+            g.1.saturating_record(v);
+        }
+    }
+
+    /// Takes the since-last-tick histogram, merged over shards.
+    pub fn take_interval(&self) -> Histogram<u64> {
+        let mut out = new_histogram();
+        for s in &self.shards {
+            let mut g = lock(s);
+            let _ = out.add(&g.0);
+            g.0.reset();
+        }
+        out
+    }
+
+    pub fn total(&self) -> Histogram<u64> {
+        let mut out = new_histogram();
+        for s in &self.shards {
+            let _ = out.add(&lock(s).1);
+        }
+        out
+    }
+}
+
+impl Default for Recorder {
+    fn default() -> Self {
+        Recorder::new()
+    }
+}
+
+pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Counters. `*_all` count the whole run (for the timeline); the others
+/// only the measured window.
+#[derive(Default)]
+pub struct Counters {
+    pub sent: AtomicU64,
+    pub delivered: AtomicU64,
+    pub acked: AtomicU64,
+    pub sent_all: AtomicU64,
+    pub delivered_all: AtomicU64,
+    pub acked_all: AtomicU64,
+    pub lost: AtomicU64,
+    pub duplicated: AtomicU64,
+    pub recovered: AtomicU64,
+    pub established: AtomicU64,
+    pub failed: AtomicU64,
+    pub open: AtomicU64,
+    pub reconnects: AtomicU64,
+    pub typing_sent: AtomicU64,
+    pub typing_received: AtomicU64,
+    pub joins: AtomicU64,
+    pub leaves: AtomicU64,
+    pub history_pages: AtomicU64,
+    pub history_messages: AtomicU64,
+    pub unacked_at_close: AtomicU64,
+}
+
+pub fn add(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+pub fn get(c: &AtomicU64) -> u64 {
+    c.load(Ordering::Relaxed)
+}
+
+/// One second of the timeline.
+#[derive(Debug, Clone)]
+pub struct Interval {
+    pub sent: u64,
+    pub delivered: u64,
+    pub acked: u64,
+    pub open: u64,
+    pub latency: Histogram<u64>,
+}
+
+/// Everything a process measures while running.
+pub struct Metrics {
+    start: AtomicU64,
+    measure_from: AtomicU64,
+    stop: AtomicU64,
+    pub c: Counters,
+    /// Publish to delivery.
+    pub delivery: Recorder,
+    /// Publish to delivery at deliberately slow readers (chat), apart.
+    pub delivery_slow: Recorder,
+    /// Send to ack (raw mode: to the publisher's own echo).
+    pub ack: Recorder,
+    /// TCP + TLS + upgrade + welcome + join.
+    pub handshake: Recorder,
+    /// History request to reply.
+    pub history: Recorder,
+    errors: Mutex<BTreeMap<String, u64>>,
+    closes: Mutex<BTreeMap<String, u64>>,
+    timeline: Mutex<BTreeMap<i64, Interval>>,
+    last_tick: Mutex<(u64, u64, u64)>,
+}
+
+impl Metrics {
+    /// Metrics whose clock is not set yet: nothing counts as measured.
+    pub fn new() -> Metrics {
+        Metrics {
+            start: AtomicU64::new(u64::MAX),
+            measure_from: AtomicU64::new(u64::MAX),
+            stop: AtomicU64::new(u64::MAX),
+            c: Counters::default(),
+            delivery: Recorder::new(),
+            delivery_slow: Recorder::new(),
+            ack: Recorder::new(),
+            handshake: Recorder::new(),
+            history: Recorder::new(),
+            errors: Mutex::new(BTreeMap::new()),
+            closes: Mutex::new(BTreeMap::new()),
+            timeline: Mutex::new(BTreeMap::new()),
+            last_tick: Mutex::new((0, 0, 0)),
+        }
+    }
+
+    pub fn set_clock(&self, c: Clock) {
+        self.stop.store(c.stop, Ordering::Relaxed);
+        self.measure_from.store(c.measure_from, Ordering::Relaxed);
+        self.start.store(c.start, Ordering::Release);
+    }
+
+    /// Ends the measured window now (a storm that finished early).
+    pub fn stop_now(&self) {
+        self.stop.store(now_us(), Ordering::Relaxed);
+    }
+
+    /// The clock, once the load has started.
+    pub fn clock(&self) -> Option<Clock> {
+        let start = self.start.load(Ordering::Acquire);
+        (start != u64::MAX).then(|| Clock {
+            start,
+            measure_from: self.measure_from.load(Ordering::Relaxed),
+            stop: self.stop.load(Ordering::Relaxed),
+        })
+    }
+
+    /// Whether Unix time `t` (µs) is inside the measured window.
+    pub fn measured(&self, t: u64) -> bool {
+        t >= self.measure_from.load(Ordering::Relaxed) && t < self.stop.load(Ordering::Relaxed)
+    }
+
+    pub fn error(&self, what: &str) {
+        *lock(&self.errors).entry(what.to_owned()).or_default() += 1;
+    }
+
+    pub fn close_code(&self, code: u16) {
+        *lock(&self.closes).entry(code.to_string()).or_default() += 1;
+    }
+
+    pub fn errors(&self) -> BTreeMap<String, u64> {
+        lock(&self.errors).clone()
+    }
+
+    pub fn closes(&self) -> BTreeMap<String, u64> {
+        lock(&self.closes).clone()
+    }
+
+    pub fn sent(&self, n: u64) {
+        self.sent_at(n, now_us());
+    }
+
+    /// Sends stamped with Unix time `t` (µs): counted in the window by the
+    /// same stamp their deliveries are.
+    pub fn sent_at(&self, n: u64, t: u64) {
+        add(&self.c.sent_all, n);
+        if self.measured(t) {
+            add(&self.c.sent, n);
+        }
+    }
+
+    /// The ack of a send stamped `sent_at` (Unix µs), `took` after it.
+    pub fn acked(&self, who: usize, took: Duration, sent_at: u64) {
+        add(&self.c.acked_all, 1);
+        let measured = self.measured(sent_at);
+        if measured {
+            add(&self.c.acked, 1);
+        }
+        let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        self.ack.record(who, us, measured);
+    }
+
+    /// A reply without a latency of its own (history pages), by request time.
+    pub fn acked_count(&self, sent_at: u64) {
+        add(&self.c.acked_all, 1);
+        if self.measured(sent_at) {
+            add(&self.c.acked, 1);
+        }
+    }
+
+    /// A message delivered with the publisher's stamp `stamp` (Unix µs).
+    pub fn delivered(&self, who: usize, stamp: Option<u64>) {
+        self.delivered_to(&self.delivery, who, stamp);
+    }
+
+    /// The same, at a deliberately slow reader: its latency is kept apart.
+    pub fn delivered_slow(&self, who: usize, stamp: Option<u64>) {
+        self.delivered_to(&self.delivery_slow, who, stamp);
+    }
+
+    fn delivered_to(&self, r: &Recorder, who: usize, stamp: Option<u64>) {
+        add(&self.c.delivered_all, 1);
+        if let Some(t) = stamp {
+            let measured = self.measured(t);
+            if measured {
+                add(&self.c.delivered, 1);
+            }
+            r.record(who, now_us().saturating_sub(t), measured);
+        }
+    }
+
+    pub fn connected(&self, who: usize, took: Duration) {
+        add(&self.c.established, 1);
+        add(&self.c.open, 1);
+        let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        self.handshake.record(who, us, true);
+    }
+
+    pub fn disconnected(&self) {
+        self.c.open.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    pub fn connect_failed(&self, e: &anyhow::Error) {
+        add(&self.c.failed, 1);
+        self.error(&format!("connect: {}", short_error(e)));
+    }
+
+    /// Closes the current second of the timeline; `second` counts from
+    /// `measure_from` (negative during the warm-up).
+    pub fn tick(&self, second: i64) -> (u64, u64, u64, u64, Histogram<u64>) {
+        let (s, d, a) = (
+            get(&self.c.sent_all),
+            get(&self.c.delivered_all),
+            get(&self.c.acked_all),
+        );
+        let open = get(&self.c.open);
+        let (ps, pd, pa) = {
+            let mut last = lock(&self.last_tick);
+            let prev = *last;
+            *last = (s, d, a);
+            prev
+        };
+        let latency = self.delivery.take_interval();
+        let iv = Interval {
+            sent: s - ps,
+            delivered: d - pd,
+            acked: a - pa,
+            open,
+            latency: latency.clone(),
+        };
+        lock(&self.timeline).insert(second, iv);
+        (s - ps, d - pd, a - pa, open, latency)
+    }
+
+    pub fn timeline(&self) -> BTreeMap<i64, Interval> {
+        lock(&self.timeline).clone()
+    }
+}
+
+/// The first line of an error, short enough to be a map key.
+pub fn short_error(e: &anyhow::Error) -> String {
+    let mut s = e.to_string();
+    if let Some(i) = s.find(['\n', '(']) {
+        s.truncate(i);
+    }
+    s.truncate(80);
+    s.trim().to_owned()
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

@@ -1,0 +1,227 @@
+//! `fanout`: one room (or a few), N subscribers, one publisher per room at a
+//! fixed rate or at full speed (a window of un-acked sends). Subscribers
+//! check seq continuity and stop at the publisher's end marker.
+//!
+//! In raw mode the publisher numbers its own frames (`seq`) in the same
+//! shape as Switchboard's `message`, so the same reader works against any
+//! broadcast server; the publisher's own echo stands in for the ack.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::bail;
+use futures_util::{SinkExt, StreamExt};
+use protocol::{Body, ClientRequest};
+use tokio_tungstenite::tungstenite::Message;
+
+use super::{DRAIN, count_close, open, ramp, start_clock};
+use crate::cli::FanoutArgs;
+use crate::conn::{Connector, Continuity, Frame, Ws, instant_at, now_us, request};
+use crate::metrics::{Clock, Metrics, add};
+
+pub async fn run(a: &FanoutArgs, m: Arc<Metrics>) -> anyhow::Result<()> {
+    let conn = Arc::new(Connector::new(&a.common)?);
+    let rooms = a.rooms.max(1);
+    if conn.raw && rooms > 1 {
+        bail!("raw mode broadcasts to everyone: use one room");
+    }
+    let room_name = {
+        let prefix = a.room.clone();
+        move |r: u32| {
+            if rooms == 1 {
+                prefix.clone()
+            } else {
+                format!("{prefix}{r}")
+            }
+        }
+    };
+    let subs = ramp(a.clients, &a.common, |i| {
+        let (conn, m, room) = (conn.clone(), m.clone(), room_name(i % rooms));
+        async move {
+            let (ws, seq) = open(&conn, &m, i as usize, &format!("s{i}"), Some(&room)).await?;
+            anyhow::Ok((i as usize, ws, seq))
+        }
+    })
+    .await;
+    let clock = start_clock(&a.common, &m, true).await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for (who, ws, seq) in subs {
+        tasks.spawn(subscriber(ws, seq, who, m.clone(), clock));
+    }
+    if a.common.is_leader() {
+        for r in 0..rooms {
+            let (conn, m, room) = (conn.clone(), m.clone(), room_name(r));
+            let (rate, window) = (a.rate, a.window.max(1) as usize);
+            tasks.spawn(async move {
+                let who = usize::MAX - r as usize;
+                let r = publisher(&conn, &m, who, &room, rate, window, clock).await;
+                if let Err(e) = &r {
+                    m.error(&format!("publisher: {e}"));
+                }
+                r
+            });
+        }
+    }
+    while let Some(done) = tasks.join_next().await {
+        if let Ok(Err(e)) = done {
+            m.error(&format!("fanout: {}", crate::metrics::short_error(&e)));
+        }
+    }
+    Ok(())
+}
+
+/// Reads until the end marker, counting deliveries, latency and continuity.
+async fn subscriber(
+    mut ws: Ws,
+    start: u64,
+    who: usize,
+    m: Arc<Metrics>,
+    clock: Clock,
+) -> anyhow::Result<()> {
+    let mut seen = Continuity::starting_at(start);
+    let deadline = instant_at(clock.stop) + DRAIN;
+    let mut ended = false;
+    while let Ok(Some(Ok(msg))) = tokio::time::timeout_at(deadline, ws.next()).await {
+        let Message::Text(t) = &msg else {
+            count_close(&m, &msg);
+            if matches!(msg, Message::Close(_)) {
+                break;
+            }
+            continue;
+        };
+        let f = Frame::parse(t.as_str());
+        if f.kind != "message" {
+            continue;
+        }
+        if let Some(seq) = f.seq {
+            seen.see(seq);
+        }
+        if f.end {
+            ended = true;
+            break;
+        }
+        m.delivered(who, f.stamp);
+    }
+    add(&m.c.lost, seen.lost);
+    add(&m.c.duplicated, seen.duplicated);
+    m.disconnected();
+    if !ended {
+        m.error("subscriber: no end marker before the drain deadline");
+    }
+    let _ = ws.close(None).await;
+    Ok(())
+}
+
+/// Publishes at `rate` per second (or, at 0, keeping `window` un-acked)
+/// from the clock's start to its stop, then an end marker.
+async fn publisher(
+    conn: &Connector,
+    m: &Metrics,
+    who: usize,
+    room: &str,
+    rate: u32,
+    window: usize,
+    clock: Clock,
+) -> anyhow::Result<()> {
+    let (mut ws, _) = open(conn, m, who, &format!("publisher-{room}"), Some(room)).await?;
+    let raw = conn.raw;
+    let stop = instant_at(clock.stop);
+    let deadline = stop + DRAIN;
+    let gap = (rate > 0).then(|| std::time::Duration::from_secs_f64(1.0 / f64::from(rate)));
+    let mut next = tokio::time::Instant::now();
+    let mut in_flight: VecDeque<(u64, Instant, u64)> = VecDeque::new();
+    let mut n = 0u64;
+    let mut end_id = None;
+    loop {
+        let now = tokio::time::Instant::now();
+        let sending = now < stop;
+        if !sending && end_id.is_none() && in_flight.is_empty() {
+            // Everything is acked: send the end marker, wait for its ack.
+            n += 1;
+            ws.send(frame(raw, room, n, None)?).await?;
+            in_flight.push_back((n, Instant::now(), 0));
+            end_id = Some(n);
+            continue;
+        }
+        if end_id.is_some() && in_flight.is_empty() {
+            break;
+        }
+        let may_send = sending
+            && match gap {
+                Some(_) => now >= next,
+                None => in_flight.len() < window,
+            };
+        if may_send {
+            n += 1;
+            let t = now_us();
+            ws.send(frame(raw, room, n, Some(t))?).await?;
+            m.sent_at(1, t);
+            in_flight.push_back((n, Instant::now(), t));
+            if let Some(g) = gap {
+                next += g;
+            }
+            continue;
+        }
+        let wake = match gap {
+            Some(_) if sending => next,
+            _ if sending => stop,
+            _ => deadline,
+        };
+        tokio::select! {
+            msg = ws.next() => {
+                let Some(msg) = msg else { bail!("publisher connection closed") };
+                let msg = msg?;
+                count_close(m, &msg);
+                let Message::Text(t) = msg else { continue };
+                let f = Frame::parse(t.as_str());
+                let id = match (raw, f.kind) {
+                    (false, "ack") => f.id,
+                    (true, "message") => f.seq,
+                    (false, "error") => {
+                        m.error(f.code.unwrap_or("unknown"));
+                        f.id
+                    }
+                    _ => None,
+                };
+                if let Some(id) = id
+                    && let Some(pos) = in_flight.iter().position(|(i, _, _)| *i == id)
+                    && let Some((i, at, t)) = in_flight.remove(pos)
+                    && Some(i) != end_id
+                {
+                    m.acked(who, at.elapsed(), t);
+                }
+            }
+            () = tokio::time::sleep_until(wake) => {
+                if tokio::time::Instant::now() >= deadline {
+                    bail!("{} acks missing at the drain deadline", in_flight.len());
+                }
+            }
+        }
+    }
+    m.disconnected();
+    let _ = ws.close(None).await;
+    Ok(())
+}
+
+/// A send (Switchboard) or a self-numbered message frame (raw); `stamp`
+/// `None` is the end marker.
+fn frame(raw: bool, room: &str, n: u64, stamp: Option<u64>) -> anyhow::Result<Message> {
+    let body = match stamp {
+        Some(t) => format!(r#"{{"t":{t}}}"#),
+        None => r#"{"end":1}"#.to_owned(),
+    };
+    if raw {
+        return Ok(Message::Text(
+            format!(r#"{{"type":"message","room":"{room}","seq":{n},"body":{body}}}"#).into(),
+        ));
+    }
+    Ok(request(
+        Some(n),
+        ClientRequest::Send {
+            room: room.to_owned(),
+            body: Body::from_json(&body)?,
+            key: None,
+        },
+    ))
+}
