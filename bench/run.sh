@@ -1,0 +1,196 @@
+#!/usr/bin/env bash
+# Runs the benchmark suite: Switchboard against the reference broadcast
+# servers (bench/tokio-broadcast, bench/node-ws), with the same load
+# generator in the same run, and prints one table. Figures are the ones of
+# BENCHMARKS.md (issue 5).
+#
+#   bench/run.sh [FIGURE...]     # figures: 1 2 3 4 5 6 7 (default: all)
+#
+# The server runs pinned to CPU 0, the load generator to CPU 1 (taskset).
+# Every server gets a fresh data dir, listens on port 0 (the address is read
+# from its stdout) and is stopped by its PID when its run ends.
+#
+# Environment: OUT (results dir, default a new temp dir), REPEAT (runs per
+# figure 1-3, default 1; the table shows the median), SKIP_BUILD=1.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+OUT=${OUT:-$(mktemp -d /tmp/switchboard-bench.XXXXXX)}
+REPEAT=${REPEAT:-1}
+FIGURES=${*:-1 2 3 4 5 6 7}
+mkdir -p "$OUT"
+
+SB=${SB_BIN:-$ROOT/target/release/switchboard}
+REF=${REF_BIN:-$ROOT/target/release/tokio-broadcast}
+LT=${LT_BIN:-$ROOT/target/release/switchboard-loadtest}
+
+if [ "${SKIP_BUILD:-0}" != 1 ]; then
+    cargo build --release --locked -p switchboard -p loadtest -p tokio-broadcast >&2
+fi
+if [ ! -d bench/node-ws/node_modules ]; then
+    (cd bench/node-ws && npm ci --no-audit --no-fund >&2)
+fi
+ulimit -n "$(ulimit -Hn)"
+
+echo "results in $OUT" >&2
+{ nproc; lscpu | head -15; uname -r; } > "$OUT/machine.txt"
+
+PID=""
+WS=""
+WSS=""
+
+# start_server NAME [extra switchboard options]; sets PID, WS, WSS.
+start_server() {
+    local name=$1
+    shift
+    local log="$OUT/server-$name-$RANDOM.log"
+    case $name in
+    switchboard)
+        local dir
+        dir=$(mktemp -d "$OUT/sb-data.XXXXXX")
+        taskset -c 0 "$SB" serve --listen 127.0.0.1:0 --plain-listen 127.0.0.1:0 \
+            --admin-listen 127.0.0.1:0 --data-dir "$dir" \
+            --tls-cert "$OUT/certs/server.pem" --tls-key "$OUT/certs/server.key" \
+            --max-connections 20000 "$@" >"$log" 2>"$log.err" &
+        ;;
+    tokio)
+        taskset -c 0 "$REF" --listen 127.0.0.1:0 --tls-listen 127.0.0.1:0 \
+            --cert "$OUT/certs/server.pem" --key "$OUT/certs/server.key" >"$log" 2>"$log.err" &
+        ;;
+    node)
+        taskset -c 0 node bench/node-ws/server.js --listen 127.0.0.1:0 --tls-listen 127.0.0.1:0 \
+            --cert "$OUT/certs/server.pem" --key "$OUT/certs/server.key" >"$log" 2>"$log.err" &
+        ;;
+    esac
+    PID=$!
+    # Ready when both addresses are printed (bounded).
+    for _ in $(seq 1 200); do
+        WS=$(grep -o 'ws://[0-9.:]*/ws' "$log" | grep -v wss | head -1 || true)
+        WSS=$(grep -o 'wss://[0-9.:]*/ws' "$log" | head -1 || true)
+        if [ -n "$WS" ] && [ -n "$WSS" ]; then
+            return 0
+        fi
+        if ! kill -0 "$PID" 2>/dev/null; then break; fi
+        sleep 0.05
+    done
+    echo "server $name did not start; see $log.err" >&2
+    cat "$log.err" >&2
+    exit 1
+}
+
+stop_server() {
+    if [ -n "$PID" ]; then
+        kill -INT "$PID" 2>/dev/null || true
+        for _ in $(seq 1 100); do
+            kill -0 "$PID" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL "$PID" 2>/dev/null || true
+        wait "$PID" 2>/dev/null || true
+        PID=""
+    fi
+}
+trap stop_server EXIT
+
+# lt NAME ARGS...: one load generator run, pinned to CPU 1; JSON to $OUT/NAME.json.
+lt() {
+    local name=$1
+    shift
+    echo "== $name" >&2
+    taskset -c 1 "$LT" "$@" --quiet --json-out "$OUT/$name.json" >"$OUT/$name.txt" 2>"$OUT/$name.err" || true
+    grep -E '^(FAIL|result)' "$OUT/$name.txt" >&2 || cat "$OUT/$name.err" >&2
+}
+
+# raw_for SERVER: the loadgen flag for a plain broadcast server.
+raw_for() { if [ "$1" = switchboard ]; then echo ""; else echo "--raw"; fi; }
+
+# Development certificates for every server (Switchboard makes them).
+if [ ! -f "$OUT/certs/server.pem" ]; then
+    mkdir -p "$OUT/certs"
+    start_server_certs() {
+        local dir
+        dir=$(mktemp -d "$OUT/sb-data.XXXXXX")
+        "$SB" serve --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --data-dir "$dir" \
+            --tls-cert "$OUT/certs/server.pem" --tls-key "$OUT/certs/server.key" >"$OUT/certs.log" 2>&1 &
+        local p=$!
+        for _ in $(seq 1 100); do
+            [ -f "$OUT/certs/ca.pem" ] && grep -q wss "$OUT/certs.log" && break
+            sleep 0.05
+        done
+        kill -INT $p
+        wait $p || true
+    }
+    start_server_certs
+fi
+CA="$OUT/certs/ca.pem"
+
+for fig in $FIGURES; do
+    case $fig in
+    1 | 2)
+        rate=$([ "$fig" = 1 ] && echo 0 || echo 200)
+        for i in $(seq 1 "$REPEAT"); do
+            for srv in switchboard tokio node; do
+                start_server $srv
+                lt "f$fig-$srv-$i" fanout $(raw_for $srv) --url "$WS" --clients 1000 --rate "$rate" \
+                    --window 64 --warmup 2 --duration 10 --server-pid "$PID"
+                stop_server
+            done
+        done
+        ;;
+    3)
+        for i in $(seq 1 "$REPEAT"); do
+            for srv in switchboard tokio node; do
+                start_server $srv
+                lt "f3a-$srv-$i" fanout $(raw_for $srv) --url "$WS" --clients 10000 --rate 20 \
+                    --ramp-up 4000 --warmup 2 --duration 10 --server-pid "$PID"
+                stop_server
+            done
+            start_server switchboard
+            lt "f3b-switchboard-$i" fanout --url "$WS" --clients 10000 --rooms 100 --rate 20 \
+                --ramp-up 4000 --warmup 2 --duration 10 --server-pid "$PID"
+            stop_server
+        done
+        ;;
+    4)
+        for n in 10000 19000; do
+            for srv in switchboard tokio node; do
+                for tls in plain tls; do
+                    start_server $srv
+                    url=$([ $tls = plain ] && echo "$WS" || echo "$WSS")
+                    lt "f4-$srv-$tls-n$n" idle $(raw_for $srv) --url "$url" --ca "$CA" --clients $n \
+                        --ramp-up 3000 --warmup 3 --duration 3 --server-pid "$PID"
+                    stop_server
+                done
+            done
+        done
+        ;;
+    5)
+        for srv in switchboard tokio node; do
+            for tls in plain tls; do
+                start_server $srv
+                url=$([ $tls = plain ] && echo "$WS" || echo "$WSS")
+                lt "f5-$srv-$tls" connect $(raw_for $srv) --url "$url" --ca "$CA" --clients 5000 \
+                    --concurrency 64 --duration 60 --server-pid "$PID"
+                stop_server
+            done
+        done
+        ;;
+    6)
+        for mode in group single; do
+            extra=$([ $mode = group ] && echo "" || echo "--commit-max-batch 1")
+            start_server switchboard $extra
+            lt "f6-$mode" fanout --url "$WS" --clients 0 --rooms 1000 --rate 0 --window 1 \
+                --ramp-up 5000 --warmup 2 --duration 10 --server-pid "$PID"
+            stop_server
+        done
+        ;;
+    7)
+        start_server switchboard
+        lt "f7-chat" chat --url "$WS" --users 10000 --rooms 100 --rooms-per-user 3 --rate 0.01 \
+            --ramp-up 2000 --warmup 5 --duration 60 --server-pid "$PID" --plot "$OUT/chat-10k.svg"
+        stop_server
+        ;;
+    esac
+done
+
+python3 bench/table.py "$OUT"

@@ -1,0 +1,117 @@
+#!/usr/bin/env python3
+"""Prints bench/run.sh's results (the JSON reports in a results dir) as one
+table: the median over repeated runs, and ratios to the tokio-tungstenite
+reference where a target is defined against it."""
+
+import json
+import os
+import re
+import statistics
+import sys
+
+out = sys.argv[1] if len(sys.argv) > 1 else "."
+runs = {}
+for f in sorted(os.listdir(out)):
+    m = re.match(r"(f\d+[ab]?)-(.+?)(?:-(\d+))?\.json$", f)
+    if not m:
+        continue
+    with open(os.path.join(out, f)) as fh:
+        try:
+            r = json.load(fh)
+        except ValueError:
+            continue
+    runs.setdefault((m.group(1), m.group(2)), []).append(r)
+
+
+def med(key, fn):
+    vals = [fn(r) for r in runs.get(key, [])]
+    vals = [v for v in vals if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def lat(r, name, q):
+    p = r.get("latency_ms", {}).get(name)
+    return p.get(q) if p else None
+
+
+def dpc(r):
+    s = r.get("server") or {}
+    return s.get("deliveries_per_cpu_second")
+
+
+def per_conn(r):
+    s = r.get("server") or {}
+    return s.get("bytes_per_connection")
+
+
+def conn_rate(r):
+    secs = r.get("measured_seconds") or 0
+    return r["counts"]["connections_established"] / secs if secs else None
+
+
+def fmt(v, unit=""):
+    if v is None:
+        return "-"
+    if abs(v) >= 1e6:
+        return f"{v / 1e6:.2f}M{unit}"
+    if abs(v) >= 1e4:
+        return f"{v / 1e3:.1f}k{unit}"
+    return f"{v:.2f}{unit}"
+
+
+rows = []
+
+
+def row(fig, srv, what, key, fn, unit=""):
+    n = len(runs.get(key, []))
+    if n == 0:
+        return
+    lost = sum(r["counts"]["lost"] for r in runs[key])
+    rows.append((fig, srv, what, fmt(med(key, fn), unit), n, lost))
+
+
+SERVERS = ["switchboard", "tokio", "node"]
+for srv in SERVERS:
+    row("1 fan-out 1x1000 full speed", srv, "deliveries/s", ("f1", srv), lambda r: r["rates"]["delivered_per_s"])
+    row("1 fan-out 1x1000 full speed", srv, "deliveries/server CPU-s", ("f1", srv), dpc)
+for srv in SERVERS:
+    for q in ("p50", "p99", "p999"):
+        row("2 fan-out 1x1000 @200/s", srv, f"{q} ms", ("f2", srv), lambda r, q=q: lat(r, "delivery", q))
+for srv in SERVERS:
+    for q in ("p50", "p99"):
+        row("3a 1x10000 @20/s", srv, f"{q} ms", ("f3a", srv), lambda r, q=q: lat(r, "delivery", q))
+for q in ("p50", "p99"):
+    row("3b 100 rooms x100 @20/s", "switchboard", f"{q} ms", ("f3b", "switchboard"), lambda r, q=q: lat(r, "delivery", q))
+for n in ("10000", "19000"):
+    for srv in SERVERS:
+        for tls in ("plain", "tls"):
+            row(f"4 idle {n}", f"{srv} {tls}", "bytes/conn", ("f4", f"{srv}-{tls}-n{n}"), per_conn)
+for srv in SERVERS:
+    for tls in ("plain", "tls"):
+        row("5 connect", f"{srv} {tls}", "handshakes+joins/s", ("f5", f"{srv}-{tls}"), conn_rate)
+for mode in ("group", "single"):
+    row("6 durable sends x1000", mode, "acked/s", ("f6", mode), lambda r: r["rates"]["acked_per_s"])
+    row("6 durable sends x1000", mode, "ack p99 ms", ("f6", mode), lambda r: lat(r, "ack", "p99"))
+row("7 chat 10k users 60 s", "switchboard", "delivered/s", ("f7", "chat"), lambda r: r["rates"]["delivered_per_s"])
+row("7 chat 10k users 60 s", "switchboard", "delivery p99 ms", ("f7", "chat"), lambda r: lat(r, "delivery", "p99"))
+
+print(f"{'figure':<28} {'server':<18} {'metric':<24} {'median':>10} {'runs':>4} {'lost':>5}")
+for fig, srv, what, v, n, lost in rows:
+    print(f"{fig:<28} {srv:<18} {what:<24} {v:>10} {n:>4} {lost:>5}")
+
+
+def ratio(num_key, den_key, fn):
+    a, b = med(num_key, fn), med(den_key, fn)
+    return a / b if a and b else None
+
+
+print()
+print("ratios to the tokio-tungstenite reference (same run):")
+for name, nk, dk, fn in [
+    ("fan-out efficiency (target >= 0.8)", ("f1", "switchboard"), ("f1", "tokio"), dpc),
+    ("p99 @200k/s (target <= 1.5)", ("f2", "switchboard"), ("f2", "tokio"), lambda r: lat(r, "delivery", "p99")),
+    ("connect rate plain (target >= 0.9)", ("f5", "switchboard-plain"), ("f5", "tokio-plain"), conn_rate),
+    ("connect rate TLS (target >= 0.9)", ("f5", "switchboard-tls"), ("f5", "tokio-tls"), conn_rate),
+]:
+    r = ratio(nk, dk, fn)
+    print(f"  {name:<40} {'-' if r is None else f'{r:.2f}'}")
