@@ -210,23 +210,9 @@ where
             ));
         }
         let Some(verifier) = &state.verifier else {
-            return match dev_user(request) {
-                Ok(user) => {
-                    let principal = Principal::dev(user);
-                    match state
-                        .limits
-                        .connections_per_user
-                        .acquire(principal.user.clone())
-                    {
-                        Some(guard) => {
-                            who = Some(Who::Known(principal, guard));
-                            Ok(response)
-                        }
-                        None => Err(too_many_for_user()),
-                    }
-                }
-                Err(e) => Err(e),
-            };
+            let principal = Principal::dev(dev_user(request)?);
+            who = Some(admit_user(state, principal)?);
+            return Ok(response);
         };
         if let Some(origin) = request.headers().get("origin") {
             let allowed = origin
@@ -245,17 +231,10 @@ where
                 Ok(response)
             }
             Some(token) => match verifier.verify(&token) {
-                Ok(principal) => match state
-                    .limits
-                    .connections_per_user
-                    .acquire(principal.user.clone())
-                {
-                    Some(guard) => {
-                        who = Some(Who::Known(principal, guard));
-                        Ok(response)
-                    }
-                    None => Err(too_many_for_user()),
-                },
+                Ok(principal) => {
+                    who = Some(admit_user(state, principal)?);
+                    Ok(response)
+                }
                 Err(e) => {
                     // Counted before the refusal is written, so that a
                     // client that sees the 401 also sees it counted.
@@ -329,11 +308,20 @@ fn presented_token(request: &Request) -> Option<String> {
     header.or_else(|| query_param(request, "token"))
 }
 
-fn too_many_for_user() -> ErrorResponse {
-    reject(
-        StatusCode::TOO_MANY_REQUESTS,
-        "this user is at its connection limit",
-    )
+/// Takes a slot of the user's connection cap, or refuses with HTTP 429.
+#[allow(clippy::result_large_err)]
+fn admit_user(state: &ServerState, principal: Principal) -> Result<Who, ErrorResponse> {
+    match state
+        .limits
+        .connections_per_user
+        .acquire(principal.user.clone())
+    {
+        Some(guard) => Ok(Who::Known(principal, guard)),
+        None => Err(reject(
+            StatusCode::TOO_MANY_REQUESTS,
+            "this user is at its connection limit",
+        )),
+    }
 }
 
 fn reject(status: StatusCode, why: &str) -> ErrorResponse {
