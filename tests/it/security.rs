@@ -763,7 +763,6 @@ async fn a_slowloris_upgrade_is_dropped_at_the_handshake_timeout() {
         .connect(name, tcp)
         .await
         .expect("tls");
-    let started = std::time::Instant::now();
     let trickle = async {
         for b in b"GET /ws HTTP/1.1\r\nHost: localhost\r\nX-Slow: "
             .iter()
