@@ -753,6 +753,9 @@ async fn a_slowloris_upgrade_is_dropped_at_the_handshake_timeout() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let server = auth_server(|c| c.handshake_timeout_ms = 400).await;
     // TLS completes, then the HTTP request trickles in a byte at a time.
+    // Measured from before the connect, so the server's clock (which starts
+    // at accept) cannot have run longer: an early hang-up fails the test.
+    let started = std::time::Instant::now();
     let tcp = tokio::net::TcpStream::connect(server.addr)
         .await
         .expect("tcp");
