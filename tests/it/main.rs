@@ -10,5 +10,6 @@ mod backpressure;
 mod chat;
 mod dashboard;
 mod gateway;
+mod loadtest;
 mod security;
 mod shutdown;
