@@ -1,7 +1,8 @@
 //! `chat`: a simulation of real use. N users over R rooms with Zipf
 //! popularity, k rooms each; Poisson sends per user, typing before some
 //! sends; join/leave churn; a share of users that drop their connection and
-//! resume with `join {since, epoch}`; a share of slow readers.
+//! resume with `join {since, epoch}`; a share of slow readers, who only
+//! read, pausing after every frame (their latency is kept apart).
 //!
 //! Every user checks per-room seq continuity. A gap filled by a replay
 //! (`recovered: true`) or by paging history (`recovered: false`) counts as
@@ -301,13 +302,23 @@ impl User {
             far
         };
         loop {
+            // Checked here too: a reader that always has a frame waiting
+            // must still stop on time.
+            let now = TInstant::now();
+            if now >= deadline {
+                self.give_up();
+                break;
+            }
+            if !self.finishing && now >= stop {
+                self.finishing = true;
+                self.final_sync(&mut ws).await?;
+            }
             if self.finishing && self.rooms.iter().all(Room::caught_up) && self.in_flight.is_empty()
             {
                 break;
             }
             let running = !self.finishing;
             tokio::select! {
-                biased;
                 msg = ws.next() => {
                     match msg {
                         Some(Ok(msg)) => {
@@ -433,7 +444,8 @@ impl User {
     }
 
     async fn send(&mut self, ws: &mut Ws) -> anyhow::Result<()> {
-        if self.in_flight.len() >= self.a.window as usize {
+        // Slow readers only read (their acks would wait behind their backlog).
+        if self.slow || self.in_flight.len() >= self.a.window as usize {
             return Ok(());
         }
         let live: Vec<usize> = (0..self.rooms.len())
