@@ -883,3 +883,28 @@ async fn sighup_reloads_the_certificate_without_dropping_live_connections() {
     process.signal("-TERM");
     assert!(process.wait_success().await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_joins_at_most_max_rooms_per_session() {
+    let server = auth_server(|c| c.max_rooms_per_session = 3).await;
+    let mut c = connect_bearer(&server, &token("collector", &["*:rw"])).await;
+    for room in ["a", "b", "c"] {
+        c.join(room).await;
+    }
+    let reply = c
+        .request(ClientRequest::Join {
+            room: "d".into(),
+            since: None,
+            epoch: None,
+        })
+        .await;
+    assert_eq!(error_code(&reply), Some(ErrorCode::Forbidden), "{reply:?}");
+    // Rejoining a room already joined is no new room; leaving frees a slot.
+    c.join("a").await;
+    let left = c.request(ClientRequest::Leave { room: "c".into() }).await;
+    assert!(matches!(left, ServerFrame::Left { .. }));
+    c.join("d").await;
+    c.say("d", "\"fits now\"").await;
+    still_serving(&server).await;
+    server.stop().await;
+}
