@@ -137,6 +137,20 @@ pub struct Config {
     pub rate_limit_strikes: u32,
     /// The window of `rate_limit_strikes`. Default 10 000 ms.
     pub rate_limit_window_ms: u64,
+    /// Log filter (`tracing` `EnvFilter` syntax, e.g. `info` or
+    /// `switchboard=debug,info`). `RUST_LOG`, when set, wins. Default `info`.
+    pub log_level: String,
+    /// Log format: `pretty` (human) or `json` (one object per line). Default `pretty`.
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Pretty,
+    Json,
 }
 
 /// A token-bucket rate: `per_sec` tokens added each second, up to `burst`
@@ -242,6 +256,8 @@ impl Default for Config {
             history_rate_per_user: Rate::new(10, 40),
             rate_limit_strikes: 20,
             rate_limit_window_ms: 10_000,
+            log_level: "info".to_owned(),
+            log_format: LogFormat::Pretty,
         }
     }
 }

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use switchboard::config::LogFormat;
 use switchboard::store::Durability;
 use switchboard::{Config, Listeners, Server};
 use tokio::net::TcpListener;
@@ -56,7 +57,7 @@ struct TokenArgs {
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy)]
-enum LogFormat {
+enum LogFormatArg {
     Pretty,
     Json,
 }
@@ -73,9 +74,12 @@ struct ServeArgs {
     /// TOML config file; its keys are the config reference (README).
     #[arg(long, env = "SWITCHBOARD_CONFIG")]
     config: Option<PathBuf>,
-    /// Log format.
+    /// Log format [default: pretty].
     #[arg(long, env = "SWITCHBOARD_LOG_FORMAT", value_enum)]
-    log_format: Option<LogFormat>,
+    log_format: Option<LogFormatArg>,
+    /// Log filter, e.g. `info` or `switchboard=debug,info`; RUST_LOG wins when set [default: info].
+    #[arg(long, env = "SWITCHBOARD_LOG_LEVEL")]
+    log_level: Option<String>,
     /// TLS WebSocket listener [default: 127.0.0.1:8443].
     #[arg(long, env = "SWITCHBOARD_LISTEN")]
     listen: Option<SocketAddr>,
@@ -198,6 +202,15 @@ impl ServeArgs {
         if self.admin_listen.is_some() {
             config.admin_listen = self.admin_listen;
         }
+        if let Some(format) = self.log_format {
+            config.log_format = match format {
+                LogFormatArg::Pretty => LogFormat::Pretty,
+                LogFormatArg::Json => LogFormat::Json,
+            };
+        }
+        if let Some(level) = &self.log_level {
+            config.log_level = level.clone();
+        }
         if let Some(secret) = &self.auth_hs256_secret {
             config.auth_hs256_secret = Some(switchboard::config::Secret::new(secret.clone()));
         }
@@ -226,16 +239,21 @@ impl ServeArgs {
     }
 }
 
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+/// Logs to stderr; `RUST_LOG` overrides the configured level.
+fn init_tracing(config: &Config) -> anyhow::Result<()> {
+    let filter = match tracing_subscriber::EnvFilter::try_from_default_env() {
+        Ok(filter) => filter,
+        Err(_) => tracing_subscriber::EnvFilter::try_new(&config.log_level)
+            .with_context(|| format!("invalid log_level `{}`", config.log_level))?,
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    match format {
+    match config.log_format {
         LogFormat::Pretty => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+    Ok(())
 }
 
 #[tokio::main]
@@ -246,13 +264,12 @@ async fn main() -> anyhow::Result<()> {
         Some(Command::Token(args)) => return mint(args),
         None => ServeArgs::parse_from_env_only(),
     };
-    init_tracing(args.log_format.unwrap_or(LogFormat::Pretty));
-
     let mut config = match &args.config {
         Some(path) => Config::from_file(path)?,
         None => Config::default(),
     };
     args.apply(&mut config);
+    init_tracing(&config)?;
     config.validate()?;
     if config.dev_mode() {
         warn!(

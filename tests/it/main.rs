@@ -10,6 +10,7 @@ mod backpressure;
 mod chat;
 mod dashboard;
 mod gateway;
+mod logs;
 mod loadtest;
 mod security;
 mod shutdown;

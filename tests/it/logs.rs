@@ -1,0 +1,100 @@
+//! Logs: `--log-format json` writes one JSON object per line, the level
+//! comes from config (`--log-level`) unless `RUST_LOG` is set, and session
+//! events carry the session span (id, user, remote address) but never a
+//! token or a message body.
+
+use std::process::Stdio;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+
+use crate::support::{DEADLINE, Fixture, connect_tls};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_the_session_span_and_no_secrets() {
+    let fixture = Fixture::new();
+    let dir = fixture.path();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--log-level",
+            "switchboard=debug,warn",
+        ])
+        .arg("--tls-cert")
+        .arg(dir.join("server.pem"))
+        .arg("--tls-key")
+        .arg(dir.join("server.key"))
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn");
+    let mut out = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let addr: std::net::SocketAddr = tokio::time::timeout(DEADLINE, async {
+        while let Some(line) = out.next_line().await.expect("stdout") {
+            if let Some(rest) = line.strip_prefix("listening on wss://") {
+                return rest.trim_end_matches("/ws").parse().expect("addr");
+            }
+        }
+        panic!("no listening line");
+    })
+    .await
+    .expect("listens");
+    tokio::spawn(async move { while let Ok(Some(_)) = out.next_line().await {} });
+
+    let secret_body = "a-very-private-message-body";
+    let url = format!("wss://localhost:{}/ws?user=logan", addr.port());
+    let mut c = connect_tls(addr, &fixture.tls_connector(), &url)
+        .await
+        .expect("connect");
+    c.recv().await;
+    c.join("general").await;
+    c.say("general", &format!("\"{secret_body}\"")).await;
+    drop(c);
+
+    // Read stderr until the session's close is logged inside its span.
+    let mut err = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let mut seen = Vec::new();
+    let closed = tokio::time::timeout(DEADLINE, async {
+        while let Some(line) = err.next_line().await.expect("stderr") {
+            let v: serde_json::Value = serde_json::from_str(&line)
+                .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+            assert!(!line.contains(secret_body), "a body was logged: {line}");
+            seen.push(line.clone());
+            if v["fields"]["message"] == "session closed" {
+                return v;
+            }
+        }
+        panic!("no session-closed line in {seen:?}");
+    })
+    .await
+    .expect("the close is logged");
+    assert_eq!(closed["level"], "DEBUG");
+    assert_eq!(closed["span"]["name"], "session");
+    assert_eq!(closed["span"]["user"], "logan");
+    assert!(
+        closed["span"]["remote"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("127.0.0.1:"))
+    );
+    assert!(
+        closed["span"]["id"]
+            .as_str()
+            .is_some_and(|id| id.len() == 16)
+    );
+    // The dev-mode warning came first, as JSON, at the configured level.
+    assert!(
+        seen.iter()
+            .any(|l| l.contains("dev mode") && l.contains("\"WARN\"")),
+        "{seen:?}"
+    );
+    child.start_kill().expect("kill");
+    let _ = child.wait().await;
+}
