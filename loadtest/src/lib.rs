@@ -38,7 +38,7 @@ pub async fn run(scenario: &Scenario) -> anyhow::Result<Report> {
         let probe = Probe::new(common.server_pid);
         let bar = progress_bar(common);
         let metrics = Arc::new(Metrics::new());
-        let own0 = cpu_seconds(std::process::id()).unwrap_or(0.0);
+        let (me, me_task) = own_cpu(&metrics);
         let ticker = spawn_ticker(metrics.clone(), bar.clone(), None);
         let probe_task = {
             let (m1, m2) = (metrics.clone(), metrics.clone());
@@ -49,7 +49,7 @@ pub async fn run(scenario: &Scenario) -> anyhow::Result<Report> {
         bar.finish_and_clear();
         result?;
         let finished = now_us();
-        let own = cpu_seconds(std::process::id()).unwrap_or(0.0) - own0;
+        let own = me.finish(me_task, 0).map_or(0.0, |u| u.cpu_seconds);
         let collected = Collected::from_metrics(&metrics, own);
         let clock = metrics.clock().unwrap_or(Clock::new(finished, 0, 0));
         let server = probe.finish(probe_task, metrics::get(&metrics.c.open));
@@ -86,7 +86,7 @@ pub(crate) fn measured_seconds(s: &Scenario, clock: Clock, finished_us: u64) -> 
 /// worker to send to its parent.
 pub async fn collect(scenario: &Scenario, progress: bool) -> anyhow::Result<Collected> {
     let metrics = Arc::new(Metrics::new());
-    let own0 = cpu_seconds(std::process::id()).unwrap_or(0.0);
+    let (me, me_task) = own_cpu(&metrics);
     let ticker = spawn_ticker(
         metrics.clone(),
         ProgressBar::hidden(),
@@ -95,8 +95,16 @@ pub async fn collect(scenario: &Scenario, progress: bool) -> anyhow::Result<Coll
     let result = scenario::run(scenario, metrics.clone()).await;
     ticker.abort();
     result?;
-    let own = cpu_seconds(std::process::id()).unwrap_or(0.0) - own0;
+    let own = me.finish(me_task, 0).map_or(0.0, |u| u.cpu_seconds);
     Ok(Collected::from_metrics(&metrics, own))
+}
+
+/// This process's CPU over the measured window.
+fn own_cpu(metrics: &Arc<Metrics>) -> (Probe, Option<ProbeTask>) {
+    let me = Probe::new(Some(std::process::id()));
+    let m = metrics.clone();
+    let task = me.watch(move || m.clock(), || 0);
+    (me, task)
 }
 
 pub(crate) fn progress_bar(common: &Common) -> ProgressBar {

@@ -170,6 +170,9 @@ pub struct Metrics {
     pub history: Recorder,
     errors: Mutex<BTreeMap<String, u64>>,
     closes: Mutex<BTreeMap<String, u64>>,
+    /// Per room, the highest seq its publisher got acked (raw: sent), for
+    /// readers that never saw the end marker.
+    published: Mutex<BTreeMap<String, u64>>,
     timeline: Mutex<BTreeMap<i64, Interval>>,
     last_tick: Mutex<(u64, u64, u64)>,
 }
@@ -189,6 +192,7 @@ impl Metrics {
             history: Recorder::new(),
             errors: Mutex::new(BTreeMap::new()),
             closes: Mutex::new(BTreeMap::new()),
+            published: Mutex::new(BTreeMap::new()),
             timeline: Mutex::new(BTreeMap::new()),
             last_tick: Mutex::new((0, 0, 0)),
         }
@@ -226,6 +230,17 @@ impl Metrics {
 
     pub fn close_code(&self, code: u16) {
         *lock(&self.closes).entry(code.to_string()).or_default() += 1;
+    }
+
+    pub fn published(&self, room: &str, seq: u64) {
+        let mut p = lock(&self.published);
+        let e = p.entry(room.to_owned()).or_default();
+        *e = (*e).max(seq);
+    }
+
+    /// The highest seq published to `room` in this process, if any.
+    pub fn published_seq(&self, room: &str) -> Option<u64> {
+        lock(&self.published).get(room).copied()
     }
 
     pub fn errors(&self) -> BTreeMap<String, u64> {

@@ -320,6 +320,7 @@ pub struct Report {
     pub errors: BTreeMap<String, u64>,
     pub close_codes: BTreeMap<String, u64>,
     pub server: Option<ServerUsage>,
+    /// The generator's CPU seconds over the measured window, all processes.
     pub loadgen_cpu_seconds: f64,
     pub extra: BTreeMap<String, f64>,
     pub timeline: Vec<Sample>,

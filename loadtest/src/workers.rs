@@ -16,7 +16,7 @@ use tokio::process::Command;
 use crate::cli::Scenario;
 use crate::conn::now_us;
 use crate::metrics::{Clock, lock};
-use crate::report::{Collected, Report, cpu_seconds};
+use crate::report::{Collected, Report};
 use crate::{Probe, progress_bar};
 
 /// Options the parent handles itself and does not pass on.
@@ -73,7 +73,8 @@ pub async fn run_parent(s: &Scenario) -> anyhow::Result<Report> {
     };
     let clock = Clock::new(start_at, warmup, common.duration_us());
     let probe = Probe::new(common.server_pid);
-    let own0 = cpu_seconds(std::process::id()).unwrap_or(0.0);
+    let me = Probe::new(Some(std::process::id()));
+    let me_task = me.watch(move || Some(clock), || 0);
     let base = child_args(n);
     let progress: Arc<Mutex<Vec<[u64; 4]>>> = Arc::new(Mutex::new(vec![[0; 4]; n as usize]));
     let mut children = tokio::task::JoinSet::new();
@@ -148,7 +149,7 @@ pub async fn run_parent(s: &Scenario) -> anyhow::Result<Report> {
     bar.finish_and_clear();
     gathered.context("workers did not finish in time")??;
     let finished = now_us();
-    merged.loadgen_cpu_seconds += cpu_seconds(std::process::id()).unwrap_or(0.0) - own0;
+    merged.loadgen_cpu_seconds += me.finish(me_task, 0).map_or(0.0, |u| u.cpu_seconds);
     let server = probe.finish(sampler, open_now());
     let mut clock = clock;
     clock.stop = clock.stop.min(finished);

@@ -47,7 +47,8 @@ pub async fn run(a: &FanoutArgs, m: Arc<Metrics>) -> anyhow::Result<()> {
     let clock = start_clock(&a.common, &m, true).await;
     let mut tasks = tokio::task::JoinSet::new();
     for (who, ws, seq) in subs {
-        tasks.spawn(subscriber(ws, seq, who, m.clone(), clock));
+        let room = room_name(who as u32 % rooms);
+        tasks.spawn(subscriber(ws, seq, who, room, m.clone(), clock));
     }
     if a.common.is_leader() {
         for r in 0..rooms {
@@ -76,6 +77,7 @@ async fn subscriber(
     mut ws: Ws,
     start: u64,
     who: usize,
+    room: String,
     m: Arc<Metrics>,
     clock: Clock,
 ) -> anyhow::Result<()> {
@@ -108,6 +110,11 @@ async fn subscriber(
     m.disconnected();
     if !ended {
         m.error("subscriber: no end marker before the drain deadline");
+        // What the publisher (in this process) had published and this
+        // reader never got counts as lost.
+        if let Some(last) = m.published_seq(&room) {
+            add(&m.c.lost, last.saturating_sub(seen.last));
+        }
     }
     let _ = ws.close(None).await;
     Ok(())
@@ -190,6 +197,7 @@ async fn publisher(
                     && Some(i) != end_id
                 {
                     m.acked(who, at.elapsed(), t);
+                    m.published(room, if raw { i } else { f.seq.unwrap_or(0) });
                 }
             }
             () = tokio::time::sleep_until(wake) => {
