@@ -9,6 +9,7 @@ mod admin;
 mod backpressure;
 mod chat;
 mod dashboard;
+mod fuzz_corpus;
 mod gateway;
 mod logs;
 mod loadtest;
