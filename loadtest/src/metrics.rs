@@ -174,7 +174,8 @@ pub struct Metrics {
     /// readers that never saw the end marker.
     published: Mutex<BTreeMap<String, u64>>,
     timeline: Mutex<BTreeMap<i64, Interval>>,
-    last_tick: Mutex<(u64, u64, u64)>,
+    /// Counters at the last tick, and its second.
+    last_tick: Mutex<(u64, u64, u64, Option<i64>)>,
 }
 
 impl Metrics {
@@ -194,7 +195,7 @@ impl Metrics {
             closes: Mutex::new(BTreeMap::new()),
             published: Mutex::new(BTreeMap::new()),
             timeline: Mutex::new(BTreeMap::new()),
-            last_tick: Mutex::new((0, 0, 0)),
+            last_tick: Mutex::new((0, 0, 0, None)),
         }
     }
 
@@ -321,7 +322,10 @@ impl Metrics {
     }
 
     /// Closes the current second of the timeline; `second` counts from
-    /// `measure_from` (negative during the warm-up).
+    /// `measure_from` (negative during the warm-up). A tick that comes late
+    /// (a starved runtime) spreads its counts evenly over the seconds it
+    /// covers, each with the interval's latency, so rates stay per second.
+    /// Returns the per-second counts and the interval's latency.
     pub fn tick(&self, second: i64) -> (u64, u64, u64, u64, Histogram<u64>) {
         let (s, d, a) = (
             get(&self.c.sent_all),
@@ -329,22 +333,30 @@ impl Metrics {
             get(&self.c.acked_all),
         );
         let open = get(&self.c.open);
-        let (ps, pd, pa) = {
+        let (ps, pd, pa, prev_second) = {
             let mut last = lock(&self.last_tick);
             let prev = *last;
-            *last = (s, d, a);
+            *last = (s, d, a, Some(second));
             prev
         };
+        let first = prev_second.map_or(second, |p| (p + 1).min(second));
+        let n = (second - first + 1).max(1) as u64;
         let latency = self.delivery.take_interval();
-        let iv = Interval {
-            sent: s - ps,
-            delivered: d - pd,
-            acked: a - pa,
-            open,
-            latency: latency.clone(),
-        };
-        lock(&self.timeline).insert(second, iv);
-        (s - ps, d - pd, a - pa, open, latency)
+        let (ds, dd, da) = ((s - ps) / n, (d - pd) / n, (a - pa) / n);
+        let mut timeline = lock(&self.timeline);
+        for k in first..=second {
+            timeline.insert(
+                k,
+                Interval {
+                    sent: ds,
+                    delivered: dd,
+                    acked: da,
+                    open,
+                    latency: latency.clone(),
+                },
+            );
+        }
+        (ds, dd, da, open, latency)
     }
 
     pub fn timeline(&self) -> BTreeMap<i64, Interval> {

@@ -13,10 +13,10 @@ type Area<'a> = DrawingArea<SVGBackend<'a>, Shift>;
 /// One line: its legend, colour and value per sample.
 type Series = (&'static str, RGBColor, fn(&Sample) -> f64);
 
-/// Draws three panels: delivery latency (p50/p90/p99), deliveries per
-/// second, and sends and acks per second. `t` = 0 is the end of the warm-up.
+/// Draws four panels: delivery latency (p50/p90/p99), deliveries per
+/// second, sends and acks per second, and open connections. `t` = 0 is the end of the warm-up.
 pub fn draw(report: &Report, path: &Path) -> anyhow::Result<()> {
-    let root = SVGBackend::new(path, (1000, 900)).into_drawing_area();
+    let root = SVGBackend::new(path, (1000, 1100)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow!("plot: {e}"))?;
     let title = format!(
         "switchboard-loadtest {} ({}, {} clients)",
@@ -25,7 +25,7 @@ pub fn draw(report: &Report, path: &Path) -> anyhow::Result<()> {
     let root = root
         .titled(&title, ("sans-serif", 22))
         .map_err(|e| anyhow!("plot: {e}"))?;
-    let panels = root.split_evenly((3, 1));
+    let panels = root.split_evenly((4, 1));
     let s = &report.timeline;
     let x0 = s.first().map_or(0, |x| x.t) as f64;
     let x1 = (s.last().map_or(1, |x| x.t + 1) as f64).max(x0 + 1.0);
@@ -43,18 +43,13 @@ pub fn draw(report: &Report, path: &Path) -> anyhow::Result<()> {
     )?;
     let del: [Series; 1] = [("delivered/s", MAGENTA, |x| x.delivered as f64)];
     panel(&panels[1], "deliveries per second", s, (x0, x1), &del)?;
-    let sa: [Series; 3] = [
+    let sa: [Series; 2] = [
         ("sent/s", BLUE, |x| x.sent as f64),
         ("acked/s", GREEN, |x| x.acked as f64),
-        ("open connections", BLACK, |x| x.open as f64),
     ];
-    panel(
-        &panels[2],
-        "sends, acks per second; open connections",
-        s,
-        (x0, x1),
-        &sa,
-    )?;
+    panel(&panels[2], "sends and acks per second", s, (x0, x1), &sa)?;
+    let open: [Series; 1] = [("open", BLACK, |x| x.open as f64)];
+    panel(&panels[3], "open connections", s, (x0, x1), &open)?;
     root.present().map_err(|e| anyhow!("plot: {e}"))?;
     Ok(())
 }
