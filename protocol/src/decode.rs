@@ -62,6 +62,16 @@ struct IdOnly {
 /// The caller enforces the frame size limit before calling. A body nested
 /// deeper than `max_depth` arrays or objects is refused with `too_large`.
 pub fn decode_request(text: &str, max_depth: usize) -> Result<Request, DecodeError> {
+    // serde's derived `Deserialize` also takes a JSON array as a struct (its
+    // items as the fields in order), so `["ping",5]` would be a ping with
+    // id 5. A frame is a JSON object; anything else is refused here.
+    if !text.trim_start().starts_with('{') {
+        return Err(DecodeError {
+            id: None,
+            code: ErrorCode::BadRequest,
+            message: "a frame is a JSON object".into(),
+        });
+    }
     let raw: RawFrame<'_> = serde_json::from_str(text).map_err(|e| {
         let id = serde_json::from_str::<IdOnly>(text).ok().and_then(|f| f.id);
         DecodeError {
@@ -104,7 +114,15 @@ pub fn decode_request(text: &str, max_depth: usize) -> Result<Request, DecodeErr
                         format!("body is nested deeper than {max_depth} levels"),
                     ));
                 }
-                Some(b) => Body(b.to_owned()),
+                Some(b) => match strict_json(b.get()) {
+                    Ok(()) => Body(b.to_owned()),
+                    Err(e) => {
+                        return Err(fail(
+                            ErrorCode::BadRequest,
+                            format!("body is not portable JSON: {e}"),
+                        ));
+                    }
+                },
             },
             key: raw.key.as_deref().map(str::to_owned),
         },
@@ -127,6 +145,15 @@ pub fn decode_request(text: &str, max_depth: usize) -> Result<Request, DecodeErr
         }
     };
     Ok(Request { id, body })
+}
+
+/// Checks that every reader can take `json` back: numbers fit an f64 and
+/// every `\u` escape is a valid code point (no lone surrogate). A raw body
+/// is stored and delivered verbatim, so one that strict clients cannot
+/// parse would poison every `message` and `history` frame that carries it.
+/// The depth was checked first, so this walk is bounded.
+fn strict_json(json: &str) -> Result<(), serde_json::Error> {
+    serde_json::from_str::<serde_json::Value>(json).map(drop)
 }
 
 /// The deepest nesting of arrays and objects in a valid JSON text.
@@ -222,5 +249,33 @@ mod tests {
         let e = decode_request(&deep, 32).unwrap_err();
         assert_eq!(e.code, ErrorCode::TooLarge);
         assert_eq!(nesting_depth(r#"{"a":"[[[","b":[{}]}"#), 3);
+    }
+}
+
+#[cfg(test)]
+mod strictness_tests {
+    use super::*;
+
+    #[test]
+    fn arrays_and_unportable_bodies_are_bad_requests() {
+        for text in [
+            r#"["ping",5]"#,
+            r#"[4]"#,
+            r#"  ["join",1,"general"]"#,
+            r#"{"type":"send","id":7,"room":"r","body":1e999999}"#,
+            r#"{"type":"send","id":7,"room":"r","body":[-1e400]}"#,
+            r#"{"type":"send","id":7,"room":"r","body":{"text":"\ud800"}}"#,
+        ] {
+            let e = decode_request(text, 32).expect_err(text);
+            assert_eq!(e.code, ErrorCode::BadRequest, "{text}");
+            if text.contains("send") {
+                assert_eq!(e.id, Some(7), "{text}");
+            } else {
+                assert_eq!(e.id, None, "{text}: an array carries no id");
+            }
+        }
+        // A valid surrogate pair and ordinary numbers are fine.
+        let ok = r#"{"type":"send","room":"r","body":{"t":"\ud83d\ude00","n":[1e300,-5,0.5]}}"#;
+        assert!(decode_request(ok, 32).is_ok());
     }
 }
