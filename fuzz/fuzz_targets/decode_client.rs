@@ -6,8 +6,6 @@
 
 use libfuzzer_sys::fuzz_target;
 
-// `Known::Fail` is for the strict replay of fuzz/artifacts-kept/ only.
-#[allow(dead_code)]
 #[path = "../shared/decode.rs"]
 mod decode;
 

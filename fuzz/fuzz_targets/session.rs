@@ -18,8 +18,6 @@ use libfuzzer_sys::fuzz_target;
 use switchboard::{Config, Listeners, Server};
 use tokio::runtime::Runtime;
 
-// `Known::Fail` is for the strict replay of fuzz/artifacts-kept/ only.
-#[allow(dead_code)]
 #[path = "../shared/session.rs"]
 mod session;
 
@@ -95,10 +93,10 @@ fn start() -> Result<Harness, String> {
 fuzz_target!(|data: &[u8]| {
     let h = harness();
     h.runtime.block_on(async {
-        if let Err(e) = session::drive(h.addr, data, session::Known::Tolerated).await {
+        if let Err(e) = session::drive(h.addr, data).await {
             panic!("the session misbehaved: {e}");
         }
-        if let Err(e) = session::check_alive(h.addr, session::Known::Tolerated).await {
+        if let Err(e) = session::check_alive(h.addr).await {
             panic!("the server no longer serves a fresh client: {e}");
         }
     });

@@ -13,58 +13,22 @@ use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
 /// `tests/it/fuzz_corpus.rs` asserts the two agree).
 pub const MAX_DEPTH: usize = 32;
 
-/// Whether findings that are known and still open fail a check.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Known {
-    /// Pass over them, so fuzzing goes on past them (the fuzz target and
-    /// the corpus replay).
-    Tolerated,
-    /// Fail on them (the `#[ignore]`d replay of `fuzz/artifacts-kept/`).
-    Fail,
-}
-
-/// Open finding: `send` accepts a body whose numbers overflow an f64 or
-/// whose strings hold lone surrogate escapes (the body is kept as raw JSON
-/// text and never parsed), but no strict JSON reader, the protocol crate's
-/// own `ServerFrame::from_json` included, can read the `message` and
-/// `history` frames that carry it. See `fuzz/artifacts-kept/README.md`.
-fn known_unreadable_body(error: &str) -> bool {
-    error.contains("number out of range")
-        || error.contains("surrogate")
-        || error.contains("hex escape")
-}
-
-/// Open finding: the decoder takes a JSON array for a request, its items
-/// read as the fields in declaration order (serde's derived `Deserialize`
-/// accepts sequences for structs): `["ping",5]` is a `ping` with id 5, and
-/// `[4]` fails with id 4 echoed. The spec says frames are objects. See
-/// `fuzz/artifacts-kept/README.md`.
-fn known_array_frame(tree: &serde_json::Value) -> bool {
-    tree.is_array()
-}
-
-/// [`check_with`] with known findings tolerated.
-pub fn check(data: &[u8]) -> Result<(), String> {
-    check_with(data, Known::Tolerated)
-}
-
 /// Treats `data` as the payload of one client text frame, as the server does:
 /// bytes that are not UTF-8 never reach the decoder (the WebSocket codec
 /// closes the session with 1007 first); UTF-8 text is decoded with
 /// [`decode_request`]. A panic anywhere is a failure, and so is an `Err`
 /// from here, which names the broken property.
-pub fn check_with(data: &[u8], known: Known) -> Result<(), String> {
+pub fn check(data: &[u8]) -> Result<(), String> {
     let Ok(text) = std::str::from_utf8(data) else {
         return Ok(());
     };
     // Only ever called on bodies by the decoder; it must cope with any text.
     let _ = protocol::nesting_depth(text);
     let tree = serde_json::from_str::<serde_json::Value>(text).ok();
-    let tolerated_array = known == Known::Tolerated && tree.as_ref().is_some_and(known_array_frame);
     match decode_request(text, MAX_DEPTH) {
         Ok(request) => {
             // The spec: a frame is one JSON object.
-            if tree.as_ref().is_some_and(|t| !t.is_object()) && !tolerated_array {
+            if tree.as_ref().is_some_and(|t| !t.is_object()) {
                 return Err(format!(
                     "a frame that is not an object decodes: {request:?}"
                 ));
@@ -87,13 +51,10 @@ pub fn check_with(data: &[u8], known: Known) -> Result<(), String> {
                     body.get()
                 );
                 if let Err(e) = ServerFrame::from_json(&frame) {
-                    let e = e.to_string();
-                    if !(known == Known::Tolerated && known_unreadable_body(&e)) {
-                        return Err(format!(
-                            "`send` accepts a body that clients cannot read back ({e}): {}",
-                            body.get()
-                        ));
-                    }
+                    return Err(format!(
+                        "`send` accepts a body that clients cannot read back ({e}): {}",
+                        body.get()
+                    ));
                 }
             }
             Ok(())
@@ -103,7 +64,7 @@ pub fn check_with(data: &[u8], known: Known) -> Result<(), String> {
             // could be read, and never one it did not carry. (Checked only
             // where serde_json's own tree parser reads the frame too.)
             // A frame with two `id`s carries none that can be read.
-            if let Some(tree) = tree.as_ref().filter(|_| !tolerated_array) {
+            if let Some(tree) = &tree {
                 let carried = tree.get("id").and_then(serde_json::Value::as_u64);
                 let duplicate_id = id_keys(text) > 1;
                 match (e.id, carried) {

@@ -46,27 +46,6 @@ pub const REPLY_BOUND: Duration = Duration::from_secs(10);
 /// How long each step of the liveness check may take.
 pub const STEP_BOUND: Duration = Duration::from_secs(5);
 
-/// Whether findings that are known and still open fail a check.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Known {
-    /// Pass over them, so fuzzing goes on past them (the fuzz target and
-    /// the corpus replay).
-    Tolerated,
-    /// Fail on them (the `#[ignore]`d replay of `fuzz/artifacts-kept/`).
-    Fail,
-}
-
-/// Open finding: a `send` body with a number that overflows an f64 or a
-/// lone surrogate escape is accepted, stored and delivered verbatim, but
-/// `ServerFrame::from_json` (like any strict JSON reader) cannot read the
-/// `message` and `history` frames that carry it. See
-/// `fuzz/artifacts-kept/README.md`.
-fn known_unreadable_frame(error: &str) -> bool {
-    error.contains("number out of range")
-        || error.contains("surrogate")
-        || error.contains("hex escape")
-}
-
 /// The server configuration the fuzzer and the replay use: a plain listener,
 /// no admin listener, no fsync, and small limits so that short inputs reach
 /// every limit path (1009 at 1 KiB, `forbidden` at the fifth room).
@@ -158,7 +137,7 @@ pub fn split_frames(input: &[u8]) -> Vec<FuzzFrame> {
 type Ws = WebSocketStream<TcpStream>;
 
 /// Connects to the plain listener as `user` and reads the `welcome`.
-async fn connect(addr: SocketAddr, user: &str, known: Known) -> Result<Ws, String> {
+async fn connect(addr: SocketAddr, user: &str) -> Result<Ws, String> {
     let handshake = async {
         let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
         // Small frames one after another: do not let Nagle hold them back.
@@ -173,7 +152,7 @@ async fn connect(addr: SocketAddr, user: &str, known: Known) -> Result<Ws, Strin
         .await
         .map_err(|_| format!("no upgrade within {STEP_BOUND:?}"))?
         .map_err(|e| format!("cannot connect: {e}"))?;
-    match next_frame(&mut ws, known).await? {
+    match next_frame(&mut ws).await? {
         ServerFrame::Welcome { user: u, .. } if u == user => Ok(ws),
         other => Err(format!("expected welcome for {user}, got {other:?}")),
     }
@@ -181,7 +160,7 @@ async fn connect(addr: SocketAddr, user: &str, known: Known) -> Result<Ws, Strin
 
 /// The next server frame (skipping WebSocket pings and pongs); every text
 /// frame must be one of the protocol's server frames.
-async fn next_frame(ws: &mut Ws, known: Known) -> Result<ServerFrame, String> {
+async fn next_frame(ws: &mut Ws) -> Result<ServerFrame, String> {
     loop {
         let msg = timeout(STEP_BOUND, ws.next())
             .await
@@ -189,26 +168,17 @@ async fn next_frame(ws: &mut Ws, known: Known) -> Result<ServerFrame, String> {
             .ok_or("the server closed the connection")?
             .map_err(|e| format!("socket error: {e}"))?;
         match msg {
-            Message::Text(t) => match parse(t.as_str(), known)? {
-                Some(frame) => return Ok(frame),
-                None => continue,
-            },
+            Message::Text(t) => return parse(t.as_str()),
             Message::Ping(_) | Message::Pong(_) => continue,
             other => return Err(format!("unexpected frame {other:?}")),
         }
     }
 }
 
-/// A server text frame as the protocol's client decoder reads it; `None`
-/// for a frame it cannot read because of a known finding, when tolerated.
-fn parse(text: &str, known: Known) -> Result<Option<ServerFrame>, String> {
-    match ServerFrame::from_json(text) {
-        Ok(frame) => Ok(Some(frame)),
-        Err(e) if known == Known::Tolerated && known_unreadable_frame(&e.to_string()) => Ok(None),
-        Err(e) => Err(format!(
-            "server sent a frame clients cannot read: {e}: {text}"
-        )),
-    }
+/// A server text frame as the protocol's client decoder reads it.
+fn parse(text: &str) -> Result<ServerFrame, String> {
+    ServerFrame::from_json(text)
+        .map_err(|e| format!("server sent a frame clients cannot read: {e}: {text}"))
 }
 
 /// What one session did.
@@ -230,9 +200,9 @@ pub struct Outcome {
 /// a protocol frame, closes with a code the spec does not list (when the
 /// client did not send a close itself), or drops the connection without a
 /// close frame the client did not ask for.
-pub async fn drive(addr: SocketAddr, input: &[u8], known: Known) -> Result<Outcome, String> {
+pub async fn drive(addr: SocketAddr, input: &[u8]) -> Result<Outcome, String> {
     let frames = split_frames(input);
-    let mut ws = connect(addr, "fuzz", known).await?;
+    let mut ws = connect(addr, "fuzz").await?;
     let mut out = Outcome::default();
     let mut sent_close = false;
     for frame in frames {
@@ -255,9 +225,9 @@ pub async fn drive(addr: SocketAddr, input: &[u8], known: Known) -> Result<Outco
         match msg {
             Some(Ok(Message::Text(t))) => {
                 out.replies += 1;
-                if let Some(ServerFrame::Pong {
+                if let ServerFrame::Pong {
                     id: Some(SENTINEL_ID),
-                }) = parse(t.as_str(), known)?
+                } = parse(t.as_str())?
                 {
                     out.answered = true;
                     return Ok(out);
@@ -301,8 +271,8 @@ pub async fn drive(addr: SocketAddr, input: &[u8], known: Known) -> Result<Outco
 
 /// Checks the server still serves a fresh client: `welcome`, `ping`→`pong`,
 /// and a `send` that is acknowledged (so the store writer is alive too).
-pub async fn check_alive(addr: SocketAddr, known: Known) -> Result<(), String> {
-    let mut ws = connect(addr, "alive", known).await?;
+pub async fn check_alive(addr: SocketAddr) -> Result<(), String> {
+    let mut ws = connect(addr, "alive").await?;
     let requests = [
         (r#"{"type":"ping","id":1}"#, "pong"),
         (r#"{"type":"join","id":2,"room":"fuzz-alive"}"#, "joined"),
@@ -316,7 +286,7 @@ pub async fn check_alive(addr: SocketAddr, known: Known) -> Result<(), String> {
             .await
             .map_err(|e| format!("cannot send {request}: {e}"))?;
         loop {
-            let frame = next_frame(&mut ws, known).await?;
+            let frame = next_frame(&mut ws).await?;
             let ok = match &frame {
                 ServerFrame::Pong { id: Some(i) } => *i == id && want == "pong",
                 ServerFrame::Joined { id: Some(i), .. } => *i == id && want == "joined",

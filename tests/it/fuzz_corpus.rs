@@ -2,7 +2,8 @@
 //! server, splitting and judging each input with the code the fuzz target
 //! uses (`fuzz/shared/session.rs`): every session must answer or close
 //! cleanly, no server thread may panic, and after each input a fresh client
-//! must still get `welcome`, `pong` and an `ack`.
+//! must still get `welcome`, `pong` and an `ack`. The crashes the fuzzer
+//! found are in the corpus too (`crash-*`, `finding-*`), so they stay fixed.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,8 +16,6 @@ mod session_input;
 #[allow(dead_code)]
 #[path = "../../fuzz/shared/decode.rs"]
 mod decode_input;
-
-use session_input::Known;
 
 /// The name of the replay runtime's threads (workers and blocking pool).
 const THREAD: &str = "fuzz-corpus-replay";
@@ -38,21 +37,23 @@ fn watch_for_server_panics() {
     }));
 }
 
-/// The files of `fuzz/<dir>`, sorted.
-fn inputs(dir: &str) -> Vec<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz").join(dir);
+/// The files of `fuzz/corpus/<target>`, sorted.
+fn inputs(target: &str) -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz/corpus")
+        .join(target);
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("cannot read {}: {e}", dir.display()))
         .map(|entry| entry.expect("directory entry").path())
-        .filter(|path| path.extension().is_none_or(|ext| ext != "md"))
         .collect();
     files.sort();
     files
 }
 
-/// Plays each file `times` times against one fresh server, checking after
-/// each play that the server still serves.
-fn replay(files: &[PathBuf], times: usize, known: Known) {
+/// Plays each file, in order, against one fresh server, checking after each
+/// that the server still serves. (Each check's `send` is acknowledged after
+/// every earlier `send`, so an input reads what earlier inputs stored.)
+fn replay(files: &[PathBuf]) {
     assert!(!files.is_empty(), "nothing to replay");
     watch_for_server_panics();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -68,24 +69,22 @@ fn replay(files: &[PathBuf], times: usize, known: Known) {
         let (mut answered, mut closed) = (0, 0);
         for path in files {
             let data = std::fs::read(path).expect("read input");
-            for _ in 0..times {
-                let outcome = session_input::drive(addr, &data, known)
-                    .await
-                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-                if outcome.answered {
-                    answered += 1;
-                } else {
-                    closed += 1;
-                }
-                session_input::check_alive(addr, known)
-                    .await
-                    .unwrap_or_else(|e| panic!("after {}: {e}", path.display()));
-                assert!(
-                    !SERVER_PANICKED.load(Ordering::SeqCst),
-                    "a server thread panicked while replaying {}",
-                    path.display()
-                );
+            let outcome = session_input::drive(addr, &data)
+                .await
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            if outcome.answered {
+                answered += 1;
+            } else {
+                closed += 1;
             }
+            session_input::check_alive(addr)
+                .await
+                .unwrap_or_else(|e| panic!("after {}: {e}", path.display()));
+            assert!(
+                !SERVER_PANICKED.load(Ordering::SeqCst),
+                "a server thread panicked while replaying {}",
+                path.display()
+            );
         }
         eprintln!(
             "replayed {} inputs in {:?}: {answered} sessions answered, {closed} closed by the server",
@@ -106,14 +105,5 @@ fn fuzz_limits_match_the_server_defaults() {
 
 #[test]
 fn session_corpus_replays_against_a_live_server() {
-    replay(&inputs("corpus/session"), 1, Known::Tolerated);
-}
-
-/// The open findings, strictly: fails until they are fixed (see
-/// `fuzz/artifacts-kept/README.md`). Each input is played twice, so the
-/// second play reads back what the first one stored.
-#[test]
-#[ignore = "open finding: bodies that clients cannot read back"]
-fn kept_session_artifacts_replay_strictly() {
-    replay(&inputs("artifacts-kept/session"), 2, Known::Fail);
+    replay(&inputs("session"));
 }
