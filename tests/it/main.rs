@@ -11,7 +11,7 @@ mod chat;
 mod dashboard;
 mod fuzz_corpus;
 mod gateway;
-mod logs;
 mod loadtest;
+mod logs;
 mod security;
 mod shutdown;
