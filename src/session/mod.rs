@@ -21,7 +21,7 @@
 mod close;
 mod outbox;
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -104,7 +104,10 @@ pub struct Session<S> {
     outbox: Outbox,
     inbox: OutboxReceiver,
     /// Joined rooms and the highest seq written to the client for each.
-    rooms: HashMap<Arc<str>, u64>,
+    /// Looked up once per delivery, so it uses FxHash rather than SipHash;
+    /// a session holds at most `max_rooms_per_session` keys, which bounds
+    /// what colliding room names could cost.
+    rooms: FxHashMap<Arc<str>, u64>,
     pending: FuturesUnordered<PendingAck>,
     last_seen: Instant,
     stats: Arc<SessionStats>,
@@ -115,6 +118,8 @@ pub struct Session<S> {
     token_changed: bool,
     /// Said in the close frame after the reason's name, when set.
     close_detail: Option<String>,
+    /// The write batch, kept between batches so that it allocates once.
+    batch: Vec<Utf8Bytes>,
 }
 
 impl<S> Session<S>
@@ -147,7 +152,7 @@ where
             kill,
             outbox,
             inbox,
-            rooms: HashMap::new(),
+            rooms: FxHashMap::default(),
             pending: FuturesUnordered::new(),
             last_seen: Instant::now(),
             stats: Arc::new(SessionStats::default()),
@@ -155,6 +160,7 @@ where
             expiry_warned: false,
             token_changed: false,
             close_detail: None,
+            batch: Vec::new(),
         }
     }
 
@@ -358,44 +364,73 @@ where
         .await
     }
 
-    /// Writes queued frames, coalescing up to `write_batch_frames` into one flush.
+    /// Writes queued frames, coalescing up to `write_batch_frames` into one
+    /// flush. The whole batch shares one write deadline and one clock
+    /// reading: this runs once per delivery, so it registers no timer and
+    /// reads no clock per frame, and it reuses the session's batch buffer.
     async fn write_outgoing(&mut self, first: Outgoing) -> Flow {
-        let batch = self.state.config.write_batch_frames;
+        let batch_max = self.state.config.write_batch_frames;
+        let now = Instant::now();
+        let mut batch = std::mem::take(&mut self.batch);
+        let mut delivered = 0u64;
         let mut next = Some(first);
-        let mut written = 0;
         while let Some(item) = next.take() {
-            let text = match item {
-                Outgoing::Ephemeral(text) => Some(text),
+            match item {
+                Outgoing::Ephemeral(text) => batch.push(text),
                 Outgoing::Message(d) => match self.rooms.get_mut(&d.room) {
                     Some(floor) if d.seq > *floor => {
                         *floor = d.seq;
-                        self.state.metrics.messages_delivered.inc();
                         // Commit to the write into this socket (the flush
                         // follows within the same write batch).
                         self.state
                             .metrics
                             .fanout_latency
-                            .observe_duration(d.created.elapsed());
-                        self.stats.messages_out.fetch_add(1, Ordering::Relaxed);
-                        Some(d.text.clone())
+                            .observe_duration(now.saturating_duration_since(d.created));
+                        batch.push(d.text.clone());
+                        delivered += 1;
                     }
                     // Already replayed, or the room was left meanwhile.
-                    _ => None,
+                    _ => {}
                 },
-            };
-            if let Some(text) = text {
-                self.state.metrics.bytes_out.add(text.len() as u64);
-                self.write(Message::Text(text), false).await?;
-                written += 1;
             }
-            if written < batch {
+            if batch.len() < batch_max {
                 next = self.inbox.try_recv();
             }
         }
-        if written > 0 {
-            self.flush().await?;
+        let flow = self.write_batch(&mut batch).await;
+        batch.clear();
+        self.batch = batch;
+        if flow.is_ok() {
+            self.state.metrics.messages_delivered.add(delivered);
+            self.stats
+                .messages_out
+                .fetch_add(delivered, Ordering::Relaxed);
         }
-        Ok(())
+        flow
+    }
+
+    /// Feeds every frame of `batch` and flushes once, under one deadline.
+    async fn write_batch(&mut self, batch: &mut Vec<Utf8Bytes>) -> Flow {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let bytes: usize = batch.iter().map(|t| t.len()).sum();
+        self.state.metrics.bytes_out.add(bytes as u64);
+        let deadline = self.state.config.write_timeout();
+        let Session {
+            ws,
+            kill,
+            inbox,
+            outbox,
+            ..
+        } = self;
+        let io = async move {
+            for text in batch.drain(..) {
+                ws.feed(Message::Text(text)).await?;
+            }
+            ws.flush().await
+        };
+        with_deadline(deadline, kill, inbox, outbox, io).await
     }
 
     async fn on_heartbeat(&mut self, interval: std::time::Duration) -> Flow {
