@@ -92,7 +92,12 @@ impl<K: Eq + Hash + Clone> KeyedBuckets<K> {
             return Ok(());
         }
         let now = Instant::now();
-        if self.buckets.len() >= PRUNE_AT && !self.buckets.contains_key(key) {
+        // The common case, a known key, locks one shard and clones nothing.
+        if let Some(mut bucket) = self.buckets.get_mut(key) {
+            return bucket.take(now);
+        }
+        // A new key: only now is the map's size (every shard) looked at.
+        if self.buckets.len() >= PRUNE_AT {
             self.buckets.retain(|_, b| !b.is_full(now));
         }
         let mut bucket = self
