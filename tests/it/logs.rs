@@ -6,48 +6,25 @@
 use std::process::Stdio;
 
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::Command;
 
+use crate::shutdown::Process;
 use crate::support::{DEADLINE, Fixture, connect_tls};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_carry_the_session_span_and_no_secrets() {
     let fixture = Fixture::new();
-    let dir = fixture.path();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
+    let mut process = Process::start_with(&fixture, |c| {
+        c.args([
             "--log-format",
             "json",
             "--log-level",
             "switchboard=debug,warn",
         ])
-        .arg("--tls-cert")
-        .arg(dir.join("server.pem"))
-        .arg("--tls-key")
-        .arg(dir.join("server.key"))
-        .arg("--data-dir")
-        .arg(dir.join("data"))
         .env_remove("RUST_LOG")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn");
-    let mut out = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let addr: std::net::SocketAddr = tokio::time::timeout(DEADLINE, async {
-        while let Some(line) = out.next_line().await.expect("stdout") {
-            if let Some(rest) = line.strip_prefix("listening on wss://") {
-                return rest.trim_end_matches("/ws").parse().expect("addr");
-            }
-        }
-        panic!("no listening line");
+        .stderr(Stdio::piped());
     })
-    .await
-    .expect("listens");
-    tokio::spawn(async move { while let Ok(Some(_)) = out.next_line().await {} });
+    .await;
+    let addr = process.addr;
 
     let secret_body = "a-very-private-message-body";
     let url = format!("wss://localhost:{}/ws?user=logan", addr.port());
@@ -60,7 +37,7 @@ async fn json_logs_carry_the_session_span_and_no_secrets() {
     drop(c);
 
     // Read stderr until the session's close is logged inside its span.
-    let mut err = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let mut err = BufReader::new(process.child.stderr.take().expect("stderr")).lines();
     let mut seen = Vec::new();
     let closed = tokio::time::timeout(DEADLINE, async {
         while let Some(line) = err.next_line().await.expect("stderr") {
@@ -95,6 +72,6 @@ async fn json_logs_carry_the_session_span_and_no_secrets() {
             .any(|l| l.contains("dev mode") && l.contains("\"WARN\"")),
         "{seen:?}"
     );
-    child.start_kill().expect("kill");
-    let _ = child.wait().await;
+    process.signal("-TERM");
+    assert!(process.wait_success().await);
 }

@@ -815,8 +815,10 @@ fn mint_with_cli(args: &[&str]) -> String {
 async fn sighup_reloads_the_certificate_without_dropping_live_connections() {
     use crate::shutdown::Process;
     let fixture = Fixture::new();
-    let mut process =
-        Process::start_with(&fixture, &[("SWITCHBOARD_AUTH_HS256_SECRET", SECRET)]).await;
+    let mut process = Process::start_with(&fixture, |c| {
+        c.env("SWITCHBOARD_AUTH_HS256_SECRET", SECRET);
+    })
+    .await;
     // `switchboard token` mints what the server accepts, grants included.
     let t = mint_with_cli(&[
         "--user",

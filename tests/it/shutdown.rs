@@ -16,19 +16,22 @@ use crate::support::{Client, DEADLINE, Fixture, TestServer, connect_tls, json};
 
 /// The real binary, started on port 0 in `fixture`'s directory.
 pub struct Process {
-    child: Child,
+    pub child: Child,
     pub addr: SocketAddr,
 }
 
 impl Process {
     async fn start(fixture: &Fixture) -> Process {
-        Self::start_with(fixture, &[]).await
+        Self::start_with(fixture, |_| {}).await
     }
 
-    /// Starts the binary with extra environment variables.
-    pub async fn start_with(fixture: &Fixture, env: &[(&str, &str)]) -> Process {
+    /// Starts the binary after `tweak` adds arguments or changes the
+    /// environment and pipes of the default command (warn-level logs to
+    /// the test's stderr).
+    pub async fn start_with(fixture: &Fixture, tweak: impl FnOnce(&mut Command)) -> Process {
         let dir = fixture.path();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_switchboard"));
+        command
             .args([
                 "serve",
                 "--listen",
@@ -43,12 +46,11 @@ impl Process {
             .arg("--data-dir")
             .arg(dir.join("data"))
             .env("RUST_LOG", "warn")
-            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn switchboard");
+            .kill_on_drop(true);
+        tweak(&mut command);
+        let mut child = command.spawn().expect("spawn switchboard");
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = BufReader::new(stdout).lines();
         // The server prints its bound address once it listens.
