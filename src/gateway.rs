@@ -37,7 +37,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::auth::{AuthError, Principal};
-use crate::limits::ConnGuard;
+use crate::limits::{ConnGuard, Slots};
 use crate::server::ServerState;
 use crate::session::{CloseReason, Identity, Session};
 
@@ -63,7 +63,14 @@ pub async fn accept_loop(
         match accepted {
             Ok((stream, remote)) => {
                 backoff = Duration::from_millis(1);
-                let conn = connection(stream, remote, tls.clone(), state.clone(), shutdown.clone());
+                let conn = connection(
+                    stream,
+                    remote,
+                    tls.clone(),
+                    state.clone(),
+                    tracker.clone(),
+                    shutdown.clone(),
+                );
                 tracker.spawn(conn);
             }
             Err(e) => {
@@ -103,6 +110,7 @@ async fn connection(
     remote: SocketAddr,
     tls: Option<TlsAcceptor>,
     state: Arc<ServerState>,
+    tracker: TaskTracker,
     shutdown: CancellationToken,
 ) {
     let ip = remote.ip();
@@ -120,27 +128,47 @@ async fn connection(
     };
     let started = tokio::time::Instant::now();
     let deadline = started + state.config.handshake_timeout();
+    // The session runs in a task of its own, spawned once the handshake is
+    // done, so that the handshake's states (TLS, HTTP upgrade, `auth`
+    // frame) are freed rather than kept in every idle connection's task.
     let result = match tls {
         Some(acceptor) => {
             let handshake = async {
-                let stream = acceptor.accept(stream).await.map_err(HandshakeError::Tls)?;
-                upgrade(stream, remote, admission, &state).await
-            };
-            match tokio::time::timeout_at(deadline, handshake).await {
-                Ok(Ok(upgraded)) => {
-                    finish_handshake(upgraded, deadline, state.clone(), shutdown).await
+                let tls = async {
+                    let stream = acceptor.accept(stream).await.map_err(HandshakeError::Tls)?;
+                    upgrade(stream, remote, admission, &state).await
+                };
+                match tokio::time::timeout_at(deadline, tls).await {
+                    Ok(Ok(upgraded)) => authenticate(upgraded, deadline, &state).await,
+                    Ok(Err(e)) => Err(e),
+                    Err(_) => Err(HandshakeError::Timeout),
                 }
-                Ok(Err(e)) => Err(e),
-                Err(_) => Err(HandshakeError::Timeout),
+            };
+            match handshake.await {
+                Ok(ready) => {
+                    spawn_session(ready, &state, &tracker, shutdown);
+                    Ok(())
+                }
+                Err(e) => Err(e),
             }
         }
-        None => match tokio::time::timeout_at(deadline, upgrade(stream, remote, admission, &state))
-            .await
-        {
-            Ok(Ok(upgraded)) => finish_handshake(upgraded, deadline, state.clone(), shutdown).await,
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(HandshakeError::Timeout),
-        },
+        None => {
+            let handshake = async {
+                let upgrade = upgrade(stream, remote, admission, &state);
+                match tokio::time::timeout_at(deadline, upgrade).await {
+                    Ok(Ok(upgraded)) => authenticate(upgraded, deadline, &state).await,
+                    Ok(Err(e)) => Err(e),
+                    Err(_) => Err(HandshakeError::Timeout),
+                }
+            };
+            match handshake.await {
+                Ok(ready) => {
+                    spawn_session(ready, &state, &tracker, shutdown);
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            }
+        }
     };
     if let Err(e) = result {
         state.metrics.handshake_failures.inc();
@@ -330,13 +358,19 @@ fn reject(status: StatusCode, why: &str) -> ErrorResponse {
     response
 }
 
-/// Completes authentication (a first `auth` frame where needed) and serves.
-async fn finish_handshake<S>(
+/// A connection that passed every check: what its session starts from.
+struct Ready<S> {
+    ws: WebSocketStream<S>,
+    identity: Identity,
+    slots: Slots,
+}
+
+/// Completes authentication (a first `auth` frame where needed).
+async fn authenticate<S>(
     upgraded: Upgraded<S>,
     deadline: tokio::time::Instant,
-    state: Arc<ServerState>,
-    shutdown: CancellationToken,
-) -> Result<(), HandshakeError>
+    state: &Arc<ServerState>,
+) -> Result<Ready<S>, HandshakeError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
@@ -349,7 +383,7 @@ where
     let (principal, user_guard) = match who {
         Who::Known(principal, guard) => (principal, guard),
         Who::AwaitingAuthFrame => {
-            let principal = match auth_frame(&mut ws, deadline, &state).await {
+            let principal = match auth_frame(&mut ws, deadline, state).await {
                 Ok(p) => p,
                 Err(e) => {
                     if let HandshakeError::Auth(a) = &e {
@@ -366,7 +400,7 @@ where
                             "the first frame must be `auth {token}`".to_owned(),
                         ),
                     };
-                    close_with(&mut ws, reason, &detail, &state).await;
+                    close_with(&mut ws, reason, &detail, state).await;
                     state.metrics.session_closed(reason);
                     return Err(e);
                 }
@@ -383,7 +417,7 @@ where
                         &mut ws,
                         reason,
                         "this user is at its connection limit",
-                        &state,
+                        state,
                     )
                     .await;
                     state.metrics.session_closed(reason);
@@ -392,9 +426,15 @@ where
             }
         }
     };
-    let identity = Identity { principal, remote };
-    serve(ws, identity, (_slots, user_guard), state, shutdown).await;
-    Ok(())
+    Ok(Ready {
+        ws,
+        identity: Identity { principal, remote },
+        slots: Slots {
+            permit: _slots.0,
+            ip: _slots.1,
+            user: user_guard,
+        },
+    })
 }
 
 /// Reads frames until the first request, which must be `auth`, by `deadline`.
@@ -487,20 +527,24 @@ pub fn close_reason_text(name: &str, detail: &str) -> String {
     text
 }
 
-async fn serve<S>(
-    ws: WebSocketStream<S>,
-    identity: Identity,
-    _slots: impl Send,
-    state: Arc<ServerState>,
+/// Starts the session of a connection that passed every check, as a
+/// tracked task of its own.
+fn spawn_session<S>(
+    ready: Ready<S>,
+    state: &Arc<ServerState>,
+    tracker: &TaskTracker,
     shutdown: CancellationToken,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let Ready {
+        ws,
+        identity,
+        slots,
+    } = ready;
     let id = state.next_session.fetch_add(1, Ordering::Relaxed);
     let span = info_span!("session", id = format_args!("{id:016x}"), user = %identity.principal.user, remote = %identity.remote);
     state.metrics.connections_open.inc();
-    let session = Session::new(ws, id, identity, state.clone(), shutdown);
-    let reason = session.run().instrument(span.clone()).await;
-    state.metrics.connections_open.dec();
-    span.in_scope(|| debug!(reason = reason.as_str(), "session closed"));
+    let session = Session::new(ws, id, identity, slots, state.clone(), shutdown);
+    tracker.spawn(session.run().instrument(span));
 }

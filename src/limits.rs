@@ -152,6 +152,16 @@ impl<K: Eq + Hash + Clone> ConnCounter<K> {
     }
 }
 
+/// What a running session holds of the server's capacity: its slot in
+/// the global count and in its IP's and its user's. Dropped with the
+/// session, which frees all three.
+#[derive(Debug)]
+pub struct Slots {
+    pub permit: tokio::sync::OwnedSemaphorePermit,
+    pub ip: ConnGuard<IpAddr>,
+    pub user: ConnGuard<Arc<str>>,
+}
+
 /// One counted connection; dropping it uncounts it.
 #[derive(Debug)]
 pub struct ConnGuard<K: Eq + Hash> {

@@ -48,7 +48,7 @@ pub use outbox::{Delivery, Outbox, OutboxReceiver, Outgoing, outbox};
 
 use crate::auth::{Access, AuthError, Principal};
 use crate::hub::{Member, SessionEntry, SessionId, SessionStats};
-use crate::limits::{Action, SessionLimits};
+use crate::limits::{Action, SessionLimits, Slots};
 use crate::server::ServerState;
 use crate::store::{Append, AppendError, Appended, StoredMessage};
 
@@ -120,6 +120,8 @@ pub struct Session<S> {
     close_detail: Option<String>,
     /// The write batch, kept between batches so that it allocates once.
     batch: Vec<Utf8Bytes>,
+    /// Held for the session's life: dropping the session frees its slots.
+    _slots: Slots,
 }
 
 impl<S> Session<S>
@@ -130,6 +132,7 @@ where
         ws: WebSocketStream<S>,
         id: SessionId,
         identity: Identity,
+        slots: Slots,
         state: Arc<ServerState>,
         shutdown: CancellationToken,
     ) -> Self {
@@ -161,6 +164,7 @@ where
             token_changed: false,
             close_detail: None,
             batch: Vec::new(),
+            _slots: slots,
         }
     }
 
@@ -170,14 +174,16 @@ where
     }
 
     /// Runs the session to its end and returns why it ended.
-    pub async fn run(mut self) -> CloseReason {
-        let welcome = ServerFrame::Welcome {
-            session: format!("{:016x}", self.id),
-            user: self.identity.principal.user.to_string(),
-            heartbeat_ms: self.state.config.heartbeat_interval_ms,
-            server: concat!("switchboard/", env!("CARGO_PKG_VERSION")).to_owned(),
-            protocol: protocol::PROTOCOL_VERSION,
-        };
+    ///
+    /// Not an `async fn`: such a function keeps a second copy of its
+    /// by-value arguments in its state, and the session is the largest part
+    /// of what every idle connection holds. The block below captures it once.
+    #[allow(clippy::manual_async_fn)]
+    pub fn run(mut self) -> impl Future<Output = CloseReason> {
+        async move { self.run_to_end().await }
+    }
+
+    async fn run_to_end(&mut self) -> CloseReason {
         let connected_at_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
@@ -191,12 +197,29 @@ where
                 stats: self.stats.clone(),
             },
         );
-        let reason = match self.send(&welcome).await {
+        // The welcome lives in its own future, dropped before the main loop
+        // starts, so that its state does not add to the session's size.
+        let reason = match self.send_welcome().await {
             Ok(()) => self.main_loop().await,
             Err(reason) => reason,
         };
-        self.finish(reason).await;
+        // Boxed: the closing states are needed once, so they live on the
+        // heap only while the session closes instead of in every session.
+        let finishing = Box::pin(self.finish(reason));
+        finishing.await;
         reason
+    }
+
+    async fn send_welcome(&mut self) -> Flow {
+        let welcome = ServerFrame::Welcome {
+            session: format!("{:016x}", self.id),
+            user: self.identity.principal.user.to_string(),
+            heartbeat_ms: self.state.config.heartbeat_interval_ms,
+            server: concat!("switchboard/", env!("CARGO_PKG_VERSION")).to_owned(),
+            protocol: protocol::PROTOCOL_VERSION,
+        };
+        let sending = Box::pin(self.send(&welcome));
+        sending.await
     }
 
     async fn main_loop(&mut self) -> CloseReason {
@@ -292,7 +315,7 @@ where
                                 Some(Err(_)) | None => break,
                             }
                         }
-                        let mut buf = [0u8; DRAIN_CHUNK];
+                        let mut buf = vec![0u8; DRAIN_CHUNK];
                         let raw = self.ws.get_mut();
                         while matches!(raw.read(&mut buf).await, Ok(n) if n > 0) {}
                     };
@@ -305,6 +328,8 @@ where
             let _ = tokio::time::timeout(state.config.write_timeout(), self.ws.flush()).await;
         }
         state.metrics.session_closed(reason);
+        state.metrics.connections_open.dec();
+        debug!(reason = reason.as_str(), "session closed");
     }
 
     /// Writes one frame and flushes, within the write deadline.
@@ -348,20 +373,28 @@ where
         with_deadline(deadline, kill, inbox, outbox, ws.flush()).await
     }
 
+    /// Answers with an `error` frame. The write is boxed: errors are the
+    /// cold path, and inline its state would add to every session's size.
     async fn send_error(
         &mut self,
         id: Option<RequestId>,
         code: ErrorCode,
         message: String,
     ) -> Flow {
-        self.state.metrics.error_frames.inc();
-        self.send(&ServerFrame::Error {
+        self.send_boxed(ServerFrame::Error {
             id,
             code,
             message,
             retry_after_ms: None,
         })
         .await
+    }
+
+    /// Sends an error frame (counted as one) from a heap-allocated future.
+    async fn send_boxed(&mut self, frame: ServerFrame) -> Flow {
+        self.state.metrics.error_frames.inc();
+        let sending = Box::pin(async move { self.send(&frame).await });
+        sending.await
     }
 
     /// Writes queued frames, coalescing up to `write_batch_frames` into one
@@ -476,8 +509,13 @@ where
         };
         let id = request.id;
         match request.body {
+            // Joins, history reads and refreshes are boxed: rarer than
+            // sends, and their states would otherwise add to every idle
+            // session's size. Each box is made in a statement of its own, as
+            // a temporary in the awaiting statement keeps its storage here.
             ClientRequest::Join { room, since, epoch } => {
-                self.on_join(id, room, since, epoch).await
+                let joining = Box::pin(self.on_join(id, room, since, epoch));
+                joining.await
             }
             ClientRequest::Leave { room } => {
                 if self.rooms.remove(room.as_str()).is_some() {
@@ -493,7 +531,10 @@ where
                 before,
                 after,
                 limit,
-            } => self.on_history(id, room, before, after, limit).await,
+            } => {
+                let reading = Box::pin(self.on_history(id, room, before, after, limit));
+                reading.await
+            }
             ClientRequest::Typing { room } => {
                 if !self.identity.principal.may(&room, Access::Write) {
                     self.forbidden(id, &room).await
@@ -514,7 +555,10 @@ where
                 )
                 .await
             }
-            ClientRequest::Refresh { token } => self.on_refresh(id, token.expose()).await,
+            ClientRequest::Refresh { token } => {
+                let refreshing = Box::pin(self.on_refresh(id, token.expose()));
+                refreshing.await
+            }
         }
     }
 
@@ -544,8 +588,7 @@ where
             self.close_detail = Some(format!("retry_after_ms={window}"));
             return Err(CloseReason::RateLimited);
         }
-        state.metrics.error_frames.inc();
-        self.send(&ServerFrame::Error {
+        self.send_boxed(ServerFrame::Error {
             id,
             code: ErrorCode::RateLimited,
             message: "too many requests; retry later".into(),
