@@ -32,7 +32,7 @@ pub use error::{
     AppendError, NotWritable, OpenError, ReadError, ShutdownError, StoreClosed, TryAppendError,
     WriteError,
 };
-use tables::{BY_USER, EPOCH_KEY, KEY_EXPIRY, KEYS, MESSAGES, META, ROOMS, Record};
+use tables::{BY_USER, EPOCH_KEY, KEY_EXPIRY, KEYS, MESSAGES, META, Record, last_seq};
 use writer::{Op, Writer};
 
 /// How commits reach the disk.
@@ -225,7 +225,6 @@ fn init(db: &Database) -> Result<String, WriteError> {
             }
         }
     };
-    txn.open_table(ROOMS)?;
     txn.open_table(MESSAGES)?;
     txn.open_table(KEYS)?;
     txn.open_table(KEY_EXPIRY)?;
@@ -312,8 +311,8 @@ impl StoreHandle {
     pub async fn latest_seq(&self, room: &str) -> Result<u64, ReadError> {
         let room = room.to_owned();
         self.read(move |txn| {
-            let rooms = txn.open_table(ROOMS)?;
-            Ok(rooms.get(room.as_str())?.map_or(0, |g| g.value()))
+            let messages = txn.open_table(MESSAGES)?;
+            Ok(last_seq(&messages, &room)?)
         })
         .await
     }

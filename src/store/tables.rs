@@ -5,15 +5,27 @@
 //! deliberately separate from wire types: the protocol may change without a
 //! migration of the file, and the file never holds a serde format.
 
-use redb::TableDefinition;
+use redb::{ReadableTable, TableDefinition};
 
 /// Store-wide metadata, such as the epoch.
 pub const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
-/// Latest seq per room. Written in the same transaction as each message, so
-/// seqs continue gap-free after a restart.
-pub const ROOMS: TableDefinition<&str, u64> = TableDefinition::new("rooms");
 /// Messages keyed by (room, seq); the value is an encoded [`Record`].
+/// Messages are never removed (erasure keeps the record without its body),
+/// so a room's last key is its latest seq: seqs continue gap-free after a
+/// restart with no second table written per message.
 pub const MESSAGES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("messages");
+
+/// The room's latest seq, read from its last message; 0 when it has none.
+pub fn last_seq(
+    messages: &impl ReadableTable<(&'static str, u64), &'static [u8]>,
+    room: &str,
+) -> Result<u64, redb::StorageError> {
+    let last = messages.range((room, 0u64)..=(room, u64::MAX))?.next_back();
+    Ok(match last {
+        Some(entry) => entry?.0.value().1,
+        None => 0,
+    })
+}
 /// Idempotency keys: (room, user, key) -> (seq, ts, inserted_at_ms).
 pub const KEYS: TableDefinition<(&str, &str, &str), (u64, u64, u64)> =
     TableDefinition::new("idempotency_keys");

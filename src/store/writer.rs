@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::error;
 
 use super::error::{AppendError, WriteError};
-use super::tables::{BY_USER, KEY_EXPIRY, KEYS, MESSAGES, ROOMS, Record};
+use super::tables::{BY_USER, KEY_EXPIRY, KEYS, MESSAGES, Record, last_seq};
 use super::{Append, Appended, CommitSink, Committed, Durability, StoreOptions};
 
 /// One unit of work for the writer.
@@ -155,7 +155,6 @@ impl Writer {
         })?;
         let mut outcomes = Vec::with_capacity(batch.len());
         {
-            let mut rooms = txn.open_table(ROOMS)?;
             let mut messages = txn.open_table(MESSAGES)?;
             let mut keys = txn.open_table(KEYS)?;
             let mut expiry = txn.open_table(KEY_EXPIRY)?;
@@ -180,7 +179,7 @@ impl Writer {
                         }
                         let latest = match self.latest.get(&a.room) {
                             Some(seq) => *seq,
-                            None => rooms.get(&*a.room)?.map_or(0, |g| g.value()),
+                            None => last_seq(&messages, &a.room)?,
                         };
                         let seq = latest + 1;
                         let record = Record {
@@ -190,7 +189,6 @@ impl Writer {
                         }
                         .encode()?;
                         messages.insert((&*a.room, seq), record.as_slice())?;
-                        rooms.insert(&*a.room, seq)?;
                         by_user.insert((&*a.from, &*a.room, seq), ())?;
                         if let Some(key) = &a.key {
                             keys.insert((&*a.room, &*a.from, key.as_str()), (seq, now, now))?;
