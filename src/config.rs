@@ -34,7 +34,10 @@ pub struct Config {
     pub max_connections: usize,
     /// Largest WebSocket message and frame, in bytes; past it the session closes with 1009. Default 65 536.
     pub max_message_bytes: usize,
-    /// Per-connection read buffer of the WebSocket codec, in bytes. Default 4 096.
+    /// Per-connection read buffer of the WebSocket codec, in bytes, and the
+    /// most read from the socket at once. Default 1 024: it is held by every
+    /// idle connection, while clients send little (a larger message makes
+    /// the buffer grow to fit it, in reads of this size).
     pub read_buffer_bytes: usize,
     /// Bytes the WebSocket codec buffers before writing to the socket. Default 16 384.
     pub write_buffer_bytes: usize,
@@ -212,7 +215,7 @@ impl Default for Config {
             handshake_timeout_ms: 10_000,
             max_connections: 16_384,
             max_message_bytes: 64 * 1024,
-            read_buffer_bytes: 4 * 1024,
+            read_buffer_bytes: 1024,
             write_buffer_bytes: 16 * 1024,
             outbound_queue_bytes: 1024 * 1024,
             outbound_queue_frames: 4096,
