@@ -2,11 +2,14 @@
 //!
 //! The hub pushes into an [`Outbox`] from any thread without awaiting:
 //! every push is a `try_send` plus one atomic add. Durable messages and
-//! ephemeral events (typing, presence) travel in two queues, so events can
-//! never crowd out a message: the message queue is bounded in frames and
-//! bytes, the event queue in frames. A full event queue sheds the event and
-//! counts it; a durable message is never dropped silently: the session is
-//! marked a slow consumer and closed, and it resumes by seq.
+//! ephemeral events (typing, presence) share one queue, in arrival order,
+//! with room for `max_frames` messages plus `max_events` events; events are
+//! counted, and may never take more than their share, so they can never
+//! crowd out a message. Messages are also bounded in bytes. An event that
+//! does not fit is shed and counted; a durable message is never dropped
+//! silently: the session is marked a slow consumer and closed, and it
+//! resumes by seq. One queue rather than two, because every idle session
+//! holds its queue's first allocation.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
@@ -53,6 +56,9 @@ impl Outgoing {
 struct Shared {
     queued_bytes: AtomicUsize,
     max_bytes: usize,
+    /// Events queued now; at most `max_events`.
+    queued_events: AtomicUsize,
+    max_events: usize,
     /// The first close reason set wins; 0 means none yet.
     close_reason: AtomicU8,
     /// Cancelled when the session must close (slow consumer, kick).
@@ -63,7 +69,6 @@ struct Shared {
 #[derive(Debug, Clone)]
 pub struct Outbox {
     tx: mpsc::Sender<Outgoing>,
-    events: mpsc::Sender<Outgoing>,
     shared: Arc<Shared>,
     metrics: Arc<Metrics>,
 }
@@ -72,12 +77,12 @@ pub struct Outbox {
 #[derive(Debug)]
 pub struct OutboxReceiver {
     rx: mpsc::Receiver<Outgoing>,
-    events: mpsc::Receiver<Outgoing>,
     shared: Arc<Shared>,
 }
 
-/// Makes an outbox whose message queue is bounded to `max_frames` frames
-/// and `max_bytes` bytes and whose event queue holds `max_events` frames.
+/// Makes an outbox that holds `max_frames` messages of at most `max_bytes`
+/// bytes in all, plus `max_events` events. Messages may also use the event
+/// slots that are free.
 /// `kill` is the session's own token.
 pub fn outbox(
     max_frames: usize,
@@ -86,26 +91,22 @@ pub fn outbox(
     kill: CancellationToken,
     metrics: Arc<Metrics>,
 ) -> (Outbox, OutboxReceiver) {
-    let (tx, rx) = mpsc::channel(max_frames);
-    let (events_tx, events_rx) = mpsc::channel(max_events);
+    let (tx, rx) = mpsc::channel(max_frames.saturating_add(max_events).max(1));
     let shared = Arc::new(Shared {
         queued_bytes: AtomicUsize::new(0),
         max_bytes,
+        queued_events: AtomicUsize::new(0),
+        max_events,
         close_reason: AtomicU8::new(0),
         kill,
     });
     (
         Outbox {
             tx,
-            events: events_tx,
             shared: shared.clone(),
             metrics,
         },
-        OutboxReceiver {
-            rx,
-            events: events_rx,
-            shared,
-        },
+        OutboxReceiver { rx, shared },
     )
 }
 
@@ -134,12 +135,14 @@ impl Outbox {
 
     /// Queues an ephemeral event; on overflow sheds it and counts the shed.
     pub fn push_ephemeral(&self, text: &Utf8Bytes) {
-        if self
-            .events
-            .try_send(Outgoing::Ephemeral(text.clone()))
-            .is_err()
-            && !self.events.is_closed()
+        let events = &self.shared.queued_events;
+        if events.fetch_add(1, Ordering::Relaxed) < self.shared.max_events
+            && self.tx.try_send(Outgoing::Ephemeral(text.clone())).is_ok()
         {
+            return;
+        }
+        events.fetch_sub(1, Ordering::Relaxed);
+        if !self.tx.is_closed() {
             self.metrics.ephemeral_shed.inc();
         }
     }
@@ -166,34 +169,31 @@ impl Outbox {
 }
 
 impl OutboxReceiver {
-    /// Waits for the next frame, messages first. Cancel-safe: both
-    /// receives are.
+    /// Waits for the next frame. Cancel-safe, as the channel's `recv` is.
     pub async fn recv(&mut self) -> Option<Outgoing> {
-        let item = tokio::select! {
-            biased;
-            Some(item) = self.rx.recv() => item,
-            Some(event) = self.events.recv() => return Some(event),
-            else => return None,
-        };
+        let item = self.rx.recv().await?;
         self.taken(&item);
         Some(item)
     }
 
-    /// Takes a frame if one is ready, messages first.
+    /// Takes a frame if one is ready.
     pub fn try_recv(&mut self) -> Option<Outgoing> {
-        match self.rx.try_recv() {
-            Ok(item) => {
-                self.taken(&item);
-                Some(item)
-            }
-            Err(_) => self.events.try_recv().ok(),
-        }
+        let item = self.rx.try_recv().ok()?;
+        self.taken(&item);
+        Some(item)
     }
 
     fn taken(&self, item: &Outgoing) {
-        self.shared
-            .queued_bytes
-            .fetch_sub(item.len(), Ordering::Relaxed);
+        match item {
+            Outgoing::Message(d) => {
+                self.shared
+                    .queued_bytes
+                    .fetch_sub(d.text.len(), Ordering::Relaxed);
+            }
+            Outgoing::Ephemeral(_) => {
+                self.shared.queued_events.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
     }
 
     /// The reason set by [`Outbox::close`], if any.
@@ -241,13 +241,16 @@ mod tests {
         );
         assert_eq!(rx.close_reason(), Some(CloseReason::SlowConsumer));
         assert_eq!(metrics.slow_consumers.get(), 1);
-        // What was queued is still there: messages in order, then events.
+        // What was queued is still there, in arrival order.
+        assert!(matches!(rx.try_recv(), Some(Outgoing::Ephemeral(_))));
+        assert!(matches!(rx.try_recv(), Some(Outgoing::Ephemeral(_))));
         assert!(matches!(rx.try_recv(), Some(Outgoing::Message(d)) if d.seq == 1));
         assert!(matches!(rx.try_recv(), Some(Outgoing::Message(d)) if d.seq == 2));
-        assert!(matches!(rx.try_recv(), Some(Outgoing::Ephemeral(_))));
-        assert!(matches!(rx.try_recv(), Some(Outgoing::Ephemeral(_))));
         assert!(rx.try_recv().is_none());
         assert_eq!(tx.queued_bytes(), 0);
+        // Taking events frees their share: one fits again.
+        tx.push_ephemeral(&typing);
+        assert_eq!(metrics.ephemeral_shed.get(), 3);
     }
 
     #[test]
