@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use switchboard::metrics::Metrics;
-use switchboard::session::{Delivery, Outgoing, outbox};
+use switchboard::session::{Delivery, Encoded, Outgoing, outbox};
 use tokio::sync::{broadcast, mpsc};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
@@ -49,12 +49,13 @@ fn fanout(c: &mut Criterion) {
                 .map(|_| mpsc::channel::<Arc<Delivery>>(1024))
                 .collect();
             let (txs, mut rxs): (Vec<_>, Vec<_>) = chans.into_iter().unzip();
-            let d = Arc::new(Delivery {
-                room: Arc::from("general"),
-                seq: 1,
-                text: frame(),
-                created: std::time::Instant::now(),
-            });
+            let d = Arc::new(Delivery::new(
+                Arc::from("general"),
+                vec![Encoded {
+                    seq: 1,
+                    text: frame(),
+                }],
+            ));
             b.iter(|| {
                 for tx in &txs {
                     tx.try_send(d.clone()).expect("room");
@@ -72,12 +73,13 @@ fn fanout(c: &mut Criterion) {
                 .map(|_| outbox(1024, 1 << 20, 64, CancellationToken::new(), metrics.clone()))
                 .collect();
             let (txs, mut rxs): (Vec<_>, Vec<_>) = boxes.into_iter().unzip();
-            let d = Arc::new(Delivery {
-                room: Arc::from("general"),
-                seq: 1,
-                text: frame(),
-                created: std::time::Instant::now(),
-            });
+            let d = Arc::new(Delivery::new(
+                Arc::from("general"),
+                vec![Encoded {
+                    seq: 1,
+                    text: frame(),
+                }],
+            ));
             b.iter(|| {
                 for tx in &txs {
                     tx.push_message(&d);

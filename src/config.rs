@@ -57,6 +57,9 @@ pub struct Config {
     pub max_inflight_sends: usize,
     /// Server ping interval; a session silent for two intervals is closed with 4102. Default 25 000 ms.
     pub heartbeat_interval_ms: u64,
+    /// How often each room's presence changes go out, batched into one
+    /// `presence` event per room. Default 100 ms.
+    pub presence_interval_ms: u64,
     /// Most messages replayed by a `join` with `since`; a longer gap answers `recovered: false`. Default 1 000.
     pub replay_cap: u64,
     /// `history` page size when the request gives no `limit`. Default 50.
@@ -225,6 +228,7 @@ impl Default for Config {
             close_linger_ms: 1000,
             max_inflight_sends: 256,
             heartbeat_interval_ms: 25_000,
+            presence_interval_ms: 100,
             replay_cap: 1000,
             history_default_limit: 50,
             history_max_limit: 200,
@@ -347,6 +351,7 @@ impl Config {
         at_least("write_batch_frames", self.write_batch_frames as u64, 1)?;
         at_least("max_inflight_sends", self.max_inflight_sends as u64, 1)?;
         at_least("heartbeat_interval_ms", self.heartbeat_interval_ms, 10)?;
+        at_least("presence_interval_ms", self.presence_interval_ms, 1)?;
         at_least("history_max_limit", u64::from(self.history_max_limit), 1)?;
         at_least("commit_max_batch", self.commit_max_batch as u64, 1)?;
         at_least("store_queue_capacity", self.store_queue_capacity as u64, 1)?;
@@ -460,6 +465,10 @@ impl Config {
 
     pub fn heartbeat_interval(&self) -> Duration {
         Duration::from_millis(self.heartbeat_interval_ms)
+    }
+
+    pub fn presence_interval(&self) -> Duration {
+        Duration::from_millis(self.presence_interval_ms)
     }
 
     pub fn write_timeout(&self) -> Duration {

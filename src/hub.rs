@@ -12,17 +12,23 @@
 //!   reference-counted handle, never a copy.
 //! - A room's members see its messages in commit order, which is seq order,
 //!   because only the single store writer thread calls [`CommitSink::committed`].
+//! - Presence changes are batched: a join or leave only records the change,
+//!   and [`Hub::flush_presence`], every `presence_interval_ms`, sends each
+//!   changed room one `presence` event with all its changes. Filling a room
+//!   of N therefore costs each member one event per interval, not one per
+//!   join (which made filling a room O(N²)).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use dashmap::DashMap;
 use protocol::ServerFrame;
+use rustc_hash::FxHashMap;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use crate::session::{CloseReason, Delivery, Outbox};
+use crate::session::{CloseReason, Delivery, Encoded, Outbox};
 use crate::store::{CommitSink, Committed};
 
 /// A session's process-unique id.
@@ -42,6 +48,9 @@ struct Room {
     name: Arc<str>,
     members: Vec<Member>,
     users: HashMap<Arc<str>, u32>,
+    /// Users who arrived or went since the last presence flush, in order.
+    /// The flush reports each as it is then, present or not.
+    changed: Vec<Arc<str>>,
 }
 
 impl Room {
@@ -51,6 +60,34 @@ impl Room {
         for m in self.members.iter().filter(|m| &*m.user != except) {
             m.outbox.push_ephemeral(&text);
         }
+    }
+
+    /// Sends one `presence` event with the users who arrived or went since
+    /// the last flush. A lone change skips that user's own sessions, as an
+    /// unbatched event would; in a batch, users may see their own name, and
+    /// clients apply the lists as set additions and removals either way.
+    fn flush_presence(&mut self) {
+        let mut changed = std::mem::take(&mut self.changed);
+        changed.sort_unstable();
+        changed.dedup();
+        let (mut joined, mut left) = (Vec::new(), Vec::new());
+        for user in &changed {
+            if self.users.contains_key(user) {
+                joined.push(user.to_string());
+            } else {
+                left.push(user.to_string());
+            }
+        }
+        let except = match changed.as_slice() {
+            [one] => &**one,
+            _ => "",
+        };
+        let frame = ServerFrame::Presence {
+            room: self.name.to_string(),
+            joined,
+            left,
+        };
+        self.broadcast_ephemeral(&frame, except);
     }
 
     fn presence(&self) -> Vec<String> {
@@ -113,6 +150,9 @@ pub struct SessionInfo {
 pub struct Hub {
     rooms: DashMap<Arc<str>, Room>,
     sessions: DashMap<SessionId, SessionEntry>,
+    /// Rooms with presence changes not yet sent. Each room is listed once:
+    /// it is added when its first change since the last flush is recorded.
+    presence_dirty: Mutex<Vec<Arc<str>>>,
 }
 
 impl Hub {
@@ -120,17 +160,55 @@ impl Hub {
         Hub {
             rooms: DashMap::new(),
             sessions: DashMap::new(),
+            presence_dirty: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Records that `user`'s presence in `r` changed; lists the room for
+    /// the next flush if this is its first change since the last one.
+    fn presence_changed(&self, r: &mut Room, user: Arc<str>) {
+        if r.changed.is_empty() {
+            self.presence_dirty
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(r.name.clone());
+        }
+        r.changed.push(user);
+    }
+
+    /// Sends every room with presence changes its one batched `presence`
+    /// event. Called every `presence_interval_ms` by the server's presence
+    /// task; returns how many rooms it flushed.
+    pub fn flush_presence(&self) -> usize {
+        let dirty = std::mem::take(
+            &mut *self
+                .presence_dirty
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        let mut flushed = 0;
+        for name in dirty {
+            // A room emptied since its change is gone, and nobody is left
+            // to tell.
+            if let Some(mut r) = self.rooms.get_mut(&name) {
+                if !r.changed.is_empty() {
+                    r.flush_presence();
+                    flushed += 1;
+                }
+            }
+        }
+        flushed
     }
 
     /// Adds `member` to `room`, creating the room. Joining twice is a no-op
     /// that still reports presence. When the member's user was not in the
-    /// room yet, the other members get a `presence` event.
+    /// room yet, the members get a `presence` event at the next flush.
     pub fn join(&self, room: &str, member: Member) -> JoinOutcome {
         let mut entry = self.rooms.entry(Arc::from(room)).or_insert_with(|| Room {
             name: Arc::from(room),
             members: Vec::new(),
             users: HashMap::new(),
+            changed: Vec::new(),
         });
         let r = entry.value_mut();
         if !r.members.iter().any(|m| m.session == member.session) {
@@ -140,12 +218,7 @@ impl Hub {
             let user = member.user.clone();
             r.members.push(member);
             if first {
-                let frame = ServerFrame::Presence {
-                    room: room.to_owned(),
-                    joined: vec![user.to_string()],
-                    left: Vec::new(),
-                };
-                r.broadcast_ephemeral(&frame, &user);
+                self.presence_changed(r, user);
             }
         }
         JoinOutcome {
@@ -155,7 +228,8 @@ impl Hub {
     }
 
     /// Removes a session from a room. Returns whether it was a member. When
-    /// its user has no session left there, the others get a `presence` event.
+    /// its user has no session left there, the others get a `presence` event
+    /// at the next flush.
     pub fn leave(&self, room: &str, session: SessionId) -> bool {
         let Some(mut entry) = self.rooms.get_mut(room) else {
             return false;
@@ -176,12 +250,7 @@ impl Hub {
             }
         };
         if gone {
-            let frame = ServerFrame::Presence {
-                room: room.to_owned(),
-                joined: Vec::new(),
-                left: vec![member.user.to_string()],
-            };
-            r.broadcast_ephemeral(&frame, &member.user);
+            self.presence_changed(r, member.user.clone());
         }
         let empty = r.members.is_empty();
         drop(entry);
@@ -293,22 +362,117 @@ impl Hub {
 }
 
 impl CommitSink for Hub {
-    /// Fans a durable message out to the room's members: one encoding, one
-    /// shared buffer, one non-blocking push per member.
-    fn committed(&self, msg: &Committed<'_>) {
-        let Some(r) = self.rooms.get(msg.room) else {
-            return;
-        };
-        let text =
-            protocol::MessageRef::new(msg.room, msg.seq, msg.from, msg.ts, msg.body).to_json();
-        let delivery = Arc::new(Delivery {
-            room: r.name.clone(),
-            seq: msg.seq,
-            text: Utf8Bytes::from(text),
-            created: std::time::Instant::now(),
-        });
-        for m in &r.members {
-            m.outbox.push_message(&delivery);
+    /// Fans a commit's messages out: per room, one encoding per message, one
+    /// shared delivery of all of them, and one non-blocking push per member.
+    fn committed(&self, msgs: &[Committed<'_>]) {
+        // Group by room, keeping each room's seq order. Most commits hold
+        // few rooms; the map is per commit, never per recipient.
+        let mut rooms: FxHashMap<&str, Vec<Encoded>> = FxHashMap::default();
+        let mut order: Vec<&str> = Vec::new();
+        for msg in msgs {
+            let text =
+                protocol::MessageRef::new(msg.room, msg.seq, msg.from, msg.ts, msg.body).to_json();
+            let encoded = Encoded {
+                seq: msg.seq,
+                text: Utf8Bytes::from(text),
+            };
+            rooms
+                .entry(msg.room)
+                .or_insert_with(|| {
+                    order.push(msg.room);
+                    Vec::new()
+                })
+                .push(encoded);
         }
+        for room in order {
+            let (Some(r), Some(messages)) = (self.rooms.get(room), rooms.remove(room)) else {
+                continue;
+            };
+            let delivery = Arc::new(Delivery::new(r.name.clone(), messages));
+            for m in &r.members {
+                m.outbox.push_message(&delivery);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::session::{OutboxReceiver, Outgoing, outbox};
+    use tokio_util::sync::CancellationToken;
+
+    fn member(hub: &Hub, id: SessionId, user: &str) -> OutboxReceiver {
+        let (tx, rx) = outbox(
+            64,
+            1 << 20,
+            64,
+            CancellationToken::new(),
+            Arc::new(Metrics::default()),
+        );
+        hub.join(
+            "r",
+            Member {
+                session: id,
+                user: Arc::from(user),
+                outbox: tx,
+            },
+        );
+        rx
+    }
+
+    fn events(rx: &mut OutboxReceiver) -> Vec<String> {
+        std::iter::from_fn(|| rx.try_recv())
+            .map(|o| match o {
+                Outgoing::Ephemeral(t) => t.to_string(),
+                Outgoing::Message(_) => panic!("no messages were sent"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn presence_changes_are_batched_into_one_event_per_flush() {
+        let hub = Hub::new();
+        let mut first = member(&hub, 1, "u0");
+        let mut rest: Vec<_> = (2..=50)
+            .map(|i| member(&hub, i, &format!("u{i}")))
+            .collect();
+        // Joins send nothing by themselves.
+        assert!(events(&mut first).is_empty());
+        assert_eq!(hub.flush_presence(), 1);
+        // One event for the 50 arrivals, to every member.
+        let got = events(&mut first);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert!(
+            got[0].contains("\"u0\"") && got[0].contains("\"u50\""),
+            "{}",
+            got[0]
+        );
+        for rx in &mut rest {
+            assert_eq!(events(rx).len(), 1);
+        }
+        // Nothing changed since: nothing is sent.
+        assert_eq!(hub.flush_presence(), 0);
+        // A lone departure skips the leaver's own sessions, as before.
+        assert!(hub.leave("r", 2));
+        assert_eq!(hub.flush_presence(), 1);
+        assert_eq!(
+            events(&mut first),
+            vec![r#"{"type":"presence","room":"r","left":["u2"]}"#]
+        );
+        assert!(
+            events(&mut rest[0]).is_empty(),
+            "u2 left: its outbox gets nothing"
+        );
+        // Arriving and leaving within one interval reports the user as gone.
+        let _late = member(&hub, 99, "late");
+        assert!(hub.leave("r", 99));
+        assert_eq!(hub.flush_presence(), 1);
+        assert_eq!(
+            events(&mut first),
+            vec![r#"{"type":"presence","room":"r","left":["late"]}"#]
+        );
     }
 }

@@ -428,8 +428,8 @@ impl<S> ObservedSink<S> {
 }
 
 impl<S: CommitSink> CommitSink for ObservedSink<S> {
-    fn committed(&self, msg: &Committed<'_>) {
-        self.inner.committed(msg);
+    fn committed(&self, msgs: &[Committed<'_>]) {
+        self.inner.committed(msgs);
     }
 
     fn batch_committed(&self, operations: usize, elapsed: Duration) {

@@ -175,6 +175,7 @@ impl Server {
                 token.clone(),
             ));
         }
+        tracker.spawn(presence_flusher(state.clone(), token.clone()));
         // The admin listener has its own tracker and stop token: it keeps
         // answering while sessions drain (`/readyz` then says 503, because
         // `token` is cancelled) and stops only after them.
@@ -215,5 +216,21 @@ impl Server {
             .map_err(ServerError::StoreShutdown)?;
         info!("stopped");
         Ok(())
+    }
+}
+
+/// Sends the hub's batched presence changes every `presence_interval_ms`
+/// until `stop`.
+async fn presence_flusher(state: Arc<ServerState>, stop: CancellationToken) {
+    let period = state.config.presence_interval();
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {
+                state.hub.flush_presence();
+            }
+        }
     }
 }

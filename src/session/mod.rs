@@ -44,7 +44,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 pub use close::CloseReason;
-pub use outbox::{Delivery, Outbox, OutboxReceiver, Outgoing, outbox};
+pub use outbox::{Delivery, Encoded, Outbox, OutboxReceiver, Outgoing, outbox};
 
 use crate::auth::{Access, AuthError, Principal};
 use crate::hub::{Member, SessionEntry, SessionId, SessionStats};
@@ -410,21 +410,28 @@ where
         while let Some(item) = next.take() {
             match item {
                 Outgoing::Ephemeral(text) => batch.push(text),
-                Outgoing::Message(d) => match self.rooms.get_mut(&d.room) {
-                    Some(floor) if d.seq > *floor => {
-                        *floor = d.seq;
-                        // Commit to the write into this socket (the flush
-                        // follows within the same write batch).
-                        self.state
-                            .metrics
-                            .fanout_latency
-                            .observe_duration(now.saturating_duration_since(d.created));
-                        batch.push(d.text.clone());
-                        delivered += 1;
+                Outgoing::Message(d) => {
+                    // None when the room was left meanwhile; messages at or
+                    // below the floor were already replayed.
+                    if let Some(floor) = self.rooms.get_mut(&d.room) {
+                        let before = delivered;
+                        for m in &d.messages {
+                            if m.seq > *floor {
+                                *floor = m.seq;
+                                batch.push(m.text.clone());
+                                delivered += 1;
+                            }
+                        }
+                        if delivered > before {
+                            // Committed to the write into this socket (the
+                            // flush follows within the same write batch).
+                            self.state
+                                .metrics
+                                .fanout_latency
+                                .observe_duration(now.saturating_duration_since(d.created));
+                        }
                     }
-                    // Already replayed, or the room was left meanwhile.
-                    _ => {}
-                },
+                }
             }
             if batch.len() < batch_max {
                 next = self.inbox.try_recv();

@@ -22,21 +22,45 @@ use tokio_util::sync::CancellationToken;
 use crate::metrics::Metrics;
 use crate::session::CloseReason;
 
-/// One durable message, encoded once and shared by every recipient.
+/// The new messages of one room from one commit, each encoded once, shared
+/// by every recipient: one push per member per commit, however many
+/// messages the commit holds for the room.
 #[derive(Debug)]
 pub struct Delivery {
     pub room: Arc<str>,
+    /// In strictly increasing seq order.
+    pub messages: Vec<Encoded>,
+    /// The messages' encoded length in all.
+    pub bytes: usize,
+    /// When the hub encoded them, right after their commit: the start of the
+    /// fan-out latency each subscriber's session observes when writing them.
+    pub created: Instant,
+}
+
+/// One durable message as it goes on the wire.
+#[derive(Debug)]
+pub struct Encoded {
     pub seq: u64,
     pub text: Utf8Bytes,
-    /// When the hub encoded it, right after its commit: the start of the
-    /// fan-out latency each subscriber's session observes when writing it.
-    pub created: Instant,
+}
+
+impl Delivery {
+    /// A delivery of `messages`, encoded now.
+    pub fn new(room: Arc<str>, messages: Vec<Encoded>) -> Delivery {
+        let bytes = messages.iter().map(|m| m.text.len()).sum();
+        Delivery {
+            room,
+            messages,
+            bytes,
+            created: Instant::now(),
+        }
+    }
 }
 
 /// What travels through an outbox.
 #[derive(Debug)]
 pub enum Outgoing {
-    /// A durable message: never shed.
+    /// Durable messages: never shed.
     Message(Arc<Delivery>),
     /// A typing or presence event: shed first under pressure.
     Ephemeral(Utf8Bytes),
@@ -45,7 +69,7 @@ pub enum Outgoing {
 impl Outgoing {
     fn len(&self) -> usize {
         match self {
-            Outgoing::Message(d) => d.text.len(),
+            Outgoing::Message(d) => d.bytes,
             Outgoing::Ephemeral(t) => t.len(),
         }
     }
@@ -188,7 +212,7 @@ impl OutboxReceiver {
             Outgoing::Message(d) => {
                 self.shared
                     .queued_bytes
-                    .fetch_sub(d.text.len(), Ordering::Relaxed);
+                    .fetch_sub(d.bytes, Ordering::Relaxed);
             }
             Outgoing::Ephemeral(_) => {
                 self.shared.queued_events.fetch_sub(1, Ordering::Relaxed);
@@ -208,12 +232,8 @@ mod tests {
     use super::*;
 
     fn delivery(seq: u64, len: usize) -> Arc<Delivery> {
-        Arc::new(Delivery {
-            room: Arc::from("r"),
-            seq,
-            text: Utf8Bytes::from("x".repeat(len)),
-            created: Instant::now(),
-        })
+        let text = Utf8Bytes::from("x".repeat(len));
+        Arc::new(Delivery::new(Arc::from("r"), vec![Encoded { seq, text }]))
     }
 
     #[test]
@@ -244,8 +264,8 @@ mod tests {
         // What was queued is still there, in arrival order.
         assert!(matches!(rx.try_recv(), Some(Outgoing::Ephemeral(_))));
         assert!(matches!(rx.try_recv(), Some(Outgoing::Ephemeral(_))));
-        assert!(matches!(rx.try_recv(), Some(Outgoing::Message(d)) if d.seq == 1));
-        assert!(matches!(rx.try_recv(), Some(Outgoing::Message(d)) if d.seq == 2));
+        assert!(matches!(rx.try_recv(), Some(Outgoing::Message(d)) if d.messages[0].seq == 1));
+        assert!(matches!(rx.try_recv(), Some(Outgoing::Message(d)) if d.messages[0].seq == 2));
         assert!(rx.try_recv().is_none());
         assert_eq!(tx.queued_bytes(), 0);
         // Taking events frees their share: one fits again.
@@ -263,7 +283,7 @@ mod tests {
         assert!(!kill.is_cancelled());
         tx.push_message(&delivery(2, 60));
         assert!(kill.is_cancelled());
-        assert!(matches!(rx.try_recv(), Some(Outgoing::Message(d)) if d.seq == 1));
+        assert!(matches!(rx.try_recv(), Some(Outgoing::Message(d)) if d.messages[0].seq == 1));
     }
 
     #[test]

@@ -92,10 +92,10 @@ pub struct Committed<'a> {
 
 /// Receives what the writer committed, on the writer thread.
 pub trait CommitSink: Send + Sync + 'static {
-    /// Called once per new message (never for a duplicate), after its commit
-    /// is durable, in commit order: per room, in strictly increasing seq.
-    /// Must not block.
-    fn committed(&self, msg: &Committed<'_>);
+    /// Called once per commit that made new messages (never with a
+    /// duplicate), after it is durable, with them in commit order: per room,
+    /// in strictly increasing seq. Must not block.
+    fn committed(&self, msgs: &[Committed<'_>]);
 
     /// Called once per successful commit, before `committed` for its
     /// messages, with the number of operations and the time it took.

@@ -14,11 +14,9 @@ struct Recorder {
 }
 
 impl CommitSink for Recorder {
-    fn committed(&self, msg: &Committed<'_>) {
-        self.seen
-            .lock()
-            .unwrap()
-            .push((msg.room.to_owned(), msg.seq));
+    fn committed(&self, msgs: &[Committed<'_>]) {
+        let mut seen = self.seen.lock().unwrap();
+        seen.extend(msgs.iter().map(|m| (m.room.to_owned(), m.seq)));
     }
     fn batch_committed(&self, operations: usize, _elapsed: Duration) {
         self.batches.lock().unwrap().push(operations);

@@ -101,17 +101,24 @@ impl Writer {
                 self.commits.fetch_add(1, Ordering::Relaxed);
                 self.healthy.store(true, Ordering::Relaxed);
                 self.sink.batch_committed(batch.len(), started.elapsed());
-                for (op, outcome) in batch.iter().zip(&outcomes) {
-                    if let (Op::Append(a), Outcome::New(done)) = (op, outcome) {
-                        self.sink.committed(&Committed {
+                let new: Vec<Committed<'_>> = batch
+                    .iter()
+                    .zip(&outcomes)
+                    .filter_map(|(op, outcome)| match (op, outcome) {
+                        (Op::Append(a), Outcome::New(done)) => Some(Committed {
                             room: &a.room,
                             seq: done.seq,
                             ts: done.ts,
                             from: &a.from,
                             body: &a.body,
-                        });
-                    }
+                        }),
+                        _ => None,
+                    })
+                    .collect();
+                if !new.is_empty() {
+                    self.sink.committed(&new);
                 }
+                drop(new);
                 for (op, outcome) in batch.drain(..).zip(outcomes) {
                     match (op, outcome) {
                         (Op::Append(a), Outcome::New(done) | Outcome::Duplicate(done)) => {

@@ -111,10 +111,10 @@ async fn send_until_closed(mut c: Client, who: String) -> (Acked, Option<CloseCo
     let mut acked = Acked::new();
     let mut pending = BTreeMap::new();
     let mut n = 0u64;
-    // Keep a window of 16 sends in flight; bounded by count.
+    // Keep a window of sends in flight; bounded by count.
     const MAX: u64 = 200_000;
     loop {
-        while pending.len() < 16 && n < MAX {
+        while pending.len() < WINDOW && n < MAX {
             let body = format!("\"{who}-{n}\"");
             let req = ClientRequest::Send {
                 room: "crash".into(),
@@ -188,21 +188,28 @@ async fn check_history(server: &TestServer, acked: &Acked) {
     }
 }
 
+/// Sends each crash-test sender keeps in flight.
+const WINDOW: usize = 16;
+/// Senders in a crash test.
+const SENDERS: usize = 4;
+/// The seq the watcher waits for before the signal.
+const WATCHED: u64 = 500;
+
 async fn crash_test(signal: &str) {
     let fixture = Fixture::new();
     let mut process = Process::start(&fixture).await;
     let mut senders = Vec::new();
-    for i in 0..4 {
+    for i in 0..SENDERS {
         let mut c = process.connect(&fixture, &format!("sender{i}")).await;
         c.join("crash").await;
         senders.push(tokio::spawn(send_until_closed(c, format!("s{i}"))));
     }
-    // Let traffic build up: wait for a watcher to see 500 messages.
+    // Let traffic build up: wait for a watcher to see WATCHED messages.
     let mut watcher = process.connect(&fixture, "watcher").await;
     watcher.join("crash").await;
     loop {
         if let ServerFrame::Message { seq, .. } = watcher.next_message("crash").await {
-            if seq >= 500 {
+            if seq >= WATCHED {
                 break;
             }
         }
@@ -219,7 +226,10 @@ async fn crash_test(signal: &str) {
         acked.extend(a);
         closes.push(code);
     }
-    assert!(acked.len() >= 500, "traffic flowed: {} acks", acked.len());
+    // The watcher saw WATCHED committed messages; a sender may not have
+    // read the acks of its last window before the signal.
+    let floor = WATCHED as usize - SENDERS * WINDOW;
+    assert!(acked.len() >= floor, "traffic flowed: {} acks", acked.len());
     if signal == "-TERM" {
         assert!(status.success(), "graceful exit: {status:?}");
         for code in closes {
