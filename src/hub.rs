@@ -51,12 +51,19 @@ struct Room {
     /// Users who arrived or went since the last presence flush, in order.
     /// The flush reports each as it is then, present or not.
     changed: Vec<Arc<str>>,
+    /// The room's latest committed seq, once known ([`UNKNOWN`] before):
+    /// set from each commit's fan-out, under the same guard as its pushes,
+    /// so a join reads it consistently with what its outbox will get.
+    latest: AtomicU64,
 }
+
+/// `Room::latest` before the hub has seen a commit or a store read for it.
+const UNKNOWN: u64 = u64::MAX;
 
 impl Room {
     /// Sends an ephemeral event to every member whose user is not `except`.
     fn broadcast_ephemeral(&self, frame: &ServerFrame, except: &str) {
-        let text = Utf8Bytes::from(frame.to_json());
+        let text = Arc::new(Utf8Bytes::from(frame.to_json()));
         for m in self.members.iter().filter(|m| &*m.user != except) {
             m.outbox.push_ephemeral(&text);
         }
@@ -104,6 +111,11 @@ pub struct JoinOutcome {
     pub room: Arc<str>,
     /// Distinct users in the room, sorted, the joiner included.
     pub presence: Vec<String>,
+    /// The room's latest seq as of the join, when the hub knows it: every
+    /// later message reaches the joiner's outbox. `None` for a room the hub
+    /// has not seen a commit or a read for; the caller reads the store then
+    /// and reports the value with [`Hub::note_latest`].
+    pub latest: Option<u64>,
 }
 
 /// Summary of a room, for operators.
@@ -209,6 +221,7 @@ impl Hub {
             members: Vec::new(),
             users: HashMap::new(),
             changed: Vec::new(),
+            latest: AtomicU64::new(UNKNOWN),
         });
         let r = entry.value_mut();
         if !r.members.iter().any(|m| m.session == member.session) {
@@ -221,9 +234,23 @@ impl Hub {
                 self.presence_changed(r, user);
             }
         }
+        let latest = r.latest.load(Ordering::Acquire);
         JoinOutcome {
             room: r.name.clone(),
             presence: r.presence(),
+            latest: (latest != UNKNOWN).then_some(latest),
+        }
+    }
+
+    /// Records a room's latest seq as read from the store after a join
+    /// registered. Seqs only grow, so the larger of the two stands.
+    pub fn note_latest(&self, room: &str, seq: u64) {
+        if let Some(r) = self.rooms.get(room) {
+            let _ = r
+                .latest
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
+                    (cur == UNKNOWN || cur < seq).then_some(seq)
+                });
         }
     }
 
@@ -388,9 +415,18 @@ impl CommitSink for Hub {
             let (Some(r), Some(messages)) = (self.rooms.get(room), rooms.remove(room)) else {
                 continue;
             };
+            let last = messages.last().map(|m| m.seq);
             let delivery = Arc::new(Delivery::new(r.name.clone(), messages));
             for m in &r.members {
                 m.outbox.push_message(&delivery);
+            }
+            if let Some(seq) = last {
+                // Still under the guard of the pushes: see `Room::latest`.
+                let _ = r
+                    .latest
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
+                        (cur == UNKNOWN || cur < seq).then_some(seq)
+                    });
             }
         }
     }

@@ -409,7 +409,7 @@ where
         let mut next = Some(first);
         while let Some(item) = next.take() {
             match item {
-                Outgoing::Ephemeral(text) => batch.push(text),
+                Outgoing::Ephemeral(text) => batch.push(Utf8Bytes::clone(&text)),
                 Outgoing::Message(d) => {
                     // None when the room was left meanwhile; messages at or
                     // below the floor were already replayed.
@@ -532,7 +532,14 @@ where
                     self.not_joined(id, &room).await
                 }
             }
-            ClientRequest::Send { room, body, key } => self.on_send(id, room, body.0, key).await,
+            // Boxed too: a send's state (the store queue's permit, the
+            // append) is the largest of the request paths, and one small
+            // allocation per message read is cheaper than holding it in
+            // every idle session.
+            ClientRequest::Send { room, body, key } => {
+                let sending = Box::pin(self.on_send(id, room, body.0, key));
+                sending.await
+            }
             ClientRequest::History {
                 room,
                 before,
@@ -743,7 +750,15 @@ where
                 outbox: self.outbox.clone(),
             },
         );
-        let latest = match state.store.latest_seq(&room).await {
+        // The hub knows the latest seq of a room with members once it has
+        // seen a commit or a read for it; otherwise the store is read.
+        let read = match outcome.latest {
+            Some(seq) => Ok(seq),
+            None => state.store.latest_seq(&room).await.inspect(|&seq| {
+                state.hub.note_latest(&room, seq);
+            }),
+        };
+        let latest = match read {
             Ok(seq) => seq,
             Err(e) => {
                 warn!(error = %e, "latest seq read failed");

@@ -62,9 +62,14 @@ impl Delivery {
 pub enum Outgoing {
     /// Durable messages: never shed.
     Message(Arc<Delivery>),
-    /// A typing or presence event: shed first under pressure.
-    Ephemeral(Utf8Bytes),
+    /// A typing or presence event: shed first under pressure. Behind an
+    /// `Arc` so that a queue slot is two words: every idle session holds a
+    /// block of slots.
+    Ephemeral(Arc<Utf8Bytes>),
 }
+
+// Every idle session holds a block of 32 queue slots: keep a slot two words.
+const _: () = assert!(std::mem::size_of::<Outgoing>() == 16);
 
 impl Outgoing {
     fn len(&self) -> usize {
@@ -158,7 +163,7 @@ impl Outbox {
     }
 
     /// Queues an ephemeral event; on overflow sheds it and counts the shed.
-    pub fn push_ephemeral(&self, text: &Utf8Bytes) {
+    pub fn push_ephemeral(&self, text: &Arc<Utf8Bytes>) {
         let events = &self.shared.queued_events;
         if events.fetch_add(1, Ordering::Relaxed) < self.shared.max_events
             && self.tx.try_send(Outgoing::Ephemeral(text.clone())).is_ok()
@@ -241,7 +246,7 @@ mod tests {
         let metrics = Arc::new(Metrics::default());
         let kill = CancellationToken::new();
         let (tx, mut rx) = outbox(2, 1024, 2, kill.clone(), metrics.clone());
-        let typing = Utf8Bytes::from_static("typing");
+        let typing = Arc::new(Utf8Bytes::from_static("typing"));
         for _ in 0..5 {
             tx.push_ephemeral(&typing);
         }
