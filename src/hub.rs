@@ -18,7 +18,7 @@
 //!   of N therefore costs each member one event per interval, not one per
 //!   join (which made filling a room O(N²)).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex};
 use dashmap::DashMap;
 use protocol::ServerFrame;
 use rustc_hash::FxHashMap;
+use serde_json::value::RawValue;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::session::{CloseReason, Delivery, Encoded, Outbox};
@@ -47,7 +48,8 @@ pub struct Member {
 struct Room {
     name: Arc<str>,
     members: Vec<Member>,
-    users: HashMap<Arc<str>, u32>,
+    /// Sorted, so that a join lists them without sorting.
+    users: BTreeMap<Arc<str>, u32>,
     /// Users who arrived or went since the last presence flush, in order.
     /// The flush reports each as it is then, present or not.
     changed: Vec<Arc<str>>,
@@ -55,6 +57,11 @@ struct Room {
     /// set from each commit's fan-out, under the same guard as its pushes,
     /// so a join reads it consistently with what its outbox will get.
     latest: AtomicU64,
+}
+
+/// An empty JSON array.
+fn empty_list() -> Box<RawValue> {
+    serde_json::value::to_raw_value(&[(); 0]).unwrap_or_else(|_| Box::<RawValue>::default())
 }
 
 /// `Room::latest` before the hub has seen a commit or a store read for it.
@@ -98,9 +105,16 @@ impl Room {
     }
 
     fn presence(&self) -> Vec<String> {
-        let mut users: Vec<String> = self.users.keys().map(|u| u.to_string()).collect();
-        users.sort_unstable();
-        users
+        self.users.keys().map(|u| u.to_string()).collect()
+    }
+
+    /// The distinct users, sorted, as a JSON array: one buffer, no
+    /// allocation per user, for the `joined` reply of a join.
+    fn presence_json(&self) -> Box<RawValue> {
+        let names: Vec<&str> = self.users.keys().map(|u| &**u).collect();
+        // Serializing strings into a buffer cannot fail; `[]` is the
+        // fallback rather than a panic.
+        serde_json::value::to_raw_value(&names).unwrap_or_else(|_| empty_list())
     }
 }
 
@@ -109,8 +123,9 @@ impl Room {
 pub struct JoinOutcome {
     /// The room's shared name, the key that deliveries carry.
     pub room: Arc<str>,
-    /// Distinct users in the room, sorted, the joiner included.
-    pub presence: Vec<String>,
+    /// Distinct users in the room, sorted, the joiner included, as a JSON
+    /// array.
+    pub presence: Box<RawValue>,
     /// The room's latest seq as of the join, when the hub knows it: every
     /// later message reaches the joiner's outbox. `None` for a room the hub
     /// has not seen a commit or a read for; the caller reads the store then
@@ -219,7 +234,7 @@ impl Hub {
         let mut entry = self.rooms.entry(Arc::from(room)).or_insert_with(|| Room {
             name: Arc::from(room),
             members: Vec::new(),
-            users: HashMap::new(),
+            users: BTreeMap::new(),
             changed: Vec::new(),
             latest: AtomicU64::new(UNKNOWN),
         });
@@ -237,7 +252,7 @@ impl Hub {
         let latest = r.latest.load(Ordering::Acquire);
         JoinOutcome {
             room: r.name.clone(),
-            presence: r.presence(),
+            presence: r.presence_json(),
             latest: (latest != UNKNOWN).then_some(latest),
         }
     }

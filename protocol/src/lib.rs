@@ -375,6 +375,50 @@ impl<'a> MessageRef<'a> {
     }
 }
 
+/// A borrowed `joined` frame whose `presence` list is already encoded, so
+/// that a join into a large room costs no allocation per listed user.
+/// Encodes exactly like [`ServerFrame::Joined`].
+#[derive(Debug, Serialize)]
+pub struct JoinedRef<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<RequestId>,
+    pub room: &'a str,
+    pub seq: u64,
+    pub epoch: &'a str,
+    /// A JSON array of strings.
+    pub presence: &'a RawValue,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recovered: Option<bool>,
+}
+
+impl<'a> JoinedRef<'a> {
+    pub fn new(
+        id: Option<RequestId>,
+        room: &'a str,
+        seq: u64,
+        epoch: &'a str,
+        presence: &'a RawValue,
+        recovered: Option<bool>,
+    ) -> Self {
+        JoinedRef {
+            kind: "joined",
+            id,
+            room,
+            seq,
+            epoch,
+            presence,
+            recovered,
+        }
+    }
+
+    /// Encodes the frame as JSON text.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|_| String::from("{}"))
+    }
+}
+
 impl Request {
     /// Encodes the request as JSON text (for clients).
     pub fn to_json(&self) -> String {
@@ -402,6 +446,24 @@ mod tests {
         assert_eq!(owned.to_json(), borrowed.to_json());
         borrowed.replay = false;
         assert!(!borrowed.to_json().contains("replay"));
+    }
+
+    #[test]
+    fn joined_ref_encodes_like_joined() {
+        let presence =
+            serde_json::value::to_raw_value(&["alice", "b\"ob"]).unwrap_or_else(|e| panic!("{e}"));
+        for (id, recovered) in [(Some(3), Some(true)), (None, None)] {
+            let owned = ServerFrame::Joined {
+                id,
+                room: "general".into(),
+                seq: 41,
+                epoch: "5f3a".into(),
+                presence: vec!["alice".into(), "b\"ob".into()],
+                recovered,
+            };
+            let borrowed = JoinedRef::new(id, "general", 41, "5f3a", &presence, recovered);
+            assert_eq!(owned.to_json(), borrowed.to_json());
+        }
     }
 
     #[test]

@@ -334,7 +334,11 @@ where
 
     /// Writes one frame and flushes, within the write deadline.
     async fn send(&mut self, frame: &ServerFrame) -> Flow {
-        let text = frame.to_json();
+        self.send_text(frame.to_json()).await
+    }
+
+    /// Writes one encoded frame and flushes, within the write deadline.
+    async fn send_text(&mut self, text: String) -> Flow {
         self.state.metrics.bytes_out.add(text.len() as u64);
         self.write(Message::Text(Utf8Bytes::from(text)), true).await
     }
@@ -786,15 +790,16 @@ where
         if !already {
             self.rooms.insert(outcome.room.clone(), latest);
         }
-        self.send(&ServerFrame::Joined {
+        let joined = protocol::JoinedRef::new(
             id,
-            room: room.clone(),
-            seq: latest,
-            epoch: store_epoch,
-            presence: outcome.presence,
+            &room,
+            latest,
+            &store_epoch,
+            &outcome.presence,
             recovered,
-        })
-        .await?;
+        )
+        .to_json();
+        self.send_text(joined).await?;
         for m in &replay {
             let text = replay_frame(&room, m);
             self.write(Message::Text(Utf8Bytes::from(text)), false)
