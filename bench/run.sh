@@ -197,10 +197,14 @@ for fig in $FIGURES; do
         done
         ;;
     6)
-        for mode in group single; do
-            extra=$([ $mode = group ] && echo "" || echo "--commit-max-batch 1")
+        # group and single: each sender waits for its ack before the next
+        # send; group-w16: each keeps 16 sends in flight, as a client with a
+        # send window would.
+        for mode in group single group-w16; do
+            extra=$([ $mode = single ] && echo "--commit-max-batch 1" || echo "")
+            window=$([ $mode = group-w16 ] && echo 16 || echo 1)
             start_server switchboard $extra
-            lt "f6-$mode" fanout --url "$WS" --clients 0 --rooms 1000 --rate 0 --window 1 \
+            lt "f6-$mode" fanout --url "$WS" --clients 0 --rooms 1000 --rate 0 --window "$window" \
                 --ramp-up 5000 --warmup 2 --duration 10 --server-pid "$PID"
             stop_server
         done
