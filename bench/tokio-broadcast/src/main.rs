@@ -5,7 +5,8 @@
 //!
 //! `tokio-broadcast [--listen ADDR] [--tls-listen ADDR --cert PEM --key PEM]`
 //! prints each listening address on stdout. The WebSocket read buffer is
-//! 4 KiB per connection, as in Switchboard (tungstenite's default is 128 KiB).
+//! 4 KiB per connection, as issue 5 specifies for this reference
+//! (tungstenite's default is 128 KiB; Switchboard's is now 1 KiB).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
