@@ -133,46 +133,38 @@ async fn connection(
     // frame) are freed rather than kept in every idle connection's task.
     let result = match tls {
         Some(acceptor) => {
-            let handshake = async {
-                let tls = async {
-                    let stream = acceptor.accept(stream).await.map_err(HandshakeError::Tls)?;
-                    upgrade(stream, remote, admission, &state).await
-                };
-                match tokio::time::timeout_at(deadline, tls).await {
-                    Ok(Ok(upgraded)) => authenticate(upgraded, deadline, &state).await,
-                    Ok(Err(e)) => Err(e),
-                    Err(_) => Err(HandshakeError::Timeout),
-                }
+            let upgrading = async {
+                let stream = acceptor.accept(stream).await.map_err(HandshakeError::Tls)?;
+                upgrade(stream, remote, admission, &state).await
             };
-            match handshake.await {
-                Ok(ready) => {
-                    spawn_session(ready, &state, &tracker, shutdown);
-                    Ok(())
-                }
-                Err(e) => Err(e),
-            }
+            handshake(upgrading, deadline, &state)
+                .await
+                .map(|ready| spawn_session(ready, &state, &tracker, shutdown))
         }
-        None => {
-            let handshake = async {
-                let upgrade = upgrade(stream, remote, admission, &state);
-                match tokio::time::timeout_at(deadline, upgrade).await {
-                    Ok(Ok(upgraded)) => authenticate(upgraded, deadline, &state).await,
-                    Ok(Err(e)) => Err(e),
-                    Err(_) => Err(HandshakeError::Timeout),
-                }
-            };
-            match handshake.await {
-                Ok(ready) => {
-                    spawn_session(ready, &state, &tracker, shutdown);
-                    Ok(())
-                }
-                Err(e) => Err(e),
-            }
-        }
+        None => handshake(upgrade(stream, remote, admission, &state), deadline, &state)
+            .await
+            .map(|ready| spawn_session(ready, &state, &tracker, shutdown)),
     };
     if let Err(e) = result {
         state.metrics.handshake_failures.inc();
         debug!(%remote, error = %e, "handshake failed");
+    }
+}
+
+/// Completes `upgrading` (the TLS handshake, where there is TLS, and the
+/// HTTP upgrade) and then authentication, all by `deadline`.
+async fn handshake<S>(
+    upgrading: impl Future<Output = Result<Upgraded<S>, HandshakeError>>,
+    deadline: tokio::time::Instant,
+    state: &Arc<ServerState>,
+) -> Result<Ready<S>, HandshakeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    match tokio::time::timeout_at(deadline, upgrading).await {
+        Ok(Ok(upgraded)) => authenticate(upgraded, deadline, state).await,
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(HandshakeError::Timeout),
     }
 }
 
