@@ -104,6 +104,16 @@ impl Room {
         self.broadcast_ephemeral(&frame, except);
     }
 
+    /// Raises the room's latest seq to `seq`; seqs only grow, so a smaller
+    /// value (a store read older than a commit already seen) changes nothing.
+    fn raise_latest(&self, seq: u64) {
+        let _ = self
+            .latest
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
+                (cur == UNKNOWN || cur < seq).then_some(seq)
+            });
+    }
+
     fn presence(&self) -> Vec<String> {
         self.users.keys().map(|u| u.to_string()).collect()
     }
@@ -261,11 +271,7 @@ impl Hub {
     /// registered. Seqs only grow, so the larger of the two stands.
     pub fn note_latest(&self, room: &str, seq: u64) {
         if let Some(r) = self.rooms.get(room) {
-            let _ = r
-                .latest
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
-                    (cur == UNKNOWN || cur < seq).then_some(seq)
-                });
+            r.raise_latest(seq);
         }
     }
 
@@ -437,11 +443,7 @@ impl CommitSink for Hub {
             }
             if let Some(seq) = last {
                 // Still under the guard of the pushes: see `Room::latest`.
-                let _ = r
-                    .latest
-                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
-                        (cur == UNKNOWN || cur < seq).then_some(seq)
-                    });
+                r.raise_latest(seq);
             }
         }
     }

@@ -385,7 +385,7 @@ where
         code: ErrorCode,
         message: String,
     ) -> Flow {
-        self.send_boxed(ServerFrame::Error {
+        self.send_error_frame(ServerFrame::Error {
             id,
             code,
             message,
@@ -394,8 +394,8 @@ where
         .await
     }
 
-    /// Sends an error frame (counted as one) from a heap-allocated future.
-    async fn send_boxed(&mut self, frame: ServerFrame) -> Flow {
+    /// Sends an `error` frame, counted, from a heap-allocated future.
+    async fn send_error_frame(&mut self, frame: ServerFrame) -> Flow {
         self.state.metrics.error_frames.inc();
         let sending = Box::pin(async move { self.send(&frame).await });
         sending.await
@@ -606,7 +606,7 @@ where
             self.close_detail = Some(format!("retry_after_ms={window}"));
             return Err(CloseReason::RateLimited);
         }
-        self.send_boxed(ServerFrame::Error {
+        self.send_error_frame(ServerFrame::Error {
             id,
             code: ErrorCode::RateLimited,
             message: "too many requests; retry later".into(),
