@@ -11,18 +11,22 @@ use std::sync::Arc;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use switchboard::metrics::Metrics;
-use switchboard::session::{Delivery, Encoded, Outgoing, outbox};
+use switchboard::session::{Delivery, Encoded, Outgoing, WireFrame, outbox};
 use tokio::sync::{broadcast, mpsc};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 
 const SUBSCRIBERS: [usize; 2] = [100, 1000];
 
-fn frame() -> Utf8Bytes {
-    Utf8Bytes::from(format!(
+fn text() -> String {
+    format!(
         r#"{{"type":"message","room":"general","seq":1,"from":"alice","ts":1700000000000,"body":{{"text":"{}"}}}}"#,
         "x".repeat(64)
-    ))
+    )
+}
+
+fn frame() -> Utf8Bytes {
+    Utf8Bytes::from(text())
 }
 
 fn fanout(c: &mut Criterion) {
@@ -53,7 +57,7 @@ fn fanout(c: &mut Criterion) {
                 Arc::from("general"),
                 vec![Encoded {
                     seq: 1,
-                    text: frame(),
+                    frame: WireFrame::text(&text()),
                 }],
             ));
             b.iter(|| {
@@ -77,7 +81,7 @@ fn fanout(c: &mut Criterion) {
                 Arc::from("general"),
                 vec![Encoded {
                     seq: 1,
-                    text: frame(),
+                    frame: WireFrame::text(&text()),
                 }],
             ));
             b.iter(|| {

@@ -27,9 +27,8 @@ use dashmap::DashMap;
 use protocol::ServerFrame;
 use rustc_hash::FxHashMap;
 use serde_json::value::RawValue;
-use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use crate::session::{CloseReason, Delivery, Encoded, Outbox};
+use crate::session::{CloseReason, Delivery, Encoded, Outbox, WireFrame};
 use crate::store::{CommitSink, Committed};
 
 /// A session's process-unique id.
@@ -70,7 +69,7 @@ const UNKNOWN: u64 = u64::MAX;
 impl Room {
     /// Sends an ephemeral event to every member whose user is not `except`.
     fn broadcast_ephemeral(&self, frame: &ServerFrame, except: &str) {
-        let text = Arc::new(Utf8Bytes::from(frame.to_json()));
+        let text = Arc::new(WireFrame::text(&frame.to_json()));
         for m in self.members.iter().filter(|m| &*m.user != except) {
             m.outbox.push_ephemeral(&text);
         }
@@ -422,7 +421,7 @@ impl CommitSink for Hub {
                 protocol::MessageRef::new(msg.room, msg.seq, msg.from, msg.ts, msg.body).to_json();
             let encoded = Encoded {
                 seq: msg.seq,
-                text: Utf8Bytes::from(text),
+                frame: WireFrame::text(&text),
             };
             rooms
                 .entry(msg.room)
@@ -479,7 +478,7 @@ mod tests {
     fn events(rx: &mut OutboxReceiver) -> Vec<String> {
         std::iter::from_fn(|| rx.try_recv())
             .map(|o| match o {
-                Outgoing::Ephemeral(t) => t.to_string(),
+                Outgoing::Ephemeral(t) => String::from_utf8_lossy(t.payload()).into_owned(),
                 Outgoing::Message(_) => panic!("no messages were sent"),
             })
             .collect()

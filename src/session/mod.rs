@@ -20,6 +20,7 @@
 
 mod close;
 mod outbox;
+mod wire;
 
 use rustc_hash::FxHashMap;
 use std::future::Future;
@@ -34,7 +35,7 @@ use futures_util::stream::FuturesUnordered;
 use futures_util::{SinkExt, StreamExt};
 use protocol::{Body, ClientRequest, ErrorCode, HistoryMessage, RequestId, ServerFrame};
 use serde_json::value::RawValue;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -45,6 +46,7 @@ use tracing::{debug, warn};
 
 pub use close::CloseReason;
 pub use outbox::{Delivery, Encoded, Outbox, OutboxReceiver, Outgoing, outbox};
+pub use wire::WireFrame;
 
 use crate::auth::{Access, AuthError, Principal};
 use crate::hub::{Member, SessionEntry, SessionId, SessionStats};
@@ -118,8 +120,9 @@ pub struct Session<S> {
     token_changed: bool,
     /// Said in the close frame after the reason's name, when set.
     close_detail: Option<String>,
-    /// The write batch, kept between batches so that it allocates once.
-    batch: Vec<Utf8Bytes>,
+    /// Room traffic on its way into the socket, written around tungstenite
+    /// (see [`wire`]); kept between batches so that it allocates once.
+    unsent: wire::Unsent,
     /// Held for the session's life: dropping the session frees its slots.
     _slots: Slots,
 }
@@ -163,7 +166,7 @@ where
             expiry_warned: false,
             token_changed: false,
             close_detail: None,
-            batch: Vec::new(),
+            unsent: wire::Unsent::default(),
             _slots: slots,
         }
     }
@@ -272,7 +275,9 @@ where
     /// Closes the socket with the reason's code and leaves every room.
     async fn finish(&mut self, reason: CloseReason) {
         let state = self.state.clone();
-        if reason == CloseReason::ServerShutdown {
+        // A frame cut off mid-write leaves the socket mid-frame: nothing
+        // may be written through tungstenite until its rest is.
+        if reason == CloseReason::ServerShutdown && !self.unsent.mid_frame() {
             // Commits already queued finish; their acks go out before the close.
             let drain = async {
                 while let Some(done) = self.pending.next().await {
@@ -296,7 +301,11 @@ where
                 code: CloseCode::from(code.code),
                 reason: Utf8Bytes::from(text),
             };
-            let close = self.ws.close(Some(frame));
+            let Session { ws, unsent, .. } = self;
+            let close = async move {
+                write_raw(ws, unsent).await.map_err(WsError::Io)?;
+                ws.close(Some(frame)).await
+            };
             match tokio::time::timeout(state.config.write_timeout(), close).await {
                 Ok(Ok(())) => {
                     // Wait briefly for the client's close reply, reading off
@@ -402,77 +411,75 @@ where
     }
 
     /// Writes queued frames, coalescing up to `write_batch_frames` into one
-    /// flush. The whole batch shares one write deadline and one clock
-    /// reading: this runs once per delivery, so it registers no timer and
-    /// reads no clock per frame, and it reuses the session's batch buffer.
+    /// vectored write. The whole batch shares one write deadline and one
+    /// clock reading: this runs once per delivery, so it registers no timer
+    /// and reads no clock per frame, and it copies and counts no frame: the
+    /// hub's shared frames are written as they are.
     async fn write_outgoing(&mut self, first: Outgoing) -> Flow {
         let batch_max = self.state.config.write_batch_frames;
         let now = Instant::now();
-        let mut batch = std::mem::take(&mut self.batch);
+        let before = self.unsent.frames();
         let mut delivered = 0u64;
         let mut next = Some(first);
         while let Some(item) = next.take() {
             match item {
-                Outgoing::Ephemeral(text) => batch.push(Utf8Bytes::clone(&text)),
+                Outgoing::Ephemeral(frame) => self.unsent.push_event(frame),
                 Outgoing::Message(d) => {
                     // None when the room was left meanwhile; messages at or
-                    // below the floor were already replayed.
+                    // below the floor were already replayed. Seqs within a
+                    // delivery increase, so the new ones are a suffix.
                     if let Some(floor) = self.rooms.get_mut(&d.room) {
-                        let before = delivered;
-                        for m in &d.messages {
-                            if m.seq > *floor {
-                                *floor = m.seq;
-                                batch.push(m.text.clone());
-                                delivered += 1;
-                            }
-                        }
-                        if delivered > before {
-                            // Committed to the write into this socket (the
-                            // flush follows within the same write batch).
+                        let from = d.messages.partition_point(|m| m.seq <= *floor);
+                        if let Some(last) = d.messages.get(from..).and_then(<[_]>::last) {
+                            *floor = last.seq;
+                            delivered += (d.messages.len() - from) as u64;
+                            // Committed to the write into this socket.
                             self.state
                                 .metrics
                                 .fanout_latency
                                 .observe_duration(now.saturating_duration_since(d.created));
+                            self.unsent.push_messages(d, from);
                         }
                     }
                 }
             }
-            if batch.len() < batch_max {
+            if self.unsent.frames() - before < batch_max {
                 next = self.inbox.try_recv();
             }
         }
-        let flow = self.write_batch(&mut batch).await;
-        batch.clear();
-        self.batch = batch;
+        let flow = self.write_unsent().await;
         if flow.is_ok() {
             self.state.metrics.messages_delivered.add(delivered);
             self.stats
                 .messages_out
                 .fetch_add(delivered, Ordering::Relaxed);
+        } else {
+            self.unsent.keep_partial();
         }
         flow
     }
 
-    /// Feeds every frame of `batch` and flushes once, under one deadline.
-    async fn write_batch(&mut self, batch: &mut Vec<Utf8Bytes>) -> Flow {
-        if batch.is_empty() {
+    /// Writes every unsent frame and flushes, under one deadline. Frames go
+    /// straight to the stream under tungstenite, so whatever tungstenite
+    /// still buffers (a pong, say) is flushed first: the two never
+    /// interleave.
+    async fn write_unsent(&mut self) -> Flow {
+        if self.unsent.frames() == 0 {
             return Ok(());
         }
-        let bytes: usize = batch.iter().map(|t| t.len()).sum();
-        self.state.metrics.bytes_out.add(bytes as u64);
+        self.state.metrics.bytes_out.add(self.unsent.bytes() as u64);
         let deadline = self.state.config.write_timeout();
         let Session {
             ws,
             kill,
             inbox,
             outbox,
+            unsent,
             ..
         } = self;
         let io = async move {
-            for text in batch.drain(..) {
-                ws.feed(Message::Text(text)).await?;
-            }
-            ws.flush().await
+            ws.flush().await?;
+            write_raw(ws, unsent).await.map_err(WsError::Io)
         };
         with_deadline(deadline, kill, inbox, outbox, io).await
     }
@@ -1005,6 +1012,16 @@ fn replay_frame(room: &str, m: &StoredMessage) -> String {
     let mut frame = protocol::MessageRef::new(room, m.seq, &m.from, m.ts, body);
     frame.replay = true;
     frame.to_json()
+}
+
+/// Writes `unsent` into the stream under `ws` and flushes it (TLS buffers).
+async fn write_raw<S>(ws: &mut WebSocketStream<S>, unsent: &mut wire::Unsent) -> std::io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let stream = ws.get_mut();
+    std::future::poll_fn(|cx| unsent.poll_write(cx, Pin::new(&mut *stream))).await?;
+    stream.flush().await
 }
 
 /// Runs socket I/O with a deadline, giving way to a kill. A write that

@@ -16,11 +16,11 @@ use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use tokio::sync::mpsc;
-use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 use crate::session::CloseReason;
+use crate::session::wire::WireFrame;
 
 /// The new messages of one room from one commit, each encoded once, shared
 /// by every recipient: one push per member per commit, however many
@@ -30,7 +30,7 @@ pub struct Delivery {
     pub room: Arc<str>,
     /// In strictly increasing seq order.
     pub messages: Vec<Encoded>,
-    /// The messages' encoded length in all.
+    /// The messages' framed length in all.
     pub bytes: usize,
     /// When the hub encoded them, right after their commit: the start of the
     /// fan-out latency each subscriber's session observes when writing them.
@@ -41,13 +41,13 @@ pub struct Delivery {
 #[derive(Debug)]
 pub struct Encoded {
     pub seq: u64,
-    pub text: Utf8Bytes,
+    pub frame: WireFrame,
 }
 
 impl Delivery {
     /// A delivery of `messages`, encoded now.
     pub fn new(room: Arc<str>, messages: Vec<Encoded>) -> Delivery {
-        let bytes = messages.iter().map(|m| m.text.len()).sum();
+        let bytes = messages.iter().map(|m| m.frame.len()).sum();
         Delivery {
             room,
             messages,
@@ -65,7 +65,7 @@ pub enum Outgoing {
     /// A typing or presence event: shed first under pressure. Behind an
     /// `Arc` so that a queue slot is two words: every idle session holds a
     /// block of slots.
-    Ephemeral(Arc<Utf8Bytes>),
+    Ephemeral(Arc<WireFrame>),
 }
 
 // Every idle session holds a block of 32 queue slots: keep a slot two words.
@@ -163,7 +163,7 @@ impl Outbox {
     }
 
     /// Queues an ephemeral event; on overflow sheds it and counts the shed.
-    pub fn push_ephemeral(&self, text: &Arc<Utf8Bytes>) {
+    pub fn push_ephemeral(&self, text: &Arc<WireFrame>) {
         let events = &self.shared.queued_events;
         if events.fetch_add(1, Ordering::Relaxed) < self.shared.max_events
             && self.tx.try_send(Outgoing::Ephemeral(text.clone())).is_ok()
@@ -237,8 +237,8 @@ mod tests {
     use super::*;
 
     fn delivery(seq: u64, len: usize) -> Arc<Delivery> {
-        let text = Utf8Bytes::from("x".repeat(len));
-        Arc::new(Delivery::new(Arc::from("r"), vec![Encoded { seq, text }]))
+        let frame = WireFrame::text(&"x".repeat(len));
+        Arc::new(Delivery::new(Arc::from("r"), vec![Encoded { seq, frame }]))
     }
 
     #[test]
@@ -246,7 +246,7 @@ mod tests {
         let metrics = Arc::new(Metrics::default());
         let kill = CancellationToken::new();
         let (tx, mut rx) = outbox(2, 1024, 2, kill.clone(), metrics.clone());
-        let typing = Arc::new(Utf8Bytes::from_static("typing"));
+        let typing = Arc::new(WireFrame::text("typing"));
         for _ in 0..5 {
             tx.push_ephemeral(&typing);
         }
@@ -284,7 +284,8 @@ mod tests {
         let kill = CancellationToken::new();
         let (tx, mut rx) = outbox(100, 100, 4, kill.clone(), metrics);
         tx.push_message(&delivery(1, 60));
-        assert_eq!(tx.queued_bytes(), 60);
+        // 60 bytes of text and a 2-byte frame header.
+        assert_eq!(tx.queued_bytes(), 62);
         assert!(!kill.is_cancelled());
         tx.push_message(&delivery(2, 60));
         assert!(kill.is_cancelled());

@@ -1,0 +1,436 @@
+//! Pre-framed WebSocket frames and the queue that writes them.
+//!
+//! A server-to-client frame is never masked, so its bytes are the same for
+//! every recipient: the hub frames each message and event once, and every
+//! session writes those shared bytes with vectored writes, bypassing
+//! tungstenite's per-frame framing and copy. Nothing here is copied,
+//! allocated or reference-counted per frame per recipient: a session queues
+//! whole deliveries and walks their frames in place.
+//!
+//! Invariant: bytes of a frame are either all written or the session closes;
+//! when a write is cut off mid-frame, [`Unsent::keep_partial`] keeps exactly
+//! the rest of that frame, which must reach the socket before any other
+//! frame (the close frame included), or the peer would read garbage.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use tokio::io::AsyncWrite;
+
+use super::outbox::Delivery;
+
+/// The FIN bit and the text opcode: a whole, unfragmented text frame.
+const FIN_TEXT: u8 = 0x81;
+/// Payload lengths up to this fit in the first length byte.
+const LEN_7_MAX: usize = 125;
+/// Length marker: a 16-bit length follows.
+const LEN_16: u8 = 126;
+/// Length marker: a 64-bit length follows.
+const LEN_64: u8 = 127;
+/// The longest header: 2 bytes plus a 64-bit length.
+const MAX_HEADER: usize = 10;
+/// Slices handed to one vectored write. Each costs 16 bytes of stack in
+/// the poll, not in the session's state.
+const SLICES_PER_WRITE: usize = 64;
+
+/// One complete unmasked text frame (header and payload), shared by every
+/// recipient.
+#[derive(Debug, Clone)]
+pub struct WireFrame {
+    bytes: Bytes,
+    /// Where the payload starts.
+    header: u8,
+}
+
+impl WireFrame {
+    /// Frames `text` as one unfragmented, unmasked text frame (RFC 6455 §5.2).
+    pub fn text(text: &str) -> WireFrame {
+        let len = text.len();
+        let mut buf = BytesMut::with_capacity(MAX_HEADER + len);
+        buf.put_u8(FIN_TEXT);
+        if len <= LEN_7_MAX {
+            // Fits: checked just above.
+            buf.put_u8(len as u8);
+        } else if let Ok(len) = u16::try_from(len) {
+            buf.put_u8(LEN_16);
+            buf.put_u16(len);
+        } else {
+            buf.put_u8(LEN_64);
+            buf.put_u64(len as u64);
+        }
+        // At most MAX_HEADER bytes.
+        let header = buf.len() as u8;
+        buf.put_slice(text.as_bytes());
+        WireFrame {
+            bytes: buf.freeze(),
+            header,
+        }
+    }
+
+    /// The frame's length on the wire.
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// Never true: a frame has at least its header.
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    /// The payload: the text the frame carries.
+    pub fn payload(&self) -> &[u8] {
+        &self.bytes[usize::from(self.header)..]
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+/// One queued item: the frames of a delivery from one index on, or an event.
+#[derive(Debug)]
+enum Queued {
+    Messages {
+        delivery: Arc<Delivery>,
+        next: usize,
+    },
+    Event(Arc<WireFrame>),
+}
+
+impl Queued {
+    /// The next frame to write, if any is left.
+    fn front(&self) -> Option<&WireFrame> {
+        match self {
+            Queued::Messages { delivery, next } => delivery.messages.get(*next).map(|m| &m.frame),
+            Queued::Event(f) => Some(f),
+        }
+    }
+
+    /// Steps past the front frame; false when the item has no frame left.
+    fn step(&mut self) -> bool {
+        match self {
+            Queued::Messages { delivery, next } => {
+                *next += 1;
+                *next < delivery.messages.len()
+            }
+            Queued::Event(_) => false,
+        }
+    }
+}
+
+/// Frames on their way into the socket, in order.
+#[derive(Debug, Default)]
+pub struct Unsent {
+    items: VecDeque<Queued>,
+    /// Bytes of the front frame already written.
+    offset: usize,
+    /// Frames queued and not yet fully written.
+    frames: usize,
+    /// Bytes queued and not yet written.
+    bytes: usize,
+}
+
+impl Unsent {
+    /// Queues the messages of `delivery` from index `from` on.
+    pub fn push_messages(&mut self, delivery: Arc<Delivery>, from: usize) {
+        let rest = delivery.messages.get(from..).unwrap_or_default();
+        if rest.is_empty() {
+            return;
+        }
+        self.frames += rest.len();
+        self.bytes += rest.iter().map(|m| m.frame.len()).sum::<usize>();
+        self.items.push_back(Queued::Messages {
+            delivery,
+            next: from,
+        });
+    }
+
+    /// Queues one event frame.
+    pub fn push_event(&mut self, frame: Arc<WireFrame>) {
+        self.frames += 1;
+        self.bytes += frame.len();
+        self.items.push_back(Queued::Event(frame));
+    }
+
+    /// Frames queued and not yet fully written.
+    pub fn frames(&self) -> usize {
+        self.frames
+    }
+
+    /// Bytes queued and not yet written.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Whether a frame has been partly written: its rest must go first.
+    pub fn mid_frame(&self) -> bool {
+        self.offset > 0
+    }
+
+    /// After a write was cut off: forgets every frame except the rest of a
+    /// partly written one. The session is closing; its client resumes the
+    /// forgotten messages by seq.
+    pub fn keep_partial(&mut self) {
+        let partial = if self.offset > 0 {
+            self.items.front().and_then(Queued::front).cloned()
+        } else {
+            None
+        };
+        let offset = self.offset;
+        self.clear();
+        if let Some(frame) = partial {
+            self.offset = offset;
+            self.frames = 1;
+            self.bytes = frame.len().saturating_sub(offset);
+            self.items.push_back(Queued::Event(Arc::new(frame)));
+        }
+    }
+
+    /// Forgets everything queued.
+    pub fn clear(&mut self) {
+        self.items.clear();
+        self.offset = 0;
+        self.frames = 0;
+        self.bytes = 0;
+    }
+
+    /// Writes everything queued into `w`, with as few vectored writes as the
+    /// socket allows. Progress survives a `Pending` or a dropped future.
+    pub fn poll_write<W: AsyncWrite + ?Sized>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut w: Pin<&mut W>,
+    ) -> Poll<io::Result<()>> {
+        while !self.items.is_empty() {
+            let mut slices = [IoSlice::new(&[]); SLICES_PER_WRITE];
+            let mut n = 0;
+            'gather: for item in &self.items {
+                match item {
+                    Queued::Messages { delivery, next } => {
+                        for m in delivery.messages.get(*next..).unwrap_or_default() {
+                            if gather(&mut slices, &mut n, &m.frame, self.offset) {
+                                break 'gather;
+                            }
+                        }
+                    }
+                    Queued::Event(f) => {
+                        if gather(&mut slices, &mut n, f, self.offset) {
+                            break 'gather;
+                        }
+                    }
+                }
+            }
+            match w.as_mut().poll_write_vectored(cx, &slices[..n]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(written)) => self.advance(written),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Accounts `written` bytes from the front.
+    fn advance(&mut self, mut written: usize) {
+        self.bytes = self.bytes.saturating_sub(written);
+        while written > 0 {
+            let Some(item) = self.items.front_mut() else {
+                return;
+            };
+            let Some(len) = item.front().map(WireFrame::len) else {
+                self.items.pop_front();
+                continue;
+            };
+            let rest = len - self.offset;
+            if written < rest {
+                self.offset += written;
+                return;
+            }
+            written -= rest;
+            self.offset = 0;
+            self.frames -= 1;
+            if !item.step() {
+                self.items.pop_front();
+            }
+        }
+    }
+}
+
+/// Adds `frame` to the slices of one write, skipping the `offset` bytes
+/// already written when it is the first. Returns true when the slices are full.
+fn gather<'a>(
+    slices: &mut [IoSlice<'a>; SLICES_PER_WRITE],
+    n: &mut usize,
+    frame: &'a WireFrame,
+    offset: usize,
+) -> bool {
+    let bytes = frame.as_bytes();
+    let bytes = if *n == 0 {
+        bytes.get(offset..).unwrap_or_default()
+    } else {
+        bytes
+    };
+    slices[*n] = IoSlice::new(bytes);
+    *n += 1;
+    *n == SLICES_PER_WRITE
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::session::outbox::Encoded;
+    use tokio_tungstenite::tungstenite::protocol::{Role, WebSocket};
+    use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+
+    /// Reads every text message out of `wire` as a client would.
+    fn read_texts(wire: Vec<u8>) -> Vec<String> {
+        let mut ws = WebSocket::from_raw_socket(std::io::Cursor::new(wire), Role::Client, None);
+        let mut out = Vec::new();
+        while let Ok(msg) = ws.read() {
+            match msg {
+                Message::Text(t) => out.push(t.to_string()),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        out
+    }
+
+    /// A writer that takes at most `step` bytes per write and is not ready
+    /// every other time, as a busy socket is.
+    struct Trickle {
+        out: Vec<u8>,
+        step: usize,
+        ready: bool,
+    }
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.ready = !self.ready;
+            if !self.ready {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            let n = buf.len().min(self.step);
+            self.out.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+        /// Takes up to `step` bytes across the slices, so that one write
+        /// can end frames and stop inside another.
+        fn poll_write_vectored(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            bufs: &[IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            let all: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+            self.poll_write(cx, &all)
+        }
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn delivery(texts: &[String]) -> Arc<Delivery> {
+        let messages = texts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| Encoded {
+                seq: i as u64 + 1,
+                frame: WireFrame::text(t),
+            })
+            .collect();
+        Arc::new(Delivery::new(Arc::from("r"), messages))
+    }
+
+    #[test]
+    fn frames_of_every_length_class_read_back_as_tungstenite_reads_them() {
+        let texts: Vec<String> = [0, 1, 125, 126, 127, 65535, 65536, 70000]
+            .iter()
+            .map(|&n| "é".repeat(n / 2) + &"x".repeat(n % 2))
+            .collect();
+        let mut wire = Vec::new();
+        for t in &texts {
+            let f = WireFrame::text(t);
+            assert_eq!(f.payload(), t.as_bytes());
+            wire.extend_from_slice(f.as_bytes());
+        }
+        // The same bytes tungstenite itself writes for these messages.
+        let sink = std::io::Cursor::new(Vec::new());
+        let mut server = WebSocket::from_raw_socket(sink, Role::Server, None);
+        for t in &texts {
+            server
+                .write(Message::Text(Utf8Bytes::from(t.clone())))
+                .unwrap();
+        }
+        server.flush().unwrap();
+        assert_eq!(&wire, server.get_ref().get_ref());
+        assert_eq!(read_texts(wire), texts);
+    }
+
+    #[tokio::test]
+    async fn unsent_frames_reach_a_trickling_writer_whole_and_in_order() {
+        let texts: Vec<String> = (0..200).map(|i| format!("message {i:03}")).collect();
+        let mut unsent = Unsent::default();
+        unsent.push_messages(delivery(&texts[..100]), 10);
+        unsent.push_event(Arc::new(WireFrame::text("event")));
+        unsent.push_messages(delivery(&texts[100..]), 0);
+        unsent.push_messages(delivery(&texts[..3]), 3); // nothing from 3 on
+        assert_eq!(unsent.frames(), 90 + 1 + 100);
+        let mut w = Trickle {
+            out: Vec::new(),
+            step: 37,
+            ready: false,
+        };
+        std::future::poll_fn(|cx| unsent.poll_write(cx, Pin::new(&mut w)))
+            .await
+            .unwrap();
+        assert_eq!((unsent.frames(), unsent.bytes()), (0, 0));
+        let mut want: Vec<String> = texts[10..100].to_vec();
+        want.push("event".into());
+        want.extend_from_slice(&texts[100..]);
+        assert_eq!(read_texts(w.out), want);
+    }
+
+    #[test]
+    fn a_write_cut_off_mid_frame_keeps_exactly_the_rest_of_that_frame() {
+        let texts: Vec<String> = (0..5).map(|i| format!("message {i}")).collect();
+        let mut unsent = Unsent::default();
+        unsent.push_messages(delivery(&texts), 0);
+        let frame_len = WireFrame::text(&texts[0]).len();
+        // One and a half frames written, then the write is abandoned.
+        unsent.advance(frame_len + 4);
+        assert!(unsent.mid_frame());
+        unsent.keep_partial();
+        assert_eq!(unsent.frames(), 1);
+        assert_eq!(unsent.bytes(), frame_len - 4);
+        let mut w = Trickle {
+            out: WireFrame::text(&texts[1]).as_bytes()[..4].to_vec(),
+            step: 100,
+            ready: false,
+        };
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        while unsent.poll_write(&mut cx, Pin::new(&mut w)).is_pending() {}
+        assert_eq!(read_texts(w.out), vec![texts[1].clone()]);
+        // Cut off between frames, nothing is kept.
+        unsent.push_messages(delivery(&texts), 0);
+        unsent.advance(frame_len);
+        assert!(!unsent.mid_frame());
+        unsent.keep_partial();
+        assert_eq!((unsent.frames(), unsent.bytes()), (0, 0));
+    }
+}
