@@ -236,6 +236,13 @@ where
         let never = tokio::time::Instant::now() + NO_DEADLINE;
         let token_timer = tokio::time::sleep_until(self.token_deadline().unwrap_or(never));
         tokio::pin!(token_timer);
+        // Registered once for the whole loop: a fresh wait per iteration
+        // would take the token's lock twice per delivery, and the shutdown
+        // token is shared by every session.
+        let (kill, shutdown) = (self.kill.clone(), self.shutdown.clone());
+        let killed = kill.cancelled();
+        let stopping = shutdown.cancelled();
+        tokio::pin!(killed, stopping);
         loop {
             if std::mem::take(&mut self.token_changed) {
                 token_timer
@@ -244,10 +251,10 @@ where
             }
             let flow = tokio::select! {
                 biased;
-                () = self.kill.cancelled() => {
+                () = &mut killed => {
                     Err(self.inbox.close_reason().unwrap_or(CloseReason::SlowConsumer))
                 }
-                () = self.shutdown.cancelled() => Err(CloseReason::ServerShutdown),
+                () = &mut stopping => Err(CloseReason::ServerShutdown),
                 Some(done) = self.pending.next(), if !self.pending.is_empty() => {
                     self.on_ack(done).await
                 }
@@ -411,7 +418,7 @@ where
     }
 
     /// Writes queued frames, coalescing up to `write_batch_frames` into one
-    /// vectored write. The whole batch shares one write deadline and one
+    /// write. The whole batch shares one write deadline and one
     /// clock reading: this runs once per delivery, so it registers no timer
     /// and reads no clock per frame, and it copies and counts no frame: the
     /// hub's shared frames are written as they are.

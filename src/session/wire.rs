@@ -13,7 +13,7 @@
 //! frame (the close frame included), or the peer would read garbage.
 
 use std::collections::VecDeque;
-use std::io::{self, IoSlice};
+use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -33,9 +33,16 @@ const LEN_16: u8 = 126;
 const LEN_64: u8 = 127;
 /// The longest header: 2 bytes plus a 64-bit length.
 const MAX_HEADER: usize = 10;
-/// Slices handed to one vectored write. Each costs 16 bytes of stack in
-/// the poll, not in the session's state.
-const SLICES_PER_WRITE: usize = 64;
+/// Bytes handed to one write: enough for a full batch of typical frames,
+/// small enough to stay in cache.
+const BYTES_PER_WRITE: usize = 64 * 1024;
+
+thread_local! {
+    /// Where a write's frames are laid end to end, one per worker thread:
+    /// the kernel copies one contiguous buffer much faster than many small
+    /// vectored segments (BENCHMARKS.md), and no session holds a buffer.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 /// One complete unmasked text frame (header and payload), shared by every
 /// recipient.
@@ -198,33 +205,21 @@ impl Unsent {
         self.bytes = 0;
     }
 
-    /// Writes everything queued into `w`, with as few vectored writes as the
-    /// socket allows. Progress survives a `Pending` or a dropped future.
+    /// Writes everything queued into `w`, laid end to end in the thread's
+    /// scratch buffer, up to [`BYTES_PER_WRITE`] a write. Progress lives in
+    /// `self`, so it survives a `Pending` or a dropped future.
     pub fn poll_write<W: AsyncWrite + ?Sized>(
         &mut self,
         cx: &mut Context<'_>,
         mut w: Pin<&mut W>,
     ) -> Poll<io::Result<()>> {
         while !self.items.is_empty() {
-            let mut slices = [IoSlice::new(&[]); SLICES_PER_WRITE];
-            let mut n = 0;
-            'gather: for item in &self.items {
-                match item {
-                    Queued::Messages { delivery, next } => {
-                        for m in delivery.messages.get(*next..).unwrap_or_default() {
-                            if gather(&mut slices, &mut n, &m.frame, self.offset) {
-                                break 'gather;
-                            }
-                        }
-                    }
-                    Queued::Event(f) => {
-                        if gather(&mut slices, &mut n, f, self.offset) {
-                            break 'gather;
-                        }
-                    }
-                }
-            }
-            match w.as_mut().poll_write_vectored(cx, &slices[..n]) {
+            let polled = SCRATCH.with_borrow_mut(|buf| {
+                buf.clear();
+                self.gather(buf);
+                w.as_mut().poll_write(cx, buf)
+            });
+            match polled {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                 Poll::Ready(Ok(written)) => self.advance(written),
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
@@ -232,6 +227,32 @@ impl Unsent {
             }
         }
         Poll::Ready(Ok(()))
+    }
+
+    /// Copies unwritten frames into `buf`, from the front, until it holds
+    /// [`BYTES_PER_WRITE`] bytes or every frame.
+    fn gather(&self, buf: &mut Vec<u8>) {
+        let mut skip = self.offset;
+        for item in &self.items {
+            let frames: &mut dyn Iterator<Item = &WireFrame> = match item {
+                Queued::Messages { delivery, next } => &mut delivery
+                    .messages
+                    .get(*next..)
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|m| &m.frame),
+                Queued::Event(f) => &mut std::iter::once(&**f),
+            };
+            for frame in frames {
+                let bytes = frame.as_bytes().get(skip..).unwrap_or_default();
+                skip = 0;
+                let room = BYTES_PER_WRITE.saturating_sub(buf.len());
+                buf.extend_from_slice(&bytes[..bytes.len().min(room)]);
+                if buf.len() >= BYTES_PER_WRITE {
+                    return;
+                }
+            }
+        }
     }
 
     /// Accounts `written` bytes from the front.
@@ -258,25 +279,6 @@ impl Unsent {
             }
         }
     }
-}
-
-/// Adds `frame` to the slices of one write, skipping the `offset` bytes
-/// already written when it is the first. Returns true when the slices are full.
-fn gather<'a>(
-    slices: &mut [IoSlice<'a>; SLICES_PER_WRITE],
-    n: &mut usize,
-    frame: &'a WireFrame,
-    offset: usize,
-) -> bool {
-    let bytes = frame.as_bytes();
-    let bytes = if *n == 0 {
-        bytes.get(offset..).unwrap_or_default()
-    } else {
-        bytes
-    };
-    slices[*n] = IoSlice::new(bytes);
-    *n += 1;
-    *n == SLICES_PER_WRITE
 }
 
 #[cfg(test)]
@@ -322,19 +324,6 @@ mod tests {
             let n = buf.len().min(self.step);
             self.out.extend_from_slice(&buf[..n]);
             Poll::Ready(Ok(n))
-        }
-        /// Takes up to `step` bytes across the slices, so that one write
-        /// can end frames and stop inside another.
-        fn poll_write_vectored(
-            self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-            bufs: &[IoSlice<'_>],
-        ) -> Poll<io::Result<usize>> {
-            let all: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
-            self.poll_write(cx, &all)
-        }
-        fn is_write_vectored(&self) -> bool {
-            true
         }
         fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
             Poll::Ready(Ok(()))
@@ -403,6 +392,22 @@ mod tests {
         want.push("event".into());
         want.extend_from_slice(&texts[100..]);
         assert_eq!(read_texts(w.out), want);
+
+        // Frames larger than one write's share, and a write that ends
+        // inside one of them.
+        let big: Vec<String> = (0..4)
+            .map(|i| i.to_string().repeat(BYTES_PER_WRITE / 2 + 99))
+            .collect();
+        unsent.push_messages(delivery(&big), 0);
+        let mut w = Trickle {
+            out: Vec::new(),
+            step: BYTES_PER_WRITE / 3,
+            ready: false,
+        };
+        std::future::poll_fn(|cx| unsent.poll_write(cx, Pin::new(&mut w)))
+            .await
+            .unwrap();
+        assert_eq!(read_texts(w.out), big);
     }
 
     #[test]
