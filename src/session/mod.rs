@@ -120,6 +120,8 @@ pub struct Session<S> {
     token_changed: bool,
     /// Said in the close frame after the reason's name, when set.
     close_detail: Option<String>,
+    /// Whether replies wait in the codec's buffer for the next flush.
+    unflushed: bool,
     /// Room traffic on its way into the socket, written around tungstenite
     /// (see [`wire`]); kept between batches so that it allocates once.
     unsent: wire::Unsent,
@@ -166,6 +168,7 @@ where
             expiry_warned: false,
             token_changed: false,
             close_detail: None,
+            unflushed: false,
             unsent: wire::Unsent::default(),
             _slots: slots,
         }
@@ -249,6 +252,7 @@ where
                     .as_mut()
                     .reset(self.token_deadline().unwrap_or(never));
             }
+            let (read, flush) = (self.pending.len() < max_inflight, self.unflushed);
             let flow = tokio::select! {
                 biased;
                 () = &mut killed => {
@@ -263,10 +267,16 @@ where
                     // The outbox sender lives in `self`, so this cannot end first.
                     None => Err(CloseReason::TransportError),
                 },
-                frame = self.ws.next(), if self.pending.len() < max_inflight => {
-                    self.last_seen = Instant::now();
-                    self.on_frame(frame).await
-                }
+                event = SocketEvent { ws: &mut self.ws, read, flush }, if read || flush => match event {
+                    SocketEventOutput::Frame(frame) => {
+                        self.last_seen = Instant::now();
+                        self.on_frame(frame).await
+                    }
+                    SocketEventOutput::Flushed(r) => {
+                        self.unflushed = false;
+                        r.map_err(|e| socket_error(&e))
+                    }
+                },
                 _ = heartbeat.tick() => self.on_heartbeat(interval).await,
                 () = &mut token_timer, if self.identity.principal.expires_at.is_some() => {
                     self.token_changed = true;
@@ -353,10 +363,13 @@ where
         self.send_text(frame.to_json()).await
     }
 
-    /// Writes one encoded frame and flushes, within the write deadline.
+    /// Writes one encoded frame into the codec's buffer, within the write
+    /// deadline. The main loop flushes once it has nothing else ready, so
+    /// replies to requests read together leave in one segment.
     async fn send_text(&mut self, text: String) -> Flow {
         self.state.metrics.bytes_out.add(text.len() as u64);
-        self.write(Message::Text(Utf8Bytes::from(text)), true).await
+        self.write(Message::Text(Utf8Bytes::from(text)), false)
+            .await
     }
 
     /// Feeds (and with `flush`, sends) one frame. The write has a deadline
@@ -364,6 +377,7 @@ where
     /// only its own session, and only until then.
     async fn write(&mut self, msg: Message, flush: bool) -> Flow {
         let deadline = self.state.config.write_timeout();
+        self.unflushed = !flush;
         let Session {
             ws,
             kill,
@@ -383,6 +397,7 @@ where
 
     async fn flush(&mut self) -> Flow {
         let deadline = self.state.config.write_timeout();
+        self.unflushed = false;
         let Session {
             ws,
             kill,
@@ -476,6 +491,7 @@ where
         }
         self.state.metrics.bytes_out.add(self.unsent.bytes() as u64);
         let deadline = self.state.config.write_timeout();
+        self.unflushed = false;
         let Session {
             ws,
             kill,
@@ -1019,6 +1035,41 @@ fn replay_frame(room: &str, m: &StoredMessage) -> String {
     let mut frame = protocol::MessageRef::new(room, m.seq, &m.from, m.ts, body);
     frame.replay = true;
     frame.to_json()
+}
+
+/// The socket's side of the main loop: the next frame from the client, or,
+/// once none is ready, the flush of replies written meanwhile. Reads come
+/// first, so replies to requests that arrived together are flushed together.
+struct SocketEvent<'a, S> {
+    ws: &'a mut WebSocketStream<S>,
+    read: bool,
+    flush: bool,
+}
+
+enum SocketEventOutput {
+    Frame(Option<Result<Message, WsError>>),
+    Flushed(Result<(), WsError>),
+}
+
+impl<S> Future for SocketEvent<'_, S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    type Output = SocketEventOutput;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if self.read {
+            if let Poll::Ready(frame) = self.ws.poll_next_unpin(cx) {
+                return Poll::Ready(SocketEventOutput::Frame(frame));
+            }
+        }
+        if self.flush {
+            if let Poll::Ready(r) = self.ws.poll_flush_unpin(cx) {
+                return Poll::Ready(SocketEventOutput::Flushed(r));
+            }
+        }
+        Poll::Pending
+    }
 }
 
 /// Writes `unsent` into the stream under `ws` and flushes it (TLS buffers).

@@ -74,6 +74,36 @@ async fn three_clients_chat() {
     server.stop().await;
 }
 
+/// A client need not wait for `welcome`: requests sent with the upgrade's
+/// first bytes are answered after it, in order (PROTOCOL.md §2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_sent_before_welcome_are_answered_after_it_in_order() {
+    let server = TestServer::start().await;
+    let mut eve = server
+        .connect_raw(&server.url("eve"))
+        .await
+        .expect("connect");
+    let join_id = eve.send(join("early", None)).await;
+    let send_id = eve
+        .send(ClientRequest::Send {
+            room: "early".into(),
+            body: json(r#""first""#),
+            key: None,
+        })
+        .await;
+    assert!(matches!(eve.recv().await, ServerFrame::Welcome { .. }));
+    match eve.recv().await {
+        ServerFrame::Joined { id, seq, .. } => {
+            assert_eq!((id, seq), (Some(join_id), 0));
+        }
+        other => panic!("expected joined, got {other:?}"),
+    }
+    let ack = eve.reply_to(send_id).await;
+    assert!(matches!(ack, ServerFrame::Ack { seq: 1, .. }), "{ack:?}");
+    assert_eq!(message_seq(&eve.next_message("early").await), 1);
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn presence_typing_and_second_sessions() {
     let server = TestServer::start().await;

@@ -48,9 +48,14 @@ pub async fn open(
         let mut ws = conn.connect(user).await?;
         let mut seq = 0;
         if !conn.raw {
-            expect(&mut ws, "welcome").await?;
+            // The join goes out at once, not after `welcome`: the server
+            // reads requests only once it has sent `welcome` (PROTOCOL.md
+            // §2), and a reconnecting client saves a round trip.
             if let Some(room) = room {
                 send_join(&mut ws, 1, room, None, None).await?;
+            }
+            expect(&mut ws, "welcome").await?;
+            if room.is_some() {
                 seq = expect(&mut ws, "joined").await?;
             }
         }
