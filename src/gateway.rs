@@ -135,15 +135,20 @@ async fn connection(
         Some(acceptor) => {
             let upgrading = async {
                 let stream = acceptor.accept(stream).await.map_err(HandshakeError::Tls)?;
+                // Corked after the TLS handshake, whose flights must not wait.
+                crate::net::cork(&stream, true);
                 upgrade(stream, remote, admission, &state).await
             };
             handshake(upgrading, deadline, &state)
                 .await
                 .map(|ready| spawn_session(ready, &state, &tracker, shutdown))
         }
-        None => handshake(upgrade(stream, remote, admission, &state), deadline, &state)
-            .await
-            .map(|ready| spawn_session(ready, &state, &tracker, shutdown)),
+        None => {
+            crate::net::cork(&stream, true);
+            handshake(upgrade(stream, remote, admission, &state), deadline, &state)
+                .await
+                .map(|ready| spawn_session(ready, &state, &tracker, shutdown))
+        }
     };
     if let Err(e) = result {
         state.metrics.handshake_failures.inc();
@@ -159,7 +164,7 @@ async fn handshake<S>(
     state: &Arc<ServerState>,
 ) -> Result<Ready<S>, HandshakeError>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
+    S: AsyncRead + AsyncWrite + Unpin + Send + crate::net::Tcp,
 {
     match tokio::time::timeout_at(deadline, upgrading).await {
         Ok(Ok(upgraded)) => authenticate(upgraded, deadline, state).await,
@@ -364,7 +369,7 @@ async fn authenticate<S>(
     state: &Arc<ServerState>,
 ) -> Result<Ready<S>, HandshakeError>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
+    S: AsyncRead + AsyncWrite + Unpin + Send + crate::net::Tcp,
 {
     let Upgraded {
         mut ws,
@@ -375,6 +380,8 @@ where
     let (principal, user_guard) = match who {
         Who::Known(principal, guard) => (principal, guard),
         Who::AwaitingAuthFrame => {
+            // The client waits for the 101 before it sends `auth`.
+            crate::net::cork(ws.get_ref(), false);
             let principal = match auth_frame(&mut ws, deadline, state).await {
                 Ok(p) => p,
                 Err(e) => {
@@ -527,7 +534,7 @@ fn spawn_session<S>(
     tracker: &TaskTracker,
     shutdown: CancellationToken,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + Unpin + Send + crate::net::Tcp + 'static,
 {
     let Ready {
         ws,

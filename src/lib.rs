@@ -8,6 +8,7 @@
 //! - [`hub`]: rooms, presence and fan-out of committed messages.
 //! - [`store`]: redb history with a group-committing writer thread.
 //! - [`tls`]: rustls configuration and development certificates.
+//! - [`net`]: the TCP socket under a stream (`TCP_CORK` for the first replies).
 //! - [`metrics`]: lock-free counters, gauges and histograms, with their Prometheus names.
 //! - [`admin`]: the internal HTTP listener: health, `/metrics`, admin API, dashboard.
 //!
@@ -20,6 +21,7 @@ pub mod gateway;
 pub mod hub;
 pub mod limits;
 pub mod metrics;
+pub mod net;
 pub mod server;
 pub mod session;
 pub mod store;

@@ -131,7 +131,7 @@ pub struct Session<S> {
 
 impl<S> Session<S>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
+    S: AsyncRead + AsyncWrite + Unpin + Send + crate::net::Tcp,
 {
     pub fn new(
         ws: WebSocketStream<S>,
@@ -224,8 +224,15 @@ where
             server: concat!("switchboard/", env!("CARGO_PKG_VERSION")).to_owned(),
             protocol: protocol::PROTOCOL_VERSION,
         };
-        let sending = Box::pin(self.send(&welcome));
-        sending.await
+        let sending = Box::pin(async {
+            self.send(&welcome).await?;
+            self.flush().await
+        });
+        let flow = sending.await;
+        // The gateway corked the socket for the upgrade: the 101 and the
+        // welcome leave together, in one segment.
+        crate::net::cork(self.ws.get_ref(), false);
+        flow
     }
 
     async fn main_loop(&mut self) -> CloseReason {
