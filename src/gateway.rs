@@ -34,7 +34,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, debug, debug_span, warn};
 
 use crate::auth::{AuthError, Principal};
 use crate::limits::{ConnGuard, Slots};
@@ -542,7 +542,10 @@ fn spawn_session<S>(
         slots,
     } = ready;
     let id = state.next_session.fetch_add(1, Ordering::Relaxed);
-    let span = info_span!("session", id = format_args!("{id:016x}"), user = %identity.principal.user, remote = %identity.remote);
+    // At debug level: an enabled span costs every connection its formatted
+    // fields and every poll an enter and exit. Warnings from a session name
+    // it in their own fields instead.
+    let span = debug_span!("session", id = format_args!("{id:016x}"), user = %identity.principal.user, remote = %identity.remote);
     state.metrics.connections_open.inc();
     let session = Session::new(ws, id, identity, slots, state.clone(), shutdown);
     tracker.spawn(session.run().instrument(span));

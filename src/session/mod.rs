@@ -31,6 +31,7 @@ use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
+use futures_util::future::Either;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{SinkExt, StreamExt};
 use protocol::{Body, ClientRequest, ErrorCode, HistoryMessage, RequestId, ServerFrame};
@@ -172,6 +173,11 @@ where
             unsent: wire::Unsent::default(),
             _slots: slots,
         }
+    }
+
+    /// Names the session in a warning: its span is off below debug level.
+    fn log_id(&self) -> String {
+        format!("{:016x} ({})", self.id, self.identity.principal.user)
     }
 
     /// A handle that can close this session from elsewhere (kicks).
@@ -365,24 +371,28 @@ where
         debug!(reason = reason.as_str(), "session closed");
     }
 
-    /// Writes one frame and flushes, within the write deadline.
-    async fn send(&mut self, frame: &ServerFrame) -> Flow {
-        self.send_text(frame.to_json()).await
+    // The write helpers below are plain functions returning a `Deadline`,
+    // not `async fn`s: every request path awaits one of them, and an
+    // `async fn` would add a second copy of its arguments and its own state
+    // to every idle session's size.
+
+    /// Writes one frame into the codec's buffer, within the write deadline.
+    fn send(&mut self, frame: &ServerFrame) -> Deadline<'_, WsWrite<'_, S>> {
+        self.send_text(frame.to_json())
     }
 
     /// Writes one encoded frame into the codec's buffer, within the write
     /// deadline. The main loop flushes once it has nothing else ready, so
     /// replies to requests read together leave in one segment.
-    async fn send_text(&mut self, text: String) -> Flow {
+    fn send_text(&mut self, text: String) -> Deadline<'_, WsWrite<'_, S>> {
         self.state.metrics.bytes_out.add(text.len() as u64);
         self.write(Message::Text(Utf8Bytes::from(text)), false)
-            .await
     }
 
     /// Feeds (and with `flush`, sends) one frame. The write has a deadline
     /// and gives way to a kill, so a peer that stops reading can hold up
     /// only its own session, and only until then.
-    async fn write(&mut self, msg: Message, flush: bool) -> Flow {
+    fn write(&mut self, msg: Message, flush: bool) -> Deadline<'_, WsWrite<'_, S>> {
         let deadline = self.state.config.write_timeout();
         self.unflushed = !flush;
         let Session {
@@ -392,17 +402,17 @@ where
             outbox,
             ..
         } = self;
-        let io = async move {
-            if flush {
-                ws.send(msg).await
-            } else {
-                ws.feed(msg).await
-            }
+        let io = if flush {
+            Either::Left(ws.send(msg))
+        } else {
+            Either::Right(ws.feed(msg))
         };
-        with_deadline(deadline, kill, inbox, outbox, io).await
+        Deadline::new(deadline, kill, inbox, outbox, io)
     }
 
-    async fn flush(&mut self) -> Flow {
+    fn flush(
+        &mut self,
+    ) -> Deadline<'_, futures_util::sink::Flush<'_, WebSocketStream<S>, Message>> {
         let deadline = self.state.config.write_timeout();
         self.unflushed = false;
         let Session {
@@ -412,7 +422,7 @@ where
             outbox,
             ..
         } = self;
-        with_deadline(deadline, kill, inbox, outbox, ws.flush()).await
+        Deadline::new(deadline, kill, inbox, outbox, ws.flush())
     }
 
     /// Answers with an `error` frame. The write is boxed: errors are the
@@ -511,7 +521,7 @@ where
             ws.flush().await?;
             write_raw(ws, unsent).await.map_err(WsError::Io)
         };
-        with_deadline(deadline, kill, inbox, outbox, io).await
+        Deadline::new(deadline, kill, inbox, outbox, io).await
     }
 
     async fn on_heartbeat(&mut self, interval: std::time::Duration) -> Flow {
@@ -802,7 +812,7 @@ where
         let latest = match read {
             Ok(seq) => seq,
             Err(e) => {
-                warn!(error = %e, "latest seq read failed");
+                warn!(session = %self.log_id(), error = %e, "latest seq read failed");
                 if !already {
                     state.hub.leave(&room, self.id);
                 }
@@ -879,7 +889,7 @@ where
             }
             Ok(_) => (Some(false), Vec::new()),
             Err(e) => {
-                warn!(error = %e, "replay read failed");
+                warn!(session = %self.log_id(), error = %e, "replay read failed");
                 (Some(false), Vec::new())
             }
         }
@@ -957,7 +967,7 @@ where
                 flow
             }
             Some(Err(e)) => {
-                warn!(error = %e, "append failed");
+                warn!(session = %self.log_id(), error = %e, "append failed");
                 self.send_error(
                     id,
                     ErrorCode::Internal,
@@ -1000,7 +1010,7 @@ where
         let page = match self.state.store.history(&room, before, after, limit).await {
             Ok(page) => page,
             Err(e) => {
-                warn!(error = %e, "history read failed");
+                warn!(session = %self.log_id(), error = %e, "history read failed");
                 return self
                     .send_error(id, ErrorCode::Internal, "history is unavailable".into())
                     .await;
@@ -1089,25 +1099,71 @@ where
     stream.flush().await
 }
 
-/// Runs socket I/O with a deadline, giving way to a kill. A write that
-/// misses the deadline marks the session a slow consumer.
-async fn with_deadline(
-    deadline: std::time::Duration,
-    kill: &CancellationToken,
-    inbox: &OutboxReceiver,
-    outbox: &Outbox,
-    io: impl Future<Output = Result<(), WsError>>,
-) -> Flow {
-    tokio::select! {
-        r = tokio::time::timeout(deadline, io) => match r {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(socket_error(&e)),
-            Err(_) => {
-                outbox.close(CloseReason::SlowConsumer);
-                Err(CloseReason::SlowConsumer)
-            }
-        },
-        () = kill.cancelled() => Err(inbox.close_reason().unwrap_or(CloseReason::SlowConsumer)),
+/// A frame written into the codec: with a flush (`send`) or without (`feed`).
+type WsWrite<'a, S> = Either<
+    futures_util::sink::Send<'a, WebSocketStream<S>, Message>,
+    futures_util::sink::Feed<'a, WebSocketStream<S>, Message>,
+>;
+
+pin_project_lite::pin_project! {
+    /// Socket I/O with a deadline that gives way to a kill. A write that
+    /// misses the deadline marks the session a slow consumer. A struct
+    /// rather than an `async fn`, so that it holds `io` once.
+    #[must_use = "futures do nothing unless awaited"]
+    struct Deadline<'a, F> {
+        #[pin]
+        io: F,
+        #[pin]
+        timer: tokio::time::Sleep,
+        #[pin]
+        killed: tokio_util::sync::WaitForCancellationFuture<'a>,
+        inbox: &'a OutboxReceiver,
+        outbox: &'a Outbox,
+    }
+}
+
+impl<'a, F> Deadline<'a, F> {
+    fn new(
+        deadline: std::time::Duration,
+        kill: &'a CancellationToken,
+        inbox: &'a OutboxReceiver,
+        outbox: &'a Outbox,
+        io: F,
+    ) -> Self {
+        Deadline {
+            io,
+            timer: tokio::time::sleep(deadline),
+            killed: kill.cancelled(),
+            inbox,
+            outbox,
+        }
+    }
+}
+
+impl<F> Future for Deadline<'_, F>
+where
+    F: Future<Output = Result<(), WsError>>,
+{
+    type Output = Flow;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Flow> {
+        let this = self.project();
+        // I/O first: a write that completes at once (the common case)
+        // touches neither the timer wheel nor the kill token's lock.
+        if let Poll::Ready(r) = this.io.poll(cx) {
+            return Poll::Ready(r.map_err(|e| socket_error(&e)));
+        }
+        if this.killed.poll(cx).is_ready() {
+            return Poll::Ready(Err(this
+                .inbox
+                .close_reason()
+                .unwrap_or(CloseReason::SlowConsumer)));
+        }
+        if this.timer.poll(cx).is_ready() {
+            this.outbox.close(CloseReason::SlowConsumer);
+            return Poll::Ready(Err(CloseReason::SlowConsumer));
+        }
+        Poll::Pending
     }
 }
 
