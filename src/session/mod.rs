@@ -275,11 +275,7 @@ where
                 Some(done) = self.pending.next(), if !self.pending.is_empty() => {
                     self.on_ack(done).await
                 }
-                item = self.inbox.recv() => match item {
-                    Some(item) => self.write_outgoing(item).await,
-                    // The outbox sender lives in `self`, so this cannot end first.
-                    None => Err(CloseReason::TransportError),
-                },
+                item = self.inbox.recv() => self.write_outgoing(item).await,
                 event = SocketEvent { ws: &mut self.ws, read, flush }, if read || flush => match event {
                     SocketEventOutput::Frame(frame) => {
                         self.last_seen = Instant::now();

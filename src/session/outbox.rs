@@ -8,14 +8,21 @@
 //! crowd out a message. Messages are also bounded in bytes. An event that
 //! does not fit is shed and counted; a durable message is never dropped
 //! silently: the session is marked a slow consumer and closed, and it
-//! resumes by seq. One queue rather than two, because every idle session
-//! holds its queue's first allocation.
+//! resumes by seq.
+//!
+//! The queue is a lock-free segmented queue (crossbeam's `SegQueue`) with a
+//! waker, bounded by counters here, rather than tokio's bounded channel: the
+//! channel's first block and state (about 1 KiB) are allocated up front,
+//! while a `SegQueue` allocates its first block only when something is
+//! queued, so an idle session holds none.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::task::Poll;
 use std::time::Instant;
 
-use tokio::sync::mpsc;
+use crossbeam_queue::SegQueue;
+use futures_util::task::AtomicWaker;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
@@ -83,6 +90,14 @@ impl Outgoing {
 /// State shared between the pushing side and the session.
 #[derive(Debug)]
 struct Shared {
+    queue: SegQueue<Outgoing>,
+    /// Items queued now, messages and events; at most `max_items`.
+    queued: AtomicUsize,
+    max_items: usize,
+    /// The session task, woken by every push.
+    waker: AtomicWaker,
+    /// Set when the receiver is gone: nothing more is queued.
+    closed: AtomicBool,
     queued_bytes: AtomicUsize,
     max_bytes: usize,
     /// Events queued now; at most `max_events`.
@@ -97,7 +112,6 @@ struct Shared {
 /// The pushing half, held by the hub for every room membership.
 #[derive(Debug, Clone)]
 pub struct Outbox {
-    tx: mpsc::Sender<Outgoing>,
     shared: Arc<Shared>,
     metrics: Arc<Metrics>,
 }
@@ -105,8 +119,13 @@ pub struct Outbox {
 /// The receiving half, owned by the session task.
 #[derive(Debug)]
 pub struct OutboxReceiver {
-    rx: mpsc::Receiver<Outgoing>,
     shared: Arc<Shared>,
+}
+
+impl Drop for OutboxReceiver {
+    fn drop(&mut self) {
+        self.shared.closed.store(true, Ordering::Release);
+    }
 }
 
 /// Makes an outbox that holds `max_frames` messages of at most `max_bytes`
@@ -120,8 +139,12 @@ pub fn outbox(
     kill: CancellationToken,
     metrics: Arc<Metrics>,
 ) -> (Outbox, OutboxReceiver) {
-    let (tx, rx) = mpsc::channel(max_frames.saturating_add(max_events).max(1));
     let shared = Arc::new(Shared {
+        queue: SegQueue::new(),
+        queued: AtomicUsize::new(0),
+        max_items: max_frames.saturating_add(max_events).max(1),
+        waker: AtomicWaker::new(),
+        closed: AtomicBool::new(false),
         queued_bytes: AtomicUsize::new(0),
         max_bytes,
         queued_events: AtomicUsize::new(0),
@@ -131,11 +154,10 @@ pub fn outbox(
     });
     (
         Outbox {
-            tx,
             shared: shared.clone(),
             metrics,
         },
-        OutboxReceiver { rx, shared },
+        OutboxReceiver { shared },
     )
 }
 
@@ -146,17 +168,37 @@ impl Outbox {
         let len = item.len();
         let queued = &self.shared.queued_bytes;
         let before = queued.fetch_add(len, Ordering::Relaxed);
-        if before + len <= self.shared.max_bytes && self.tx.try_send(item).is_ok() {
+        if before + len <= self.shared.max_bytes && self.enqueue(item) {
             return true;
         }
         queued.fetch_sub(len, Ordering::Relaxed);
         false
     }
 
+    /// Queues `item` if there is room and the session is still there, and
+    /// wakes the session.
+    fn enqueue(&self, item: Outgoing) -> bool {
+        let shared = &*self.shared;
+        if shared.queued.fetch_add(1, Ordering::AcqRel) >= shared.max_items
+            || shared.closed.load(Ordering::Acquire)
+        {
+            shared.queued.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
+        shared.queue.push(item);
+        shared.waker.wake();
+        true
+    }
+
+    /// Whether the session's receiver is gone.
+    fn is_closed(&self) -> bool {
+        self.shared.closed.load(Ordering::Acquire)
+    }
+
     /// Queues a durable message; on overflow closes the session as a slow
     /// consumer instead of dropping the message silently.
     pub fn push_message(&self, delivery: &Arc<Delivery>) {
-        if !self.try_push(Outgoing::Message(delivery.clone())) && !self.tx.is_closed() {
+        if !self.try_push(Outgoing::Message(delivery.clone())) && !self.is_closed() {
             self.metrics.messages_dropped.inc();
             self.close(CloseReason::SlowConsumer);
         }
@@ -166,12 +208,12 @@ impl Outbox {
     pub fn push_ephemeral(&self, text: &Arc<WireFrame>) {
         let events = &self.shared.queued_events;
         if events.fetch_add(1, Ordering::Relaxed) < self.shared.max_events
-            && self.tx.try_send(Outgoing::Ephemeral(text.clone())).is_ok()
+            && self.enqueue(Outgoing::Ephemeral(text.clone()))
         {
             return;
         }
         events.fetch_sub(1, Ordering::Relaxed);
-        if !self.tx.is_closed() {
+        if !self.is_closed() {
             self.metrics.ephemeral_shed.inc();
         }
     }
@@ -198,16 +240,28 @@ impl Outbox {
 }
 
 impl OutboxReceiver {
-    /// Waits for the next frame. Cancel-safe, as the channel's `recv` is.
-    pub async fn recv(&mut self) -> Option<Outgoing> {
-        let item = self.rx.recv().await?;
-        self.taken(&item);
-        Some(item)
+    /// Waits for the next frame. Cancel-safe: nothing is taken until it is
+    /// returned. Never ends, as the session holds an [`Outbox`] itself.
+    pub async fn recv(&mut self) -> Outgoing {
+        std::future::poll_fn(|cx| {
+            if let Some(item) = self.try_recv() {
+                return Poll::Ready(item);
+            }
+            self.shared.waker.register(cx.waker());
+            // A push between the first look and the registration woke no
+            // one: look again.
+            match self.try_recv() {
+                Some(item) => Poll::Ready(item),
+                None => Poll::Pending,
+            }
+        })
+        .await
     }
 
     /// Takes a frame if one is ready.
     pub fn try_recv(&mut self) -> Option<Outgoing> {
-        let item = self.rx.try_recv().ok()?;
+        let item = self.shared.queue.pop()?;
+        self.shared.queued.fetch_sub(1, Ordering::AcqRel);
         self.taken(&item);
         Some(item)
     }
@@ -290,6 +344,33 @@ mod tests {
         tx.push_message(&delivery(2, 60));
         assert!(kill.is_cancelled());
         assert!(matches!(rx.try_recv(), Some(Outgoing::Message(d)) if d.messages[0].seq == 1));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_push_wakes_the_waiting_session_and_a_gone_session_takes_nothing() {
+        let metrics = Arc::new(Metrics::default());
+        let kill = CancellationToken::new();
+        let (tx, mut rx) = outbox(4, 1024, 4, kill.clone(), metrics.clone());
+        for seq in 1..=3 {
+            let waiting = tokio::spawn(async move {
+                let item = rx.recv().await;
+                (rx, item)
+            });
+            // From another thread, as the store writer pushes.
+            let pusher = tx.clone();
+            std::thread::spawn(move || pusher.push_message(&delivery(seq, 10)))
+                .join()
+                .unwrap();
+            let (back, item) = waiting.await.unwrap();
+            rx = back;
+            assert!(matches!(item, Outgoing::Message(d) if d.messages[0].seq == seq));
+        }
+        assert_eq!(tx.queued_bytes(), 0);
+        drop(rx);
+        tx.push_message(&delivery(4, 10));
+        assert_eq!(tx.queued_bytes(), 0, "nothing is queued for a gone session");
+        assert!(!kill.is_cancelled());
+        assert_eq!(metrics.messages_dropped.get(), 0);
     }
 
     #[test]
