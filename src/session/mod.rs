@@ -23,6 +23,7 @@ mod outbox;
 mod wire;
 
 use rustc_hash::FxHashMap;
+use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -32,7 +33,6 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use futures_util::future::Either;
-use futures_util::stream::FuturesUnordered;
 use futures_util::{SinkExt, StreamExt};
 use protocol::{Body, ClientRequest, ErrorCode, HistoryMessage, RequestId, ServerFrame};
 use serde_json::value::RawValue;
@@ -87,8 +87,26 @@ impl Future for PendingAck {
     }
 }
 
-/// Stands for "no deadline" on the token timer (a year).
-const NO_DEADLINE: std::time::Duration = std::time::Duration::from_secs(365 * 24 * 3600);
+/// Waits for the oldest in-flight send to resolve and takes it.
+fn oldest_ack(
+    pending: &mut VecDeque<PendingAck>,
+) -> impl Future<Output = <PendingAck as Future>::Output> + '_ {
+    std::future::poll_fn(move |cx| match pending.front_mut() {
+        Some(ack) => Pin::new(ack).poll(cx).map(|done| {
+            pending.pop_front();
+            done
+        }),
+        None => Poll::Pending,
+    })
+}
+
+/// Fires when the token timer, if any, does.
+fn token_alarm(timer: &mut Option<Pin<Box<tokio::time::Sleep>>>) -> impl Future<Output = ()> + '_ {
+    std::future::poll_fn(move |cx| match timer {
+        Some(t) => t.as_mut().poll(cx),
+        None => Poll::Pending,
+    })
+}
 
 /// Bytes read at a time when discarding input after a close.
 const DRAIN_CHUNK: usize = 1024;
@@ -111,7 +129,11 @@ pub struct Session<S> {
     /// a session holds at most `max_rooms_per_session` keys, which bounds
     /// what colliding room names could cost.
     rooms: FxHashMap<Arc<str>, u64>,
-    pending: FuturesUnordered<PendingAck>,
+    /// In-flight sends, oldest first. The store commits a session's
+    /// appends in the order they were queued, so acks complete in this
+    /// order and only the oldest needs polling. (A `VecDeque` allocates
+    /// nothing until the first send; `FuturesUnordered` did, per session.)
+    pending: VecDeque<PendingAck>,
     last_seen: Instant,
     stats: Arc<SessionStats>,
     limits: SessionLimits,
@@ -162,7 +184,7 @@ where
             outbox,
             inbox,
             rooms: FxHashMap::default(),
-            pending: FuturesUnordered::new(),
+            pending: VecDeque::new(),
             last_seen: Instant::now(),
             stats: Arc::new(SessionStats::default()),
             limits,
@@ -248,10 +270,11 @@ where
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let max_inflight = self.state.config.max_inflight_sends;
         // One timer for the token's warning and expiry, reset only when they
-        // change, so that the loop registers no timer per iteration.
-        let never = tokio::time::Instant::now() + NO_DEADLINE;
-        let token_timer = tokio::time::sleep_until(self.token_deadline().unwrap_or(never));
-        tokio::pin!(token_timer);
+        // change, so that the loop registers no timer per iteration. On the
+        // heap, and only while the token expires: most of the time a session
+        // has none, and then its state holds only the empty option.
+        let mut token_timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
+        self.token_changed = true;
         // Registered once for the whole loop: a fresh wait per iteration
         // would take the token's lock twice per delivery, and the shutdown
         // token is shared by every session.
@@ -261,9 +284,11 @@ where
         tokio::pin!(killed, stopping);
         loop {
             if std::mem::take(&mut self.token_changed) {
-                token_timer
-                    .as_mut()
-                    .reset(self.token_deadline().unwrap_or(never));
+                match (self.token_deadline(), token_timer.as_mut()) {
+                    (Some(at), Some(timer)) => timer.as_mut().reset(at),
+                    (Some(at), None) => token_timer = Some(Box::pin(tokio::time::sleep_until(at))),
+                    (None, _) => token_timer = None,
+                }
             }
             let (read, flush) = (self.pending.len() < max_inflight, self.unflushed);
             let flow = tokio::select! {
@@ -272,7 +297,7 @@ where
                     Err(self.inbox.close_reason().unwrap_or(CloseReason::SlowConsumer))
                 }
                 () = &mut stopping => Err(CloseReason::ServerShutdown),
-                Some(done) = self.pending.next(), if !self.pending.is_empty() => {
+                done = oldest_ack(&mut self.pending), if !self.pending.is_empty() => {
                     self.on_ack(done).await
                 }
                 item = self.inbox.recv() => self.write_outgoing(item).await,
@@ -287,7 +312,7 @@ where
                     }
                 },
                 _ = heartbeat.tick() => self.on_heartbeat(interval).await,
-                () = &mut token_timer, if self.identity.principal.expires_at.is_some() => {
+                () = token_alarm(&mut token_timer), if token_timer.is_some() => {
                     self.token_changed = true;
                     self.on_token_deadline().await
                 }
@@ -306,7 +331,8 @@ where
         if reason == CloseReason::ServerShutdown && !self.unsent.mid_frame() {
             // Commits already queued finish; their acks go out before the close.
             let drain = async {
-                while let Some(done) = self.pending.next().await {
+                while !self.pending.is_empty() {
+                    let done = oldest_ack(&mut self.pending).await;
                     if self.on_ack(done).await.is_err() {
                         break;
                     }
@@ -933,7 +959,7 @@ where
         }
         self.state.metrics.messages_received.inc();
         self.stats.messages_in.fetch_add(1, Ordering::Relaxed);
-        self.pending.push(PendingAck {
+        self.pending.push_back(PendingAck {
             id,
             room: room_key,
             rx,
