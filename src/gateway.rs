@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use protocol::ClientRequest;
 use std::net::IpAddr;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -131,6 +131,9 @@ async fn connection(
     // The session runs in a task of its own, spawned once the handshake is
     // done, so that the handshake's states (TLS, HTTP upgrade, `auth`
     // frame) are freed rather than kept in every idle connection's task.
+    // Each kind of handshake is boxed on its own: a plain one needs about
+    // 4 KiB, a TLS one about 20 KiB, and a task sized for both would make
+    // every plain connection reserve the TLS size while it upgrades.
     let result = match tls {
         Some(acceptor) => {
             let upgrading = async {
@@ -139,13 +142,16 @@ async fn connection(
                 crate::net::cork(&stream, true);
                 upgrade(stream, remote, admission, &state).await
             };
-            handshake(upgrading, deadline, &state)
+            let handshaking = Box::pin(handshake(upgrading, deadline, &state));
+            handshaking
                 .await
                 .map(|ready| spawn_session(ready, &state, &tracker, shutdown))
         }
         None => {
             crate::net::cork(&stream, true);
-            handshake(upgrade(stream, remote, admission, &state), deadline, &state)
+            let upgrading = upgrade(stream, remote, admission, &state);
+            let handshaking = Box::pin(handshake(upgrading, deadline, &state));
+            handshaking
                 .await
                 .map(|ready| spawn_session(ready, &state, &tracker, shutdown))
         }
@@ -158,19 +164,24 @@ async fn connection(
 
 /// Completes `upgrading` (the TLS handshake, where there is TLS, and the
 /// HTTP upgrade) and then authentication, all by `deadline`.
-async fn handshake<S>(
-    upgrading: impl Future<Output = Result<Upgraded<S>, HandshakeError>>,
+///
+/// A combinator rather than an `async fn`: an `async fn` would hold
+/// `upgrading` twice, as its argument and inside the timeout it awaits.
+fn handshake<'a, S>(
+    upgrading: impl Future<Output = Result<Upgraded<S>, HandshakeError>> + 'a,
     deadline: tokio::time::Instant,
-    state: &Arc<ServerState>,
-) -> Result<Ready<S>, HandshakeError>
+    state: &'a Arc<ServerState>,
+) -> impl Future<Output = Result<Ready<S>, HandshakeError>> + 'a
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + crate::net::Tcp,
+    S: AsyncRead + AsyncWrite + Unpin + Send + crate::net::Tcp + 'a,
 {
-    match tokio::time::timeout_at(deadline, upgrading).await {
-        Ok(Ok(upgraded)) => authenticate(upgraded, deadline, state).await,
-        Ok(Err(e)) => Err(e),
-        Err(_) => Err(HandshakeError::Timeout),
-    }
+    tokio::time::timeout_at(deadline, upgrading).then(move |upgraded| async move {
+        match upgraded {
+            Ok(Ok(upgraded)) => authenticate(upgraded, deadline, state).await,
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(HandshakeError::Timeout),
+        }
+    })
 }
 
 /// What the connection holds from the moment it is accepted: its slot in
