@@ -132,7 +132,7 @@ async fn connection(
     // done, so that the handshake's states (TLS, HTTP upgrade, `auth`
     // frame) are freed rather than kept in every idle connection's task.
     // Each kind of handshake is boxed on its own: a plain one needs about
-    // 4 KiB, a TLS one about 20 KiB, and a task sized for both would make
+    // 2 KiB, a TLS one about 12 KiB, and a task sized for both would make
     // every plain connection reserve the TLS size while it upgrades.
     let result = match tls {
         Some(acceptor) => {

@@ -474,8 +474,9 @@ where
     /// Writes queued frames, coalescing up to `write_batch_frames` into one
     /// write. The whole batch shares one write deadline and one
     /// clock reading: this runs once per delivery, so it registers no timer
-    /// and reads no clock per frame, and it copies and counts no frame: the
-    /// hub's shared frames are written as they are.
+    /// and reads no clock per frame, and it takes no reference per frame:
+    /// it queues whole deliveries, whose shared frames are copied end to
+    /// end into the worker thread's scratch buffer for the write.
     async fn write_outgoing(&mut self, first: Outgoing) -> Flow {
         let batch_max = self.state.config.write_batch_frames;
         let now = Instant::now();

@@ -1,7 +1,8 @@
 //! `connect`: a connection storm. Each attempt is TCP + TLS (for wss) +
-//! upgrade + `welcome` + `join` + `joined`, timed as one handshake; then the
-//! connection is closed (or held with `--hold`). At `--rate` attempts per
-//! second, or as fast as `--concurrency` attempts in flight allow.
+//! upgrade + `join` (sent at once) + `welcome` + `joined`, timed as one
+//! handshake; then the connection is closed (or held with `--hold`). At
+//! `--rate` attempts per second, or as fast as `--concurrency` attempts in
+//! flight allow.
 
 use std::sync::Arc;
 use std::time::Duration;
