@@ -69,7 +69,7 @@ const UNKNOWN: u64 = u64::MAX;
 impl Room {
     /// Sends an ephemeral event to every member whose user is not `except`.
     fn broadcast_ephemeral(&self, frame: &ServerFrame, except: &str) {
-        let text = Arc::new(WireFrame::text(&frame.to_json()));
+        let text = Arc::new(WireFrame::json(frame));
         for m in self.members.iter().filter(|m| &*m.user != except) {
             m.outbox.push_ephemeral(&text);
         }
@@ -417,11 +417,10 @@ impl CommitSink for Hub {
         let mut rooms: FxHashMap<&str, Vec<Encoded>> = FxHashMap::default();
         let mut order: Vec<&str> = Vec::new();
         for msg in msgs {
-            let text =
-                protocol::MessageRef::new(msg.room, msg.seq, msg.from, msg.ts, msg.body).to_json();
+            let message = protocol::MessageRef::new(msg.room, msg.seq, msg.from, msg.ts, msg.body);
             let encoded = Encoded {
                 seq: msg.seq,
-                frame: WireFrame::text(&text),
+                frame: WireFrame::json(&message),
             };
             rooms
                 .entry(msg.room)

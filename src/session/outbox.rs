@@ -70,12 +70,12 @@ pub enum Outgoing {
     /// Durable messages: never shed.
     Message(Arc<Delivery>),
     /// A typing or presence event: shed first under pressure. Behind an
-    /// `Arc` so that a queue slot is two words: every idle session holds a
-    /// block of slots.
+    /// `Arc` so that a queue slot is two words: a queue's blocks hold 31
+    /// slots each.
     Ephemeral(Arc<WireFrame>),
 }
 
-// Every idle session holds a block of 32 queue slots: keep a slot two words.
+// A queue that holds anything holds a block of 31 slots: keep a slot two words.
 const _: () = assert!(std::mem::size_of::<Outgoing>() == 16);
 
 impl Outgoing {

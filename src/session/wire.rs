@@ -18,7 +18,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use tokio::io::AsyncWrite;
 
 use super::outbox::Delivery;
@@ -56,25 +56,50 @@ pub struct WireFrame {
 impl WireFrame {
     /// Frames `text` as one unfragmented, unmasked text frame (RFC 6455 §5.2).
     pub fn text(text: &str) -> WireFrame {
-        let len = text.len();
-        let mut buf = BytesMut::with_capacity(MAX_HEADER + len);
-        buf.put_u8(FIN_TEXT);
-        if len <= LEN_7_MAX {
-            // Fits: checked just above.
-            buf.put_u8(len as u8);
-        } else if let Ok(len) = u16::try_from(len) {
-            buf.put_u8(LEN_16);
-            buf.put_u16(len);
-        } else {
-            buf.put_u8(LEN_64);
-            buf.put_u64(len as u64);
+        let mut buf = Vec::with_capacity(MAX_HEADER + text.len());
+        buf.resize(MAX_HEADER, 0);
+        buf.extend_from_slice(text.as_bytes());
+        WireFrame::framed(buf)
+    }
+
+    /// Serialises `value` as JSON straight behind room for the header and
+    /// frames it: one buffer, no second copy of the text. Serialising the
+    /// protocol's frames cannot fail (every `Body` is valid JSON already);
+    /// were it to, the frame would carry `{}`, as their `to_json` does.
+    pub fn json(value: &impl serde::Serialize) -> WireFrame {
+        let mut buf = vec![0; MAX_HEADER];
+        if serde_json::to_writer(&mut buf, value).is_err() {
+            buf.truncate(MAX_HEADER);
+            buf.extend_from_slice(b"{}");
         }
-        // At most MAX_HEADER bytes.
-        let header = buf.len() as u8;
-        buf.put_slice(text.as_bytes());
+        WireFrame::framed(buf)
+    }
+
+    /// Writes the header into the end of the `MAX_HEADER` bytes reserved at
+    /// the start of `buf`, whose payload follows them, and keeps the frame.
+    fn framed(mut buf: Vec<u8>) -> WireFrame {
+        let len = buf.len() - MAX_HEADER;
+        let mut head = [0u8; MAX_HEADER];
+        head[0] = FIN_TEXT;
+        let n = if len <= LEN_7_MAX {
+            // Fits: checked just above.
+            head[1] = len as u8;
+            2
+        } else if let Ok(len) = u16::try_from(len) {
+            head[1] = LEN_16;
+            head[2..4].copy_from_slice(&len.to_be_bytes());
+            4
+        } else {
+            head[1] = LEN_64;
+            head[2..].copy_from_slice(&(len as u64).to_be_bytes());
+            MAX_HEADER
+        };
+        let start = MAX_HEADER - n;
+        buf[start..MAX_HEADER].copy_from_slice(&head[..n]);
         WireFrame {
-            bytes: buf.freeze(),
-            header,
+            bytes: Bytes::from(buf).slice(start..),
+            // At most MAX_HEADER bytes.
+            header: n as u8,
         }
     }
 
@@ -355,6 +380,12 @@ mod tests {
         for t in &texts {
             let f = WireFrame::text(t);
             assert_eq!(f.payload(), t.as_bytes());
+            // Serialised in place, a value frames as its JSON text does.
+            let encoded = serde_json::to_string(t).unwrap();
+            assert_eq!(
+                WireFrame::json(t).as_bytes(),
+                WireFrame::text(&encoded).as_bytes()
+            );
             wire.extend_from_slice(f.as_bytes());
         }
         // The same bytes tungstenite itself writes for these messages.
