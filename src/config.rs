@@ -30,7 +30,7 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Time allowed for the TCP accept to finish the TLS and WebSocket handshakes. Default 10 000 ms.
     pub handshake_timeout_ms: u64,
-    /// Most concurrent connections; past it the upgrade is refused with HTTP 503. Default 16 384.
+    /// Most concurrent connections; past it the upgrade is refused with HTTP 503. Default 65 536.
     pub max_connections: usize,
     /// Largest WebSocket message and frame, in bytes; past it the session closes with 1009. Default 65 536.
     pub max_message_bytes: usize,
@@ -39,7 +39,7 @@ pub struct Config {
     /// idle connection, while clients send little (a larger message makes
     /// the buffer grow to fit it, in reads of this size).
     pub read_buffer_bytes: usize,
-    /// Bytes the WebSocket codec buffers before writing to the socket. Default 16 384.
+    /// Bytes the WebSocket codec buffers before writing to the socket. Default 65 536.
     pub write_buffer_bytes: usize,
     /// Most bytes waiting in one session's outbound queue before it is a slow consumer. Default 1 MiB.
     pub outbound_queue_bytes: usize,
@@ -77,6 +77,15 @@ pub struct Config {
     pub durability: Durability,
     /// Most appends grouped into one commit. 1 means a commit per message. Default 1 024.
     pub commit_max_batch: usize,
+    /// Messages committed to the store's log before they are also written
+    /// to the room and sender indexes, all in one transaction; until then
+    /// reads find them in memory. Larger means fewer index pages written per
+    /// message, more memory, and a longer replay of the log at start-up.
+    /// Default 65 536.
+    pub index_batch: u64,
+    /// The same bound in bytes of the log (so of the memory the unindexed
+    /// messages hold). Default 33 554 432 (32 MiB).
+    pub index_batch_bytes: u64,
     /// Appends waiting for the store writer before senders wait. Default 65 536.
     pub store_queue_capacity: usize,
     /// How long an idempotency key is remembered. Default 86 400 s (24 h).
@@ -237,6 +246,8 @@ impl Default for Config {
             max_rooms_per_session: 256,
             durability: Durability::Immediate,
             commit_max_batch: 1024,
+            index_batch: 65_536,
+            index_batch_bytes: 32 << 20,
             store_queue_capacity: 65_536,
             idempotency_ttl_secs: 86_400,
             shutdown_grace_ms: 10_000,
@@ -354,6 +365,8 @@ impl Config {
         at_least("presence_interval_ms", self.presence_interval_ms, 1)?;
         at_least("history_max_limit", u64::from(self.history_max_limit), 1)?;
         at_least("commit_max_batch", self.commit_max_batch as u64, 1)?;
+        at_least("index_batch", self.index_batch, 1)?;
+        at_least("index_batch_bytes", self.index_batch_bytes, 1)?;
         at_least("store_queue_capacity", self.store_queue_capacity as u64, 1)?;
         at_least("admin_page_max", self.admin_page_max as u64, 1)?;
         let keys = self.auth_keys_set();
@@ -488,6 +501,8 @@ impl Config {
         StoreOptions {
             durability: self.durability,
             max_batch: self.commit_max_batch,
+            index_batch: self.index_batch,
+            index_batch_bytes: self.index_batch_bytes,
             queue_capacity: self.store_queue_capacity,
             idempotency_ttl: Duration::from_secs(self.idempotency_ttl_secs),
         }

@@ -101,7 +101,7 @@ struct ServeArgs {
     /// Handshake timeout in ms [default: 10000].
     #[arg(long, env = "SWITCHBOARD_HANDSHAKE_TIMEOUT_MS")]
     handshake_timeout_ms: Option<u64>,
-    /// Most concurrent connections; past it upgrades get HTTP 503 [default: 16384].
+    /// Most concurrent connections; past it upgrades get HTTP 503 [default: 65536].
     #[arg(long, env = "SWITCHBOARD_MAX_CONNECTIONS")]
     max_connections: Option<usize>,
     /// Largest message/frame in bytes; past it the session closes with 1009 [default: 65536].
@@ -131,6 +131,9 @@ struct ServeArgs {
     /// Most appends per commit; 1 commits every message alone [default: 1024].
     #[arg(long, env = "SWITCHBOARD_COMMIT_MAX_BATCH")]
     commit_max_batch: Option<usize>,
+    /// Messages logged before they are indexed, in one transaction [default: 65536].
+    #[arg(long, env = "SWITCHBOARD_INDEX_BATCH")]
+    index_batch: Option<u64>,
     /// Idempotency key retention in seconds [default: 86400].
     #[arg(long, env = "SWITCHBOARD_IDEMPOTENCY_TTL_SECS")]
     idempotency_ttl_secs: Option<u64>,
@@ -193,6 +196,7 @@ impl ServeArgs {
             heartbeat_interval_ms,
             replay_cap,
             commit_max_batch,
+            index_batch,
             idempotency_ttl_secs,
             shutdown_grace_ms
         );

@@ -42,6 +42,11 @@ thread_local! {
     /// the kernel copies one contiguous buffer much faster than many small
     /// vectored segments (BENCHMARKS.md), and no session holds a buffer.
     static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+
+    /// Where [`WireFrame::json`] serialises, one per thread, so a frame's
+    /// buffer is allocated once at its final size instead of grown by
+    /// doubling as the serialiser writes.
+    static ENCODE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// One complete unmasked text frame (header and payload), shared by every
@@ -67,11 +72,21 @@ impl WireFrame {
     /// protocol's frames cannot fail (every `Body` is valid JSON already);
     /// were it to, the frame would carry `{}`, as their `to_json` does.
     pub fn json(value: &impl serde::Serialize) -> WireFrame {
-        let mut buf = vec![0; MAX_HEADER];
-        if serde_json::to_writer(&mut buf, value).is_err() {
-            buf.truncate(MAX_HEADER);
-            buf.extend_from_slice(b"{}");
-        }
+        let buf = ENCODE.with_borrow_mut(|scratch| {
+            scratch.clear();
+            scratch.resize(MAX_HEADER, 0);
+            if serde_json::to_writer(&mut *scratch, value).is_err() {
+                scratch.truncate(MAX_HEADER);
+                scratch.extend_from_slice(b"{}");
+            }
+            // Exactly its length: `Bytes` then keeps it without another
+            // allocation.
+            let buf = scratch.as_slice().to_vec();
+            if scratch.capacity() > BYTES_PER_WRITE {
+                *scratch = Vec::new();
+            }
+            buf
+        });
         WireFrame::framed(buf)
     }
 

@@ -8,7 +8,11 @@
 //! Invariants:
 //! - Writes happen only on the `store-writer` thread, in grouped
 //!   transactions; reads happen only in `spawn_blocking`, in read
-//!   transactions, and never wait for the writer.
+//!   transactions, and never wait for a commit (only, for microseconds,
+//!   for the writer to add a commit's messages to the unindexed copy).
+//! - Every read sees every message committed before it began: the indexed
+//!   ones in the read transaction, the ones still only in the log in the
+//!   [`unindexed`] copy, taken before the transaction begins.
 //! - A message is handed to the [`CommitSink`] and acknowledged only after
 //!   the commit that holds it returned, with the configured durability.
 //! - Seq per room starts at 1 and grows by exactly 1 per stored message,
@@ -16,8 +20,10 @@
 
 mod error;
 mod tables;
+mod unindexed;
 mod writer;
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -32,7 +38,12 @@ pub use error::{
     AppendError, NotWritable, OpenError, ReadError, ShutdownError, StoreClosed, TryAppendError,
     WriteError,
 };
-use tables::{BY_USER, EPOCH_KEY, KEY_EXPIRY, KEYS, MESSAGES, META, Record, last_seq};
+use tables::{
+    CHUNK_MAX_RECORDS, Chunk, EPOCH_KEY, KEY_EXPIRY, KEYS, LOG, LogBatch, LogEntry, MESSAGES, META,
+    ROOMS_BY_USER, Record, last_seq,
+};
+use unindexed::{Logged, Unindexed};
+
 use writer::{Op, Writer};
 
 /// How commits reach the disk.
@@ -52,6 +63,12 @@ pub struct StoreOptions {
     pub durability: Durability,
     /// Most operations in one write transaction; 1 commits each alone.
     pub max_batch: usize,
+    /// Messages committed to the log before the next transaction also
+    /// writes them to the room and sender indexes.
+    pub index_batch: u64,
+    /// The same bound in bytes of the log, which also bounds the memory the
+    /// unindexed copy holds.
+    pub index_batch_bytes: u64,
     /// Operations waiting for the writer before senders wait.
     pub queue_capacity: usize,
     /// How long an idempotency key is remembered.
@@ -135,6 +152,7 @@ pub struct StoreHandle {
     commits: Arc<AtomicU64>,
     /// False after a failed commit, true again after the next good one.
     healthy: Arc<AtomicBool>,
+    unindexed: Arc<Unindexed>,
 }
 
 impl std::fmt::Debug for StoreHandle {
@@ -168,7 +186,15 @@ impl Store {
         let (tx, rx) = mpsc::channel(opts.queue_capacity.max(1));
         let commits = Arc::new(AtomicU64::new(0));
         let healthy = Arc::new(AtomicBool::new(true));
-        let writer = Writer::new(db.clone(), opts, sink, commits.clone(), healthy.clone());
+        let unindexed = Arc::new(Unindexed::default());
+        let writer = Writer::new(
+            db.clone(),
+            opts,
+            sink,
+            commits.clone(),
+            healthy.clone(),
+            unindexed.clone(),
+        );
         let thread = std::thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || writer.run(rx))
@@ -180,6 +206,7 @@ impl Store {
                 epoch: Arc::from(epoch),
                 commits,
                 healthy,
+                unindexed,
             },
             writer: Some(thread),
         })
@@ -210,7 +237,8 @@ impl Drop for Store {
     }
 }
 
-/// Creates every table and the epoch on first open; returns the epoch.
+/// Creates every table and the epoch on first open, and indexes what the
+/// last run left in the log; returns the epoch.
 fn init(db: &Database) -> Result<String, WriteError> {
     let txn = db.begin_write()?;
     let epoch = {
@@ -225,22 +253,120 @@ fn init(db: &Database) -> Result<String, WriteError> {
             }
         }
     };
-    txn.open_table(MESSAGES)?;
+    let left = {
+        let log = txn.open_table(LOG)?;
+        let mut messages = txn.open_table(MESSAGES)?;
+        let mut by_user = txn.open_table(ROOMS_BY_USER)?;
+        // The log is in commit order, so each room's entries are in
+        // increasing seq.
+        let mut rooms: BTreeMap<String, Vec<(u64, Vec<u8>)>> = BTreeMap::new();
+        let mut left = 0u64;
+        for batch in log.iter()? {
+            let (_, batch) = batch?;
+            for bytes in LogBatch::entries(batch.value())? {
+                let e = LogEntry::decode(bytes)?;
+                by_user.insert((e.record.from, e.room), ())?;
+                let record = LogEntry::record_bytes(bytes)?.to_vec();
+                rooms
+                    .entry(e.room.to_owned())
+                    .or_default()
+                    .push((e.seq, record));
+                left += 1;
+            }
+        }
+        let mut chunk = Chunk::default();
+        for (room, records) in &rooms {
+            for run in records.chunks(CHUNK_MAX_RECORDS) {
+                chunk.clear();
+                for (_, record) in run {
+                    chunk.push_raw(record)?;
+                }
+                if let Some((last, _)) = run.last() {
+                    messages.insert((room.as_str(), *last), chunk.bytes())?;
+                }
+            }
+        }
+        left
+    };
+    txn.delete_table(LOG)?;
+    txn.open_table(LOG)?;
     txn.open_table(KEYS)?;
     txn.open_table(KEY_EXPIRY)?;
-    txn.open_table(BY_USER)?;
+    txn.open_table(ROOMS_BY_USER)?;
     txn.commit()?;
+    if left > 0 {
+        tracing::info!(
+            messages = left,
+            "indexed the messages the last run left in the log"
+        );
+    }
     Ok(epoch)
 }
 
-fn stored(seq: u64, bytes: &[u8]) -> Result<StoredMessage, ReadError> {
-    let r = Record::decode(bytes)?;
-    Ok(StoredMessage {
+fn unindexed_message(m: &Logged) -> StoredMessage {
+    StoredMessage {
+        seq: m.seq,
+        from: m.from.as_ref().to_owned(),
+        ts: m.ts,
+        body: Some(m.body.get().to_owned()),
+    }
+}
+
+fn stored(seq: u64, r: &Record<'_>) -> StoredMessage {
+    StoredMessage {
         seq,
         from: r.from.to_owned(),
         ts: r.ts,
         body: r.body.map(str::to_owned),
-    })
+    }
+}
+
+type Messages = redb::ReadOnlyTable<(&'static str, u64), &'static [u8]>;
+
+/// Calls `f` with the room's indexed messages in `[low, high)`, from the
+/// oldest when `forward`, else from the newest, until `f` returns false.
+fn scan_room(
+    table: &Messages,
+    room: &str,
+    low: u64,
+    high: u64,
+    forward: bool,
+    mut f: impl FnMut(u64, &Record<'_>) -> bool,
+) -> Result<(), ReadError> {
+    if forward {
+        // The first chunk ending at or after `low` holds it, if anything does.
+        for entry in table.range((room, low)..=(room, u64::MAX))? {
+            let (k, v) = entry?;
+            for (seq, r) in Chunk::decode(k.value().1, v.value())? {
+                if seq >= high {
+                    return Ok(());
+                }
+                if seq >= low && !f(seq, &r) {
+                    return Ok(());
+                }
+            }
+        }
+    } else {
+        // Start from the chunk that holds `high - 1`: the first ending at or
+        // after it.
+        let top = high.saturating_sub(1);
+        let end = match table.range((room, top)..=(room, u64::MAX))?.next() {
+            Some(entry) => entry?.0.value().1,
+            None => u64::MAX,
+        };
+        for entry in table.range((room, 0u64)..=(room, end))?.rev() {
+            let (k, v) = entry?;
+            for (seq, r) in Chunk::decode(k.value().1, v.value())?.into_iter().rev() {
+                if seq < low {
+                    return Ok(());
+                }
+                if seq < high && !f(seq, &r) {
+                    return Ok(());
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 impl StoreHandle {
@@ -295,6 +421,9 @@ impl StoreHandle {
         rx.await.map_err(|_| AppendError::Closed)?
     }
 
+    /// Runs `f` in a read transaction on a blocking thread. Callers take
+    /// what they need of the unindexed copy before calling this, so before
+    /// the transaction begins (see the invariants in `unindexed`).
     async fn read<T: Send + 'static>(
         &self,
         f: impl FnOnce(&redb::ReadTransaction) -> Result<T, ReadError> + Send + 'static,
@@ -310,11 +439,15 @@ impl StoreHandle {
     /// The room's latest seq; 0 when it has none.
     pub async fn latest_seq(&self, room: &str) -> Result<u64, ReadError> {
         let room = room.to_owned();
-        self.read(move |txn| {
-            let messages = txn.open_table(MESSAGES)?;
-            Ok(last_seq(&messages, &room)?)
-        })
-        .await
+        // The unindexed copy is read first, then the transaction.
+        let unindexed = self.unindexed.last_seq(&room);
+        let indexed = self
+            .read(move |txn| {
+                let messages = txn.open_table(MESSAGES)?;
+                Ok(last_seq(&messages, &room)?)
+            })
+            .await?;
+        Ok(unindexed.map_or(indexed, |u| u.max(indexed)))
     }
 
     /// Messages with seq in `(after, after + limit]`, ascending.
@@ -324,21 +457,8 @@ impl StoreHandle {
         after: u64,
         limit: usize,
     ) -> Result<Vec<StoredMessage>, ReadError> {
-        let room = room.to_owned();
-        self.read(move |txn| {
-            let table = txn.open_table(MESSAGES)?;
-            let mut out = Vec::with_capacity(limit.min(1024));
-            let start = after.saturating_add(1);
-            for entry in table
-                .range((room.as_str(), start)..=(room.as_str(), u64::MAX))?
-                .take(limit)
-            {
-                let (k, v) = entry?;
-                out.push(stored(k.value().1, v.value())?);
-            }
-            Ok(out)
-        })
-        .await
+        let page = self.history(room, None, Some(after), limit).await?;
+        Ok(page.messages)
     }
 
     /// One page of history, oldest first. With `before`: the newest `limit`
@@ -352,35 +472,39 @@ impl StoreHandle {
         limit: usize,
     ) -> Result<Page, ReadError> {
         let room = room.to_owned();
+        let low = after.map_or(0, |a| a.saturating_add(1));
+        let high = before.unwrap_or(u64::MAX);
+        if low >= high {
+            return Ok(Page {
+                messages: Vec::new(),
+                more: false,
+            });
+        }
+        // Forward from `after`; otherwise backwards from the newest.
+        let forward = after.is_some();
+        let want = limit.saturating_add(1);
+        let unindexed = self.unindexed.range(&room, low, high, want, forward);
         self.read(move |txn| {
             let table = txn.open_table(MESSAGES)?;
-            let low = after.map_or(0, |a| a.saturating_add(1));
-            let high = before.unwrap_or(u64::MAX);
-            let mut out = Vec::with_capacity(limit.min(1024) + 1);
-            if low >= high {
-                return Ok(Page {
-                    messages: out,
-                    more: false,
-                });
-            }
-            let range = table.range((room.as_str(), low)..(room.as_str(), high))?;
-            // Forward from `after`; otherwise backwards from the newest.
-            let forward = after.is_some();
+            // Each side's `want` nearest to the paging start hold the
+            // union's `want` nearest. The indexed copy wins a tie: an
+            // erasure reaches only the indexes.
+            let mut merged: BTreeMap<u64, StoredMessage> = unindexed
+                .iter()
+                .map(|m| (m.seq, unindexed_message(m)))
+                .collect();
+            let mut taken = 0;
+            scan_room(&table, &room, low, high, forward, |seq, r| {
+                merged.insert(seq, stored(seq, r));
+                taken += 1;
+                taken < want
+            })?;
+            let more = merged.len() > limit;
+            let mut out: Vec<StoredMessage> = merged.into_values().collect();
             if forward {
-                for entry in range.take(limit + 1) {
-                    let (k, v) = entry?;
-                    out.push(stored(k.value().1, v.value())?);
-                }
+                out.truncate(limit);
             } else {
-                for entry in range.rev().take(limit + 1) {
-                    let (k, v) = entry?;
-                    out.push(stored(k.value().1, v.value())?);
-                }
-            }
-            let more = out.len() > limit;
-            out.truncate(limit);
-            if !forward {
-                out.reverse();
+                out.drain(..out.len() - out.len().min(limit));
             }
             Ok(Page {
                 messages: out,
@@ -396,21 +520,28 @@ impl StoreHandle {
         user: &str,
     ) -> Result<Vec<(String, StoredMessage)>, ReadError> {
         let user = user.to_owned();
+        let unindexed = self.unindexed.by_user(&user);
         self.read(move |txn| {
-            let index = txn.open_table(BY_USER)?;
+            let index = txn.open_table(ROOMS_BY_USER)?;
             let table = txn.open_table(MESSAGES)?;
-            let mut out = Vec::new();
-            for entry in index.range((user.as_str(), "", 0u64)..)? {
+            let mut merged: BTreeMap<(String, u64), StoredMessage> = unindexed
+                .iter()
+                .map(|(room, m)| ((room.as_ref().to_owned(), m.seq), unindexed_message(m)))
+                .collect();
+            for entry in index.range((user.as_str(), "")..)? {
                 let (k, _) = entry?;
-                let (u, room, seq) = k.value();
+                let (u, room) = k.value();
                 if u != user {
                     break;
                 }
-                if let Some(v) = table.get((room, seq))? {
-                    out.push((room.to_owned(), stored(seq, v.value())?));
-                }
+                scan_room(&table, room, 0, u64::MAX, true, |seq, r| {
+                    if r.from == user {
+                        merged.insert((room.to_owned(), seq), stored(seq, r));
+                    }
+                    true
+                })?;
             }
-            Ok(out)
+            Ok(merged.into_iter().map(|((room, _), m)| (room, m)).collect())
         })
         .await
     }

@@ -27,6 +27,8 @@ fn opts() -> StoreOptions {
     StoreOptions {
         durability: Durability::Immediate,
         max_batch: 1024,
+        index_batch: 16_384,
+        index_batch_bytes: 1 << 20,
         queue_capacity: 4096,
         idempotency_ttl: Duration::from_secs(3600),
     }
@@ -284,4 +286,220 @@ async fn shutdown_commits_everything_queued() {
     drop(h);
     let (store, _) = open(&dir);
     assert_eq!(store.handle().latest_seq("s").await.unwrap(), 300);
+}
+
+/// What a room's reads must return, built from every message sent to it.
+struct Model {
+    room: &'static str,
+    /// (from, body) of seq 1, 2, ...
+    sent: Vec<(String, Option<String>)>,
+}
+
+impl Model {
+    fn expect(&self, low: u64, high: u64, limit: usize, forward: bool) -> Page {
+        let all: Vec<StoredMessage> = self
+            .sent
+            .iter()
+            .zip(1u64..)
+            .filter(|(_, seq)| (low..high).contains(seq))
+            .map(|((from, body), seq)| StoredMessage {
+                seq,
+                from: from.clone(),
+                ts: 0,
+                body: body.clone(),
+            })
+            .collect();
+        let more = all.len() > limit;
+        let messages = if forward {
+            all.into_iter().take(limit).collect()
+        } else {
+            let skip = all.len().saturating_sub(limit);
+            all.into_iter().skip(skip).collect()
+        };
+        Page { messages, more }
+    }
+
+    /// Checks latest_seq, history with every kind of bound and read_after
+    /// against the model, at many bounds and limits.
+    async fn check(&self, h: &StoreHandle) {
+        let n = self.sent.len() as u64;
+        assert_eq!(h.latest_seq(self.room).await.unwrap(), n);
+        let points = [
+            0,
+            1,
+            2,
+            37,
+            63,
+            64,
+            65,
+            n / 2,
+            n.saturating_sub(1),
+            n,
+            n + 1,
+        ];
+        let no_ts = |mut p: Page| {
+            p.messages.iter_mut().for_each(|m| m.ts = 0);
+            p
+        };
+        for limit in [1usize, 7, 64, 65, 500] {
+            let got = no_ts(h.history(self.room, None, None, limit).await.unwrap());
+            assert_eq!(
+                got,
+                self.expect(1, u64::MAX, limit, false),
+                "latest {limit} of {n}"
+            );
+            for p in points {
+                let got = no_ts(h.history(self.room, Some(p), None, limit).await.unwrap());
+                let want = self.expect(1, p, limit, false);
+                assert_eq!(got, want, "before {p}, limit {limit}, of {n}");
+                let got = no_ts(h.history(self.room, None, Some(p), limit).await.unwrap());
+                let want = self.expect(p + 1, u64::MAX, limit, true);
+                assert_eq!(got, want, "after {p}, limit {limit}, of {n}");
+                let got = no_ts(
+                    h.history(self.room, Some(p + 40), Some(p), limit)
+                        .await
+                        .unwrap(),
+                );
+                let want = self.expect(p + 1, p + 40, limit, true);
+                assert_eq!(
+                    got,
+                    want,
+                    "between {p} and {}, limit {limit}, of {n}",
+                    p + 40
+                );
+                let got = h.read_after(self.room, p, limit).await.unwrap();
+                let want = self.expect(p + 1, u64::MAX, limit, true).messages;
+                assert_eq!(
+                    no_ts(Page {
+                        messages: got,
+                        more: false
+                    })
+                    .messages,
+                    want
+                );
+            }
+        }
+    }
+}
+
+/// Sends `count` messages to the model's room (alternating senders), each
+/// committed alone, and another to room "other" after every tenth.
+async fn fill(h: &StoreHandle, model: &mut Model, count: usize) {
+    for _ in 0..count {
+        let from = if model.sent.len() % 3 == 0 {
+            "u1"
+        } else {
+            "u2"
+        };
+        let body = format!("{}", model.sent.len() + 1);
+        let seq = send(h, model.room, from, &body, None).await.seq;
+        model.sent.push((from.to_owned(), Some(body)));
+        assert_eq!(seq, model.sent.len() as u64);
+        if model.sent.len() % 10 == 0 {
+            send(h, "other", "u1", "0", None).await;
+        }
+    }
+}
+
+fn open_with(dir: &tempfile::TempDir, (index_batch, index_batch_bytes): (u64, u64)) -> Store {
+    let opts = StoreOptions {
+        durability: Durability::None,
+        index_batch,
+        index_batch_bytes,
+        ..opts()
+    };
+    Store::open(
+        &dir.path().join("db.redb"),
+        opts,
+        Arc::new(Recorder::default()),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn reads_match_every_message_sent_in_the_log_the_indexes_and_across_chunks() {
+    // 37: flushes land at odd points, so a room's messages are split
+    // between the indexes and the log in many ways. 150: one flush writes
+    // more of a room than one chunk holds. 2,000 bytes: the byte bound
+    // starts the flushes.
+    for index_batch in [(37, 1 << 20), (150, 1 << 20), (1 << 20, 2_000)] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_with(&dir, index_batch);
+        let h = store.handle();
+        let mut model = Model {
+            room: "m",
+            sent: Vec::new(),
+        };
+        model.check(&h).await;
+        // The most messages the bounds let the log hold (about 32 bytes each).
+        let most = usize::try_from(index_batch.0.min(index_batch.1 / 30)).unwrap();
+        for step in [1, 35, 1, 1, 27, 1, 1, 80, 53] {
+            fill(&h, &mut model, step).await;
+            model.check(&h).await;
+            let held = h.unindexed.len();
+            assert!(held <= most, "{held} unindexed with bounds {index_batch:?}");
+        }
+        // Export and erasure reach messages wherever they are.
+        let mine = h.messages_by_user("u1").await.unwrap();
+        let in_m = mine.iter().filter(|(r, _)| r == "m").count();
+        let sent_by_u1 = model.sent.iter().filter(|(f, _)| f == "u1").count();
+        assert_eq!(in_m, sent_by_u1, "index_batch {index_batch:?}");
+        assert_eq!(mine.len(), sent_by_u1 + model.sent.len() / 10);
+        fill(&h, &mut model, 5).await;
+        let erased = h.erase_user("u1").await.unwrap();
+        let sent_by_u1 = model.sent.iter().filter(|(f, _)| f == "u1").count();
+        assert_eq!(erased as usize, sent_by_u1 + model.sent.len() / 10);
+        for (from, body) in &mut model.sent {
+            if from == "u1" {
+                *body = None;
+            }
+        }
+        model.check(&h).await;
+        fill(&h, &mut model, 3).await;
+        model.check(&h).await;
+    }
+}
+
+#[tokio::test]
+async fn messages_left_in_the_log_are_indexed_when_the_store_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_with(&dir, (1_000, 1 << 20));
+    let h = store.handle();
+    let mut model = Model {
+        room: "m",
+        sent: Vec::new(),
+    };
+    fill(&h, &mut model, 130).await;
+    drop(h);
+    tokio::task::spawn_blocking(move || store.shutdown())
+        .await
+        .unwrap()
+        .unwrap();
+    let path = dir.path().join("db.redb");
+    let logged = |path: &Path| {
+        let db = Database::open(path).unwrap();
+        let txn = db.begin_read().unwrap();
+        let log = txn.open_table(LOG).unwrap();
+        let mut n = 0;
+        for batch in log.iter().unwrap() {
+            n += LogBatch::entries(batch.unwrap().1.value()).unwrap().len();
+        }
+        n
+    };
+    assert_eq!(
+        logged(&path),
+        143,
+        "shutdown leaves the log to the next open"
+    );
+    let store = open_with(&dir, (1_000, 1 << 20));
+    let h = store.handle();
+    model.check(&h).await;
+    fill(&h, &mut model, 2).await;
+    model.check(&h).await;
+    drop(h);
+    tokio::task::spawn_blocking(move || store.shutdown())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(logged(&path), 2, "only what came after the reopen is left");
 }

@@ -7,18 +7,31 @@
 //! complete the replies. It must never run on an async worker, never panic
 //! on stored data, and never deliver or acknowledge anything it has not
 //! committed.
+//!
+//! New messages go to the append-only log, not to the room and sender
+//! indexes: a commit of a thousand messages in a thousand rooms then dirties
+//! a few log pages rather than a leaf per room in each index. Once
+//! `index_batch` messages (or `index_batch_bytes`) are unindexed, the next transaction also writes
+//! them all to the indexes, one chunk per room, and empties the log (an
+//! index flush). A batch
+//! that erases writes its messages to the indexes directly, after a flush,
+//! so erasure sees every message.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use redb::{Database, ReadableTable};
+use redb::{Database, ReadableTable, WriteTransaction};
 use tokio::sync::{mpsc, oneshot};
 use tracing::error;
 
 use super::error::{AppendError, WriteError};
-use super::tables::{BY_USER, KEY_EXPIRY, KEYS, MESSAGES, Record, last_seq};
+use super::tables::{
+    CHUNK_MAX_RECORDS, Chunk, KEY_EXPIRY, KEYS, LOG, LogBatch, LogEntry, MESSAGES, ROOMS_BY_USER,
+    Record, last_seq,
+};
+use super::unindexed::{Logged, Unindexed};
 use super::{Append, Appended, CommitSink, Committed, Durability, StoreOptions};
 
 /// One unit of work for the writer.
@@ -33,6 +46,7 @@ pub(super) enum Op {
 }
 
 /// What one operation came to, before the commit.
+#[derive(Clone, Copy)]
 enum Outcome {
     New(Appended),
     Duplicate(Appended),
@@ -48,6 +62,23 @@ pub(super) struct Writer {
     /// Latest seq per room, loaded lazily inside write transactions. Cleared
     /// when a commit fails, since the failed batch may have advanced it.
     latest: HashMap<Arc<str>, u64>,
+    /// The committed messages not yet indexed; shared with readers.
+    pub unindexed: Arc<Unindexed>,
+    /// How many messages the log holds, and its values' total bytes.
+    /// Changed only after a commit.
+    log_len: u64,
+    log_bytes: u64,
+}
+
+/// What a transaction did besides its operations' outcomes.
+struct Applied {
+    outcomes: Vec<Outcome>,
+    /// It wrote every unindexed message to the indexes and emptied the log.
+    indexed_all: bool,
+    /// Its new messages went to the log (not straight to the indexes).
+    logged: bool,
+    /// The bytes it added to the log.
+    log_bytes: u64,
 }
 
 impl Writer {
@@ -57,6 +88,7 @@ impl Writer {
         sink: Arc<dyn CommitSink>,
         commits: Arc<AtomicU64>,
         healthy: Arc<AtomicBool>,
+        unindexed: Arc<Unindexed>,
     ) -> Writer {
         Writer {
             db,
@@ -65,6 +97,9 @@ impl Writer {
             commits,
             healthy,
             latest: HashMap::new(),
+            unindexed,
+            log_len: 0,
+            log_bytes: 0,
         }
     }
 
@@ -97,37 +132,74 @@ impl Writer {
     fn process(&mut self, batch: &mut Vec<Op>) {
         let started = Instant::now();
         match self.apply(batch) {
-            Ok(outcomes) => {
+            Ok(applied) => {
                 self.commits.fetch_add(1, Ordering::Relaxed);
                 self.healthy.store(true, Ordering::Relaxed);
                 self.sink.batch_committed(batch.len(), started.elapsed());
-                let new: Vec<Committed<'_>> = batch
-                    .iter()
-                    .zip(&outcomes)
-                    .filter_map(|(op, outcome)| match (op, outcome) {
-                        (Op::Append(a), Outcome::New(done)) => Some(Committed {
-                            room: &a.room,
-                            seq: done.seq,
-                            ts: done.ts,
-                            from: &a.from,
-                            body: &a.body,
-                        }),
-                        _ => None,
-                    })
-                    .collect();
-                if !new.is_empty() {
-                    self.sink.committed(&new);
-                }
-                drop(new);
+                let Applied {
+                    outcomes,
+                    indexed_all,
+                    logged,
+                    log_bytes,
+                } = applied;
+                // Each new message moves into the shared unindexed copy
+                // before anyone hears of it; replies wait until after.
+                let mut fresh = Vec::new();
+                let mut replies = Vec::with_capacity(batch.len());
                 for (op, outcome) in batch.drain(..).zip(outcomes) {
                     match (op, outcome) {
-                        (Op::Append(a), Outcome::New(done) | Outcome::Duplicate(done)) => {
-                            let _ = a.reply.send(Ok(done));
+                        (Op::Append(a), Outcome::New(done)) => {
+                            let msg = Arc::new(Logged {
+                                seq: done.seq,
+                                ts: done.ts,
+                                from: a.from,
+                                body: a.body,
+                            });
+                            fresh.push((a.room, msg));
+                            replies.push(Reply::Append(a.reply, done));
+                        }
+                        (Op::Append(a), Outcome::Duplicate(done)) => {
+                            replies.push(Reply::Append(a.reply, done));
                         }
                         (Op::EraseUser { reply, .. }, Outcome::Erased(n)) => {
-                            let _ = reply.send(Ok(n));
+                            replies.push(Reply::Erase(reply, n));
                         }
                         _ => {}
+                    }
+                }
+                if indexed_all {
+                    self.log_len = 0;
+                    self.log_bytes = 0;
+                }
+                if logged {
+                    self.log_len += fresh.len() as u64;
+                    self.log_bytes += log_bytes;
+                    self.unindexed
+                        .committed(indexed_all, fresh.iter().map(|(r, m)| (r, m)));
+                } else {
+                    self.unindexed.committed(indexed_all, []);
+                }
+                if !fresh.is_empty() {
+                    let new: Vec<Committed<'_>> = fresh
+                        .iter()
+                        .map(|(room, m)| Committed {
+                            room,
+                            seq: m.seq,
+                            ts: m.ts,
+                            from: &m.from,
+                            body: &m.body,
+                        })
+                        .collect();
+                    self.sink.committed(&new);
+                }
+                for reply in replies {
+                    match reply {
+                        Reply::Append(tx, done) => {
+                            let _ = tx.send(Ok(done));
+                        }
+                        Reply::Erase(tx, n) => {
+                            let _ = tx.send(Ok(n));
+                        }
                     }
                 }
             }
@@ -151,8 +223,46 @@ impl Writer {
         }
     }
 
+    /// Writes every unindexed message to the indexes and empties the log.
+    fn index_all(&self, txn: &WriteTransaction) -> Result<(), WriteError> {
+        {
+            let mut messages = txn.open_table(MESSAGES)?;
+            let mut rooms_by_user = txn.open_table(ROOMS_BY_USER)?;
+            let mut chunk = Chunk::default();
+            self.unindexed
+                .for_each_room(|room, msgs| -> Result<(), WriteError> {
+                    for run in msgs.chunks(CHUNK_MAX_RECORDS) {
+                        chunk.clear();
+                        for m in run {
+                            chunk.push(&Record {
+                                ts: m.ts,
+                                from: &m.from,
+                                body: Some(m.body.get()),
+                            })?;
+                        }
+                        if let Some(last) = run.last() {
+                            messages.insert((room, last.seq), chunk.bytes())?;
+                        }
+                    }
+                    // Look before writing: a pair already there would
+                    // otherwise dirty its page again.
+                    let mut senders: Vec<&str> = msgs.iter().map(|m| &*m.from).collect();
+                    senders.sort_unstable();
+                    senders.dedup();
+                    for from in &senders {
+                        if rooms_by_user.get((*from, room))?.is_none() {
+                            rooms_by_user.insert((*from, room), ())?;
+                        }
+                    }
+                    Ok(())
+                })?;
+        }
+        txn.delete_table(LOG)?;
+        Ok(())
+    }
+
     /// Applies the batch in one write transaction and commits it.
-    fn apply(&mut self, batch: &[Op]) -> Result<Vec<Outcome>, WriteError> {
+    fn apply(&mut self, batch: &[Op]) -> Result<Applied, WriteError> {
         let now = now_ms();
         let ttl_ms = u64::try_from(self.opts.idempotency_ttl.as_millis()).unwrap_or(u64::MAX);
         let mut txn = self.db.begin_write()?;
@@ -160,12 +270,27 @@ impl Writer {
             Durability::Immediate => redb::Durability::Immediate,
             Durability::None => redb::Durability::None,
         })?;
+        let erases = batch.iter().any(|op| matches!(op, Op::EraseUser { .. }));
+        let indexed_all = self.log_len > 0
+            && (erases
+                || self.log_len >= self.opts.index_batch
+                || self.log_bytes >= self.opts.index_batch_bytes);
+        if indexed_all {
+            self.index_all(&txn)?;
+        }
+        let logged = !erases;
+        // The log's key is the count of messages logged before the value.
+        let log_key = if indexed_all { 0 } else { self.log_len };
+        let mut log_batch = LogBatch::default();
+        let log_bytes;
         let mut outcomes = Vec::with_capacity(batch.len());
         {
+            let mut log = txn.open_table(LOG)?;
             let mut messages = txn.open_table(MESSAGES)?;
             let mut keys = txn.open_table(KEYS)?;
             let mut expiry = txn.open_table(KEY_EXPIRY)?;
-            let mut by_user = txn.open_table(BY_USER)?;
+            let mut by_user = txn.open_table(ROOMS_BY_USER)?;
+            let mut chunk = Chunk::default();
             for op in batch {
                 match op {
                     Op::Append(a) => {
@@ -184,19 +309,33 @@ impl Writer {
                                 }
                             }
                         }
+                        // The unindexed copy, when it has the room, holds
+                        // its newest seqs.
                         let latest = match self.latest.get(&a.room) {
                             Some(seq) => *seq,
-                            None => last_seq(&messages, &a.room)?,
+                            None => match self.unindexed.last_seq(&a.room) {
+                                Some(seq) => seq,
+                                None => last_seq(&messages, &a.room)?,
+                            },
                         };
                         let seq = latest + 1;
                         let record = Record {
                             ts: now,
                             from: &a.from,
                             body: Some(a.body.get()),
+                        };
+                        if logged {
+                            log_batch.push(&LogEntry {
+                                room: &a.room,
+                                seq,
+                                record,
+                            })?;
+                        } else {
+                            chunk.clear();
+                            chunk.push(&record)?;
+                            messages.insert((&*a.room, seq), chunk.bytes())?;
+                            by_user.insert((&*a.from, &*a.room), ())?;
                         }
-                        .encode()?;
-                        messages.insert((&*a.room, seq), record.as_slice())?;
-                        by_user.insert((&*a.from, &*a.room, seq), ())?;
                         if let Some(key) = &a.key {
                             keys.insert((&*a.room, &*a.from, key.as_str()), (seq, now, now))?;
                             expiry.insert((now, &*a.room, &*a.from, key.as_str()), ())?;
@@ -209,35 +348,51 @@ impl Writer {
                         }));
                     }
                     Op::EraseUser { user, .. } => {
-                        let mut targets = Vec::new();
-                        for entry in by_user.range((user.as_str(), "", 0u64)..)? {
+                        let mut rooms = Vec::new();
+                        for entry in by_user.range((user.as_str(), "")..)? {
                             let (k, _) = entry?;
-                            let (u, room, seq) = k.value();
+                            let (u, room) = k.value();
                             if u != user {
                                 break;
                             }
-                            targets.push((room.to_owned(), seq));
+                            rooms.push(room.to_owned());
                         }
                         let mut erased = 0;
-                        for (room, seq) in targets {
-                            let bytes = match messages.get((room.as_str(), seq))? {
-                                Some(g) => {
-                                    let r = Record::decode(g.value())?;
-                                    if r.body.is_none() {
-                                        continue;
-                                    }
-                                    Record { body: None, ..r }.encode()?
+                        for room in &rooms {
+                            let mut rewrites = Vec::new();
+                            let all = (room.as_str(), 0u64)..=(room.as_str(), u64::MAX);
+                            for entry in messages.range(all)? {
+                                let (k, v) = entry?;
+                                let last = k.value().1;
+                                let records = Chunk::decode(last, v.value())?;
+                                let hit = |r: &Record<'_>| r.from == user && r.body.is_some();
+                                if !records.iter().any(|(_, r)| hit(r)) {
+                                    continue;
                                 }
-                                None => continue,
-                            };
-                            messages.insert((room.as_str(), seq), bytes.as_slice())?;
-                            erased += 1;
+                                chunk.clear();
+                                for (_, r) in &records {
+                                    if hit(r) {
+                                        erased += 1;
+                                        chunk.push(&Record { body: None, ..*r })?;
+                                    } else {
+                                        chunk.push(r)?;
+                                    }
+                                }
+                                rewrites.push((last, chunk.bytes().to_vec()));
+                            }
+                            for (last, bytes) in rewrites {
+                                messages.insert((room.as_str(), last), bytes.as_slice())?;
+                            }
                         }
                         outcomes.push(Outcome::Erased(erased));
                     }
                     Op::Shutdown => {}
                 }
             }
+            if !log_batch.bytes().is_empty() {
+                log.insert(log_key, log_batch.bytes())?;
+            }
+            log_bytes = log_batch.bytes().len() as u64;
             // Forget expired idempotency keys, a bounded number per commit.
             let cutoff = now.saturating_sub(ttl_ms);
             let mut expired = Vec::new();
@@ -264,8 +419,19 @@ impl Writer {
             }
         }
         txn.commit()?;
-        Ok(outcomes)
+        Ok(Applied {
+            outcomes,
+            indexed_all,
+            logged,
+            log_bytes,
+        })
     }
+}
+
+/// A reply owed once the commit's messages are handed over.
+enum Reply {
+    Append(oneshot::Sender<Result<Appended, AppendError>>, Appended),
+    Erase(oneshot::Sender<Result<u64, AppendError>>, u64),
 }
 
 /// Milliseconds since the Unix epoch; 0 if the clock is before it.
