@@ -202,15 +202,17 @@ for fig in $FIGURES; do
         ;;
     6)
         # group and single: each sender waits for its ack before the next
-        # send; group-w16: each keeps 16 sends in flight, as a client with a
-        # send window would.
-        for mode in group single group-w16; do
-            extra=$([ $mode = single ] && echo "--commit-max-batch 1" || echo "")
-            window=$([ $mode = group-w16 ] && echo 16 || echo 1)
-            start_server switchboard $extra
-            lt "f6-$mode" fanout --url "$WS" --clients 0 --rooms 1000 --rate 0 --window "$window" \
-                --ramp-up 5000 --warmup 2 --duration 10 --server-pid "$PID"
-            stop_server
+        # send; group-w16 and group-w64: each keeps 16 or 64 sends in
+        # flight, as a client with a send window would.
+        for i in $(seq 1 "$REPEAT"); do
+            for mode in group single group-w16 group-w64; do
+                extra=$([ $mode = single ] && echo "--commit-max-batch 1" || echo "")
+                window=$(case $mode in group-w16) echo 16 ;; group-w64) echo 64 ;; *) echo 1 ;; esac)
+                start_server switchboard $extra
+                lt "f6-$mode-$i" fanout --url "$WS" --clients 0 --rooms 1000 --rate 0 --window "$window" \
+                    --ramp-up 5000 --warmup 2 --duration 10 --server-pid "$PID"
+                stop_server
+            done
         done
         ;;
     7)

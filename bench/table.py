@@ -89,7 +89,7 @@ for n in ("10000", "19000"):
 for srv in SERVERS:
     for tls in ("plain", "tls"):
         row("5 connect", f"{srv} {tls}", "handshakes+joins/s", ("f5", f"{srv}-{tls}"), conn_rate)
-for mode in ("group", "single", "group-w16"):
+for mode in ("group", "single", "group-w16", "group-w64"):
     row("6 durable sends x1000", mode, "acked/s", ("f6", mode), lambda r: r["rates"]["acked_per_s"])
     row("6 durable sends x1000", mode, "ack p99 ms", ("f6", mode), lambda r: lat(r, "ack", "p99"))
 row("7 chat 10k users 60 s", "switchboard", "delivered/s", ("f7", "chat"), lambda r: r["rates"]["delivered_per_s"])
