@@ -176,9 +176,12 @@ for fig in $FIGURES; do
                     start_server $srv
                     url=$([ $tls = plain ] && echo "$WS" || echo "$WSS")
                     # Each Switchboard connection joins a room of its own: the
-                    # memory of a connection, not of presence fan-out.
+                    # memory of a connection, not of presence fan-out. Many
+                    # source addresses: from one, the generator's connects
+                    # search a nearly full port range and stall for seconds.
                     lt "f4-$srv-$tls-n$n" idle $(raw_for $srv) --url "$url" --ca "$CA" --clients $n \
-                        --rooms $n --ramp-up 2000 --warmup 3 --duration 3 --server-pid "$PID"
+                        --rooms $n --ramp-up 2000 --warmup 3 --duration 3 --server-pid "$PID" \
+                        --source-ips 127.0.0.2-127.0.0.60
                     stop_server
                 done
             done

@@ -107,7 +107,7 @@ struct ServeArgs {
     /// Largest message/frame in bytes; past it the session closes with 1009 [default: 65536].
     #[arg(long, env = "SWITCHBOARD_MAX_MESSAGE_BYTES")]
     max_message_bytes: Option<usize>,
-    /// WebSocket read buffer per connection, bytes [default: 4096].
+    /// WebSocket read buffer per connection, bytes [default: 512].
     #[arg(long, env = "SWITCHBOARD_READ_BUFFER_BYTES")]
     read_buffer_bytes: Option<usize>,
     /// Outbound queue bound per session, bytes; past it the session is a slow consumer [default: 1048576].
