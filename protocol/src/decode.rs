@@ -153,7 +153,62 @@ pub fn decode_request(text: &str, max_depth: usize) -> Result<Request, DecodeErr
 /// parse would poison every `message` and `history` frame that carries it.
 /// The depth was checked first, so this walk is bounded.
 fn strict_json(json: &str) -> Result<(), serde_json::Error> {
-    serde_json::from_str::<serde_json::Value>(json).map(drop)
+    serde_json::from_str::<Portable>(json).map(drop)
+}
+
+/// Any JSON value that `serde_json::Value` takes, checked the same way (the
+/// parser refuses out-of-range numbers and lone surrogates, in keys too)
+/// but built into nothing: no tree, no allocation per value.
+struct Portable;
+
+impl<'de> serde::Deserialize<'de> for Portable {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Portable, D::Error> {
+        d.deserialize_any(PortableVisitor)
+    }
+}
+
+struct PortableVisitor;
+
+impl<'de> serde::de::Visitor<'de> for PortableVisitor {
+    type Value = Portable;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Portable, E> {
+        Ok(Portable)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Portable, E> {
+        Ok(Portable)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Portable, E> {
+        Ok(Portable)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Portable, E> {
+        Ok(Portable)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Portable, E> {
+        Ok(Portable)
+    }
+
+    fn visit_unit<E>(self) -> Result<Portable, E> {
+        Ok(Portable)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Portable, A::Error> {
+        while seq.next_element::<Portable>()?.is_some() {}
+        Ok(Portable)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Portable, A::Error> {
+        while map.next_entry::<Portable, Portable>()?.is_some() {}
+        Ok(Portable)
+    }
 }
 
 /// The deepest nesting of arrays and objects in a valid JSON text.
@@ -265,6 +320,8 @@ mod strictness_tests {
             r#"{"type":"send","id":7,"room":"r","body":1e999999}"#,
             r#"{"type":"send","id":7,"room":"r","body":[-1e400]}"#,
             r#"{"type":"send","id":7,"room":"r","body":{"text":"\ud800"}}"#,
+            r#"{"type":"send","id":7,"room":"r","body":{"\udc00":1}}"#,
+            r#"{"type":"send","id":7,"room":"r","body":[1,{"a":[2e308]}]}"#,
         ] {
             let e = decode_request(text, 32).expect_err(text);
             assert_eq!(e.code, ErrorCode::BadRequest, "{text}");
@@ -277,5 +334,19 @@ mod strictness_tests {
         // A valid surrogate pair and ordinary numbers are fine.
         let ok = r#"{"type":"send","room":"r","body":{"t":"\ud83d\ude00","n":[1e300,-5,0.5]}}"#;
         assert!(decode_request(ok, 32).is_ok());
+        for body in [
+            "[null]",
+            "true",
+            "-0",
+            "18446744073709551615",
+            "-9223372036854775808",
+            r#""a\nb""#,
+            "[]",
+            "{}",
+            r#"{"a":{"b":[null,false,"\u00e9",1.5e-300]},"a":2}"#,
+        ] {
+            let text = format!(r#"{{"type":"send","room":"r","body":{body}}}"#);
+            assert!(decode_request(&text, 32).is_ok(), "{text}");
+        }
     }
 }
