@@ -260,6 +260,15 @@ fn init_tracing(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// jemalloc, not glibc's allocator. Memory here often moves between
+/// threads: a session allocates a message's body and the store writer
+/// frees it; the writer allocates each message's frame and sessions free
+/// it. glibc answered that with arena locks and free-list consolidation
+/// (about a fifth of the session threads' samples in figure 6), and kept
+/// the peak of a burst of handshakes resident. Measured in BENCHMARKS.md.
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
