@@ -192,11 +192,15 @@ for fig in $FIGURES; do
         # repetition running every server in turn, and take medians.
         for i in $(seq 1 "$REPEAT"); do
             for tls in plain tls; do
-                for srv in switchboard tokio node; do
-                    start_server $srv
+                # switchboard-url: the same handshake and join, the join in
+                # the upgrade URL (?join=), one round trip in all.
+                for srv in switchboard switchboard-url tokio node; do
+                    base=${srv%-url}
+                    extra=$([ $srv = switchboard-url ] && echo "--join-in-url" || echo "")
+                    start_server $base
                     url=$([ $tls = plain ] && echo "$WS" || echo "$WSS")
                     n=$([ $tls = plain ] && echo 20000 || echo 8000)
-                    lt "f5-$srv-$tls-$i" connect $(raw_for $srv) --url "$url" --ca "$CA" --clients $n \
+                    lt "f5-$srv-$tls-$i" connect $(raw_for $base) $extra --url "$url" --ca "$CA" --clients $n \
                         --concurrency 64 --duration 60 --source-ips 127.0.0.2-127.0.0.60 --server-pid "$PID"
                     stop_server
                 done

@@ -86,7 +86,7 @@ for n in ("10000", "19000"):
     for srv in SERVERS:
         for tls in ("plain", "tls"):
             row(f"4 idle {n}", f"{srv} {tls}", "bytes/conn", ("f4", f"{srv}-{tls}-n{n}"), per_conn)
-for srv in SERVERS:
+for srv in ["switchboard", "switchboard-url", "tokio", "node"]:
     for tls in ("plain", "tls"):
         row("5 connect", f"{srv} {tls}", "handshakes+joins/s", ("f5", f"{srv}-{tls}"), conn_rate)
 for mode in ("group", "single", "group-w16", "group-w64"):
@@ -112,6 +112,8 @@ for name, nk, dk, fn in [
     ("p99 @200k/s (target <= 1.5)", ("f2", "switchboard"), ("f2", "tokio"), lambda r: lat(r, "delivery", "p99")),
     ("connect rate plain (target >= 0.9)", ("f5", "switchboard-plain"), ("f5", "tokio-plain"), conn_rate),
     ("connect rate TLS (target >= 0.9)", ("f5", "switchboard-tls"), ("f5", "tokio-tls"), conn_rate),
+    ("  joined in the URL, plain", ("f5", "switchboard-url-plain"), ("f5", "tokio-plain"), conn_rate),
+    ("  joined in the URL, TLS", ("f5", "switchboard-url-tls"), ("f5", "tokio-tls"), conn_rate),
 ]:
     r = ratio(nk, dk, fn)
     print(f"  {name:<40} {'-' if r is None else f'{r:.2f}'}")

@@ -202,6 +202,8 @@ struct Upgraded<S> {
     ws: WebSocketStream<S>,
     remote: SocketAddr,
     who: Who,
+    /// The rooms of the upgrade's `?join=`, joined as the session starts.
+    joins: Vec<String>,
     /// Held for the connection's life: they free its slots on drop.
     _slots: (OwnedSemaphorePermit, ConnGuard<IpAddr>),
 }
@@ -225,6 +227,7 @@ where
         .max_frame_size(Some(config.max_message_bytes));
     let mut who = None;
     let mut auth_error = None;
+    let mut joins = Vec::new();
     let Admission { permit, ip_guard } = admission;
     let (has_permit, has_ip_slot) = (permit.is_some(), ip_guard.is_some());
     // The error type is tungstenite's `Callback` contract, not ours to shrink.
@@ -233,6 +236,7 @@ where
         if request.uri().path() != WS_PATH {
             return Err(reject(StatusCode::NOT_FOUND, "only /ws upgrades"));
         }
+        joins = upgrade_joins(request, config.max_rooms_per_session)?;
         if !has_ip_slot {
             return Err(reject(
                 StatusCode::TOO_MANY_REQUESTS,
@@ -293,6 +297,7 @@ where
             ws,
             remote,
             who,
+            joins,
             _slots: (permit, ip_guard),
         }),
         // The callback accepted only with all three, so this is unreachable
@@ -319,6 +324,38 @@ fn dev_user(request: &Request) -> Result<Arc<str>, ErrorResponse> {
             )),
         },
     }
+}
+
+/// The rooms of `?join=` (repeatable), in order. A name that breaks the
+/// naming rules, or more rooms than a session may join, refuses the upgrade
+/// with 400: a client that joins in the URL learns of a bad URL at once.
+#[allow(clippy::result_large_err)]
+fn upgrade_joins(request: &Request, max_rooms: usize) -> Result<Vec<String>, ErrorResponse> {
+    let Some(query) = request.uri().query() else {
+        return Ok(Vec::new());
+    };
+    let mut rooms: Vec<String> = Vec::new();
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        if k != "join" {
+            continue;
+        }
+        if let Err(e) = protocol::names::validate_room(&v) {
+            return Err(reject(
+                StatusCode::BAD_REQUEST,
+                &format!("invalid room in join: {e}"),
+            ));
+        }
+        if !rooms.iter().any(|r| *r == v) {
+            rooms.push(v.into_owned());
+        }
+        if rooms.len() > max_rooms {
+            return Err(reject(
+                StatusCode::BAD_REQUEST,
+                &format!("a session may join at most {max_rooms} rooms"),
+            ));
+        }
+    }
+    Ok(rooms)
 }
 
 fn query_param(request: &Request, key: &str) -> Option<String> {
@@ -369,6 +406,7 @@ fn reject(status: StatusCode, why: &str) -> ErrorResponse {
 /// A connection that passed every check: what its session starts from.
 struct Ready<S> {
     ws: WebSocketStream<S>,
+    joins: Vec<String>,
     identity: Identity,
     slots: Slots,
 }
@@ -386,6 +424,7 @@ where
         mut ws,
         remote,
         who,
+        joins,
         _slots,
     } = upgraded;
     let (principal, user_guard) = match who {
@@ -438,6 +477,7 @@ where
     };
     Ok(Ready {
         ws,
+        joins,
         identity: Identity { principal, remote },
         slots: Slots {
             permit: _slots.0,
@@ -549,6 +589,7 @@ fn spawn_session<S>(
 {
     let Ready {
         ws,
+        joins,
         identity,
         slots,
     } = ready;
@@ -559,5 +600,5 @@ fn spawn_session<S>(
     let span = debug_span!("session", id = format_args!("{id:016x}"), user = %identity.principal.user, remote = %identity.remote);
     state.metrics.connections_open.inc();
     let session = Session::new(ws, id, identity, slots, state.clone(), shutdown);
-    tracker.spawn(session.run().instrument(span));
+    tracker.spawn(session.run(joins).instrument(span));
 }

@@ -89,6 +89,11 @@ pub struct Common {
     /// welcome, join or ack; the publisher numbers its own frames.
     #[arg(long)]
     pub raw: bool,
+    /// Join a connection's first room in the upgrade URL (`?join=ROOM`),
+    /// so `welcome` and `joined` come back with the 101, instead of sending
+    /// a `join` frame.
+    #[arg(long, conflicts_with = "raw")]
+    pub join_in_url: bool,
     /// Server PID: report its CPU time and memory from /proc.
     #[arg(long)]
     pub server_pid: Option<u32>,

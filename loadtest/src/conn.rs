@@ -44,6 +44,8 @@ pub struct Connector {
     next_source: AtomicUsize,
     /// Talking to a plain broadcast server: no welcome, no join.
     pub raw: bool,
+    /// Join the first room in the upgrade URL rather than with a frame.
+    pub join_in_url: bool,
 }
 
 impl Connector {
@@ -80,11 +82,18 @@ impl Connector {
             next_source: AtomicUsize::new(common.worker.map_or(0, |w| w as usize)),
             sources,
             raw: common.raw,
+            join_in_url: common.join_in_url,
         })
     }
 
     /// TCP connect (from the next source address), TLS, WebSocket upgrade.
     pub async fn connect(&self, user: &str) -> anyhow::Result<Ws> {
+        self.connect_joining(user, None).await
+    }
+
+    /// As [`Connector::connect`], asking the server to join `room` as the
+    /// session starts (`?join=`).
+    pub async fn connect_joining(&self, user: &str, room: Option<&str>) -> anyhow::Result<Ws> {
         let socket = match self.addr {
             SocketAddr::V4(_) => TcpSocket::new_v4()?,
             SocketAddr::V6(_) => TcpSocket::new_v6()?,
@@ -104,7 +113,11 @@ impl Connector {
             }
             None => Box::new(tcp),
         };
-        let url = format!("{}?user={user}", self.base);
+        let mut url = format!("{}?user={user}", self.base);
+        if let Some(room) = room {
+            url.push_str("&join=");
+            url.extend(form_urlencoded::byte_serialize(room.as_bytes()));
+        }
         let config = WebSocketConfig::default()
             .read_buffer_size(READ_BUFFER)
             .write_buffer_size(0);

@@ -213,11 +213,13 @@ where
     /// by-value arguments in its state, and the session is the largest part
     /// of what every idle connection holds. The block below captures it once.
     #[allow(clippy::manual_async_fn)]
-    pub fn run(mut self) -> impl Future<Output = CloseReason> {
-        async move { self.run_to_end().await }
+    /// Runs the session to its end, first joining `joins` (the rooms of
+    /// the upgrade's `?join=`) as if the client had sent a `join` for each.
+    pub fn run(mut self, joins: Vec<String>) -> impl Future<Output = CloseReason> {
+        async move { self.run_to_end(joins).await }
     }
 
-    async fn run_to_end(&mut self) -> CloseReason {
+    async fn run_to_end(&mut self, joins: Vec<String>) -> CloseReason {
         let connected_at_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
@@ -233,7 +235,7 @@ where
         );
         // The welcome lives in its own future, dropped before the main loop
         // starts, so that its state does not add to the session's size.
-        let reason = match self.send_welcome().await {
+        let reason = match self.send_welcome(joins).await {
             Ok(()) => self.main_loop().await,
             Err(reason) => reason,
         };
@@ -244,7 +246,9 @@ where
         reason
     }
 
-    async fn send_welcome(&mut self) -> Flow {
+    /// Sends `welcome`, then joins the upgrade's rooms; their replies leave
+    /// with it, in one write.
+    async fn send_welcome(&mut self, joins: Vec<String>) -> Flow {
         let welcome = ServerFrame::Welcome {
             session: format!("{:016x}", self.id),
             user: self.identity.principal.user.to_string(),
@@ -254,6 +258,9 @@ where
         };
         let sending = Box::pin(async {
             self.send(&welcome).await?;
+            for room in joins {
+                self.on_join(None, room, None, None).await?;
+            }
             self.flush().await
         });
         let flow = sending.await;

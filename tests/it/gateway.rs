@@ -136,3 +136,52 @@ async fn plain_listener_serves_the_same_protocol() {
     assert!(matches!(welcome, ServerFrame::Welcome { ref user, .. } if user == "plain"));
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rooms_in_the_upgrade_url_are_joined_as_the_session_starts() {
+    let server = TestServer::start_with(Fixture::new(), |c| c.max_rooms_per_session = 3).await;
+    let mut bob = server.connect("bob").await;
+    bob.join("a").await;
+    // A repeated room counts once; another user's direct-message room is
+    // refused like a `join` frame would be, without ending the session.
+    let url = format!(
+        "{}&join=a&join=b&join=a&join=dm:bob:carol",
+        server.url("eve")
+    );
+    let mut eve = server.connect_raw(&url).await.expect("connect");
+    assert!(matches!(eve.recv().await, ServerFrame::Welcome { .. }));
+    match eve.recv().await {
+        ServerFrame::Joined {
+            id, room, presence, ..
+        } => {
+            assert_eq!((id, room.as_str()), (None, "a"));
+            assert!(presence.iter().any(|u| u == "bob"), "{presence:?}");
+        }
+        other => panic!("expected joined a, got {other:?}"),
+    }
+    match eve.recv().await {
+        ServerFrame::Joined { id, room, .. } => assert_eq!((id, room.as_str()), (None, "b")),
+        other => panic!("expected joined b, got {other:?}"),
+    }
+    match eve.recv().await {
+        ServerFrame::Error { id, code, .. } => {
+            assert_eq!((id, code), (None, protocol::ErrorCode::Forbidden));
+        }
+        other => panic!("expected a forbidden error, got {other:?}"),
+    }
+    bob.say("a", r#""hi""#).await;
+    let m = eve.next_message("a").await;
+    assert!(
+        matches!(m, ServerFrame::Message { ref from, .. } if from == "bob"),
+        "{m:?}"
+    );
+
+    // A bad name, or more rooms than a session may join, refuses the upgrade.
+    let bad = format!("{}&join=no%20spaces", server.url("eve"));
+    let e = server.connect_raw(&bad).await.err().expect("refused");
+    assert_eq!(http_status(e), 400);
+    let many = format!("{}&join=a&join=b&join=c&join=d", server.url("eve"));
+    let e = server.connect_raw(&many).await.err().expect("refused");
+    assert_eq!(http_status(e), 400);
+    server.stop().await;
+}

@@ -220,6 +220,9 @@ async fn idle_reads_the_servers_memory_per_connection() {
         "0.8",
         "--server-pid",
         &pid,
+        // Joined in the upgrade URL: a refused or unanswered join fails the
+        // connection, so all 50 established means all 50 joined.
+        "--join-in-url",
     ])
     .await;
     assert_clean(&r);

@@ -45,13 +45,15 @@ pub async fn open(
 ) -> anyhow::Result<(Ws, u64)> {
     let t = Instant::now();
     let r = tokio::time::timeout(STEP_TIMEOUT, async {
-        let mut ws = conn.connect(user).await?;
+        let in_url = room.filter(|_| conn.join_in_url);
+        let mut ws = conn.connect_joining(user, in_url).await?;
         let mut seq = 0;
         if !conn.raw {
             // The join goes out at once, not after `welcome`: the server
             // reads requests only once it has sent `welcome` (PROTOCOL.md
-            // §2), and a reconnecting client saves a round trip.
-            if let Some(room) = room {
+            // §2), and a reconnecting client saves a round trip. Joined in
+            // the URL, it needs no frame at all.
+            if let (Some(room), None) = (room, in_url) {
                 send_join(&mut ws, 1, room, None, None).await?;
             }
             expect(&mut ws, "welcome").await?;
