@@ -39,8 +39,8 @@ pub use error::{
     WriteError,
 };
 use tables::{
-    CHUNK_MAX_RECORDS, Chunk, EPOCH_KEY, KEY_EXPIRY, KEYS, LOG, LogBatch, LogEntry, MESSAGES, META,
-    ROOMS_BY_USER, Record, last_seq,
+    Chunk, EPOCH_KEY, KEY_EXPIRY, KEYS, LOG, LogBatch, LogEntry, MESSAGES, META, OLD_BY_USER,
+    ROOMS_BY_USER, Record, insert_chunks, last_seq,
 };
 use unindexed::{Logged, Unindexed};
 
@@ -274,22 +274,31 @@ fn init(db: &Database) -> Result<String, WriteError> {
                 left += 1;
             }
         }
-        let mut chunk = Chunk::default();
         for (room, records) in &rooms {
-            for run in records.chunks(CHUNK_MAX_RECORDS) {
-                chunk.clear();
-                for (_, record) in run {
-                    chunk.push_raw(record)?;
-                }
-                if let Some((last, _)) = run.last() {
-                    messages.insert((room.as_str(), *last), chunk.bytes())?;
-                }
-            }
+            insert_chunks(
+                &mut messages,
+                room,
+                records,
+                |(seq, _)| *seq,
+                |chunk, (_, r)| chunk.push_raw(r),
+            )?;
         }
         left
     };
     txn.delete_table(LOG)?;
     txn.open_table(LOG)?;
+    // Files from before `rooms_by_user` list each message by sender; their
+    // messages are bare records, which read as chunks of one.
+    {
+        let old = txn.open_table(OLD_BY_USER)?;
+        let mut by_user = txn.open_table(ROOMS_BY_USER)?;
+        for entry in old.iter()? {
+            let (k, _) = entry?;
+            let (user, room, _) = k.value();
+            by_user.insert((user, room), ())?;
+        }
+    }
+    txn.delete_table(OLD_BY_USER)?;
     txn.open_table(KEYS)?;
     txn.open_table(KEY_EXPIRY)?;
     txn.open_table(ROOMS_BY_USER)?;

@@ -7,6 +7,8 @@
 
 use redb::{ReadableTable, TableDefinition};
 
+use super::error::WriteError;
+
 /// Store-wide metadata, such as the epoch.
 pub const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 /// A room's messages in chunks, keyed by (room, seq of the chunk's last
@@ -40,6 +42,11 @@ pub const KEYS: TableDefinition<(&str, &str, &str), (u64, u64, u64)> =
 /// Expiry index of idempotency keys: (inserted_at_ms, room, user, key).
 pub const KEY_EXPIRY: TableDefinition<(u64, &str, &str, &str), ()> =
     TableDefinition::new("idempotency_expiry");
+/// The sender index of files written before [`ROOMS_BY_USER`]: one entry
+/// per message, (user, room, seq). Opening such a file moves its pairs
+/// into [`ROOMS_BY_USER`] and deletes it; nothing else reads it.
+pub const OLD_BY_USER: TableDefinition<(&str, &str, u64), ()> = TableDefinition::new("by_user");
+
 /// The rooms each user has sent to: (user, room), for export and erasure,
 /// which then scan those rooms. One entry per pair, not per message, so a
 /// flush writes to it only for a pair it has not seen.
@@ -196,6 +203,29 @@ impl Chunk {
         let first = last_seq - count + 1;
         Ok((first..).zip(records).collect())
     }
+}
+
+/// Writes one room's records, consecutive and in increasing seq, to
+/// [`MESSAGES`] as chunks of at most [`CHUNK_MAX_RECORDS`]; `seq` gives an
+/// item's seq and `push` adds its record to a chunk.
+pub fn insert_chunks<T>(
+    messages: &mut redb::Table<(&'static str, u64), &'static [u8]>,
+    room: &str,
+    items: &[T],
+    seq: impl Fn(&T) -> u64,
+    mut push: impl FnMut(&mut Chunk, &T) -> Result<(), RecordError>,
+) -> Result<(), WriteError> {
+    let mut chunk = Chunk::default();
+    for run in items.chunks(CHUNK_MAX_RECORDS) {
+        chunk.clear();
+        for item in run {
+            push(&mut chunk, item)?;
+        }
+        if let Some(last) = run.last() {
+            messages.insert((room, seq(last)), chunk.bytes())?;
+        }
+    }
+    Ok(())
 }
 
 /// Appends one item to a buffer of length-prefixed items, first writing

@@ -503,3 +503,50 @@ async fn messages_left_in_the_log_are_indexed_when_the_store_opens() {
         .unwrap();
     assert_eq!(logged(&path), 2, "only what came after the reopen is left");
 }
+
+#[tokio::test]
+async fn a_file_from_before_the_log_and_chunks_reads_and_erases_as_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db.redb");
+    // The old layout: one bare record per message, a sender entry per
+    // message.
+    {
+        let db = Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut messages = txn.open_table(MESSAGES).unwrap();
+            let mut old = txn.open_table(OLD_BY_USER).unwrap();
+            for (seq, from) in [(1, "alice"), (2, "bob"), (3, "alice")] {
+                let body = seq.to_string();
+                let record = Record {
+                    ts: seq,
+                    from,
+                    body: Some(&body),
+                };
+                messages
+                    .insert(("r", seq), record.encode().unwrap().as_slice())
+                    .unwrap();
+                old.insert((from, "r", seq), ()).unwrap();
+            }
+        }
+        txn.commit().unwrap();
+    }
+    let (store, _) = open(&dir);
+    let h = store.handle();
+    assert_eq!(h.latest_seq("r").await.unwrap(), 3);
+    let page = h.history("r", None, None, 10).await.unwrap();
+    let view: Vec<_> = page
+        .messages
+        .iter()
+        .map(|m| (m.seq, m.from.as_str()))
+        .collect();
+    assert_eq!(view, [(1, "alice"), (2, "bob"), (3, "alice")]);
+    assert_eq!(send(&h, "r", "alice", "4", None).await.seq, 4);
+    let mine = h.messages_by_user("alice").await.unwrap();
+    let seqs: Vec<u64> = mine.iter().map(|(_, m)| m.seq).collect();
+    assert_eq!(seqs, [1, 3, 4]);
+    assert_eq!(h.erase_user("alice").await.unwrap(), 3);
+    let page = h.history("r", None, None, 10).await.unwrap();
+    let bodies: Vec<_> = page.messages.iter().map(|m| m.body.as_deref()).collect();
+    assert_eq!(bodies, [None, Some("2"), None, None]);
+}

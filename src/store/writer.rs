@@ -9,13 +9,13 @@
 //! committed.
 //!
 //! New messages go to the append-only log, not to the room and sender
-//! indexes: a commit of a thousand messages in a thousand rooms then dirties
-//! a few log pages rather than a leaf per room in each index. Once
-//! `index_batch` messages (or `index_batch_bytes`) are unindexed, the next transaction also writes
-//! them all to the indexes, one chunk per room, and empties the log (an
-//! index flush). A batch
-//! that erases writes its messages to the indexes directly, after a flush,
-//! so erasure sees every message.
+//! indexes: a commit of a thousand messages in a thousand rooms then writes
+//! one log value rather than a leaf per room in each index. Once
+//! `index_batch` messages (or `index_batch_bytes`) are unindexed, the next
+//! transaction also writes them all to the indexes, one chunk per room, and
+//! empties the log (an index flush). A batch that erases flushes first and
+//! writes its own messages to the indexes directly, so that erasure sees
+//! every message.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -28,8 +28,8 @@ use tracing::error;
 
 use super::error::{AppendError, WriteError};
 use super::tables::{
-    CHUNK_MAX_RECORDS, Chunk, KEY_EXPIRY, KEYS, LOG, LogBatch, LogEntry, MESSAGES, ROOMS_BY_USER,
-    Record, last_seq,
+    Chunk, KEY_EXPIRY, KEYS, LOG, LogBatch, LogEntry, MESSAGES, ROOMS_BY_USER, Record,
+    insert_chunks, last_seq,
 };
 use super::unindexed::{Logged, Unindexed};
 use super::{Append, Appended, CommitSink, Committed, Durability, StoreOptions};
@@ -46,7 +46,6 @@ pub(super) enum Op {
 }
 
 /// What one operation came to, before the commit.
-#[derive(Clone, Copy)]
 enum Outcome {
     New(Appended),
     Duplicate(Appended),
@@ -63,7 +62,7 @@ pub(super) struct Writer {
     /// when a commit fails, since the failed batch may have advanced it.
     latest: HashMap<Arc<str>, u64>,
     /// The committed messages not yet indexed; shared with readers.
-    pub unindexed: Arc<Unindexed>,
+    unindexed: Arc<Unindexed>,
     /// How many messages the log holds, and its values' total bytes.
     /// Changed only after a commit.
     log_len: u64,
@@ -228,22 +227,21 @@ impl Writer {
         {
             let mut messages = txn.open_table(MESSAGES)?;
             let mut rooms_by_user = txn.open_table(ROOMS_BY_USER)?;
-            let mut chunk = Chunk::default();
             self.unindexed
                 .for_each_room(|room, msgs| -> Result<(), WriteError> {
-                    for run in msgs.chunks(CHUNK_MAX_RECORDS) {
-                        chunk.clear();
-                        for m in run {
+                    insert_chunks(
+                        &mut messages,
+                        room,
+                        msgs,
+                        |m| m.seq,
+                        |chunk, m| {
                             chunk.push(&Record {
                                 ts: m.ts,
                                 from: &m.from,
                                 body: Some(m.body.get()),
-                            })?;
-                        }
-                        if let Some(last) = run.last() {
-                            messages.insert((room, last.seq), chunk.bytes())?;
-                        }
-                    }
+                            })
+                        },
+                    )?;
                     // Look before writing: a pair already there would
                     // otherwise dirty its page again.
                     let mut senders: Vec<&str> = msgs.iter().map(|m| &*m.from).collect();
