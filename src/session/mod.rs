@@ -207,14 +207,14 @@ where
         self.outbox.clone()
     }
 
-    /// Runs the session to its end and returns why it ended.
+    /// Runs the session to its end and returns why it ended, first joining
+    /// `joins` (the rooms of the upgrade's `?join=`) as if the client had
+    /// sent a `join` for each.
     ///
     /// Not an `async fn`: such a function keeps a second copy of its
     /// by-value arguments in its state, and the session is the largest part
     /// of what every idle connection holds. The block below captures it once.
     #[allow(clippy::manual_async_fn)]
-    /// Runs the session to its end, first joining `joins` (the rooms of
-    /// the upgrade's `?join=`) as if the client had sent a `join` for each.
     pub fn run(mut self, joins: Vec<String>) -> impl Future<Output = CloseReason> {
         async move { self.run_to_end(joins).await }
     }
