@@ -170,14 +170,13 @@ impl Writer {
                     self.log_len = 0;
                     self.log_bytes = 0;
                 }
+                // An erasing batch wrote its messages to the indexes already.
                 if logged {
                     self.log_len += fresh.len() as u64;
                     self.log_bytes += log_bytes;
-                    self.unindexed
-                        .committed(indexed_all, fresh.iter().map(|(r, m)| (r, m)));
-                } else {
-                    self.unindexed.committed(indexed_all, []);
                 }
+                let logged_now = fresh.iter().filter(|_| logged).map(|(r, m)| (r, m));
+                self.unindexed.committed(indexed_all, logged_now);
                 if !fresh.is_empty() {
                     let new: Vec<Committed<'_>> = fresh
                         .iter()
