@@ -89,6 +89,13 @@ pub struct Config {
     pub index_batch_bytes: u64,
     /// Appends waiting for the store writer before senders wait. Default 65 536.
     pub store_queue_capacity: usize,
+    /// redb's page cache, in bytes: the store's largest use of memory
+    /// besides the unindexed log. Default 67 108 864 (64 MiB).
+    pub store_cache_bytes: usize,
+    /// While the store cannot commit (a full disk), sends are refused with
+    /// `unavailable` and the writer tries to commit again this often; it is
+    /// also the `retry_after_ms` of the refusals. Default 1 000 ms.
+    pub store_retry_ms: u64,
     /// How long an idempotency key is remembered. Default 86 400 s (24 h).
     pub idempotency_ttl_secs: u64,
     /// Time allowed, at shutdown, for sessions to close and commits to finish. Default 10 000 ms.
@@ -250,6 +257,8 @@ impl Default for Config {
             index_batch: 65_536,
             index_batch_bytes: 32 << 20,
             store_queue_capacity: 65_536,
+            store_cache_bytes: 64 << 20,
+            store_retry_ms: 1000,
             idempotency_ttl_secs: 86_400,
             shutdown_grace_ms: 10_000,
             admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9090))),
@@ -369,6 +378,7 @@ impl Config {
         at_least("index_batch", self.index_batch, 1)?;
         at_least("index_batch_bytes", self.index_batch_bytes, 1)?;
         at_least("store_queue_capacity", self.store_queue_capacity as u64, 1)?;
+        at_least("store_retry_ms", self.store_retry_ms, 1)?;
         at_least("admin_page_max", self.admin_page_max as u64, 1)?;
         let keys = self.auth_keys_set();
         if keys.len() > 1 {
@@ -506,6 +516,9 @@ impl Config {
             index_batch_bytes: self.index_batch_bytes,
             queue_capacity: self.store_queue_capacity,
             idempotency_ttl: Duration::from_secs(self.idempotency_ttl_secs),
+            cache_bytes: self.store_cache_bytes,
+            retry_interval: Duration::from_millis(self.store_retry_ms),
+            probe_bytes: self.max_message_bytes,
         }
     }
 }

@@ -293,11 +293,14 @@ pub enum ErrorCode {
     BinaryUnsupported,
     /// The server failed; the request may be retried.
     Internal,
+    /// The server cannot store messages now (its disk is full or failing);
+    /// nothing was stored: resend after `retry_after_ms` with the same key.
+    Unavailable,
 }
 
 impl ErrorCode {
     /// Every error code, in the order of the spec's table.
-    pub const ALL: [ErrorCode; 10] = [
+    pub const ALL: [ErrorCode; 11] = [
         ErrorCode::BadRequest,
         ErrorCode::UnknownType,
         ErrorCode::NotJoined,
@@ -308,6 +311,7 @@ impl ErrorCode {
         ErrorCode::RateLimited,
         ErrorCode::BinaryUnsupported,
         ErrorCode::Internal,
+        ErrorCode::Unavailable,
     ];
 
     /// The wire name of the code.
@@ -323,6 +327,7 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::BinaryUnsupported => "binary_unsupported",
             ErrorCode::Internal => "internal",
+            ErrorCode::Unavailable => "unavailable",
         }
     }
 }

@@ -132,6 +132,20 @@ impl Collector for ScrapeCollector {
             None,
             commits.metric_type(),
         )?)?;
+        let failed = ConstCounter::new(server.store.failed_commits());
+        failed.encode(encoder.encode_descriptor(
+            "switchboard_store_commit_failures",
+            "Store write transactions that failed (a full or failing disk), the writer's retries included.",
+            None,
+            failed.metric_type(),
+        )?)?;
+        gauge(
+            &mut encoder,
+            "switchboard_store_writable",
+            "1 while the store can commit, 0 while sends are refused with `unavailable`.",
+            None,
+            i64::from(server.store.writable().is_ok()),
+        )?;
         Ok(())
     }
 }

@@ -996,6 +996,15 @@ where
                     .observe_duration(received.elapsed());
                 flow
             }
+            Some(Err(AppendError::Unavailable { retry_after })) => {
+                self.send_error_frame(ServerFrame::Error {
+                    id,
+                    code: ErrorCode::Unavailable,
+                    message: "the message was not stored: the server cannot store messages now; resend with the same key".into(),
+                    retry_after_ms: Some(u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX).max(1)),
+                })
+                .await
+            }
             Some(Err(e)) => {
                 warn!(session = %self.log_id(), error = %e, "append failed");
                 self.send_error(

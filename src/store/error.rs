@@ -2,7 +2,9 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
+use super::slot::Reopening;
 use super::tables::RecordError;
 
 /// Why the store could not be opened.
@@ -20,10 +22,48 @@ pub enum OpenError {
         #[source]
         source: redb::DatabaseError,
     },
+    /// Opening writes (redb's recovery, indexing the log the last run
+    /// left), and the file system is full.
+    #[error(
+        "no space left to open the database {path} ({file_bytes} bytes): opening may grow it \
+         by up to its size, so free at least {needed_bytes} bytes in its file system \
+         ({free})"
+    )]
+    NoSpace {
+        path: PathBuf,
+        file_bytes: u64,
+        needed_bytes: u64,
+        /// What the file system reported free, or that it could not say.
+        free: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("cannot initialise the database tables")]
     Init(#[source] WriteError),
     #[error("cannot start the writer thread")]
     Thread(#[source] std::io::Error),
+}
+
+impl OpenError {
+    /// The error of an open that ran out of space, with the sizes that tell
+    /// an operator how much to free.
+    pub(super) fn no_space(
+        path: &std::path::Path,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    ) -> OpenError {
+        let file_bytes = std::fs::metadata(path).map_or(0, |m| m.len());
+        let free = match super::slot::free_bytes(path) {
+            Some(n) => format!("{n} bytes are free now"),
+            None => "its free space is unknown".to_owned(),
+        };
+        OpenError::NoSpace {
+            path: path.to_owned(),
+            file_bytes,
+            needed_bytes: file_bytes.max(super::slot::NEW_FILE_BYTES),
+            free,
+            source,
+        }
+    }
 }
 
 /// A failed write transaction.
@@ -41,6 +81,24 @@ pub enum WriteError {
     Commit(#[from] redb::CommitError),
     #[error("a stored record is corrupt")]
     Record(#[from] RecordError),
+    #[error("the database is closed")]
+    Reopening(#[from] Reopening),
+    #[error("cannot re-open the database")]
+    Reopen(#[from] redb::DatabaseError),
+}
+
+impl WriteError {
+    /// The storage failure inside, if this is one.
+    pub fn storage(&self) -> Option<&redb::StorageError> {
+        match self {
+            WriteError::Transaction(redb::TransactionError::Storage(e))
+            | WriteError::Table(redb::TableError::Storage(e))
+            | WriteError::Storage(e)
+            | WriteError::Commit(redb::CommitError::Storage(e))
+            | WriteError::Reopen(redb::DatabaseError::Storage(e)) => Some(e),
+            _ => None,
+        }
+    }
 }
 
 /// Why an append (or another write through the writer) failed.
@@ -49,6 +107,10 @@ pub enum AppendError {
     /// The transaction holding it failed; nothing of it was stored or delivered.
     #[error("the commit holding this write failed")]
     Write(#[source] Arc<WriteError>),
+    /// The store cannot commit now (the disk is full or failing); nothing
+    /// of this write was stored. Retry after `retry_after`.
+    #[error("the store cannot commit now; retry in {retry_after:?}")]
+    Unavailable { retry_after: Duration },
     /// The store is shutting down or gone.
     #[error("the store is closed")]
     Closed,
@@ -65,6 +127,8 @@ pub enum ReadError {
     Storage(#[from] redb::StorageError),
     #[error("a stored record is corrupt")]
     Record(#[from] RecordError),
+    #[error("the database is closed")]
+    Reopening(#[from] Reopening),
     #[error("the read task failed")]
     Task(#[from] tokio::task::JoinError),
 }
@@ -95,6 +159,7 @@ pub enum ShutdownError {
 pub enum NotWritable {
     #[error("the writer thread has stopped")]
     WriterStopped,
-    #[error("the last commit failed")]
+    /// Commits fail (a full or failing disk); the writer retries.
+    #[error("the store cannot commit; the writer retries")]
     LastCommitFailed,
 }

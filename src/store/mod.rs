@@ -19,6 +19,7 @@
 //!   across restarts.
 
 mod error;
+mod slot;
 mod tables;
 mod unindexed;
 mod writer;
@@ -32,6 +33,7 @@ use std::time::Duration;
 use redb::{Database, ReadableDatabase, ReadableTable};
 use serde::Deserialize;
 use serde_json::value::RawValue;
+use slot::DbSlot;
 use tokio::sync::{mpsc, oneshot};
 
 pub use error::{
@@ -73,6 +75,14 @@ pub struct StoreOptions {
     pub queue_capacity: usize,
     /// How long an idempotency key is remembered.
     pub idempotency_ttl: Duration,
+    /// redb's page cache, in bytes.
+    pub cache_bytes: usize,
+    /// While commits fail, how long the writer waits between attempts to
+    /// commit again (and the `retry_after` it tells refused appends).
+    pub retry_interval: Duration,
+    /// The size of the value the writer commits to learn whether the store
+    /// can commit again: the largest message.
+    pub probe_bytes: usize,
 }
 
 /// A message to store.
@@ -147,9 +157,11 @@ pub struct Store {
 #[derive(Clone)]
 pub struct StoreHandle {
     tx: mpsc::Sender<Op>,
-    db: Arc<Database>,
+    db: Arc<DbSlot>,
     epoch: Arc<str>,
     commits: Arc<AtomicU64>,
+    /// Commits that failed, the writer's retries included.
+    failed_commits: Arc<AtomicU64>,
     /// False after a failed commit, true again after the next good one.
     healthy: Arc<AtomicBool>,
     unindexed: Arc<Unindexed>,
@@ -177,27 +189,49 @@ impl Store {
                 source,
             })?;
         }
-        let db = Database::create(path).map_err(|source| OpenError::Database {
-            path: path.to_owned(),
-            source,
+        let db = DbSlot::open(path, opts.cache_bytes).map_err(|source| match &source {
+            redb::DatabaseError::Storage(e) if slot::storage_full(e) => {
+                OpenError::no_space(path, Box::new(source))
+            }
+            _ => OpenError::Database {
+                path: path.to_owned(),
+                source,
+            },
         })?;
-        let epoch = init(&db).map_err(OpenError::Init)?;
+        let epoch = db
+            .with(init)
+            .map_err(WriteError::from)
+            .and_then(|r| r)
+            .map_err(|e| match e.storage() {
+                Some(s) if slot::storage_full(s) => OpenError::no_space(path, Box::new(e)),
+                _ => OpenError::Init(e),
+            })?;
         let db = Arc::new(db);
         let (tx, rx) = mpsc::channel(opts.queue_capacity.max(1));
         let commits = Arc::new(AtomicU64::new(0));
+        let failed_commits = Arc::new(AtomicU64::new(0));
         let healthy = Arc::new(AtomicBool::new(true));
         let unindexed = Arc::new(Unindexed::default());
+        // The writer's clock while commits fail: it waits for the queue or
+        // the next retry, whichever comes first.
+        let clock = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .map_err(OpenError::Thread)?;
         let writer = Writer::new(
             db.clone(),
             opts,
             sink,
-            commits.clone(),
-            healthy.clone(),
+            writer::Shared {
+                commits: commits.clone(),
+                failed_commits: failed_commits.clone(),
+                healthy: healthy.clone(),
+            },
             unindexed.clone(),
         );
         let thread = std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || writer.run(rx))
+            .spawn(move || writer.run(rx, &clock))
             .map_err(OpenError::Thread)?;
         Ok(Store {
             handle: StoreHandle {
@@ -205,6 +239,7 @@ impl Store {
                 db,
                 epoch: Arc::from(epoch),
                 commits,
+                failed_commits,
                 healthy,
                 unindexed,
             },
@@ -418,6 +453,12 @@ impl StoreHandle {
         self.commits.load(Ordering::Relaxed)
     }
 
+    /// How many commits failed, the writer's retries while the store could
+    /// not commit included.
+    pub fn failed_commits(&self) -> u64 {
+        self.failed_commits.load(Ordering::Relaxed)
+    }
+
     /// Erases every message `user` sent: the body goes, the seq stays.
     /// Returns how many were erased.
     pub async fn erase_user(&self, user: &str) -> Result<u64, AppendError> {
@@ -439,8 +480,11 @@ impl StoreHandle {
     ) -> Result<T, ReadError> {
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || {
-            let txn = db.begin_read()?;
-            f(&txn)
+            // The slot stays held until `f` is done: a re-open waits for it.
+            db.with(|db| {
+                let txn = db.begin_read()?;
+                f(&txn)
+            })?
         })
         .await?
     }

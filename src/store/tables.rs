@@ -63,6 +63,9 @@ pub const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 
 /// The key of the epoch in [`META`].
 pub const EPOCH_KEY: &str = "epoch";
+/// The key in [`META`] of the value the writer commits, and then removes,
+/// to learn whether the store can commit again after a failure.
+pub const PROBE_KEY: &str = "probe";
 
 /// The current record format.
 const RECORD_V1: u8 = 1;
@@ -97,6 +100,8 @@ pub enum RecordError {
     RoomTooLong,
     #[error("chunk holds more records than its key's seq allows")]
     ChunkCount,
+    #[error("a logged body is not JSON")]
+    Json,
 }
 
 impl<'a> Record<'a> {

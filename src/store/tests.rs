@@ -31,6 +31,9 @@ fn opts() -> StoreOptions {
         index_batch_bytes: 1 << 20,
         queue_capacity: 4096,
         idempotency_ttl: Duration::from_secs(3600),
+        cache_bytes: 4 << 20,
+        retry_interval: Duration::from_millis(50),
+        probe_bytes: 1024,
     }
 }
 

@@ -67,6 +67,19 @@ impl Unindexed {
         drop(old);
     }
 
+    /// Replaces everything with `msgs`, which must be in commit order: after
+    /// the writer re-opened the file, what its log holds.
+    pub fn replace(&self, msgs: Vec<(Arc<str>, Arc<Logged>)>) {
+        let mut fresh = Rooms::new();
+        for (room, msg) in msgs {
+            fresh.entry(room).or_default().push(msg);
+        }
+        let mut rooms = self.rooms.write().unwrap_or_else(PoisonError::into_inner);
+        let old = std::mem::replace(&mut *rooms, fresh);
+        drop(rooms);
+        drop(old);
+    }
+
     /// How many messages it holds.
     #[cfg(test)]
     pub fn len(&self) -> usize {

@@ -16,20 +16,29 @@
 //! empties the log (an index flush). A batch that erases flushes first and
 //! writes its own messages to the indexes directly, so that erasure sees
 //! every message.
+//!
+//! A failed commit (a full disk) stores nothing and remembers nothing of
+//! its batch (seqs, idempotency keys). The writer then refuses appends
+//! with [`AppendError::Unavailable`] without touching the file, re-opens
+//! the database when redb latched the failure (so reads work again), and
+//! every `retry_interval` commits a probe value of `probe_bytes`; the first
+//! that succeeds makes the store writable again. Re-opening reloads the
+//! unindexed copy from the file's log, so the two stay one.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use redb::{Database, ReadableTable, WriteTransaction};
+use redb::{Database, ReadableDatabase, ReadableTable, WriteTransaction};
 use tokio::sync::{mpsc, oneshot};
-use tracing::error;
+use tracing::{error, info, warn};
 
 use super::error::{AppendError, WriteError};
+use super::slot::{self, DbSlot};
 use super::tables::{
-    Chunk, KEY_EXPIRY, KEYS, LOG, LogBatch, LogEntry, MESSAGES, ROOMS_BY_USER, Record,
-    insert_chunks, last_seq,
+    Chunk, KEY_EXPIRY, KEYS, LOG, LogBatch, LogEntry, MESSAGES, META, PROBE_KEY, ROOMS_BY_USER,
+    Record, RecordError, insert_chunks, last_seq,
 };
 use super::unindexed::{Logged, Unindexed};
 use super::{Append, Appended, CommitSink, Committed, Durability, StoreOptions};
@@ -52,12 +61,26 @@ enum Outcome {
     Erased(u64),
 }
 
+/// The writer's state that the store's handles read.
+pub(super) struct Shared {
+    pub commits: Arc<AtomicU64>,
+    pub failed_commits: Arc<AtomicU64>,
+    pub healthy: Arc<AtomicBool>,
+}
+
 pub(super) struct Writer {
-    pub db: Arc<Database>,
+    pub db: Arc<DbSlot>,
     pub opts: StoreOptions,
     pub sink: Arc<dyn CommitSink>,
     pub commits: Arc<AtomicU64>,
+    pub failed_commits: Arc<AtomicU64>,
     pub healthy: Arc<AtomicBool>,
+    /// While commits fail: when to try again. Appends are refused until a
+    /// retry succeeds.
+    retry_at: Option<Instant>,
+    /// redb latched an I/O failure: the database must be re-opened before
+    /// it can write (or read what is not cached).
+    needs_reopen: bool,
     /// Latest seq per room, loaded lazily inside write transactions. Cleared
     /// when a commit fails, since the failed batch may have advanced it.
     latest: HashMap<Arc<str>, u64>,
@@ -82,19 +105,21 @@ struct Applied {
 
 impl Writer {
     pub fn new(
-        db: Arc<Database>,
+        db: Arc<DbSlot>,
         opts: StoreOptions,
         sink: Arc<dyn CommitSink>,
-        commits: Arc<AtomicU64>,
-        healthy: Arc<AtomicBool>,
+        shared: Shared,
         unindexed: Arc<Unindexed>,
     ) -> Writer {
         Writer {
             db,
             opts,
             sink,
-            commits,
-            healthy,
+            commits: shared.commits,
+            failed_commits: shared.failed_commits,
+            healthy: shared.healthy,
+            retry_at: None,
+            needs_reopen: false,
             latest: HashMap::new(),
             unindexed,
             log_len: 0,
@@ -103,10 +128,26 @@ impl Writer {
     }
 
     /// Runs until a [`Op::Shutdown`] arrives or every sender is gone.
-    pub fn run(mut self, mut rx: mpsc::Receiver<Op>) {
+    /// `clock` times the retries while commits fail.
+    pub fn run(mut self, mut rx: mpsc::Receiver<Op>, clock: &tokio::runtime::Runtime) {
         let mut batch = Vec::with_capacity(self.opts.max_batch);
         let mut stopping = false;
-        while let Some(first) = rx.blocking_recv() {
+        loop {
+            let first = match self.retry_at {
+                None => rx.blocking_recv(),
+                Some(at) => {
+                    let wait = at.saturating_duration_since(Instant::now());
+                    // The timer is made inside the clock's runtime, which it needs.
+                    match clock.block_on(async { tokio::time::timeout(wait, rx.recv()).await }) {
+                        Ok(op) => op,
+                        Err(_) => {
+                            self.retry();
+                            continue;
+                        }
+                    }
+                }
+            };
+            let Some(first) = first else { break };
             match first {
                 Op::Shutdown => stopping = true,
                 op => batch.push(op),
@@ -123,8 +164,94 @@ impl Writer {
                 rx.close();
             }
             if !batch.is_empty() {
-                self.process(&mut batch);
+                match self.retry_at {
+                    None => self.process(&mut batch),
+                    Some(at) => refuse(&mut batch, at),
+                }
             }
+        }
+    }
+
+    /// After a failed commit: counts it, refuses appends until the next
+    /// retry, and re-opens the database when redb latched the failure
+    /// (at once, so that reads work again).
+    fn failed(&mut self, e: &WriteError) {
+        self.failed_commits.fetch_add(1, Ordering::Relaxed);
+        self.healthy.store(false, Ordering::Relaxed);
+        // The failed batch may have advanced it.
+        self.latest.clear();
+        if e.storage().is_some_and(slot::io_failure) || matches!(e, WriteError::Reopening(_)) {
+            self.needs_reopen = true;
+        }
+        if self.needs_reopen {
+            if let Err(e) = self.reopen() {
+                warn!(error = %e, "cannot re-open the database; retrying");
+            }
+        }
+        self.retry_at = Some(Instant::now() + self.opts.retry_interval);
+    }
+
+    /// Tries to make the store writable again: re-open if needed, then a
+    /// probe commit.
+    fn retry(&mut self) {
+        let attempt = if self.needs_reopen {
+            self.reopen()
+        } else {
+            Ok(())
+        };
+        match attempt.and_then(|()| self.probe()) {
+            Ok(()) => {
+                info!("the store commits again");
+                self.retry_at = None;
+                self.healthy.store(true, Ordering::Relaxed);
+            }
+            Err(e) => {
+                warn!(error = %e, cause = ?e.storage(), "the store still cannot commit");
+                self.failed(&e);
+            }
+        }
+    }
+
+    /// Closes and re-opens the database, then reloads the unindexed copy
+    /// from its log: what the file holds is what was committed.
+    fn reopen(&mut self) -> Result<(), WriteError> {
+        let started = Instant::now();
+        self.db.reopen()?;
+        self.needs_reopen = false;
+        let (rooms, len, bytes) = self.db.with(read_log)??;
+        self.unindexed.replace(rooms);
+        self.log_len = len;
+        self.log_bytes = bytes;
+        self.latest.clear();
+        info!(elapsed = ?started.elapsed(), "re-opened the database after a failed write");
+        Ok(())
+    }
+
+    /// Commits a value of `probe_bytes` and then its removal.
+    fn probe(&self) -> Result<(), WriteError> {
+        let value = "0".repeat(self.opts.probe_bytes);
+        self.db.with(|db| -> Result<(), WriteError> {
+            for put in [true, false] {
+                let mut txn = db.begin_write()?;
+                txn.set_durability(self.durability())?;
+                {
+                    let mut meta = txn.open_table(META)?;
+                    if put {
+                        meta.insert(PROBE_KEY, value.as_str())?;
+                    } else {
+                        meta.remove(PROBE_KEY)?;
+                    }
+                }
+                txn.commit()?;
+            }
+            Ok(())
+        })?
+    }
+
+    fn durability(&self) -> redb::Durability {
+        match self.opts.durability {
+            Durability::Immediate => redb::Durability::Immediate,
+            Durability::None => redb::Durability::None,
         }
     }
 
@@ -202,17 +329,21 @@ impl Writer {
                 }
             }
             Err(e) => {
-                error!(error = %e, appends = batch.len(), "store commit failed");
-                self.latest.clear();
-                self.healthy.store(false, Ordering::Relaxed);
-                let e = Arc::new(e);
+                error!(error = %e, cause = ?e.storage(), appends = batch.len(), "store commit failed");
+                self.failed(&e);
+                let err = match e.storage() {
+                    Some(s) if slot::io_failure(s) => AppendError::Unavailable {
+                        retry_after: self.opts.retry_interval,
+                    },
+                    _ => AppendError::Write(Arc::new(e)),
+                };
                 for op in batch.drain(..) {
                     match op {
                         Op::Append(a) => {
-                            let _ = a.reply.send(Err(AppendError::Write(e.clone())));
+                            let _ = a.reply.send(Err(err.clone()));
                         }
                         Op::EraseUser { reply, .. } => {
-                            let _ = reply.send(Err(AppendError::Write(e.clone())));
+                            let _ = reply.send(Err(err.clone()));
                         }
                         Op::Shutdown => {}
                     }
@@ -260,13 +391,15 @@ impl Writer {
 
     /// Applies the batch in one write transaction and commits it.
     fn apply(&mut self, batch: &[Op]) -> Result<Applied, WriteError> {
+        let slot = self.db.clone();
+        slot.with(|db| self.apply_in(db, batch))?
+    }
+
+    fn apply_in(&mut self, db: &Database, batch: &[Op]) -> Result<Applied, WriteError> {
         let now = now_ms();
         let ttl_ms = u64::try_from(self.opts.idempotency_ttl.as_millis()).unwrap_or(u64::MAX);
-        let mut txn = self.db.begin_write()?;
-        txn.set_durability(match self.opts.durability {
-            Durability::Immediate => redb::Durability::Immediate,
-            Durability::None => redb::Durability::None,
-        })?;
+        let mut txn = db.begin_write()?;
+        txn.set_durability(self.durability())?;
         let erases = batch.iter().any(|op| matches!(op, Op::EraseUser { .. }));
         let indexed_all = self.log_len > 0
             && (erases
@@ -423,6 +556,68 @@ impl Writer {
             log_bytes,
         })
     }
+}
+
+/// Answers every operation of `batch` with [`AppendError::Unavailable`].
+fn refuse(batch: &mut Vec<Op>, retry_at: Instant) {
+    // Never "retry in 0 ms": the retry is due, not done.
+    let retry_after = retry_at
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(1));
+    for op in batch.drain(..) {
+        match op {
+            Op::Append(a) => {
+                let _ = a.reply.send(Err(AppendError::Unavailable { retry_after }));
+            }
+            Op::EraseUser { reply, .. } => {
+                let _ = reply.send(Err(AppendError::Unavailable { retry_after }));
+            }
+            Op::Shutdown => {}
+        }
+    }
+}
+
+/// The file's log as the unindexed copy holds it: each message with its
+/// room, in commit order; how many; and the log values' total bytes.
+type ReadLog = (Vec<(Arc<str>, Arc<Logged>)>, u64, u64);
+
+fn read_log(db: &Database) -> Result<ReadLog, WriteError> {
+    let txn = db.begin_read()?;
+    let log = txn.open_table(LOG)?;
+    let mut rooms: HashMap<String, Arc<str>> = HashMap::new();
+    let mut out = Vec::new();
+    let mut bytes = 0u64;
+    for value in log.iter()? {
+        let (_, value) = value?;
+        let value = value.value();
+        bytes += value.len() as u64;
+        for entry in LogBatch::entries(value)? {
+            let e = LogEntry::decode(entry)?;
+            let room = match rooms.get(e.room) {
+                Some(r) => r.clone(),
+                None => {
+                    let r: Arc<str> = Arc::from(e.room);
+                    rooms.insert(e.room.to_owned(), r.clone());
+                    r
+                }
+            };
+            // The log holds bodies; erasure rewrites only the indexes.
+            let body = e.record.body.unwrap_or("null").to_owned();
+            let body =
+                serde_json::value::RawValue::from_string(body).map_err(|_| RecordError::Json)?;
+            out.push((
+                room,
+                Arc::new(Logged {
+                    seq: e.seq,
+                    ts: e.record.ts,
+                    from: Arc::from(e.record.from),
+                    body,
+                }),
+            ));
+        }
+    }
+    let len = out.len() as u64;
+    Ok((out, len, bytes))
 }
 
 /// A reply owed once the commit's messages are handed over.

@@ -1,0 +1,105 @@
+//! The open redb `Database`, shared by the writer and the readers, and
+//! re-opened in place by the writer after an I/O failure.
+//!
+//! redb latches the first failed write (a full disk, an I/O error): from
+//! then on every operation of that `Database` answers
+//! `StorageError::PreviousIo`, reads included, until it is closed and opened
+//! again. The file lock forbids opening the second handle before the first
+//! is closed, so the handle lives in a lock: a read holds it shared for the
+//! whole read transaction, and [`DbSlot::reopen`] takes it exclusively,
+//! which waits for the reads in progress, closes the file and opens it again
+//! (redb then repairs it back to its last commit).
+//!
+//! This module owns the handle and its opening; it never decides when to
+//! re-open (the writer does) and never writes.
+
+use std::path::{Path, PathBuf};
+use std::sync::{PoisonError, RwLock};
+
+use redb::{Database, DatabaseError, StorageError};
+
+/// The database, or nothing while a re-open failed.
+#[derive(Debug)]
+pub(super) struct DbSlot {
+    path: PathBuf,
+    cache_bytes: usize,
+    db: RwLock<Option<Database>>,
+}
+
+/// The database is closed: a re-open after an I/O failure has not
+/// succeeded yet.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the database is being re-opened after an I/O failure")]
+pub struct Reopening;
+
+impl DbSlot {
+    /// Opens (or creates) the file with a page cache of `cache_bytes`.
+    pub fn open(path: &Path, cache_bytes: usize) -> Result<DbSlot, DatabaseError> {
+        let db = open(path, cache_bytes)?;
+        Ok(DbSlot {
+            path: path.to_owned(),
+            cache_bytes,
+            db: RwLock::new(Some(db)),
+        })
+    }
+
+    /// Runs `f` with the database, holding it open until `f` returns.
+    pub fn with<T>(&self, f: impl FnOnce(&Database) -> T) -> Result<T, Reopening> {
+        let guard = self.db.read().unwrap_or_else(PoisonError::into_inner);
+        match guard.as_ref() {
+            Some(db) => Ok(f(db)),
+            None => Err(Reopening),
+        }
+    }
+
+    /// Closes the database and opens it again. Waits for the reads in
+    /// progress; reads that begin meanwhile wait for it. On failure the slot
+    /// stays empty (reads answer [`Reopening`]) until a later call succeeds.
+    pub fn reopen(&self) -> Result<(), DatabaseError> {
+        let mut guard = self.db.write().unwrap_or_else(PoisonError::into_inner);
+        // The old handle must release the file lock before the new one takes it.
+        if let Some(old) = guard.take() {
+            if let Err(e) = old.close() {
+                tracing::debug!(error = %e, "closing the failed database handle");
+            }
+        }
+        *guard = Some(open(&self.path, self.cache_bytes)?);
+        Ok(())
+    }
+}
+
+fn open(path: &Path, cache_bytes: usize) -> Result<Database, DatabaseError> {
+    Database::builder().set_cache_size(cache_bytes).create(path)
+}
+
+/// Whether redb failed because the file system is full.
+pub(super) fn storage_full(e: &StorageError) -> bool {
+    matches!(e, StorageError::Io(io) if io.kind() == std::io::ErrorKind::StorageFull)
+}
+
+/// Whether `e` is an I/O failure (the disk, not the data): the handle may be
+/// latched and must be re-opened before it writes again.
+pub(super) fn io_failure(e: &StorageError) -> bool {
+    matches!(
+        e,
+        StorageError::Io(_) | StorageError::PreviousIo | StorageError::DatabaseClosed
+    )
+}
+
+/// About what a new, empty database needs on disk as it is created: the
+/// least free space an open asks for.
+pub(super) const NEW_FILE_BYTES: u64 = 1 << 20;
+
+/// The bytes an unprivileged writer may still use in the file system
+/// holding `path` (or its directory, when the file does not exist yet).
+#[cfg(unix)]
+pub(super) fn free_bytes(path: &Path) -> Option<u64> {
+    let at = if path.exists() { path } else { path.parent()? };
+    let st = rustix::fs::statvfs(at).ok()?;
+    Some(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+#[cfg(not(unix))]
+pub(super) fn free_bytes(_path: &Path) -> Option<u64> {
+    None
+}
