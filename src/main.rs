@@ -290,18 +290,41 @@ async fn main() -> anyhow::Result<()> {
         );
     }
 
+    anyhow::ensure!(
+        !args.no_tls || config.plain_listen.is_some(),
+        "--no-tls needs --plain-listen"
+    );
+    if !args.no_tls && switchboard::tls::ensure_dev_certs(&config.tls_cert, &config.tls_key)? {
+        info!(cert = %config.tls_cert.display(), "generated a development CA and certificate");
+    }
+    // Everything that can fail (TLS, the token key, the store) before any
+    // listener is bound: nothing is announced that cannot be served.
+    let server = Server::open(config.clone(), !args.no_tls).await?;
+
     let mut listeners = Listeners::default();
     if !args.no_tls {
-        if switchboard::tls::ensure_dev_certs(&config.tls_cert, &config.tls_key)? {
-            info!(cert = %config.tls_cert.display(), "generated a development CA and certificate");
-        }
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
+        listeners.tls = Some(listener);
+    }
+    if let Some(plain) = config.plain_listen {
+        let listener = TcpListener::bind(plain)
+            .await
+            .with_context(|| format!("cannot listen on {plain}"))?;
+        listeners.plain = Some(listener);
+    }
+    if let Some(admin) = config.admin_listen {
+        let listener = TcpListener::bind(admin)
+            .await
+            .with_context(|| format!("cannot listen on {admin} (admin_listen)"))?;
+        listeners.admin = Some(listener);
+    }
+    // Printed on stdout, one line per listener, once all are bound, so
+    // scripts and tests can read the bound address (port 0 picks a free port).
+    if let Some(listener) = &listeners.tls {
         let addr = listener.local_addr()?;
         let ca = config.tls_cert.with_file_name("ca.pem");
-        // Printed on stdout, one line per listener, so scripts and tests can
-        // read the bound address (port 0 picks a free port).
         println!("listening on wss://{addr}/ws");
         if config.dev_mode() {
             println!(
@@ -314,30 +337,17 @@ async fn main() -> anyhow::Result<()> {
                 ca.display()
             );
         }
-        listeners.tls = Some(listener);
     }
-    if let Some(plain) = config.plain_listen {
-        let listener = TcpListener::bind(plain)
-            .await
-            .with_context(|| format!("cannot listen on {plain}"))?;
+    if let Some(listener) = &listeners.plain {
         println!("listening on ws://{}/ws", listener.local_addr()?);
-        listeners.plain = Some(listener);
     }
-    anyhow::ensure!(
-        listeners.tls.is_some() || listeners.plain.is_some(),
-        "--no-tls needs --plain-listen"
-    );
-    if let Some(admin) = config.admin_listen {
-        let listener = TcpListener::bind(admin)
-            .await
-            .with_context(|| format!("cannot listen on {admin} (admin_listen)"))?;
+    if let Some(listener) = &listeners.admin {
         let addr = listener.local_addr()?;
         println!(
             "admin on http://{addr} (dashboard: http://{addr}/dashboard, metrics: http://{addr}/metrics)"
         );
-        listeners.admin = Some(listener);
     }
-    let server = Server::start(config, listeners).await?;
+    let server = server.listen_on(listeners);
     let certs = server.certs();
     tokio::select! {
         r = server.serve(shutdown_signal()) => r?,

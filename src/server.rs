@@ -4,6 +4,10 @@
 //! `127.0.0.1:0` and need no readiness wait. It owns the task tracker and the
 //! shutdown token; every task of the server is spawned on that tracker and
 //! watches that token.
+//!
+//! Start-up order: [`Server::open`] does everything that can fail (config,
+//! TLS, token key, the store) before anything listens, so the binary binds
+//! and prints its addresses only once the server can serve them.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -93,15 +97,23 @@ pub struct Server {
 }
 
 impl Server {
-    /// Validates the config, loads TLS and opens the store.
+    /// Validates the config, loads TLS and opens the store, for the bound
+    /// `listeners`.
     pub async fn start(config: Config, listeners: Listeners) -> Result<Server, ServerError> {
+        let with_tls = listeners.tls.is_some();
+        Ok(Server::open(config, with_tls).await?.listen_on(listeners))
+    }
+
+    /// Validates the config, loads TLS (when `with_tls`) and the token key,
+    /// and opens the store: everything that can fail, before any listener
+    /// is bound. Then [`Server::listen_on`].
+    pub async fn open(config: Config, with_tls: bool) -> Result<Server, ServerError> {
         config.validate()?;
-        let (tls, certs) = match &listeners.tls {
-            Some(_) => {
-                let certs = tls::CertStore::load(&config.tls_cert, &config.tls_key)?;
-                (Some(tls::server_config(certs.clone())?), Some(certs))
-            }
-            None => (None, None),
+        let (tls, certs) = if with_tls {
+            let certs = tls::CertStore::load(&config.tls_cert, &config.tls_key)?;
+            (Some(tls::server_config(certs.clone())?), Some(certs))
+        } else {
+            (None, None)
         };
         let verifier = Verifier::from_config(&config)?.map(Arc::new);
         let metrics = Arc::new(Metrics::default());
@@ -129,10 +141,17 @@ impl Server {
         Ok(Server {
             state,
             store,
-            listeners,
+            listeners: Listeners::default(),
             tls,
             certs,
         })
+    }
+
+    /// The listeners to serve on, bound after [`Server::open`]. A TLS
+    /// listener needs the server opened `with_tls`.
+    pub fn listen_on(mut self, listeners: Listeners) -> Server {
+        self.listeners = listeners;
+        self
     }
 
     /// The TLS certificate store, to reload on `SIGHUP`; `None` without TLS.

@@ -16,3 +16,4 @@ mod loadtest;
 mod logs;
 mod security;
 mod shutdown;
+mod startup;
