@@ -89,6 +89,9 @@ pub struct Config {
     pub index_batch_bytes: u64,
     /// Appends waiting for the store writer before senders wait. Default 65 536.
     pub store_queue_capacity: usize,
+    /// The same bound in bytes of the waiting appends' bodies and keys.
+    /// Default 67 108 864 (64 MiB).
+    pub store_queue_bytes: usize,
     /// redb's page cache, in bytes: the store's largest use of memory
     /// besides the unindexed log. Default 67 108 864 (64 MiB).
     pub store_cache_bytes: usize,
@@ -257,6 +260,7 @@ impl Default for Config {
             index_batch: 65_536,
             index_batch_bytes: 32 << 20,
             store_queue_capacity: 65_536,
+            store_queue_bytes: 64 << 20,
             store_cache_bytes: 64 << 20,
             store_retry_ms: 1000,
             idempotency_ttl_secs: 86_400,
@@ -379,6 +383,7 @@ impl Config {
         at_least("index_batch_bytes", self.index_batch_bytes, 1)?;
         at_least("store_queue_capacity", self.store_queue_capacity as u64, 1)?;
         at_least("store_retry_ms", self.store_retry_ms, 1)?;
+        at_least("store_queue_bytes", self.store_queue_bytes as u64, 1)?;
         at_least("admin_page_max", self.admin_page_max as u64, 1)?;
         let keys = self.auth_keys_set();
         if keys.len() > 1 {
@@ -515,6 +520,7 @@ impl Config {
             index_batch: self.index_batch,
             index_batch_bytes: self.index_batch_bytes,
             queue_capacity: self.store_queue_capacity,
+            queue_bytes: self.store_queue_bytes,
             idempotency_ttl: Duration::from_secs(self.idempotency_ttl_secs),
             cache_bytes: self.store_cache_bytes,
             retry_interval: Duration::from_millis(self.store_retry_ms),

@@ -34,7 +34,7 @@ use redb::{Database, ReadableDatabase, ReadableTable};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use slot::DbSlot;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 
 pub use error::{
     AppendError, NotWritable, OpenError, ReadError, ShutdownError, StoreClosed, TryAppendError,
@@ -73,6 +73,8 @@ pub struct StoreOptions {
     pub index_batch_bytes: u64,
     /// Operations waiting for the writer before senders wait.
     pub queue_capacity: usize,
+    /// The same bound in bytes of the appends' bodies and keys.
+    pub queue_bytes: usize,
     /// How long an idempotency key is remembered.
     pub idempotency_ttl: Duration,
     /// redb's page cache, in bytes.
@@ -162,6 +164,10 @@ pub struct StoreHandle {
     commits: Arc<AtomicU64>,
     /// Commits that failed, the writer's retries included.
     failed_commits: Arc<AtomicU64>,
+    /// Bytes of queued appends (see [`queued_cost`]): taken by senders,
+    /// given back by the writer once it has dealt with them.
+    queue_bytes: Arc<Semaphore>,
+    queue_bytes_total: usize,
     /// False after a failed commit, true again after the next good one.
     healthy: Arc<AtomicBool>,
     unindexed: Arc<Unindexed>,
@@ -210,6 +216,8 @@ impl Store {
         let (tx, rx) = mpsc::channel(opts.queue_capacity.max(1));
         let commits = Arc::new(AtomicU64::new(0));
         let failed_commits = Arc::new(AtomicU64::new(0));
+        let queue_bytes_total = opts.queue_bytes.clamp(1, Semaphore::MAX_PERMITS);
+        let queue_bytes = Arc::new(Semaphore::new(queue_bytes_total));
         let healthy = Arc::new(AtomicBool::new(true));
         let unindexed = Arc::new(Unindexed::default());
         // The writer's clock while commits fail: it waits for the queue or
@@ -226,6 +234,8 @@ impl Store {
                 commits: commits.clone(),
                 failed_commits: failed_commits.clone(),
                 healthy: healthy.clone(),
+                queue_bytes: queue_bytes.clone(),
+                queue_bytes_total,
             },
             unindexed.clone(),
         );
@@ -240,6 +250,8 @@ impl Store {
                 epoch: Arc::from(epoch),
                 commits,
                 failed_commits,
+                queue_bytes,
+                queue_bytes_total,
                 healthy,
                 unindexed,
             },
@@ -270,6 +282,14 @@ impl Drop for Store {
             let _ = self.handle.tx.try_send(Op::Shutdown);
         }
     }
+}
+
+/// The bytes an append holds while it waits for the writer: its body and
+/// key (its room and sender names are shared). At most `total`, so that
+/// one append larger than the bound still goes, alone.
+pub(super) fn queued_cost(a: &Append, total: usize) -> u32 {
+    let bytes = a.body.get().len() + a.key.as_ref().map_or(0, String::len);
+    u32::try_from(bytes.min(total)).unwrap_or(u32::MAX)
 }
 
 /// Creates every table and the epoch on first open, and indexes what the
@@ -417,18 +437,37 @@ impl StoreHandle {
     /// Queues an append, waiting for room in the queue; the result arrives
     /// on `append.reply` after the commit.
     pub async fn append(&self, append: Append) -> Result<(), StoreClosed> {
+        let cost = queued_cost(&append, self.queue_bytes_total);
+        let bytes = self
+            .queue_bytes
+            .acquire_many(cost)
+            .await
+            .map_err(|_| StoreClosed)?;
         self.tx
             .send(Op::Append(append))
             .await
-            .map_err(|_| StoreClosed)
+            .map_err(|_| StoreClosed)?;
+        // The writer gives the bytes back once it has dealt with the append.
+        bytes.forget();
+        Ok(())
     }
 
     /// Queues an append if there is room now.
     pub fn try_append(&self, append: Append) -> Result<(), TryAppendError> {
+        let cost = queued_cost(&append, self.queue_bytes_total);
+        let bytes = self
+            .queue_bytes
+            .try_acquire_many(cost)
+            .map_err(|e| match e {
+                tokio::sync::TryAcquireError::NoPermits => TryAppendError::Full,
+                tokio::sync::TryAcquireError::Closed => TryAppendError::Closed,
+            })?;
         self.tx.try_send(Op::Append(append)).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => TryAppendError::Full,
             mpsc::error::TrySendError::Closed(_) => TryAppendError::Closed,
-        })
+        })?;
+        bytes.forget();
+        Ok(())
     }
 
     /// The store's epoch: made when the file was created, never changed.

@@ -68,6 +68,14 @@ impl DbSlot {
     }
 }
 
+#[cfg(test)]
+impl DbSlot {
+    /// Holds the slot exclusively: the writer's next transaction waits.
+    pub fn hold(&self) -> std::sync::RwLockWriteGuard<'_, Option<Database>> {
+        self.db.write().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
 fn open(path: &Path, cache_bytes: usize) -> Result<Database, DatabaseError> {
     Database::builder().set_cache_size(cache_bytes).create(path)
 }

@@ -30,6 +30,7 @@ fn opts() -> StoreOptions {
         index_batch: 16_384,
         index_batch_bytes: 1 << 20,
         queue_capacity: 4096,
+        queue_bytes: 1 << 20,
         idempotency_ttl: Duration::from_secs(3600),
         cache_bytes: 4 << 20,
         retry_interval: Duration::from_millis(50),
@@ -552,4 +553,63 @@ async fn a_file_from_before_the_log_and_chunks_reads_and_erases_as_before() {
     let page = h.history("r", None, None, 10).await.unwrap();
     let bodies: Vec<_> = page.messages.iter().map(|m| m.body.as_deref()).collect();
     assert_eq!(bodies, [None, Some("2"), None, None]);
+}
+
+#[tokio::test]
+async fn queued_appends_are_bounded_in_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let rec = Arc::new(Recorder::default());
+    let opts = StoreOptions {
+        queue_bytes: 100,
+        ..opts()
+    };
+    let store = Store::open(&dir.path().join("db.redb"), opts, rec).unwrap();
+    let h = store.handle();
+    let body = format!("\"{}\"", "x".repeat(58));
+    // The writer takes the first append and waits for the database.
+    let held = h.db.hold();
+    let (first, first_rx) = append("r", "u", &body, None);
+    h.try_append(first).unwrap();
+    let (second, _) = append("r", "u", &body, None);
+    assert_eq!(h.try_append(second).unwrap_err(), TryAppendError::Full);
+    // One larger than the whole bound still goes, once the queue is empty.
+    drop(held);
+    assert_eq!(first_rx.await.unwrap().unwrap().seq, 1);
+    let big = format!("\"{}\"", "x".repeat(500));
+    assert_eq!(send(&h, "r", "u", &big, None).await.seq, 2);
+    // The writer gives the bytes back after the replies: wait for them.
+    assert_eq!(send(&h, "r", "u", &body, None).await.seq, 3);
+}
+
+#[tokio::test]
+async fn the_page_cache_stays_within_its_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = 256 << 10;
+    let opts = StoreOptions {
+        cache_bytes: cache,
+        index_batch: 64,
+        durability: Durability::None,
+        ..opts()
+    };
+    let store = Store::open(
+        &dir.path().join("db.redb"),
+        opts,
+        Arc::new(Recorder::default()),
+    )
+    .unwrap();
+    let h = store.handle();
+    let body = format!("\"{}\"", "x".repeat(2000));
+    // About 4 MiB written to the log and the indexes, then read back.
+    for i in 0..2000u64 {
+        send(&h, &format!("r{}", i % 7), "u", &body, None).await;
+    }
+    for r in 0..7 {
+        let page = h
+            .history(&format!("r{r}"), None, Some(0), 200)
+            .await
+            .unwrap();
+        assert_eq!(page.messages.len(), 200);
+    }
+    let used = h.db.with(|db| db.cache_stats().used_bytes()).unwrap();
+    assert!(used <= cache, "the cache holds {used} bytes, over {cache}");
 }

@@ -31,7 +31,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use redb::{Database, ReadableDatabase, ReadableTable, WriteTransaction};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tracing::{error, info, warn};
 
 use super::error::{AppendError, WriteError};
@@ -41,7 +41,7 @@ use super::tables::{
     Record, RecordError, insert_chunks, last_seq,
 };
 use super::unindexed::{Logged, Unindexed};
-use super::{Append, Appended, CommitSink, Committed, Durability, StoreOptions};
+use super::{Append, Appended, CommitSink, Committed, Durability, StoreOptions, queued_cost};
 
 /// One unit of work for the writer.
 pub(super) enum Op {
@@ -66,6 +66,9 @@ pub(super) struct Shared {
     pub commits: Arc<AtomicU64>,
     pub failed_commits: Arc<AtomicU64>,
     pub healthy: Arc<AtomicBool>,
+    /// Bytes of queued appends, given back once each batch is dealt with.
+    pub queue_bytes: Arc<Semaphore>,
+    pub queue_bytes_total: usize,
 }
 
 pub(super) struct Writer {
@@ -75,6 +78,8 @@ pub(super) struct Writer {
     pub commits: Arc<AtomicU64>,
     pub failed_commits: Arc<AtomicU64>,
     pub healthy: Arc<AtomicBool>,
+    queue_bytes: Arc<Semaphore>,
+    queue_bytes_total: usize,
     /// While commits fail: when to try again. Appends are refused until a
     /// retry succeeds.
     retry_at: Option<Instant>,
@@ -118,6 +123,8 @@ impl Writer {
             commits: shared.commits,
             failed_commits: shared.failed_commits,
             healthy: shared.healthy,
+            queue_bytes: shared.queue_bytes,
+            queue_bytes_total: shared.queue_bytes_total,
             retry_at: None,
             needs_reopen: false,
             latest: HashMap::new(),
@@ -164,12 +171,23 @@ impl Writer {
                 rx.close();
             }
             if !batch.is_empty() {
+                let queued: usize = batch
+                    .iter()
+                    .map(|op| match op {
+                        Op::Append(a) => queued_cost(a, self.queue_bytes_total) as usize,
+                        _ => 0,
+                    })
+                    .sum();
                 match self.retry_at {
                     None => self.process(&mut batch),
                     Some(at) => refuse(&mut batch, at),
                 }
+                self.queue_bytes.add_permits(queued);
             }
         }
+        // Nothing will give bytes back any more: senders waiting for them
+        // learn that the store is closed.
+        self.queue_bytes.close();
     }
 
     /// After a failed commit: counts it, refuses appends until the next
@@ -296,6 +314,10 @@ impl Writer {
                 if indexed_all {
                     self.log_len = 0;
                     self.log_bytes = 0;
+                    // A cache of rooms' seqs, which the indexes now hold:
+                    // emptied here, it holds at most the rooms of one
+                    // `index_batch`.
+                    self.latest.clear();
                 }
                 // An erasing batch wrote its messages to the indexes already.
                 if logged {
