@@ -17,6 +17,11 @@
 //!   the commit that holds it returned, with the configured durability.
 //! - Seq per room starts at 1 and grows by exactly 1 per stored message,
 //!   across restarts.
+//! - A failed commit loses nothing committed before it and keeps nothing of
+//!   its own batch; while commits fail, appends are refused as
+//!   [`AppendError::Unavailable`] and reads keep working (see `writer`).
+//! - Every part of the store's memory has a bound in [`StoreOptions`]: the
+//!   page cache, the queue (count and bytes), the unindexed log.
 
 mod error;
 mod slot;
