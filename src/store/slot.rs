@@ -66,6 +66,11 @@ impl DbSlot {
         *guard = Some(open(&self.path, self.cache_bytes)?);
         Ok(())
     }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
 }
 
 #[cfg(test)]
@@ -98,13 +103,19 @@ pub(super) fn io_failure(e: &StorageError) -> bool {
 /// least free space an open asks for.
 pub(super) const NEW_FILE_BYTES: u64 = 1 << 20;
 
-/// The bytes an unprivileged writer may still use in the file system
-/// holding `path` (or its directory, when the file does not exist yet).
+/// The bytes this process may still write in the file system holding
+/// `path` (or its directory, when the file does not exist yet): root may
+/// use the blocks reserved for it, others may not.
 #[cfg(unix)]
 pub(super) fn free_bytes(path: &Path) -> Option<u64> {
     let at = if path.exists() { path } else { path.parent()? };
     let st = rustix::fs::statvfs(at).ok()?;
-    Some(st.f_bavail.saturating_mul(st.f_frsize))
+    let blocks = if rustix::process::geteuid().is_root() {
+        st.f_bfree
+    } else {
+        st.f_bavail
+    };
+    Some(blocks.saturating_mul(st.f_frsize))
 }
 
 #[cfg(not(unix))]

@@ -21,8 +21,9 @@
 //! its batch (seqs, idempotency keys). The writer then refuses appends
 //! with [`AppendError::Unavailable`] without touching the file, re-opens
 //! the database when redb latched the failure (so reads work again), and
-//! every `retry_interval` commits a probe value of `probe_bytes`; the first
-//! that succeeds makes the store writable again. Re-opening reloads the
+//! every `retry_interval`, once the file system reports room for it,
+//! commits a probe value of `probe_bytes`; the first that succeeds makes
+//! the store writable again. Re-opening reloads the
 //! unindexed copy from the file's log, so the two stay one.
 
 use std::collections::HashMap;
@@ -210,13 +211,20 @@ impl Writer {
     }
 
     /// Tries to make the store writable again: re-open if needed, then a
-    /// probe commit.
+    /// probe commit, once the file system has room for it.
     fn retry(&mut self) {
         let attempt = if self.needs_reopen {
             self.reopen()
         } else {
             Ok(())
         };
+        // A probe on a disk that is still full fails, and redb then needs a
+        // re-open, whose repair scans the whole file while reads wait.
+        let room = slot::free_bytes(self.db.path());
+        if attempt.is_ok() && room.is_some_and(|free| free < self.opts.probe_bytes as u64) {
+            self.retry_at = Some(Instant::now() + self.opts.retry_interval);
+            return;
+        }
         match attempt.and_then(|()| self.probe()) {
             Ok(()) => {
                 info!("the store commits again");
