@@ -181,9 +181,12 @@ async fn a_full_disk_refuses_sends_keeps_reads_and_recovers() {
     let server = TestServer::start_with(Fixture::new(), tweak(&disk)).await;
     let admin = server.admin_addr.expect("admin listener");
     let mut alice = server.connect("alice").await;
-    alice.join("disk").await;
-    // Bob only reads history: a member that does not read its socket
-    // would be closed as a slow consumer by this many messages.
+    let ServerFrame::Joined { epoch, .. } = alice.join("disk").await else {
+        unreachable!()
+    };
+    // Bob reads history, and joins only once the sends stopped: a member
+    // that does not read its socket would be closed as a slow consumer by
+    // this many messages.
     let mut bob = server.connect("bob").await;
     disk.fill_leaving(HEADROOM);
 
@@ -230,6 +233,20 @@ async fn a_full_disk_refuses_sends_keeps_reads_and_recovers() {
     for (i, seq) in &acked {
         assert_eq!(history.get(seq), Some(i), "acked {i} missing while full");
     }
+    let last_acked = *acked.values().max().expect("acked");
+    match bob
+        .request(ClientRequest::Join {
+            room: "disk".into(),
+            since: Some(last_acked - 1),
+            epoch: Some(epoch),
+        })
+        .await
+    {
+        ServerFrame::Joined { seq, .. } => assert_eq!(seq, last_acked),
+        other => panic!("join while full: {other:?}"),
+    }
+    bob.recv_where(|f| matches!(f, ServerFrame::Message { seq, .. } if *seq == last_acked))
+        .await;
 
     // Space comes back: the refused send goes through once, with its key.
     disk.free_filler();
