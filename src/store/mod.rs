@@ -173,7 +173,8 @@ pub struct StoreHandle {
     /// given back by the writer once it has dealt with them.
     queue_bytes: Arc<Semaphore>,
     queue_bytes_total: usize,
-    /// False after a failed commit, true again after the next good one.
+    /// False after a failed commit, true again once the writer's retry
+    /// commits.
     healthy: Arc<AtomicBool>,
     unindexed: Arc<Unindexed>,
 }
@@ -480,8 +481,8 @@ impl StoreHandle {
         &self.epoch
     }
 
-    /// Whether appends can be stored now: the writer runs and its last
-    /// commit succeeded.
+    /// Whether appends can be stored now: the writer runs and commits (no
+    /// failed commit since its last successful one or retry).
     pub fn writable(&self) -> Result<(), NotWritable> {
         if self.tx.is_closed() {
             Err(NotWritable::WriterStopped)

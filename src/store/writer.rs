@@ -23,8 +23,8 @@
 //! the database when redb latched the failure (so reads work again), and
 //! every `retry_interval`, once the file system reports room for it,
 //! commits a probe value of `probe_bytes`; the first that succeeds makes
-//! the store writable again. Re-opening reloads the
-//! unindexed copy from the file's log, so the two stay one.
+//! the store writable again. Re-opening reloads the unindexed copy from the
+//! file's log, so the two stay one.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -88,7 +88,8 @@ pub(super) struct Writer {
     /// it can write (or read what is not cached).
     needs_reopen: bool,
     /// Latest seq per room, loaded lazily inside write transactions. Cleared
-    /// when a commit fails, since the failed batch may have advanced it.
+    /// when a commit fails, since the failed batch may have advanced it, and
+    /// at each index flush, which bounds it.
     latest: HashMap<Arc<str>, u64>,
     /// The committed messages not yet indexed; shared with readers.
     unindexed: Arc<Unindexed>,
@@ -243,12 +244,13 @@ impl Writer {
     fn reopen(&mut self) -> Result<(), WriteError> {
         let started = Instant::now();
         self.db.reopen()?;
-        self.needs_reopen = false;
         let (rooms, len, bytes) = self.db.with(read_log)??;
         self.unindexed.replace(rooms);
         self.log_len = len;
         self.log_bytes = bytes;
         self.latest.clear();
+        // Only now: a re-open whose reload failed is tried again.
+        self.needs_reopen = false;
         info!(elapsed = ?started.elapsed(), "re-opened the database after a failed write");
         Ok(())
     }
