@@ -613,3 +613,38 @@ async fn the_page_cache_stays_within_its_bound() {
     let used = h.db.with(|db| db.cache_stats().used_bytes()).unwrap();
     assert!(used <= cache, "the cache holds {used} bytes, over {cache}");
 }
+
+#[tokio::test]
+async fn the_log_read_back_is_the_unindexed_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(&dir);
+    let h = store.handle();
+    for i in 0..50u64 {
+        let room = format!("r{}", i % 3);
+        send(
+            &h,
+            &room,
+            &format!("u{}", i % 2),
+            &format!("{{\"i\":{i}}}"),
+            None,
+        )
+        .await;
+    }
+    let (msgs, len, bytes) = h.db.with(writer::read_log).unwrap().unwrap();
+    assert_eq!(len, 50);
+    assert!(bytes > 0);
+    // A re-open's reload gives what the writer built commit by commit.
+    let copy = Unindexed::default();
+    copy.replace(msgs);
+    for r in 0..3 {
+        let room = format!("r{r}");
+        let key = |v: Vec<Arc<Logged>>| {
+            v.iter()
+                .map(|m| (m.seq, m.ts, m.from.to_string(), m.body.get().to_owned()))
+                .collect::<Vec<_>>()
+        };
+        let built = key(h.unindexed.range(&room, 0, u64::MAX, 100, true));
+        assert_eq!(built.len(), if r == 2 { 16 } else { 17 });
+        assert_eq!(key(copy.range(&room, 0, u64::MAX, 100, true)), built);
+    }
+}

@@ -613,7 +613,7 @@ fn refuse(batch: &mut Vec<Op>, retry_at: Instant) {
 /// room, in commit order; how many; and the log values' total bytes.
 type ReadLog = (Vec<(Arc<str>, Arc<Logged>)>, u64, u64);
 
-fn read_log(db: &Database) -> Result<ReadLog, WriteError> {
+pub(super) fn read_log(db: &Database) -> Result<ReadLog, WriteError> {
     let txn = db.begin_read()?;
     let log = txn.open_table(LOG)?;
     let mut rooms: HashMap<String, Arc<str>> = HashMap::new();
