@@ -201,7 +201,7 @@ impl Store {
                 source,
             })?;
         }
-        let db = DbSlot::open(path, opts.cache_bytes).map_err(|source| match &source {
+        let db = slot::open(path, opts.cache_bytes).map_err(|source| match &source {
             redb::DatabaseError::Storage(e) if slot::storage_full(e) => {
                 OpenError::no_space(path, Box::new(source))
             }
@@ -210,15 +210,11 @@ impl Store {
                 source,
             },
         })?;
-        let epoch = db
-            .with(init)
-            .map_err(WriteError::from)
-            .and_then(|r| r)
-            .map_err(|e| match e.storage() {
-                Some(s) if slot::storage_full(s) => OpenError::no_space(path, Box::new(e)),
-                _ => OpenError::Init(e),
-            })?;
-        let db = Arc::new(db);
+        let epoch = init(&db).map_err(|e| match e.storage() {
+            Some(s) if slot::storage_full(s) => OpenError::no_space(path, Box::new(e)),
+            _ => OpenError::Init(e),
+        })?;
+        let db = Arc::new(DbSlot::new(path, opts.cache_bytes, db));
         let (tx, rx) = mpsc::channel(opts.queue_capacity.max(1));
         let commits = Arc::new(AtomicU64::new(0));
         let failed_commits = Arc::new(AtomicU64::new(0));

@@ -33,14 +33,14 @@ pub(super) struct DbSlot {
 pub struct Reopening;
 
 impl DbSlot {
-    /// Opens (or creates) the file with a page cache of `cache_bytes`.
-    pub fn open(path: &Path, cache_bytes: usize) -> Result<DbSlot, DatabaseError> {
-        let db = open(path, cache_bytes)?;
-        Ok(DbSlot {
+    /// The slot of `db`, opened by [`open`] from `path` with a page cache
+    /// of `cache_bytes`, which a re-open uses again.
+    pub fn new(path: &Path, cache_bytes: usize, db: Database) -> DbSlot {
+        DbSlot {
             path: path.to_owned(),
             cache_bytes,
             db: RwLock::new(Some(db)),
-        })
+        }
     }
 
     /// Runs `f` with the database, holding it open until `f` returns.
@@ -81,7 +81,8 @@ impl DbSlot {
     }
 }
 
-fn open(path: &Path, cache_bytes: usize) -> Result<Database, DatabaseError> {
+/// Opens (or creates) the file with a page cache of `cache_bytes`.
+pub(super) fn open(path: &Path, cache_bytes: usize) -> Result<Database, DatabaseError> {
     Database::builder().set_cache_size(cache_bytes).create(path)
 }
 
