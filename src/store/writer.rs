@@ -21,9 +21,9 @@
 //! its batch (seqs, idempotency keys). The writer then refuses appends
 //! with [`AppendError::Unavailable`] without touching the file, re-opens
 //! the database when redb latched the failure (so reads work again), and
-//! every `retry_interval`, once the file system reports room for it,
-//! commits a probe value of `probe_bytes`; the first that succeeds makes
-//! the store writable again. Re-opening reloads the unindexed copy from the
+//! every `retry_interval`, once the file system reports room for it (and
+//! for the index flush that is due, if one is), commits a probe value of
+//! `probe_bytes`; the first that succeeds makes the store writable again. Re-opening reloads the unindexed copy from the
 //! file's log, so the two stay one.
 
 use std::collections::HashMap;
@@ -220,9 +220,18 @@ impl Writer {
             Ok(())
         };
         // A probe on a disk that is still full fails, and redb then needs a
-        // re-open, whose repair scans the whole file while reads wait.
+        // re-open, whose repair scans the whole file while reads wait. When
+        // an index flush is due, the next commit writes the log's messages
+        // again: wait for about that much room too.
+        let flush_due =
+            self.log_len >= self.opts.index_batch || self.log_bytes >= self.opts.index_batch_bytes;
+        let needed = if flush_due {
+            self.log_bytes.max(self.opts.probe_bytes as u64)
+        } else {
+            self.opts.probe_bytes as u64
+        };
         let room = slot::free_bytes(self.db.path());
-        if attempt.is_ok() && room.is_some_and(|free| free < self.opts.probe_bytes as u64) {
+        if attempt.is_ok() && room.is_some_and(|free| free < needed) {
             self.retry_at = Some(Instant::now() + self.opts.retry_interval);
             return;
         }
