@@ -100,8 +100,9 @@ pub(super) fn io_failure(e: &StorageError) -> bool {
     )
 }
 
-/// About what a new, empty database needs on disk as it is created: the
-/// least free space an open asks for.
+/// The least free space an open asks for, however small the file: a new
+/// database takes tens of KiB, and its first writes grow it, so this leaves
+/// a margin rather than naming an exact need.
 pub(super) const NEW_FILE_BYTES: u64 = 1 << 20;
 
 /// The bytes this process may still write in the file system holding
