@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::store::retention::{RetentionRule, RuleError};
 use crate::store::{Durability, StoreOptions};
 
 /// The whole server configuration. Field docs are the configuration reference.
@@ -91,6 +92,17 @@ pub struct Config {
     pub store_queue_capacity: usize,
     /// How long an idempotency key is remembered. Default 86 400 s (24 h).
     pub idempotency_ttl_secs: u64,
+    /// Retention rules, in TOML `[[retention]]` tables with `rooms` (a
+    /// pattern, `*` as in grants), `max_age_secs` and/or `max_count`. The
+    /// first rule whose pattern matches a room applies to it; rooms no rule
+    /// matches keep their history for ever. Default: none.
+    pub retention: Vec<RetentionRule>,
+    /// How often retention looks for due messages. Default 60 000 ms.
+    pub retention_interval_ms: u64,
+    /// Most messages one retention step deletes, in one writer transaction
+    /// between the commits of sends (it also looks at most at this many
+    /// rooms). Default 1 024.
+    pub retention_batch: u64,
     /// Time allowed, at shutdown, for sessions to close and commits to finish. Default 10 000 ms.
     pub shutdown_grace_ms: u64,
     /// Address of the internal HTTP listener (`/healthz`, `/readyz`, `/metrics`,
@@ -251,6 +263,9 @@ impl Default for Config {
             index_batch_bytes: 32 << 20,
             store_queue_capacity: 65_536,
             idempotency_ttl_secs: 86_400,
+            retention: Vec::new(),
+            retention_interval_ms: 60_000,
+            retention_batch: 1024,
             shutdown_grace_ms: 10_000,
             admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9090))),
             admin_token: None,
@@ -318,6 +333,8 @@ pub enum ConfigError {
         "`{field}` with a burst of 0 admits nothing; give a burst of at least 1 or per_sec = 0 (off)"
     )]
     EmptyBurst { field: &'static str },
+    #[error("invalid `[[retention]]` rule")]
+    Retention(#[from] RuleError),
 }
 
 impl Config {
@@ -370,6 +387,11 @@ impl Config {
         at_least("index_batch_bytes", self.index_batch_bytes, 1)?;
         at_least("store_queue_capacity", self.store_queue_capacity as u64, 1)?;
         at_least("admin_page_max", self.admin_page_max as u64, 1)?;
+        at_least("retention_interval_ms", self.retention_interval_ms, 1)?;
+        at_least("retention_batch", self.retention_batch, 1)?;
+        for rule in &self.retention {
+            rule.validate()?;
+        }
         let keys = self.auth_keys_set();
         if keys.len() > 1 {
             return Err(ConfigError::SeveralAuthKeys(keys.join(", ")));

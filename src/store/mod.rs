@@ -18,7 +18,9 @@
 //! - Seq per room starts at 1 and grows by exactly 1 per stored message,
 //!   across restarts.
 
+mod backup;
 mod error;
+pub mod retention;
 mod tables;
 mod unindexed;
 mod writer;
@@ -34,13 +36,14 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot};
 
+pub use backup::{BackupError, Snapshot, verify as verify_backup, write_file_durably};
 pub use error::{
     AppendError, NotWritable, OpenError, ReadError, ShutdownError, StoreClosed, TryAppendError,
     WriteError,
 };
 use tables::{
     Chunk, EPOCH_KEY, KEY_EXPIRY, KEYS, LOG, LogBatch, LogEntry, MESSAGES, META, OLD_BY_USER,
-    ROOMS_BY_USER, Record, insert_chunks, last_seq,
+    RETAINED_FROM, ROOMS_BY_USER, Record, insert_chunks,
 };
 use unindexed::{Logged, Unindexed};
 
@@ -181,6 +184,7 @@ impl Store {
             path: path.to_owned(),
             source,
         })?;
+        let db = backup::on_open(path, db).map_err(OpenError::Prepare)?;
         let epoch = init(&db).map_err(OpenError::Init)?;
         let db = Arc::new(db);
         let (tx, rx) = mpsc::channel(opts.queue_capacity.max(1));
@@ -302,6 +306,7 @@ fn init(db: &Database) -> Result<String, WriteError> {
     txn.open_table(KEYS)?;
     txn.open_table(KEY_EXPIRY)?;
     txn.open_table(ROOMS_BY_USER)?;
+    txn.open_table(RETAINED_FROM)?;
     txn.commit()?;
     if left > 0 {
         tracing::info!(
@@ -430,6 +435,35 @@ impl StoreHandle {
         rx.await.map_err(|_| AppendError::Closed)?
     }
 
+    /// Takes a consistent backup of the store into an unlinked temporary
+    /// file in `dir` (on a blocking thread, from one read transaction, so
+    /// appends go on meanwhile). Every message committed before the call is
+    /// in it.
+    pub async fn backup(&self, dir: &Path) -> Result<Snapshot, BackupError> {
+        let db = self.db.clone();
+        let dir = dir.to_owned();
+        tokio::task::spawn_blocking(move || backup::snapshot(&db, &dir)).await?
+    }
+
+    /// Asks the writer for one retention step: from the room `from` on,
+    /// delete what `rules` say is due, at most `budget` messages.
+    pub async fn retain(
+        &self,
+        rules: Arc<[retention::RetentionRule]>,
+        from: Option<String>,
+        budget: u64,
+    ) -> Result<retention::Step, AppendError> {
+        let (reply, rx) = oneshot::channel();
+        let op = Op::Retention {
+            rules,
+            from,
+            budget,
+            reply,
+        };
+        self.tx.send(op).await.map_err(|_| AppendError::Closed)?;
+        rx.await.map_err(|_| AppendError::Closed)?
+    }
+
     /// Runs `f` in a read transaction on a blocking thread. Callers take
     /// what they need of the unindexed copy before calling this, so before
     /// the transaction begins (see the invariants in `unindexed`).
@@ -453,7 +487,8 @@ impl StoreHandle {
         let indexed = self
             .read(move |txn| {
                 let messages = txn.open_table(MESSAGES)?;
-                Ok(last_seq(&messages, &room)?)
+                let retained = txn.open_table(RETAINED_FROM)?;
+                Ok(retention::latest_indexed(&messages, &retained, &room)?)
             })
             .await?;
         Ok(unindexed.map_or(indexed, |u| u.max(indexed)))

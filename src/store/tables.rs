@@ -63,6 +63,21 @@ pub const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 
 /// The key of the epoch in [`META`].
 pub const EPOCH_KEY: &str = "epoch";
+/// Present in [`META`] once an erasure or retention freed a message body
+/// since the file was last rewritten: redb does not overwrite freed pages,
+/// so the next open rewrites the file (see `backup::on_open`).
+pub const SCRUB_KEY: &str = "scrub_pending";
+/// Present in [`META`] only in a backup file: the epoch of the store it
+/// was taken from. Opening such a file makes a new epoch (see `backup`).
+pub const BACKUP_OF_KEY: &str = "backup_of_epoch";
+/// In a backup file's [`META`]: when it was taken, ms since the Unix epoch.
+pub const BACKUP_AT_KEY: &str = "backup_at_ms";
+
+/// Per room whose oldest messages retention deleted: the lowest seq it
+/// kept (one past the highest it deleted). A room's latest seq is at least
+/// this minus one, so seqs never go back even when retention deleted every
+/// message of a room.
+pub const RETAINED_FROM: TableDefinition<&str, u64> = TableDefinition::new("retained_from");
 
 /// The current record format.
 const RECORD_V1: u8 = 1;

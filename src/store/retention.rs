@@ -1,0 +1,302 @@
+//! Retention: deleting a room's oldest messages past a maximum age or count.
+//!
+//! It owns the rules (`[[retention]]` in the config, first matching rule
+//! wins), the bounded deletion step the writer runs inside one of its
+//! transactions, and the tracked background task that asks the writer for
+//! steps. It never opens a write transaction itself (only the writer does,
+//! see [`super::writer`]) and never deletes more than one step's budget per
+//! transaction, so appends queued behind a step wait for a small commit,
+//! not for a sweep of the whole store.
+//!
+//! Deleting the oldest messages keeps what a room's readers rely on: the
+//! remaining seqs stay contiguous (a partly expired chunk is rewritten
+//! without its oldest records, under the same key), and a room's latest seq
+//! never goes back, because [`RETAINED_FROM`] keeps one past the highest
+//! deleted seq of each room. A resume from a seq that retention removed
+//! cannot be replayed densely, so the session answers `recovered: false`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use redb::{ReadableTable, Table};
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::StoreHandle;
+use super::error::WriteError;
+use super::tables::{Chunk, last_seq};
+use super::unindexed::Unindexed;
+
+/// One `[[retention]]` rule: rooms matching `rooms` keep at most
+/// `max_count` messages, none older than `max_age_secs`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionRule {
+    /// Room name pattern; `*` matches any run of characters, as in grants.
+    pub rooms: String,
+    /// Messages older than this many seconds are deleted. Default: no age limit.
+    #[serde(default)]
+    pub max_age_secs: Option<u64>,
+    /// Only the newest this many messages are kept. Default: no count limit.
+    #[serde(default)]
+    pub max_count: Option<u64>,
+}
+
+/// Why a rule was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RuleError {
+    #[error("retention rule for `{0}` sets neither max_age_secs nor max_count")]
+    NoLimit(String),
+    #[error("retention rule for `{0}` has a limit of 0; use at least 1")]
+    Zero(String),
+    #[error("a retention rule has an empty `rooms` pattern")]
+    EmptyPattern,
+}
+
+impl RetentionRule {
+    pub fn validate(&self) -> Result<(), RuleError> {
+        if self.rooms.is_empty() {
+            return Err(RuleError::EmptyPattern);
+        }
+        if self.max_age_secs.is_none() && self.max_count.is_none() {
+            return Err(RuleError::NoLimit(self.rooms.clone()));
+        }
+        if self.max_age_secs == Some(0) || self.max_count == Some(0) {
+            return Err(RuleError::Zero(self.rooms.clone()));
+        }
+        Ok(())
+    }
+}
+
+/// The first rule whose pattern matches `room`.
+pub fn rule_for<'a>(rules: &'a [RetentionRule], room: &str) -> Option<&'a RetentionRule> {
+    rules
+        .iter()
+        .find(|r| crate::auth::glob_match(&r.rooms, room))
+}
+
+/// What one step of the writer deleted, and where the next step starts.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Step {
+    pub deleted: u64,
+    /// The room the next step starts at; `None` when this step reached the
+    /// last room.
+    pub next: Option<String>,
+}
+
+/// The limits of `rule` for a room whose latest seq is `latest`: delete a
+/// message when its seq is at most the first, or its ts below the second.
+fn limits(rule: &RetentionRule, latest: u64, now_ms: u64) -> (u64, u64) {
+    let max_seq = rule.max_count.map_or(0, |n| latest.saturating_sub(n));
+    let min_ts = rule
+        .max_age_secs
+        .map_or(0, |s| now_ms.saturating_sub(s.saturating_mul(1000)));
+    (max_seq, min_ts)
+}
+
+/// Whether a message of the unindexed copy is due, so that the writer must
+/// index the log before a step (a step deletes only indexed messages).
+pub(super) fn due_in_log(unindexed: &Unindexed, rules: &[RetentionRule], now_ms: u64) -> bool {
+    let mut due = false;
+    let _ = unindexed.for_each_room(|room, msgs| -> Result<(), ()> {
+        if let (Some(rule), Some(first), Some(last)) =
+            (rule_for(rules, room), msgs.first(), msgs.last())
+        {
+            let (max_seq, min_ts) = limits(rule, last.seq, now_ms);
+            if first.seq <= max_seq || first.ts < min_ts {
+                due = true;
+                return Err(());
+            }
+        }
+        Ok(())
+    });
+    due
+}
+
+type Messages<'t> = Table<'t, (&'static str, u64), &'static [u8]>;
+
+/// The room's latest indexed seq, counting what retention deleted.
+pub(super) fn latest_indexed(
+    messages: &impl ReadableTable<(&'static str, u64), &'static [u8]>,
+    retained: &impl ReadableTable<&'static str, u64>,
+    room: &str,
+) -> Result<u64, redb::StorageError> {
+    let kept_from = retained.get(room)?.map_or(0, |g| g.value());
+    Ok(last_seq(messages, room)?.max(kept_from.saturating_sub(1)))
+}
+
+/// The first room at or after `from` (after `exclusive`, when given).
+fn next_room(
+    messages: &Messages<'_>,
+    from: &str,
+    exclusive: bool,
+) -> Result<Option<String>, redb::StorageError> {
+    for entry in messages.range((from, 0u64)..)? {
+        let (k, _) = entry?;
+        let room = k.value().0;
+        if exclusive && room == from {
+            continue;
+        }
+        return Ok(Some(room.to_owned()));
+    }
+    Ok(None)
+}
+
+/// One bounded step, inside the writer's transaction: from the room
+/// `from` on, in name order, deletes the due messages of rooms that a rule
+/// matches, until `budget` messages are deleted or `budget` rooms examined.
+/// `unindexed_last` gives a room's newest unindexed seq (messages the
+/// indexes do not hold yet count for `max_count`). Returns whether anything
+/// was deleted with the step.
+pub(super) fn step(
+    messages: &mut Messages<'_>,
+    retained: &mut Table<'_, &'static str, u64>,
+    rules: &[RetentionRule],
+    unindexed_last: impl Fn(&str) -> Option<u64>,
+    now_ms: u64,
+    from: Option<&str>,
+    budget: u64,
+) -> Result<Step, WriteError> {
+    let budget = budget.max(1);
+    let mut deleted = 0u64;
+    let mut examined = 0u64;
+    let mut room = next_room(messages, from.unwrap_or(""), false)?;
+    while let Some(name) = room {
+        if deleted >= budget || examined >= budget {
+            return Ok(Step {
+                deleted,
+                next: Some(name),
+            });
+        }
+        examined += 1;
+        if let Some(rule) = rule_for(rules, &name) {
+            let indexed = latest_indexed(messages, retained, &name)?;
+            let latest = unindexed_last(&name).map_or(indexed, |u| u.max(indexed));
+            let (max_seq, min_ts) = limits(rule, latest, now_ms);
+            let (n, finished) =
+                trim_room(messages, retained, &name, max_seq, min_ts, budget - deleted)?;
+            deleted += n;
+            if !finished {
+                return Ok(Step {
+                    deleted,
+                    next: Some(name),
+                });
+            }
+        }
+        room = next_room(messages, &name, true)?;
+    }
+    Ok(Step {
+        deleted,
+        next: None,
+    })
+}
+
+/// Deletes the room's oldest messages with seq at most `max_seq` or ts
+/// below `min_ts`, whole chunks while it can and the leading records of
+/// the first chunk it keeps, at most about `budget` (a started chunk is
+/// finished). Returns the count and whether the room has nothing more due.
+fn trim_room(
+    messages: &mut Messages<'_>,
+    retained: &mut Table<'_, &'static str, u64>,
+    room: &str,
+    max_seq: u64,
+    min_ts: u64,
+    budget: u64,
+) -> Result<(u64, bool), WriteError> {
+    let mut deleted = 0u64;
+    let mut highest = None;
+    let mut finished = false;
+    while deleted < budget {
+        let first = messages
+            .range((room, 0u64)..=(room, u64::MAX))?
+            .next()
+            .transpose()?
+            .map(|(k, v)| (k.value().1, v.value().to_vec()));
+        let Some((key, bytes)) = first else {
+            finished = true;
+            break;
+        };
+        let records = Chunk::decode(key, &bytes)?;
+        let due = records
+            .iter()
+            .take_while(|(seq, r)| *seq <= max_seq || r.ts < min_ts)
+            .count();
+        if due == 0 {
+            finished = true;
+            break;
+        }
+        deleted += due as u64;
+        if due == records.len() {
+            messages.remove((room, key))?;
+            highest = Some(key);
+            continue;
+        }
+        let mut chunk = Chunk::default();
+        for (_, r) in records.iter().skip(due) {
+            chunk.push(r)?;
+        }
+        highest = records.get(due - 1).map(|(seq, _)| *seq);
+        messages.insert((room, key), chunk.bytes())?;
+        finished = true;
+        break;
+    }
+    if let Some(highest) = highest {
+        let kept_from = highest + 1;
+        let old = retained.get(room)?.map_or(0, |g| g.value());
+        if kept_from > old {
+            retained.insert(room, kept_from)?;
+        }
+    }
+    Ok((deleted, finished))
+}
+
+/// Runs retention every `interval` until `stop`: steps of at most `budget`
+/// deletions, each its own request to the writer, until a sweep reaches the
+/// last room. Spawn it on the server's tracker; it returns at once without
+/// rules.
+pub async fn run(
+    store: StoreHandle,
+    rules: Arc<[RetentionRule]>,
+    interval: Duration,
+    budget: u64,
+    stop: CancellationToken,
+) {
+    if rules.is_empty() {
+        return;
+    }
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let mut from = None;
+        let mut total = 0u64;
+        loop {
+            let step = tokio::select! {
+                () = stop.cancelled() => return,
+                step = store.retain(rules.clone(), from.take(), budget) => step,
+            };
+            match step {
+                Ok(step) => {
+                    total += step.deleted;
+                    match step.next {
+                        Some(next) => from = Some(next),
+                        None => break,
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "retention step failed; retrying at the next interval");
+                    break;
+                }
+            }
+        }
+        if total > 0 {
+            info!(deleted = total, "retention deleted expired messages");
+        } else {
+            debug!("retention: nothing due");
+        }
+    }
+}
