@@ -193,9 +193,9 @@ pub(super) fn step(
 }
 
 /// Deletes the room's oldest messages with seq at most `max_seq` or ts
-/// below `min_ts`, whole chunks while it can and the leading records of
-/// the first chunk it keeps, at most about `budget` (a started chunk is
-/// finished). Returns the count and whether the room has nothing more due.
+/// below `min_ts`, at most `budget` of them: whole chunks while it can,
+/// else the leading records of a chunk, rewritten under the same key.
+/// Returns the count and whether the room has nothing more due.
 fn trim_room(
     messages: &mut Messages<'_>,
     retained: &mut Table<'_, &'static str, u64>,
@@ -226,6 +226,7 @@ fn trim_room(
             finished = true;
             break;
         }
+        let due = due.min(usize::try_from(budget - deleted).unwrap_or(usize::MAX));
         deleted += due as u64;
         if due == records.len() {
             messages.remove((room, key))?;
@@ -238,8 +239,6 @@ fn trim_room(
         }
         highest = records.get(due - 1).map(|(seq, _)| *seq);
         messages.insert((room, key), chunk.bytes())?;
-        finished = true;
-        break;
     }
     if let Some(highest) = highest {
         let kept_from = highest + 1;
@@ -298,5 +297,270 @@ pub async fn run(
         } else {
             debug!("retention: nothing due");
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use std::time::Duration;
+
+    use redb::{Database, ReadableDatabase};
+    use serde_json::value::RawValue;
+    use tokio::sync::oneshot;
+
+    use super::super::tables::{MESSAGES, META, RETAINED_FROM, Record, SCRUB_KEY, insert_chunks};
+    use super::super::{Append, CommitSink, Committed, Durability, Store, StoreOptions};
+    use super::*;
+
+    struct Nothing;
+    impl CommitSink for Nothing {
+        fn committed(&self, _: &[Committed<'_>]) {}
+    }
+
+    fn opts() -> StoreOptions {
+        StoreOptions {
+            durability: Durability::Immediate,
+            max_batch: 64,
+            // Large: the messages stay in the log, which a step must index first.
+            index_batch: 1 << 20,
+            index_batch_bytes: 1 << 30,
+            queue_capacity: 64,
+            idempotency_ttl: Duration::from_secs(60),
+        }
+    }
+
+    fn rule(rooms: &str, max_age_secs: Option<u64>, max_count: Option<u64>) -> RetentionRule {
+        RetentionRule {
+            rooms: rooms.into(),
+            max_age_secs,
+            max_count,
+        }
+    }
+
+    /// (room, seq) of every indexed message, in key order.
+    fn indexed(db: &Database) -> Vec<(String, u64)> {
+        let txn = db.begin_read().unwrap();
+        let t = txn.open_table(MESSAGES).unwrap();
+        let mut out = Vec::new();
+        for e in t.iter().unwrap() {
+            let (k, v) = e.unwrap();
+            let (room, last) = k.value();
+            for (seq, _) in Chunk::decode(last, v.value()).unwrap() {
+                out.push((room.to_owned(), seq));
+            }
+        }
+        out
+    }
+
+    fn seqs(all: &[(String, u64)], room: &str) -> Vec<u64> {
+        all.iter()
+            .filter(|(r, _)| r == room)
+            .map(|(_, s)| *s)
+            .collect()
+    }
+
+    #[test]
+    fn steps_delete_by_age_within_their_budget_and_keep_the_latest_seq() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        let db = Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut m = txn.open_table(MESSAGES).unwrap();
+            let mut put = |room: &str, items: Vec<(u64, u64)>| {
+                insert_chunks(
+                    &mut m,
+                    room,
+                    &items,
+                    |(s, _)| *s,
+                    |c, (_, ts)| {
+                        c.push(&Record {
+                            ts: *ts,
+                            from: "u",
+                            body: Some("1"),
+                        })
+                    },
+                )
+                .unwrap();
+            };
+            // ts = seq seconds, in ms.
+            put("chat-a", (1..=100).map(|s| (s, s * 1000)).collect());
+            put("chat-b", (1..=3).map(|s| (s, 0)).collect());
+            put("keep", (1..=10).map(|s| (s, 0)).collect());
+        }
+        txn.open_table(RETAINED_FROM).unwrap();
+        txn.commit().unwrap();
+
+        let rules = [rule("chat-*", Some(50), None)];
+        // Cut-off 60 s: chat-a's seqs 1..=59 and all of chat-b are due.
+        let now = 110_000;
+        let (mut total, mut steps, mut from) = (0, 0, None);
+        loop {
+            let txn = db.begin_write().unwrap();
+            let step = {
+                let mut m = txn.open_table(MESSAGES).unwrap();
+                let mut r = txn.open_table(RETAINED_FROM).unwrap();
+                step(&mut m, &mut r, &rules, |_| None, now, from.as_deref(), 10).unwrap()
+            };
+            txn.commit().unwrap();
+            assert!(step.deleted <= 10, "a step stays within its budget");
+            total += step.deleted;
+            steps += 1;
+            match step.next {
+                Some(n) => from = Some(n),
+                None => break,
+            }
+            assert!(steps < 100);
+        }
+        assert_eq!(total, 59 + 3);
+        assert!(steps >= 7);
+        let left = indexed(&db);
+        assert_eq!(seqs(&left, "chat-a"), (60..=100).collect::<Vec<_>>());
+        assert!(seqs(&left, "chat-b").is_empty());
+        assert_eq!(seqs(&left, "keep"), (1..=10).collect::<Vec<_>>());
+        let txn = db.begin_read().unwrap();
+        let m = txn.open_table(MESSAGES).unwrap();
+        let r = txn.open_table(RETAINED_FROM).unwrap();
+        assert_eq!(latest_indexed(&m, &r, "chat-a").unwrap(), 100);
+        assert_eq!(latest_indexed(&m, &r, "chat-b").unwrap(), 3, "never back");
+        assert_eq!(latest_indexed(&m, &r, "keep").unwrap(), 10);
+        drop((m, r, txn));
+        // A second sweep finds nothing.
+        let txn = db.begin_write().unwrap();
+        let again = {
+            let mut m = txn.open_table(MESSAGES).unwrap();
+            let mut r = txn.open_table(RETAINED_FROM).unwrap();
+            step(&mut m, &mut r, &rules, |_| None, now, None, 1000).unwrap()
+        };
+        txn.commit().unwrap();
+        assert_eq!(again, Step::default());
+        drop(db);
+
+        // The writer continues chat-b after the seqs retention deleted.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let store = Store::open(&path, opts(), Arc::new(Nothing)).unwrap();
+        let h = store.handle();
+        rt.block_on(async {
+            assert_eq!(h.latest_seq("chat-b").await.unwrap(), 3);
+            let (reply, rx) = oneshot::channel();
+            h.append(Append {
+                room: Arc::from("chat-b"),
+                from: Arc::from("u"),
+                body: RawValue::from_string("2".into()).unwrap(),
+                key: None,
+                reply,
+            })
+            .await
+            .unwrap();
+            assert_eq!(rx.await.unwrap().unwrap().seq, 4);
+        });
+        drop(h);
+        store.shutdown().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_count_rule_indexes_the_log_first_and_the_file_is_rewritten_at_the_next_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        let store = Store::open(&path, opts(), Arc::new(Nothing)).unwrap();
+        let h = store.handle();
+        let send = |room: &'static str| {
+            let h = h.clone();
+            async move {
+                let (reply, rx) = oneshot::channel();
+                h.append(Append {
+                    room: Arc::from(room),
+                    from: Arc::from("u"),
+                    body: RawValue::from_string("\"x\"".into()).unwrap(),
+                    key: None,
+                    reply,
+                })
+                .await
+                .unwrap();
+                rx.await.unwrap().unwrap().seq
+            }
+        };
+        for _ in 0..10 {
+            send("chat-a").await;
+            send("other").await;
+        }
+        let rules: Arc<[RetentionRule]> = Arc::from(vec![rule("chat-*", None, Some(3))]);
+        let step = h.retain(rules.clone(), None, 100).await.unwrap();
+        assert_eq!(
+            step,
+            Step {
+                deleted: 7,
+                next: None
+            }
+        );
+        let page = h.history("chat-a", None, None, 100).await.unwrap();
+        let left: Vec<u64> = page.messages.iter().map(|m| m.seq).collect();
+        assert_eq!(left, [8, 9, 10]);
+        assert_eq!(
+            h.history("other", None, None, 100)
+                .await
+                .unwrap()
+                .messages
+                .len(),
+            10
+        );
+        assert_eq!(h.latest_seq("chat-a").await.unwrap(), 10);
+        assert_eq!(send("chat-a").await, 11);
+        let epoch = h.epoch().to_owned();
+        drop(h);
+        tokio::task::spawn_blocking(move || store.shutdown())
+            .await
+            .unwrap()
+            .unwrap();
+
+        {
+            let db = Database::open(&path).unwrap();
+            let txn = db.begin_read().unwrap();
+            let meta = txn.open_table(META).unwrap();
+            assert!(
+                meta.get(SCRUB_KEY).unwrap().is_some(),
+                "deletion marks the file"
+            );
+        }
+        let store = Store::open(&path, opts(), Arc::new(Nothing)).unwrap();
+        let h = store.handle();
+        assert_eq!(h.epoch(), epoch, "a rewrite keeps the epoch");
+        let seqs: Vec<u64> = h
+            .history("chat-a", None, None, 100)
+            .await
+            .unwrap()
+            .messages
+            .iter()
+            .map(|m| m.seq)
+            .collect();
+        assert_eq!(seqs, [8, 9, 10, 11]);
+        drop(h);
+        tokio::task::spawn_blocking(move || store.shutdown())
+            .await
+            .unwrap()
+            .unwrap();
+        let db = Database::open(&path).unwrap();
+        let txn = db.begin_read().unwrap();
+        let meta = txn.open_table(META).unwrap();
+        assert!(
+            meta.get(SCRUB_KEY).unwrap().is_none(),
+            "the rewrite clears it"
+        );
+    }
+
+    #[test]
+    fn rules_need_a_limit_and_the_first_match_wins() {
+        assert!(rule("a", None, None).validate().is_err());
+        assert!(rule("a", Some(0), None).validate().is_err());
+        assert!(rule("", Some(1), None).validate().is_err());
+        assert!(rule("a", None, Some(1)).validate().is_ok());
+        let rules = [rule("chat-*", Some(1), None), rule("*", None, Some(5))];
+        assert_eq!(rule_for(&rules, "chat-x").unwrap().max_age_secs, Some(1));
+        assert_eq!(rule_for(&rules, "lobby").unwrap().max_count, Some(5));
+        assert!(rule_for(&rules[..1], "lobby").is_none());
     }
 }
