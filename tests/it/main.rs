@@ -7,6 +7,7 @@ mod support;
 
 mod admin;
 mod backpressure;
+mod backup;
 mod chat;
 mod dashboard;
 mod fuzz_corpus;
