@@ -14,5 +14,6 @@ mod fuzz_corpus;
 mod gateway;
 mod loadtest;
 mod logs;
+mod retention;
 mod security;
 mod shutdown;
