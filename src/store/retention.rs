@@ -553,6 +553,46 @@ mod tests {
     }
 
     #[test]
+    fn the_operators_guide_example_parses_and_a_rule_without_a_limit_is_refused() {
+        let text = r#"
+retention_interval_ms = 60000
+retention_batch = 1024
+
+[[retention]]
+rooms = "chat-*"
+max_age_secs = 2592000
+max_count = 100000
+
+[[retention]]
+rooms = "*"
+max_age_secs = 31536000
+"#;
+        let config: crate::Config = toml::from_str(text).unwrap();
+        config.validate().unwrap();
+        assert_eq!(
+            config.retention,
+            [
+                rule("chat-*", Some(2_592_000), Some(100_000)),
+                rule("*", Some(31_536_000), None)
+            ]
+        );
+        let guide = include_str!("../../docs/operators.md");
+        assert!(
+            guide.contains(text.trim()),
+            "docs/operators.md shows this config"
+        );
+        let bad: crate::Config = toml::from_str("[[retention]]\nrooms = \"x\"\n").unwrap();
+        assert!(matches!(
+            bad.validate(),
+            Err(crate::config::ConfigError::Retention(RuleError::NoLimit(_)))
+        ));
+        assert!(
+            toml::from_str::<crate::Config>("[[retention]]\nrooms = \"x\"\nmax_days = 1\n")
+                .is_err()
+        );
+    }
+
+    #[test]
     fn rules_need_a_limit_and_the_first_match_wins() {
         assert!(rule("a", None, None).validate().is_err());
         assert!(rule("a", Some(0), None).validate().is_err());

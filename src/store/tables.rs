@@ -15,10 +15,11 @@ pub const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 /// message); the value is a [`Chunk`]: the records of consecutive seqs
 /// ending at the key's. An index flush writes one chunk per room (or a few,
 /// see [`CHUNK_MAX_RECORDS`]) however many messages it holds, so the pages
-/// written per flush grow with the rooms, not the messages. Messages are
-/// never removed (erasure keeps the record without its body), so a room's
-/// last key is its latest seq: seqs continue gap-free after a restart with
-/// no second table written per message.
+/// written per flush grow with the rooms, not the messages. Only retention
+/// removes messages, a room's oldest first, and it records what it removed
+/// in [`RETAINED_FROM`] (erasure keeps the record without its body), so a
+/// room's latest seq is its last key or that mark: seqs continue gap-free
+/// after a restart with no second table written per message.
 pub const MESSAGES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("messages");
 
 /// Most records in one chunk. A history read decodes whole chunks, so this
