@@ -184,7 +184,10 @@ pub(super) fn snapshot(db: &Database, dir: &Path) -> Result<Snapshot, BackupErro
         .get(EPOCH_KEY)?
         .map(|g| g.value().to_owned())
         .unwrap_or_default();
-    let tmp = dir.join(format!(".backup-{:016x}.redb", rand::random::<u64>()));
+    let tmp = dir.join(format!(
+        "{BACKUP_TMP_PREFIX}{:016x}.redb",
+        rand::random::<u64>()
+    ));
     let at = now_ms().to_string();
     let copied = copy_snapshot(&src, &tmp, |meta| {
         meta.insert(BACKUP_OF_KEY, epoch.as_str())?;
@@ -232,6 +235,7 @@ fn meta_value(db: &Database, key: &str) -> Result<Option<String>, BackupError> {
 /// space for the copy, say) is logged and the file is used as it is; the
 /// next open tries again.
 pub(super) fn on_open(path: &Path, db: Database) -> Result<Database, BackupError> {
+    remove_leftovers(path);
     let db = if meta_value(&db, SCRUB_KEY)?.is_some() {
         scrub(path, db)?
     } else {
@@ -256,6 +260,35 @@ pub(super) fn on_open(path: &Path, db: Database) -> Result<Database, BackupError
     }
     Ok(db)
 }
+
+/// Removes the temporary files of backups and rewrites that a crash cut
+/// short, next to the store file at `path`.
+fn remove_leftovers(path: &Path) {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let scrub = path.with_extension("redb.scrub");
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let backup = name.starts_with(BACKUP_TMP_PREFIX) && name.ends_with(".redb");
+        if backup || entry.path() == scrub {
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => info!(file = %entry.path().display(), "removed an unfinished copy"),
+                Err(e) => {
+                    warn!(file = %entry.path().display(), error = %e, "cannot remove an unfinished copy")
+                }
+            }
+        }
+    }
+}
+
+/// The name prefix of a backup's temporary file in the data directory.
+const BACKUP_TMP_PREFIX: &str = ".backup-";
 
 /// Replaces the file at `path` by a fresh copy of its latest commit.
 fn scrub(path: &Path, db: Database) -> Result<Database, BackupError> {
@@ -324,6 +357,91 @@ pub fn verify(path: &Path) -> Result<(String, u64), BackupError> {
         .get(BACKUP_OF_KEY)?
         .map(|g| g.value().to_owned())
         .unwrap_or_default();
-    let chunks = txn.open_table(MESSAGES)?.len()?;
+    let chunks = match txn.open_table(MESSAGES) {
+        Ok(t) => t.len()?,
+        Err(redb::TableError::TableDoesNotExist(_)) => 0,
+        Err(e) => return Err(e.into()),
+    };
     Ok((of, chunks))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn store_file(dir: &Path) -> (PathBuf, Database) {
+        let path = dir.join("switchboard.redb");
+        let db = Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(META)
+            .unwrap()
+            .insert(EPOCH_KEY, "00000000000000aa")
+            .unwrap();
+        txn.commit().unwrap();
+        (path, db)
+    }
+
+    #[test]
+    fn a_table_the_copy_does_not_know_fails_the_backup_rather_than_being_left_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, db) = store_file(dir.path());
+        let snap = snapshot(&db, dir.path()).unwrap();
+        assert_eq!(snap.epoch, "00000000000000aa");
+        assert!(snap.bytes > 0);
+        let txn = db.begin_write().unwrap();
+        let later: TableDefinition<u64, u64> = TableDefinition::new("added_later");
+        txn.open_table(later).unwrap().insert(1, 2).unwrap();
+        txn.commit().unwrap();
+        let err = snapshot(&db, dir.path()).unwrap_err();
+        assert!(
+            matches!(&err, BackupError::UnknownTable(t) if t == "added_later"),
+            "{err}"
+        );
+        // Neither attempt leaves a file behind.
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, ["switchboard.redb"]);
+    }
+
+    #[test]
+    fn opening_removes_unfinished_copies_and_renews_a_restored_epoch_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, db) = store_file(dir.path());
+        let mut snap = snapshot(&db, dir.path()).unwrap();
+        drop(db);
+        let restored_dir = tempfile::tempdir().unwrap();
+        let restored = restored_dir.path().join("switchboard.redb");
+        write_file_durably(&restored, &mut snap.file).unwrap();
+        assert_eq!(verify(&restored).unwrap().0, "00000000000000aa");
+        let stale = [
+            restored_dir.path().join(".backup-0123456789abcdef.redb"),
+            restored.with_extension("redb.scrub"),
+        ];
+        for f in &stale {
+            std::fs::write(f, b"cut short").unwrap();
+        }
+        let keep = restored_dir.path().join("notes.txt");
+        std::fs::write(&keep, b"mine").unwrap();
+
+        let db = on_open(&restored, Database::create(&restored).unwrap()).unwrap();
+        for f in &stale {
+            assert!(!f.exists(), "{} removed", f.display());
+        }
+        assert!(keep.exists());
+        let epoch = meta_value(&db, EPOCH_KEY).unwrap().unwrap();
+        assert_ne!(epoch, "00000000000000aa");
+        assert!(meta_value(&db, BACKUP_OF_KEY).unwrap().is_none());
+        drop(db);
+        let db = on_open(&restored, Database::create(&restored).unwrap()).unwrap();
+        assert_eq!(meta_value(&db, EPOCH_KEY).unwrap().unwrap(), epoch);
+        // The original store is untouched by all this.
+        let db = on_open(&path, Database::create(&path).unwrap()).unwrap();
+        assert_eq!(
+            meta_value(&db, EPOCH_KEY).unwrap().as_deref(),
+            Some("00000000000000aa")
+        );
+    }
 }

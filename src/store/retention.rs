@@ -132,7 +132,9 @@ fn next_room(
     from: &str,
     exclusive: bool,
 ) -> Result<Option<String>, redb::StorageError> {
-    for entry in messages.range((from, 0u64)..)? {
+    // Past every chunk of `from` at once: its keys end at most at u64::MAX.
+    let start = (from, if exclusive { u64::MAX } else { 0 });
+    for entry in messages.range(start..)? {
         let (k, _) = entry?;
         let room = k.value().0;
         if exclusive && room == from {
