@@ -103,6 +103,10 @@ pub struct Config {
     /// between the commits of sends (it also looks at most at this many
     /// rooms). Default 1 024.
     pub retention_batch: u64,
+    /// Page cache of the fresh redb file a backup (or the rewrite at start
+    /// after erasures or retention) writes: the memory a copy takes beyond
+    /// the live store's. Default 16 777 216 (16 MiB).
+    pub backup_cache_bytes: usize,
     /// Time allowed, at shutdown, for sessions to close and commits to finish. Default 10 000 ms.
     pub shutdown_grace_ms: u64,
     /// Address of the internal HTTP listener (`/healthz`, `/readyz`, `/metrics`,
@@ -266,6 +270,7 @@ impl Default for Config {
             retention: Vec::new(),
             retention_interval_ms: 60_000,
             retention_batch: 1024,
+            backup_cache_bytes: 16 << 20,
             shutdown_grace_ms: 10_000,
             admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9090))),
             admin_token: None,
@@ -389,6 +394,11 @@ impl Config {
         at_least("admin_page_max", self.admin_page_max as u64, 1)?;
         at_least("retention_interval_ms", self.retention_interval_ms, 1)?;
         at_least("retention_batch", self.retention_batch, 1)?;
+        at_least(
+            "backup_cache_bytes",
+            self.backup_cache_bytes as u64,
+            1 << 16,
+        )?;
         for rule in &self.retention {
             rule.validate()?;
         }
@@ -528,6 +538,7 @@ impl Config {
             index_batch_bytes: self.index_batch_bytes,
             queue_capacity: self.store_queue_capacity,
             idempotency_ttl: Duration::from_secs(self.idempotency_ttl_secs),
+            backup_cache_bytes: self.backup_cache_bytes,
         }
     }
 }

@@ -491,7 +491,10 @@ pub(super) async fn backup(
     let snapshot = state
         .server
         .store
-        .backup(&state.server.config.data_dir)
+        .backup(
+            &state.server.config.data_dir,
+            state.server.config.backup_cache_bytes,
+        )
         .await?;
     info!(
         bytes = snapshot.bytes,

@@ -126,6 +126,7 @@ fn copy_table<K: Key + 'static, V: Value + 'static>(
 fn copy_snapshot(
     src: &ReadTransaction,
     dest: &Path,
+    cache_bytes: usize,
     mark: impl FnOnce(&mut redb::Table<&str, &str>) -> Result<(), redb::StorageError>,
 ) -> Result<u64, BackupError> {
     for table in src.list_tables()? {
@@ -136,10 +137,13 @@ fn copy_snapshot(
     if let Some(table) = src.list_multimap_tables()?.next() {
         return Err(BackupError::UnknownTable(table.name().to_owned()));
     }
-    let db = Database::create(dest).map_err(|source| BackupError::Create {
-        path: dest.to_owned(),
-        source,
-    })?;
+    let db = Database::builder()
+        .set_cache_size(cache_bytes)
+        .create(dest)
+        .map_err(|source| BackupError::Create {
+            path: dest.to_owned(),
+            source,
+        })?;
     let mut txn = db.begin_write()?;
     txn.set_durability(redb::Durability::Immediate)?;
     let mut entries = copy_table(src, &txn, META)?;
@@ -177,7 +181,11 @@ fn sync_dir(path: &Path) -> Result<(), BackupError> {
 /// open and already unlinked, so it disappears however its reader ends.
 /// Every message committed before this call began is in it, the ones still
 /// only in the log included (the log is a table of the same snapshot).
-pub(super) fn snapshot(db: &Database, dir: &Path) -> Result<Snapshot, BackupError> {
+pub(super) fn snapshot(
+    db: &Database,
+    dir: &Path,
+    cache_bytes: usize,
+) -> Result<Snapshot, BackupError> {
     let src = db.begin_read()?;
     let epoch = src
         .open_table(META)?
@@ -189,7 +197,7 @@ pub(super) fn snapshot(db: &Database, dir: &Path) -> Result<Snapshot, BackupErro
         rand::random::<u64>()
     ));
     let at = now_ms().to_string();
-    let copied = copy_snapshot(&src, &tmp, |meta| {
+    let copied = copy_snapshot(&src, &tmp, cache_bytes, |meta| {
         meta.insert(BACKUP_OF_KEY, epoch.as_str())?;
         meta.insert(BACKUP_AT_KEY, at.as_str())?;
         Ok(())
@@ -234,10 +242,14 @@ fn meta_value(db: &Database, key: &str) -> Result<Option<String>, BackupError> {
 /// it, and gives a restored backup a new epoch. A rewrite that fails (no
 /// space for the copy, say) is logged and the file is used as it is; the
 /// next open tries again.
-pub(super) fn on_open(path: &Path, db: Database) -> Result<Database, BackupError> {
+pub(super) fn on_open(
+    path: &Path,
+    db: Database,
+    cache_bytes: usize,
+) -> Result<Database, BackupError> {
     remove_leftovers(path);
     let db = if meta_value(&db, SCRUB_KEY)?.is_some() {
-        scrub(path, db)?
+        scrub(path, db, cache_bytes)?
     } else {
         db
     };
@@ -291,14 +303,14 @@ fn remove_leftovers(path: &Path) {
 const BACKUP_TMP_PREFIX: &str = ".backup-";
 
 /// Replaces the file at `path` by a fresh copy of its latest commit.
-fn scrub(path: &Path, db: Database) -> Result<Database, BackupError> {
+fn scrub(path: &Path, db: Database, cache_bytes: usize) -> Result<Database, BackupError> {
     let tmp = path.with_extension("redb.scrub");
     let _ = std::fs::remove_file(&tmp);
     let started = std::time::Instant::now();
     let copied = db
         .begin_read()
         .map_err(BackupError::from)
-        .and_then(|src| copy_snapshot(&src, &tmp, |_| Ok(())));
+        .and_then(|src| copy_snapshot(&src, &tmp, cache_bytes, |_| Ok(())));
     match copied {
         Ok(entries) => {
             drop(db);
@@ -370,6 +382,8 @@ pub fn verify(path: &Path) -> Result<(String, u64), BackupError> {
 mod tests {
     use super::*;
 
+    const CACHE: usize = 1 << 20;
+
     fn store_file(dir: &Path) -> (PathBuf, Database) {
         let path = dir.join("switchboard.redb");
         let db = Database::create(&path).unwrap();
@@ -386,14 +400,14 @@ mod tests {
     fn a_table_the_copy_does_not_know_fails_the_backup_rather_than_being_left_out() {
         let dir = tempfile::tempdir().unwrap();
         let (_, db) = store_file(dir.path());
-        let snap = snapshot(&db, dir.path()).unwrap();
+        let snap = snapshot(&db, dir.path(), CACHE).unwrap();
         assert_eq!(snap.epoch, "00000000000000aa");
         assert!(snap.bytes > 0);
         let txn = db.begin_write().unwrap();
         let later: TableDefinition<u64, u64> = TableDefinition::new("added_later");
         txn.open_table(later).unwrap().insert(1, 2).unwrap();
         txn.commit().unwrap();
-        let err = snapshot(&db, dir.path()).unwrap_err();
+        let err = snapshot(&db, dir.path(), CACHE).unwrap_err();
         assert!(
             matches!(&err, BackupError::UnknownTable(t) if t == "added_later"),
             "{err}"
@@ -410,7 +424,7 @@ mod tests {
     fn opening_removes_unfinished_copies_and_renews_a_restored_epoch_once() {
         let dir = tempfile::tempdir().unwrap();
         let (path, db) = store_file(dir.path());
-        let mut snap = snapshot(&db, dir.path()).unwrap();
+        let mut snap = snapshot(&db, dir.path(), CACHE).unwrap();
         drop(db);
         let restored_dir = tempfile::tempdir().unwrap();
         let restored = restored_dir.path().join("switchboard.redb");
@@ -426,7 +440,7 @@ mod tests {
         let keep = restored_dir.path().join("notes.txt");
         std::fs::write(&keep, b"mine").unwrap();
 
-        let db = on_open(&restored, Database::create(&restored).unwrap()).unwrap();
+        let db = on_open(&restored, Database::create(&restored).unwrap(), CACHE).unwrap();
         for f in &stale {
             assert!(!f.exists(), "{} removed", f.display());
         }
@@ -435,10 +449,10 @@ mod tests {
         assert_ne!(epoch, "00000000000000aa");
         assert!(meta_value(&db, BACKUP_OF_KEY).unwrap().is_none());
         drop(db);
-        let db = on_open(&restored, Database::create(&restored).unwrap()).unwrap();
+        let db = on_open(&restored, Database::create(&restored).unwrap(), CACHE).unwrap();
         assert_eq!(meta_value(&db, EPOCH_KEY).unwrap().unwrap(), epoch);
         // The original store is untouched by all this.
-        let db = on_open(&path, Database::create(&path).unwrap()).unwrap();
+        let db = on_open(&path, Database::create(&path).unwrap(), CACHE).unwrap();
         assert_eq!(
             meta_value(&db, EPOCH_KEY).unwrap().as_deref(),
             Some("00000000000000aa")

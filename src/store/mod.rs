@@ -76,6 +76,8 @@ pub struct StoreOptions {
     pub queue_capacity: usize,
     /// How long an idempotency key is remembered.
     pub idempotency_ttl: Duration,
+    /// Page cache of the fresh file the rewrite at open writes (see `backup`).
+    pub backup_cache_bytes: usize,
 }
 
 /// A message to store.
@@ -184,7 +186,7 @@ impl Store {
             path: path.to_owned(),
             source,
         })?;
-        let db = backup::on_open(path, db).map_err(OpenError::Prepare)?;
+        let db = backup::on_open(path, db, opts.backup_cache_bytes).map_err(OpenError::Prepare)?;
         let epoch = init(&db).map_err(OpenError::Init)?;
         let db = Arc::new(db);
         let (tx, rx) = mpsc::channel(opts.queue_capacity.max(1));
@@ -438,11 +440,11 @@ impl StoreHandle {
     /// Takes a consistent backup of the store into an unlinked temporary
     /// file in `dir` (on a blocking thread, from one read transaction, so
     /// appends go on meanwhile). Every message committed before the call is
-    /// in it.
-    pub async fn backup(&self, dir: &Path) -> Result<Snapshot, BackupError> {
+    /// in it. The copy's page cache takes at most `cache_bytes`.
+    pub async fn backup(&self, dir: &Path, cache_bytes: usize) -> Result<Snapshot, BackupError> {
         let db = self.db.clone();
         let dir = dir.to_owned();
-        tokio::task::spawn_blocking(move || backup::snapshot(&db, &dir)).await?
+        tokio::task::spawn_blocking(move || backup::snapshot(&db, &dir, cache_bytes)).await?
     }
 
     /// Asks the writer for one retention step: from the room `from` on,

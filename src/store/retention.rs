@@ -329,6 +329,7 @@ mod tests {
             index_batch_bytes: 1 << 30,
             queue_capacity: 64,
             idempotency_ttl: Duration::from_secs(60),
+            backup_cache_bytes: 1 << 20,
         }
     }
 

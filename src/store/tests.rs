@@ -31,6 +31,7 @@ fn opts() -> StoreOptions {
         index_batch_bytes: 1 << 20,
         queue_capacity: 4096,
         idempotency_ttl: Duration::from_secs(3600),
+        backup_cache_bytes: 1 << 20,
     }
 }
 

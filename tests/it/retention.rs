@@ -216,7 +216,10 @@ async fn erased_and_expired_bodies_leave_the_file_and_backups() {
     let snapshot = server
         .state
         .store
-        .backup(&server.fixture.path().join("data"))
+        .backup(
+            &server.fixture.path().join("data"),
+            server.state.config.backup_cache_bytes,
+        )
         .await
         .expect("backup");
     let mut backup = Vec::new();
