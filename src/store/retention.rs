@@ -219,7 +219,16 @@ fn trim_room(
             finished = true;
             break;
         };
-        let records = Chunk::decode(key, &bytes)?;
+        // A corrupt chunk is left alone: failing the step would fail the
+        // sends committed in the same transaction, at every interval.
+        let records = match Chunk::decode(key, &bytes) {
+            Ok(records) => records,
+            Err(e) => {
+                warn!(room, seq = key, error = %e, "retention skips a room with a corrupt chunk");
+                finished = true;
+                break;
+            }
+        };
         let due = records
             .iter()
             .take_while(|(seq, r)| *seq <= max_seq || r.ts < min_ts)
@@ -593,6 +602,120 @@ max_age_secs = 31536000
             toml::from_str::<crate::Config>("[[retention]]\nrooms = \"x\"\nmax_days = 1\n")
                 .is_err()
         );
+    }
+
+    #[test]
+    fn a_corrupt_chunk_is_skipped_and_the_other_rooms_are_trimmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::create(dir.path().join("db.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut m = txn.open_table(MESSAGES).unwrap();
+            m.insert(("chat-a", 5u64), [9u8, 9, 9].as_slice()).unwrap();
+            let items: Vec<u64> = (1..=4).collect();
+            insert_chunks(
+                &mut m,
+                "chat-b",
+                &items,
+                |s| *s,
+                |c, _| {
+                    c.push(&Record {
+                        ts: 0,
+                        from: "u",
+                        body: Some("1"),
+                    })
+                },
+            )
+            .unwrap();
+        }
+        let step = {
+            let mut m = txn.open_table(MESSAGES).unwrap();
+            let mut r = txn.open_table(RETAINED_FROM).unwrap();
+            let rules = [rule("chat-*", None, Some(1))];
+            step(&mut m, &mut r, &rules, |_| None, 0, None, 100).unwrap()
+        };
+        txn.commit().unwrap();
+        assert_eq!(
+            step,
+            Step {
+                deleted: 3,
+                next: None
+            }
+        );
+        let left = indexed_raw(&db);
+        assert_eq!(left, [("chat-a".to_owned(), 5), ("chat-b".to_owned(), 4)]);
+    }
+
+    /// (room, key) of every chunk, without decoding.
+    fn indexed_raw(db: &Database) -> Vec<(String, u64)> {
+        let txn = db.begin_read().unwrap();
+        let t = txn.open_table(MESSAGES).unwrap();
+        t.iter()
+            .unwrap()
+            .map(|e| {
+                let (k, _) = e.unwrap();
+                (k.value().0.to_owned(), k.value().1)
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn the_background_task_deletes_what_is_due_and_stops_when_cancelled() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db.redb"), opts(), Arc::new(Nothing)).unwrap();
+        let h = store.handle();
+        for _ in 0..10 {
+            let (reply, rx) = oneshot::channel();
+            h.append(Append {
+                room: Arc::from("chat-a"),
+                from: Arc::from("u"),
+                body: RawValue::from_string("1".into()).unwrap(),
+                key: None,
+                reply,
+            })
+            .await
+            .unwrap();
+            rx.await.unwrap().unwrap();
+        }
+        let stop = CancellationToken::new();
+        let rules: Arc<[RetentionRule]> = Arc::from(vec![rule("chat-*", None, Some(2))]);
+        // A budget of 3 takes several steps per sweep.
+        let task = tokio::spawn(run(
+            h.clone(),
+            rules,
+            Duration::from_millis(10),
+            3,
+            stop.clone(),
+        ));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let page = h.history("chat-a", None, None, 100).await.unwrap();
+            if page.messages.len() == 2 {
+                assert_eq!(page.messages[0].seq, 9);
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "retention ran");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(15), task)
+            .await
+            .expect("the task ends once cancelled")
+            .unwrap();
+        // Without rules it returns at once.
+        run(
+            h.clone(),
+            Arc::from(Vec::new()),
+            Duration::from_millis(10),
+            3,
+            CancellationToken::new(),
+        )
+        .await;
+        drop(h);
+        tokio::task::spawn_blocking(move || store.shutdown())
+            .await
+            .unwrap()
+            .unwrap();
     }
 
     #[test]
