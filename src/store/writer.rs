@@ -286,10 +286,10 @@ impl Writer {
             Durability::None => redb::Durability::None,
         })?;
         let erases = batch.iter().any(|op| matches!(op, Op::EraseUser { .. }));
-        // A retention step deletes only indexed messages: index the log
-        // first when some of its messages are due.
+        // A retention step deletes only indexed messages: the first step of
+        // a sweep indexes the log first when some of its messages are due.
         let retention_due = batch.iter().any(|op| {
-            matches!(op, Op::Retention { rules, .. }
+            matches!(op, Op::Retention { rules, from: None, .. }
                 if retention::due_in_log(&self.unindexed, rules, now))
         });
         let indexed_all = self.log_len > 0
