@@ -457,12 +457,7 @@ fn backup(args: BackupArgs) -> anyhow::Result<()> {
         );
     }
     let length = length.context("the backup answer has no Content-Length")?;
-    let written =
-        switchboard::store::write_file_durably(&args.to, &mut (&mut reader).take(length))?;
-    if written != length {
-        let _ = std::fs::remove_file(&args.to);
-        anyhow::bail!("the backup was cut off after {written} of {length} bytes; nothing kept");
-    }
+    let written = switchboard::store::write_file_durably(&args.to, &mut reader, length)?;
     let (of, chunks) = switchboard::store::verify_backup(&args.to)
         .with_context(|| format!("{} is not a readable backup", args.to.display()))?;
     anyhow::ensure!(

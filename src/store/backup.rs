@@ -334,13 +334,29 @@ fn scrub(path: &Path, db: Database, cache_bytes: usize) -> Result<Database, Back
     }
 }
 
-/// Writes `bytes` to `dest` durably: a sibling temporary file, fsync'd,
-/// renamed over `dest`, the directory fsync'd. For the `backup` command.
-pub fn write_file_durably(dest: &Path, bytes: &mut dyn std::io::Read) -> Result<u64, BackupError> {
+/// Writes exactly `len` bytes from `bytes` to `dest` durably: a sibling
+/// temporary file, fsync'd, renamed over `dest`, the directory fsync'd.
+/// Fewer bytes leave nothing behind. For the `backup` command.
+pub fn write_file_durably(
+    dest: &Path,
+    bytes: &mut dyn std::io::Read,
+    len: u64,
+) -> Result<u64, BackupError> {
     let tmp = dest.with_extension("partial");
     let written = (|| {
         let mut f = File::create(&tmp).map_err(io("cannot create", &tmp))?;
-        let n = std::io::copy(bytes, &mut f).map_err(io("cannot write", &tmp))?;
+        let n = std::io::copy(&mut std::io::Read::take(bytes, len), &mut f)
+            .map_err(io("cannot write", &tmp))?;
+        if n != len {
+            return Err(BackupError::Io {
+                what: "the download was cut off, nothing kept of",
+                path: dest.to_owned(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("{n} of {len} bytes"),
+                ),
+            });
+        }
         f.sync_all().map_err(io("cannot sync", &tmp))?;
         Ok(n)
     })();
@@ -428,7 +444,7 @@ mod tests {
         drop(db);
         let restored_dir = tempfile::tempdir().unwrap();
         let restored = restored_dir.path().join("switchboard.redb");
-        write_file_durably(&restored, &mut snap.file).unwrap();
+        write_file_durably(&restored, &mut snap.file, snap.bytes).unwrap();
         assert_eq!(verify(&restored).unwrap().0, "00000000000000aa");
         let stale = [
             restored_dir.path().join(".backup-0123456789abcdef.redb"),

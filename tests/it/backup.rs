@@ -285,3 +285,44 @@ async fn a_backup_with_a_wrong_token_is_refused_and_writes_nothing() {
     assert!(!file.with_extension("partial").exists());
     server.stop().await;
 }
+
+/// A peer that answers the backup request with fewer bytes than its
+/// `Content-Length` and hangs up, as a server dying mid-download would.
+#[tokio::test]
+async fn a_download_cut_off_midway_leaves_no_file() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let peer = tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.expect("accept");
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = socket.read(&mut buf).await.expect("read");
+            assert!(n > 0, "request cut short");
+            head.extend_from_slice(&buf[..n]);
+        }
+        let head = String::from_utf8_lossy(&head).into_owned();
+        socket
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\nX-Switchboard-Epoch: 00000000000000aa\r\n\r\nonly a few bytes")
+            .await
+            .expect("write");
+        head
+    });
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("b.redb");
+    let out = backup_cli(addr, TOKEN, &file).await;
+    let head = peer.await.expect("peer");
+    assert!(
+        head.starts_with("POST /admin/api/backup HTTP/1.1\r\n"),
+        "{head}"
+    );
+    assert!(head.contains(&format!("Authorization: Bearer {TOKEN}\r\n")));
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cut off"), "{stderr}");
+    assert!(!file.exists());
+    assert!(!file.with_extension("partial").exists());
+}
