@@ -107,6 +107,11 @@ pub struct Config {
     /// after erasures or retention) writes: the memory a copy takes beyond
     /// the live store's. Default 16 777 216 (16 MiB).
     pub backup_cache_bytes: usize,
+    /// After erasures or retention deleted message bodies, rewrite the store
+    /// file at the next start (a fresh copy of its live data) so that their
+    /// bytes leave the disk: redb frees pages but does not overwrite them.
+    /// Costs about a backup's time and space at that start. Default true.
+    pub purge_on_start: bool,
     /// Time allowed, at shutdown, for sessions to close and commits to finish. Default 10 000 ms.
     pub shutdown_grace_ms: u64,
     /// Address of the internal HTTP listener (`/healthz`, `/readyz`, `/metrics`,
@@ -271,6 +276,7 @@ impl Default for Config {
             retention_interval_ms: 60_000,
             retention_batch: 1024,
             backup_cache_bytes: 16 << 20,
+            purge_on_start: true,
             shutdown_grace_ms: 10_000,
             admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9090))),
             admin_token: None,
@@ -539,6 +545,7 @@ impl Config {
             queue_capacity: self.store_queue_capacity,
             idempotency_ttl: Duration::from_secs(self.idempotency_ttl_secs),
             backup_cache_bytes: self.backup_cache_bytes,
+            purge_on_start: self.purge_on_start,
         }
     }
 }

@@ -238,20 +238,19 @@ fn meta_value(db: &Database, key: &str) -> Result<Option<String>, BackupError> {
 }
 
 /// Prepares a file just opened at `path`, before anything else reads it:
-/// rewrites it when an erasure or retention left freed message bodies in
-/// it, and gives a restored backup a new epoch. A rewrite that fails (no
-/// space for the copy, say) is logged and the file is used as it is; the
-/// next open tries again.
+/// with `purge` (the copy's cache size), rewrites it when an erasure or
+/// retention left freed message bodies in it; gives a restored backup a new
+/// epoch. A rewrite that fails (no space for the copy, say) is logged and
+/// the file is used as it is; the next open tries again.
 pub(super) fn on_open(
     path: &Path,
     db: Database,
-    cache_bytes: usize,
+    purge: Option<usize>,
 ) -> Result<Database, BackupError> {
     remove_leftovers(path);
-    let db = if meta_value(&db, SCRUB_KEY)?.is_some() {
-        scrub(path, db, cache_bytes)?
-    } else {
-        db
+    let db = match purge {
+        Some(cache_bytes) if meta_value(&db, SCRUB_KEY)?.is_some() => scrub(path, db, cache_bytes)?,
+        _ => db,
     };
     if let Some(old) = meta_value(&db, BACKUP_OF_KEY)? {
         let epoch = format!("{:016x}", rand::random::<u64>());
@@ -437,6 +436,29 @@ mod tests {
     }
 
     #[test]
+    fn a_marked_file_is_rewritten_at_open_only_when_purging() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, db) = store_file(dir.path());
+        let txn = db.begin_write().unwrap();
+        txn.open_table(META)
+            .unwrap()
+            .insert(SCRUB_KEY, "1")
+            .unwrap();
+        txn.commit().unwrap();
+        let db = on_open(&path, db, None).unwrap();
+        assert!(
+            meta_value(&db, SCRUB_KEY).unwrap().is_some(),
+            "kept as it is"
+        );
+        let db = on_open(&path, db, Some(CACHE)).unwrap();
+        assert!(meta_value(&db, SCRUB_KEY).unwrap().is_none(), "rewritten");
+        assert_eq!(
+            meta_value(&db, EPOCH_KEY).unwrap().as_deref(),
+            Some("00000000000000aa")
+        );
+    }
+
+    #[test]
     fn opening_removes_unfinished_copies_and_renews_a_restored_epoch_once() {
         let dir = tempfile::tempdir().unwrap();
         let (path, db) = store_file(dir.path());
@@ -456,7 +478,7 @@ mod tests {
         let keep = restored_dir.path().join("notes.txt");
         std::fs::write(&keep, b"mine").unwrap();
 
-        let db = on_open(&restored, Database::create(&restored).unwrap(), CACHE).unwrap();
+        let db = on_open(&restored, Database::create(&restored).unwrap(), Some(CACHE)).unwrap();
         for f in &stale {
             assert!(!f.exists(), "{} removed", f.display());
         }
@@ -465,10 +487,10 @@ mod tests {
         assert_ne!(epoch, "00000000000000aa");
         assert!(meta_value(&db, BACKUP_OF_KEY).unwrap().is_none());
         drop(db);
-        let db = on_open(&restored, Database::create(&restored).unwrap(), CACHE).unwrap();
+        let db = on_open(&restored, Database::create(&restored).unwrap(), Some(CACHE)).unwrap();
         assert_eq!(meta_value(&db, EPOCH_KEY).unwrap().unwrap(), epoch);
         // The original store is untouched by all this.
-        let db = on_open(&path, Database::create(&path).unwrap(), CACHE).unwrap();
+        let db = on_open(&path, Database::create(&path).unwrap(), Some(CACHE)).unwrap();
         assert_eq!(
             meta_value(&db, EPOCH_KEY).unwrap().as_deref(),
             Some("00000000000000aa")

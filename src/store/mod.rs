@@ -78,6 +78,9 @@ pub struct StoreOptions {
     pub idempotency_ttl: Duration,
     /// Page cache of the fresh file the rewrite at open writes (see `backup`).
     pub backup_cache_bytes: usize,
+    /// Whether opening rewrites a file in which erasures or retention freed
+    /// message bodies, so that their bytes leave the disk.
+    pub purge_on_start: bool,
 }
 
 /// A message to store.
@@ -186,7 +189,8 @@ impl Store {
             path: path.to_owned(),
             source,
         })?;
-        let db = backup::on_open(path, db, opts.backup_cache_bytes).map_err(OpenError::Prepare)?;
+        let purge = opts.purge_on_start.then_some(opts.backup_cache_bytes);
+        let db = backup::on_open(path, db, purge).map_err(OpenError::Prepare)?;
         let epoch = init(&db).map_err(OpenError::Init)?;
         let db = Arc::new(db);
         let (tx, rx) = mpsc::channel(opts.queue_capacity.max(1));

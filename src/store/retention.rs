@@ -339,6 +339,7 @@ mod tests {
             queue_capacity: 64,
             idempotency_ttl: Duration::from_secs(60),
             backup_cache_bytes: 1 << 20,
+            purge_on_start: true,
         }
     }
 

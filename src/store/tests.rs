@@ -32,6 +32,7 @@ fn opts() -> StoreOptions {
         queue_capacity: 4096,
         idempotency_ttl: Duration::from_secs(3600),
         backup_cache_bytes: 1 << 20,
+        purge_on_start: true,
     }
 }
 
