@@ -111,6 +111,23 @@ async fn retention_keeps_the_newest_of_matching_rooms_and_a_resume_into_the_gap_
         history_seqs(&mut bob, "chat-a", Some(16)).await,
         (Vec::new(), false)
     );
+    // Paging the gap from `since`, as a client told `recovered: false` does,
+    // starts at the oldest message kept.
+    let reply = bob
+        .request(ClientRequest::History {
+            room: "chat-a".into(),
+            before: None,
+            after: Some(3),
+            limit: Some(2),
+        })
+        .await;
+    match reply {
+        ServerFrame::History { messages, more, .. } => {
+            let seqs: Vec<u64> = messages.iter().map(|m| m.seq).collect();
+            assert_eq!((seqs, more), (vec![16, 17], true));
+        }
+        other => panic!("history: {other:?}"),
+    }
     bob.request(ClientRequest::Leave {
         room: "chat-a".into(),
     })
