@@ -149,8 +149,8 @@ fn next_room(
 /// `from` on, in name order, deletes the due messages of rooms that a rule
 /// matches, until `budget` messages are deleted or `budget` rooms examined.
 /// `unindexed_last` gives a room's newest unindexed seq (messages the
-/// indexes do not hold yet count for `max_count`). Returns whether anything
-/// was deleted with the step.
+/// indexes do not hold yet count for `max_count`). Returns how many it
+/// deleted and the room the next step starts at.
 pub(super) fn step(
     messages: &mut Messages<'_>,
     retained: &mut Table<'_, &'static str, u64>,
