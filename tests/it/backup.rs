@@ -16,8 +16,9 @@ use crate::support::{DEADLINE, Fixture, TestServer};
 
 const ROOMS: [&str; 2] = ["ops", "lobby"];
 const SENDERS: usize = 4;
-/// Most sends of one sender: the load is bounded in count.
-const MAX_SENDS: usize = 400;
+/// Most sends of one sender: the load is bounded in count (it stops well
+/// before, once enough sends were acked after the backup).
+const MAX_SENDS: usize = 5000;
 
 /// Before the backup was asked for; while it ran; after it returned.
 const BEFORE: u8 = 0;
@@ -161,6 +162,12 @@ async fn a_backup_under_load_restores_every_acked_message_with_dense_seqs_and_a_
             .expect("sender task");
     }
     let acked = acked.lock().unwrap().clone();
+    eprintln!(
+        "acked: {} before the backup, {} while it ran, {} after",
+        acked.iter().filter(|a| a.acked == BEFORE).count(),
+        acked.iter().filter(|a| a.acked == DURING).count(),
+        acked.iter().filter(|a| a.acked == AFTER).count()
+    );
     let mut live_latest = Vec::new();
     for room in ROOMS {
         live_latest.push(server.state.store.latest_seq(room).await.expect("latest"));
