@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::store::retention::{RetentionRule, RuleError};
 use crate::store::{Durability, StoreOptions};
 
 /// The whole server configuration. Field docs are the configuration reference.
@@ -101,6 +102,26 @@ pub struct Config {
     pub store_retry_ms: u64,
     /// How long an idempotency key is remembered. Default 86 400 s (24 h).
     pub idempotency_ttl_secs: u64,
+    /// Retention rules, in TOML `[[retention]]` tables with `rooms` (a
+    /// pattern, `*` as in grants), `max_age_secs` and/or `max_count`. The
+    /// first rule whose pattern matches a room applies to it; rooms no rule
+    /// matches keep their history for ever. Default: none.
+    pub retention: Vec<RetentionRule>,
+    /// How often retention looks for due messages. Default 60 000 ms.
+    pub retention_interval_ms: u64,
+    /// Most messages one retention step deletes, in one writer transaction
+    /// between the commits of sends (it also looks at most at this many
+    /// rooms). Default 1 024.
+    pub retention_batch: u64,
+    /// Page cache of the fresh redb file a backup (or the rewrite at start
+    /// after erasures or retention) writes: the memory a copy takes beyond
+    /// the live store's. Default 16 777 216 (16 MiB).
+    pub backup_cache_bytes: usize,
+    /// After erasures or retention deleted message bodies, rewrite the store
+    /// file at the next start (a fresh copy of its live data) so that their
+    /// bytes leave the disk: redb frees pages but does not overwrite them.
+    /// Costs about a backup's time and space at that start. Default true.
+    pub purge_on_start: bool,
     /// Time allowed, at shutdown, for sessions to close and commits to finish. Default 10 000 ms.
     pub shutdown_grace_ms: u64,
     /// Address of the internal HTTP listener (`/healthz`, `/readyz`, `/metrics`,
@@ -264,6 +285,11 @@ impl Default for Config {
             store_cache_bytes: 64 << 20,
             store_retry_ms: 1000,
             idempotency_ttl_secs: 86_400,
+            retention: Vec::new(),
+            retention_interval_ms: 60_000,
+            retention_batch: 1024,
+            backup_cache_bytes: 16 << 20,
+            purge_on_start: true,
             shutdown_grace_ms: 10_000,
             admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9090))),
             admin_token: None,
@@ -331,6 +357,8 @@ pub enum ConfigError {
         "`{field}` with a burst of 0 admits nothing; give a burst of at least 1 or per_sec = 0 (off)"
     )]
     EmptyBurst { field: &'static str },
+    #[error("invalid `[[retention]]` rule")]
+    Retention(#[from] RuleError),
 }
 
 impl Config {
@@ -385,6 +413,16 @@ impl Config {
         at_least("store_retry_ms", self.store_retry_ms, 1)?;
         at_least("store_queue_bytes", self.store_queue_bytes as u64, 1)?;
         at_least("admin_page_max", self.admin_page_max as u64, 1)?;
+        at_least("retention_interval_ms", self.retention_interval_ms, 1)?;
+        at_least("retention_batch", self.retention_batch, 1)?;
+        at_least(
+            "backup_cache_bytes",
+            self.backup_cache_bytes as u64,
+            1 << 16,
+        )?;
+        for rule in &self.retention {
+            rule.validate()?;
+        }
         let keys = self.auth_keys_set();
         if keys.len() > 1 {
             return Err(ConfigError::SeveralAuthKeys(keys.join(", ")));
@@ -525,6 +563,8 @@ impl Config {
             cache_bytes: self.store_cache_bytes,
             retry_interval: Duration::from_millis(self.store_retry_ms),
             probe_bytes: self.max_message_bytes,
+            backup_cache_bytes: self.backup_cache_bytes,
+            purge_on_start: self.purge_on_start,
         }
     }
 }

@@ -31,6 +31,26 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Mint a client token (HS256) from the configured secret, for operators and tests.
     Token(TokenArgs),
+    /// Take a consistent backup of a running server's store through its admin API.
+    Backup(BackupArgs),
+}
+
+/// `switchboard backup --to FILE`: restore by stopping the server and putting
+/// FILE in place as `data_dir/switchboard.redb` (docs/operators.md).
+#[derive(Args, Debug)]
+struct BackupArgs {
+    /// Where to write the backup (a redb file); written to FILE.partial, fsync'd, then renamed.
+    #[arg(long)]
+    to: PathBuf,
+    /// The server's admin listener [default: the config's admin_listen, else 127.0.0.1:9090].
+    #[arg(long, env = "SWITCHBOARD_ADMIN_LISTEN")]
+    admin: Option<SocketAddr>,
+    /// The admin bearer token. Prefer the environment variable: flags show in `ps`.
+    #[arg(long, env = "SWITCHBOARD_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// TOML config file to take `admin_listen` and `admin_token` from.
+    #[arg(long, env = "SWITCHBOARD_CONFIG")]
+    config: Option<PathBuf>,
 }
 
 /// `switchboard token --user alice --grant 'general:rw' --grant 'team-*:r' --ttl 1h`
@@ -275,6 +295,9 @@ async fn main() -> anyhow::Result<()> {
     let args = match cli.command {
         Some(Command::Serve(args)) => *args,
         Some(Command::Token(args)) => return mint(args),
+        Some(Command::Backup(args)) => {
+            return tokio::task::spawn_blocking(move || backup(args)).await?;
+        }
         None => ServeArgs::parse_from_env_only(),
     };
     let mut config = match &args.config {
@@ -380,6 +403,81 @@ fn mint(args: TokenArgs) -> anyhow::Result<()> {
         ..Default::default()
     };
     println!("{}", switchboard::auth::mint_hs256(&secret, &claims)?);
+    Ok(())
+}
+
+/// Downloads a backup from the admin API into `args.to`, then opens it to
+/// check that it is a whole store. Blocking.
+fn backup(args: BackupArgs) -> anyhow::Result<()> {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let config = match &args.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    let addr = args
+        .admin
+        .or(config.admin_listen)
+        .context("no admin address: give --admin or set admin_listen")?;
+    let token = args
+        .admin_token
+        .or_else(|| config.admin_token.map(|t| t.expose().to_owned()))
+        .context("no admin token: set SWITCHBOARD_ADMIN_TOKEN or --admin-token")?;
+    let mut stream = std::net::TcpStream::connect(addr)
+        .with_context(|| format!("cannot connect to the admin listener {addr}"))?;
+    write!(
+        stream,
+        "POST /admin/api/backup HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .context("cannot send the backup request")?;
+    let mut reader = BufReader::new(stream);
+    let mut status_line = String::new();
+    reader
+        .read_line(&mut status_line)
+        .context("no answer from the admin listener")?;
+    let status: u16 = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("not an HTTP answer: {status_line:?}"))?;
+    let mut length = None;
+    let mut epoch = String::new();
+    loop {
+        let mut line = String::new();
+        reader
+            .read_line(&mut line)
+            .context("the answer's headers are cut off")?;
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':') {
+            if name.eq_ignore_ascii_case("content-length") {
+                length = value.trim().parse::<u64>().ok();
+            } else if name.eq_ignore_ascii_case(switchboard::admin::BACKUP_EPOCH_HEADER) {
+                epoch = value.trim().to_owned();
+            }
+        }
+    }
+    if status != 200 {
+        let mut body = String::new();
+        let _ = reader.take(64 * 1024).read_to_string(&mut body);
+        anyhow::bail!(
+            "the server refused the backup (HTTP {status}): {}",
+            body.trim()
+        );
+    }
+    let length = length.context("the backup answer has no Content-Length")?;
+    let written = switchboard::store::write_file_durably(&args.to, &mut reader, length)?;
+    let (of, chunks) = switchboard::store::verify_backup(&args.to)
+        .with_context(|| format!("{} is not a readable backup", args.to.display()))?;
+    anyhow::ensure!(
+        of == epoch,
+        "the backup names epoch {of}, the server said {epoch}"
+    );
+    println!(
+        "backup of epoch {epoch} written to {} ({written} bytes, {chunks} message chunks)",
+        args.to.display()
+    );
     Ok(())
 }
 

@@ -195,6 +195,13 @@ impl Server {
             ));
         }
         tracker.spawn(presence_flusher(state.clone(), token.clone()));
+        tracker.spawn(crate::store::retention::run(
+            state.store.clone(),
+            state.config.retention.clone().into(),
+            std::time::Duration::from_millis(state.config.retention_interval_ms),
+            state.config.retention_batch,
+            token.clone(),
+        ));
         // The admin listener has its own tracker and stop token: it keeps
         // answering while sessions drain (`/readyz` then says 503, because
         // `token` is cancelled) and stops only after them.

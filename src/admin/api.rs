@@ -25,7 +25,7 @@ use super::auth::Caller;
 use super::{AdminState, health, now_ms, rfc3339};
 use crate::hub::SessionInfo;
 use crate::session::CloseReason;
-use crate::store::{Append, AppendError, ReadError, StoreClosed};
+use crate::store::{Append, AppendError, BackupError, ReadError, StoreClosed};
 
 /// The user that system messages come from.
 pub const SYSTEM_USER: &str = "system";
@@ -49,6 +49,8 @@ pub(super) enum ApiError {
     Write(#[from] AppendError),
     #[error("the store is closed")]
     Closed(#[from] StoreClosed),
+    #[error("the backup could not be made")]
+    Backup(#[from] BackupError),
 }
 
 impl ApiError {
@@ -64,7 +66,8 @@ impl ApiError {
             | ApiError::AuditRead(_)
             | ApiError::Read(_)
             | ApiError::Write(_)
-            | ApiError::Closed(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            | ApiError::Closed(_)
+            | ApiError::Backup(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
 }
@@ -474,3 +477,52 @@ pub(super) async fn audit_log(
     let entries = state.audit.tail(limit).await.map_err(ApiError::AuditRead)?;
     Ok(Json(json!({ "entries": entries })))
 }
+
+/// `POST /admin/api/backup`: a consistent copy of the whole store, as a
+/// redb file in the response body (`application/octet-stream`, with its
+/// `Content-Length`). It is taken from one read transaction while sends go
+/// on: every message acknowledged before the request arrived is in it. The
+/// copy is made in a temporary file in `data_dir` (so the server needs as
+/// much free space there as the live data takes), unlinked at once and
+/// streamed. Audited as `backup`. Restoring it: docs/operators.md.
+pub(super) async fn backup(
+    State(state): State<Arc<AdminState>>,
+    Extension(caller): Extension<Caller>,
+) -> ApiResult<Response> {
+    audit(&state, &caller, "backup", json!({})).await?;
+    let started = std::time::Instant::now();
+    let snapshot = state
+        .server
+        .store
+        .backup(
+            &state.server.config.data_dir,
+            state.server.config.backup_cache_bytes,
+        )
+        .await?;
+    info!(
+        bytes = snapshot.bytes,
+        entries = snapshot.entries,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "backup taken"
+    );
+    let name = format!(
+        "attachment; filename=\"switchboard-{}-{}.redb\"",
+        snapshot.epoch,
+        now_ms()
+    );
+    let file = tokio::fs::File::from_std(snapshot.file);
+    let body = axum::body::Body::from_stream(tokio_util::io::ReaderStream::new(file));
+    let headers = [
+        (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
+        (header::CONTENT_LENGTH, snapshot.bytes.to_string()),
+        (header::CONTENT_DISPOSITION, name),
+    ];
+    let mut response = (headers, body).into_response();
+    if let Ok(epoch) = header::HeaderValue::from_str(&snapshot.epoch) {
+        response.headers_mut().insert(BACKUP_EPOCH_HEADER, epoch);
+    }
+    Ok(response)
+}
+
+/// The response header of a backup naming the epoch it was taken from.
+pub const BACKUP_EPOCH_HEADER: &str = "x-switchboard-epoch";

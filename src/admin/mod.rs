@@ -15,7 +15,7 @@
 //!   warning is logged at start). The token is never logged; the audit log
 //!   names the caller by a fingerprint of it.
 //! - Every admin action that changes state or reads user data (kick,
-//!   publish, export, erase) is appended to the audit log *before* it runs;
+//!   publish, export, erase, backup) is appended to the audit log *before* it runs;
 //!   an action that cannot be audited is not performed.
 //!
 //! Lifetime: [`serve`] runs as a tracked task of the server. axum spawns one
@@ -40,6 +40,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+pub use api::BACKUP_EPOCH_HEADER;
 pub use audit::{AuditEntry, AuditError, AuditLog};
 
 use crate::server::ServerState;
@@ -65,6 +66,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/admin/api/rooms/{room}"),
     ("POST", "/admin/api/rooms/{room}/messages"),
     ("GET", "/admin/api/audit"),
+    ("POST", "/admin/api/backup"),
 ];
 
 /// What every admin handler shares.
@@ -141,6 +143,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/rooms/{room}", get(api::get_room))
         .route("/rooms/{room}/messages", post(api::publish))
         .route("/audit", get(api::audit_log))
+        .route("/backup", post(api::backup))
         .fallback(api::not_found)
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::from_fn_with_state(

@@ -40,6 +40,8 @@ pub enum OpenError {
     },
     #[error("cannot initialise the database tables")]
     Init(#[source] WriteError),
+    #[error("cannot prepare the database (restored backup or rewrite)")]
+    Prepare(#[source] super::backup::BackupError),
     #[error("cannot start the writer thread")]
     Thread(#[source] std::io::Error),
 }

@@ -23,7 +23,9 @@
 //! - Every part of the store's memory has a bound in [`StoreOptions`]: the
 //!   page cache, the queue (count and bytes), the unindexed log.
 
+mod backup;
 mod error;
+pub mod retention;
 mod slot;
 mod tables;
 mod unindexed;
@@ -41,13 +43,14 @@ use serde_json::value::RawValue;
 use slot::DbSlot;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
+pub use backup::{BackupError, Snapshot, verify as verify_backup, write_file_durably};
 pub use error::{
     AppendError, NotWritable, OpenError, ReadError, ShutdownError, StoreClosed, TryAppendError,
     WriteError,
 };
 use tables::{
     Chunk, EPOCH_KEY, KEY_EXPIRY, KEYS, LOG, LogBatch, LogEntry, MESSAGES, META, OLD_BY_USER,
-    ROOMS_BY_USER, Record, insert_chunks, last_seq,
+    RETAINED_FROM, ROOMS_BY_USER, Record, insert_chunks,
 };
 use unindexed::{Logged, Unindexed};
 
@@ -90,6 +93,11 @@ pub struct StoreOptions {
     /// The size of the value the writer commits to learn whether the store
     /// can commit again: the largest message.
     pub probe_bytes: usize,
+    /// Page cache of the fresh file the rewrite at open writes (see `backup`).
+    pub backup_cache_bytes: usize,
+    /// Whether opening rewrites a file in which erasures or retention freed
+    /// message bodies, so that their bytes leave the disk.
+    pub purge_on_start: bool,
 }
 
 /// A message to store.
@@ -210,6 +218,8 @@ impl Store {
                 source,
             },
         })?;
+        let purge = opts.purge_on_start.then_some(opts.backup_cache_bytes);
+        let db = backup::on_open(path, db, purge).map_err(OpenError::Prepare)?;
         let epoch = init(&db).map_err(|e| match e.storage() {
             Some(s) if slot::storage_full(s) => OpenError::no_space(path, Box::new(e)),
             _ => OpenError::Init(e),
@@ -359,6 +369,7 @@ fn init(db: &Database) -> Result<String, WriteError> {
     txn.open_table(KEYS)?;
     txn.open_table(KEY_EXPIRY)?;
     txn.open_table(ROOMS_BY_USER)?;
+    txn.open_table(RETAINED_FROM)?;
     txn.commit()?;
     if left > 0 {
         tracing::info!(
@@ -512,6 +523,38 @@ impl StoreHandle {
         rx.await.map_err(|_| AppendError::Closed)?
     }
 
+    /// Takes a consistent backup of the store into an unlinked temporary
+    /// file in `dir` (on a blocking thread, from one read transaction, so
+    /// appends go on meanwhile). Every message committed before the call is
+    /// in it. The copy's page cache takes at most `cache_bytes`.
+    pub async fn backup(&self, dir: &Path, cache_bytes: usize) -> Result<Snapshot, BackupError> {
+        let db = self.db.clone();
+        let dir = dir.to_owned();
+        tokio::task::spawn_blocking(move || {
+            db.with(|db| backup::snapshot(db, &dir, cache_bytes))?
+        })
+        .await?
+    }
+
+    /// Asks the writer for one retention step: from the room `from` on,
+    /// delete what `rules` say is due, at most `budget` messages.
+    pub async fn retain(
+        &self,
+        rules: Arc<[retention::RetentionRule]>,
+        from: Option<String>,
+        budget: u64,
+    ) -> Result<retention::Step, AppendError> {
+        let (reply, rx) = oneshot::channel();
+        let op = Op::Retention {
+            rules,
+            from,
+            budget,
+            reply,
+        };
+        self.tx.send(op).await.map_err(|_| AppendError::Closed)?;
+        rx.await.map_err(|_| AppendError::Closed)?
+    }
+
     /// Runs `f` in a read transaction on a blocking thread. Callers take
     /// what they need of the unindexed copy before calling this, so before
     /// the transaction begins (see the invariants in `unindexed`).
@@ -538,7 +581,8 @@ impl StoreHandle {
         let indexed = self
             .read(move |txn| {
                 let messages = txn.open_table(MESSAGES)?;
-                Ok(last_seq(&messages, &room)?)
+                let retained = txn.open_table(RETAINED_FROM)?;
+                Ok(retention::latest_indexed(&messages, &retained, &room)?)
             })
             .await?;
         Ok(unindexed.map_or(indexed, |u| u.max(indexed)))

@@ -15,10 +15,11 @@ pub const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 /// message); the value is a [`Chunk`]: the records of consecutive seqs
 /// ending at the key's. An index flush writes one chunk per room (or a few,
 /// see [`CHUNK_MAX_RECORDS`]) however many messages it holds, so the pages
-/// written per flush grow with the rooms, not the messages. Messages are
-/// never removed (erasure keeps the record without its body), so a room's
-/// last key is its latest seq: seqs continue gap-free after a restart with
-/// no second table written per message.
+/// written per flush grow with the rooms, not the messages. Only retention
+/// removes messages, a room's oldest first, and it records what it removed
+/// in [`RETAINED_FROM`] (erasure keeps the record without its body), so a
+/// room's latest seq is its last key or that mark: seqs continue gap-free
+/// after a restart with no second table written per message.
 pub const MESSAGES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("messages");
 
 /// Most records in one chunk. A history read decodes whole chunks, so this
@@ -66,6 +67,21 @@ pub const EPOCH_KEY: &str = "epoch";
 /// The key in [`META`] of the value the writer commits, and then removes,
 /// to learn whether the store can commit again after a failure.
 pub const PROBE_KEY: &str = "probe";
+/// Present in [`META`] once an erasure or retention freed a message body
+/// since the file was last rewritten: redb does not overwrite freed pages,
+/// so the next open rewrites the file (see `backup::on_open`).
+pub const SCRUB_KEY: &str = "scrub_pending";
+/// Present in [`META`] only in a backup file: the epoch of the store it
+/// was taken from. Opening such a file makes a new epoch (see `backup`).
+pub const BACKUP_OF_KEY: &str = "backup_of_epoch";
+/// In a backup file's [`META`]: when it was taken, ms since the Unix epoch.
+pub const BACKUP_AT_KEY: &str = "backup_at_ms";
+
+/// Per room whose oldest messages retention deleted: the lowest seq it
+/// kept (one past the highest it deleted). A room's latest seq is at least
+/// this minus one, so seqs never go back even when retention deleted every
+/// message of a room.
+pub const RETAINED_FROM: TableDefinition<&str, u64> = TableDefinition::new("retained_from");
 
 /// The current record format.
 const RECORD_V1: u8 = 1;

@@ -35,6 +35,8 @@ fn opts() -> StoreOptions {
         cache_bytes: 4 << 20,
         retry_interval: Duration::from_millis(50),
         probe_bytes: 1024,
+        backup_cache_bytes: 1 << 20,
+        purge_on_start: true,
     }
 }
 

@@ -36,10 +36,11 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tracing::{error, info, warn};
 
 use super::error::{AppendError, WriteError};
+use super::retention::{self, RetentionRule, Step};
 use super::slot::{self, DbSlot};
 use super::tables::{
-    Chunk, KEY_EXPIRY, KEYS, LOG, LogBatch, LogEntry, MESSAGES, META, PROBE_KEY, ROOMS_BY_USER,
-    Record, RecordError, insert_chunks, last_seq,
+    Chunk, KEY_EXPIRY, KEYS, LOG, LogBatch, LogEntry, MESSAGES, META, PROBE_KEY, RETAINED_FROM,
+    ROOMS_BY_USER, Record, RecordError, SCRUB_KEY, insert_chunks,
 };
 use super::unindexed::{Logged, Unindexed};
 use super::{Append, Appended, CommitSink, Committed, Durability, StoreOptions, queued_cost};
@@ -51,6 +52,13 @@ pub(super) enum Op {
         user: String,
         reply: oneshot::Sender<Result<u64, AppendError>>,
     },
+    /// One bounded retention step (see [`retention::step`]).
+    Retention {
+        rules: Arc<[RetentionRule]>,
+        from: Option<String>,
+        budget: u64,
+        reply: oneshot::Sender<Result<Step, AppendError>>,
+    },
     /// Commit what is queued, refuse anything later, and exit.
     Shutdown,
 }
@@ -60,6 +68,7 @@ enum Outcome {
     New(Appended),
     Duplicate(Appended),
     Erased(u64),
+    Retained(Step),
 }
 
 /// The writer's state that the store's handles read.
@@ -327,6 +336,9 @@ impl Writer {
                         (Op::EraseUser { reply, .. }, Outcome::Erased(n)) => {
                             replies.push(Reply::Erase(reply, n));
                         }
+                        (Op::Retention { reply, .. }, Outcome::Retained(step)) => {
+                            replies.push(Reply::Retain(reply, step));
+                        }
                         _ => {}
                     }
                 }
@@ -366,6 +378,9 @@ impl Writer {
                         Reply::Erase(tx, n) => {
                             let _ = tx.send(Ok(n));
                         }
+                        Reply::Retain(tx, step) => {
+                            let _ = tx.send(Ok(step));
+                        }
                     }
                 }
             }
@@ -384,6 +399,9 @@ impl Writer {
                             let _ = a.reply.send(Err(err.clone()));
                         }
                         Op::EraseUser { reply, .. } => {
+                            let _ = reply.send(Err(err.clone()));
+                        }
+                        Op::Retention { reply, .. } => {
                             let _ = reply.send(Err(err.clone()));
                         }
                         Op::Shutdown => {}
@@ -442,8 +460,15 @@ impl Writer {
         let mut txn = db.begin_write()?;
         txn.set_durability(self.durability())?;
         let erases = batch.iter().any(|op| matches!(op, Op::EraseUser { .. }));
+        // A retention step deletes only indexed messages: the first step of
+        // a sweep indexes the log first when some of its messages are due.
+        let retention_due = batch.iter().any(|op| {
+            matches!(op, Op::Retention { rules, from: None, .. }
+                if retention::due_in_log(&self.unindexed, rules, now))
+        });
         let indexed_all = self.log_len > 0
             && (erases
+                || retention_due
                 || self.log_len >= self.opts.index_batch
                 || self.log_bytes >= self.opts.index_batch_bytes);
         if indexed_all {
@@ -455,12 +480,16 @@ impl Writer {
         let mut log_batch = LogBatch::default();
         let log_bytes;
         let mut outcomes = Vec::with_capacity(batch.len());
+        // Whether a message body was erased or deleted: the file keeps the
+        // freed pages' bytes until it is rewritten at the next open.
+        let mut freed = false;
         {
             let mut log = txn.open_table(LOG)?;
             let mut messages = txn.open_table(MESSAGES)?;
             let mut keys = txn.open_table(KEYS)?;
             let mut expiry = txn.open_table(KEY_EXPIRY)?;
             let mut by_user = txn.open_table(ROOMS_BY_USER)?;
+            let mut retained = txn.open_table(RETAINED_FROM)?;
             let mut chunk = Chunk::default();
             for op in batch {
                 match op {
@@ -486,7 +515,7 @@ impl Writer {
                             Some(seq) => *seq,
                             None => match self.unindexed.last_seq(&a.room) {
                                 Some(seq) => seq,
-                                None => last_seq(&messages, &a.room)?,
+                                None => retention::latest_indexed(&messages, &retained, &a.room)?,
                             },
                         };
                         let seq = latest + 1;
@@ -555,7 +584,26 @@ impl Writer {
                                 messages.insert((room.as_str(), last), bytes.as_slice())?;
                             }
                         }
+                        freed |= erased > 0;
                         outcomes.push(Outcome::Erased(erased));
+                    }
+                    Op::Retention {
+                        rules,
+                        from,
+                        budget,
+                        ..
+                    } => {
+                        let step = retention::step(
+                            &mut messages,
+                            &mut retained,
+                            rules,
+                            |room| self.unindexed.last_seq(room),
+                            now,
+                            from.as_deref(),
+                            *budget,
+                        )?;
+                        freed |= step.deleted > 0;
+                        outcomes.push(Outcome::Retained(step));
                     }
                     Op::Shutdown => {}
                 }
@@ -589,6 +637,9 @@ impl Writer {
                 tracing::debug!(count = expired.len(), "pruned expired idempotency keys");
             }
         }
+        if freed {
+            txn.open_table(META)?.insert(SCRUB_KEY, "1")?;
+        }
         txn.commit()?;
         Ok(Applied {
             outcomes,
@@ -611,6 +662,9 @@ fn refuse(batch: &mut Vec<Op>, retry_at: Instant) {
                 let _ = a.reply.send(Err(AppendError::Unavailable { retry_after }));
             }
             Op::EraseUser { reply, .. } => {
+                let _ = reply.send(Err(AppendError::Unavailable { retry_after }));
+            }
+            Op::Retention { reply, .. } => {
                 let _ = reply.send(Err(AppendError::Unavailable { retry_after }));
             }
             Op::Shutdown => {}
@@ -665,6 +719,7 @@ pub(super) fn read_log(db: &Database) -> Result<ReadLog, WriteError> {
 enum Reply {
     Append(oneshot::Sender<Result<Appended, AppendError>>, Appended),
     Erase(oneshot::Sender<Result<u64, AppendError>>, u64),
+    Retain(oneshot::Sender<Result<Step, AppendError>>, Step),
 }
 
 /// Milliseconds since the Unix epoch; 0 if the clock is before it.

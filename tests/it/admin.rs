@@ -130,7 +130,8 @@ pub fn parse_response(raw: &[u8]) -> HttpResponse {
     HttpResponse {
         status,
         headers,
-        body: String::from_utf8(body).expect("body is UTF-8"),
+        // Lossy: a backup's body is a binary redb file.
+        body: String::from_utf8_lossy(&body).into_owned(),
     }
 }
 

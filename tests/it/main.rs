@@ -7,6 +7,7 @@ mod support;
 
 mod admin;
 mod backpressure;
+mod backup;
 mod chat;
 mod dashboard;
 mod disk;
@@ -14,6 +15,7 @@ mod fuzz_corpus;
 mod gateway;
 mod loadtest;
 mod logs;
+mod retention;
 mod security;
 mod shutdown;
 mod startup;
