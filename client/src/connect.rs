@@ -4,6 +4,7 @@
 //!
 //! It must not retry or sleep: one call is one attempt.
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -59,6 +60,7 @@ pub fn tls_with_ca_file(path: &Path) -> Result<Arc<rustls::ClientConfig>, Connec
 /// One connection attempt to `url`.
 pub(crate) async fn connect(
     url: &str,
+    resolve: Option<SocketAddr>,
     tls: Option<&Arc<rustls::ClientConfig>>,
     token: Option<&str>,
 ) -> Result<Ws, ConnectError> {
@@ -81,9 +83,11 @@ pub(crate) async fn connect(
         .trim_start_matches('[')
         .trim_end_matches(']')
         .to_owned();
-    let tcp = TcpStream::connect((bare.as_str(), port))
-        .await
-        .map_err(ConnectError::Tcp)?;
+    let tcp = match resolve {
+        Some(addr) => TcpStream::connect(addr).await,
+        None => TcpStream::connect((bare.as_str(), port)).await,
+    }
+    .map_err(ConnectError::Tcp)?;
     // Requests are small and latency matters more than packet count.
     let _ = tcp.set_nodelay(true);
     let stream: Pin<Box<dyn Io>> = if secure {

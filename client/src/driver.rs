@@ -247,6 +247,7 @@ impl Driver {
     async fn connect(&mut self) -> Result<Ws, Disconnect> {
         let timeout = self.options.connect_timeout;
         let url = self.options.url.clone();
+        let resolve = self.options.resolve;
         let tls = self.options.tls.clone();
         let provider = self.options.token_provider.clone();
         let attempt = async move {
@@ -254,7 +255,7 @@ impl Driver {
                 Some(p) => Some(p().await.map_err(ConnectError::Token)?),
                 None => None,
             };
-            connect::connect(&url, tls.as_ref(), token.as_deref()).await
+            connect::connect(&url, resolve, tls.as_ref(), token.as_deref()).await
         };
         let attempt = tokio::time::timeout(timeout, attempt);
         tokio::pin!(attempt);

@@ -71,6 +71,10 @@ pub struct Options {
     /// The server's WebSocket URL: `wss://host:port/ws` (with `?user=NAME` in
     /// dev mode).
     pub url: String,
+    /// Connect to this address instead of resolving the URL's host (which
+    /// still names the server for TLS and the `Host` header), like curl's
+    /// `--resolve`. Default: none.
+    pub resolve: Option<std::net::SocketAddr>,
     /// The TLS configuration for `wss://` (see [`tls_with_ca_file`]).
     /// Required for `wss://`. Default: none.
     pub tls: Option<Arc<rustls::ClientConfig>>,
@@ -113,6 +117,7 @@ impl Options {
     pub fn new(url: impl Into<String>) -> Options {
         Options {
             url: url.into(),
+            resolve: None,
             tls: None,
             token_provider: None,
             backoff: BackoffPolicy::default(),
@@ -147,6 +152,7 @@ impl std::fmt::Debug for Options {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Options")
             .field("url", &self.url)
+            .field("resolve", &self.resolve)
             .field("tls", &self.tls.is_some())
             .field("token_provider", &self.token_provider.is_some())
             .field("backoff", &self.backoff)

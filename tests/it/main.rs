@@ -8,6 +8,7 @@ mod support;
 mod admin;
 mod backpressure;
 mod chat;
+mod client;
 mod dashboard;
 mod fuzz_corpus;
 mod gateway;
