@@ -209,7 +209,16 @@ impl Driver {
 
     /// Everything still waiting fails; the state says why, for good.
     fn stop(&mut self, reason: Disconnect) {
-        warn!(%reason, "client stopped");
+        if matches!(reason, Disconnect::ClientClosed) {
+            debug!("client closed");
+        } else {
+            warn!(%reason, "client stopped");
+        }
+        // The state first: a caller woken by its failed request sees it.
+        self.state.send_replace(State::Disconnected {
+            reason: reason.clone(),
+            retry_in: None,
+        });
         for (_, op) in std::mem::take(&mut self.ops) {
             fail(op, || Error::Stopped(reason.clone()));
         }
@@ -217,10 +226,6 @@ impl Driver {
         while let Ok(cmd) = self.cmds.try_recv() {
             reject(cmd, Error::Stopped(reason.clone()));
         }
-        self.state.send_replace(State::Disconnected {
-            reason,
-            retry_in: None,
-        });
     }
 
     /// Serves the application while offline until `until`; false when the
