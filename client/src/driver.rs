@@ -696,9 +696,14 @@ impl Driver {
         }
     }
 
+    /// Hands an event to the application, waiting for room in its buffer
+    /// (but not past [`crate::Client::close`]).
     async fn emit(&mut self, event: Event) {
         // A dropped `Events` means the application does not listen.
-        let _ = self.events.send(event).await;
+        tokio::select! {
+            _ = self.cancel.cancelled() => {}
+            _ = self.events.send(event) => {}
+        }
     }
 
     fn take_wire(&mut self, id: Option<u64>) -> Option<Wire> {

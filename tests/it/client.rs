@@ -603,3 +603,56 @@ async fn a_close_code_that_forbids_reconnecting_stops_the_client() {
     alice.close().await;
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_that_times_out_names_its_key_and_a_resend_with_it_is_stored_once() {
+    let server = TestServer::start().await;
+    let relay = Relay::start(server.addr).await;
+    let mut o = options(&server.fixture, relay.addr, "alice");
+    o.send_timeout = Duration::from_millis(300);
+    o.request_timeout = Duration::from_millis(300);
+    let (alice, _events) = Client::start(o);
+    alice.join("k").await.expect("join");
+
+    // Offline, a send waits for a connection until its timeout, then is
+    // withdrawn; other requests time out the same way.
+    relay.cut();
+    wait_state(&alice, "alice cut off", disconnected).await;
+    let err = tokio::time::timeout(DEADLINE, alice.send("k", json("\"late\"")))
+        .await
+        .expect("the send's own timeout comes first")
+        .expect_err("timeout");
+    let Error::SendTimeout { key, .. } = err else {
+        panic!("expected a send timeout, got {err}")
+    };
+    let err = alice
+        .history("k", switchboard_client::HistoryQuery::default())
+        .await
+        .expect_err("timeout");
+    assert!(matches!(err, Error::Timeout(_)), "{err}");
+
+    relay.reopen();
+    wait_state(&alice, "alice back", connected).await;
+    let page = alice
+        .history("k", switchboard_client::HistoryQuery::default())
+        .await
+        .expect("history");
+    assert!(
+        page.messages.is_empty(),
+        "a withdrawn send went out: {page:?}"
+    );
+    // The application resends with the key the timeout named: stored once.
+    let first = alice
+        .send_with_key("k", json("\"late\""), key.clone())
+        .await
+        .expect("acked");
+    let again = alice
+        .send_with_key("k", json("\"late\""), key)
+        .await
+        .expect("acked");
+    assert_eq!((first.seq, first.duplicate), (1, false));
+    assert_eq!((again.seq, again.duplicate), (1, true));
+    alice.close().await;
+    drop(relay);
+    server.stop().await;
+}
