@@ -304,7 +304,17 @@ impl Driver {
         self.tracker.spawn(async move {
             let write_all = async {
                 while let Some(msg) = out_rx.recv().await {
-                    if sink.send(msg).await.is_err() {
+                    // Whatever is queued goes out in one flush (a resume's
+                    // joins and resends, a burst of sends).
+                    if sink.feed(msg).await.is_err() {
+                        return;
+                    }
+                    while let Ok(more) = out_rx.try_recv() {
+                        if sink.feed(more).await.is_err() {
+                            return;
+                        }
+                    }
+                    if sink.flush().await.is_err() {
                         return;
                     }
                 }

@@ -79,7 +79,9 @@ pub struct Options {
     /// Required for `wss://`. Default: none.
     pub tls: Option<Arc<rustls::ClientConfig>>,
     /// Called for a token at each connect (sent as `Authorization: Bearer`)
-    /// and on `token_expiring` (sent with `refresh`). Default: none (dev mode).
+    /// and on `token_expiring` (sent with `refresh`). Default: none (dev
+    /// mode; with authentication, a session then ends at its token's expiry
+    /// with 4001 and the client stops).
     pub token_provider: Option<TokenProvider>,
     /// The reconnect delays.
     pub backoff: BackoffPolicy,
@@ -290,7 +292,9 @@ pub struct Message {
     pub from: String,
     /// Milliseconds since the Unix epoch, as stored.
     pub ts: u64,
-    /// `None` when the message was erased (its seq stays).
+    /// `None` when a page of history shows the message erased (its seq
+    /// stays). A replay carries an erased message's body as JSON `null`
+    /// (PROTOCOL.md §3, history).
     pub body: Option<Body>,
     pub source: Source,
 }
@@ -377,7 +381,8 @@ impl Events {
 }
 
 /// A handle to a running client. Cloning is cheap; every clone drives the
-/// same connection.
+/// same connection. When every clone is dropped and no request waits, the
+/// client closes as with [`Client::close`].
 #[derive(Debug, Clone)]
 pub struct Client {
     cmds: mpsc::Sender<Cmd>,
