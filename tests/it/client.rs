@@ -656,3 +656,72 @@ async fn a_send_that_times_out_names_its_key_and_a_resend_with_it_is_stored_once
     drop(relay);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_server_is_retried_with_backoff_until_it_has_room() {
+    // One connection allowed: the second client is refused with 503 and
+    // backs off, then gets in once the first leaves.
+    let server = TestServer::start_with(Fixture::new(), |c| c.max_connections = 1).await;
+    let (alice, _alice_events) = Client::start(options(&server.fixture, server.addr, "alice"));
+    alice.join("r").await.expect("join");
+    let (bob, mut bob_events) = Client::start(options(&server.fixture, server.addr, "bob"));
+    wait_state(&bob, "bob refused and backing off", |s| {
+        matches!(
+            s,
+            State::Disconnected {
+                reason: Disconnect::Refused { status: 503, .. },
+                retry_in: Some(_)
+            }
+        )
+    })
+    .await;
+    // A join made meanwhile waits for the connection.
+    let joining = {
+        let bob = bob.clone();
+        tokio::spawn(async move { bob.join("r").await })
+    };
+    alice.close().await;
+    let joined = tokio::time::timeout(DEADLINE, joining)
+        .await
+        .expect("bob joins within the deadline")
+        .expect("task")
+        .expect("joined");
+    assert_eq!(joined.presence, vec!["bob".to_owned()]);
+    bob.send("r", json("\"in\"")).await.expect("send");
+    assert_eq!(
+        text(&transcript(&mut bob_events, "r", 1).await[0]),
+        "\"in\""
+    );
+    bob.close().await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_and_typing_reach_the_application() {
+    let server = TestServer::start().await;
+    let (alice, mut alice_events) = Client::start(options(&server.fixture, server.addr, "alice"));
+    let joined = alice.join("r").await.expect("join");
+    assert_eq!(joined.presence, vec!["alice".to_owned()]);
+    let (bob, _bob_events) = Client::start(options(&server.fixture, server.addr, "bob"));
+    bob.join("r").await.expect("join");
+    bob.typing("r").await.expect("typing");
+    let (mut arrived, mut typed) = (false, false);
+    while !(arrived && typed) {
+        match tokio::time::timeout(DEADLINE, alice_events.next())
+            .await
+            .expect("event")
+            .expect("open")
+        {
+            Event::Presence { room, joined, .. }
+                if room == "r" && joined.contains(&"bob".to_owned()) =>
+            {
+                arrived = true
+            }
+            Event::Typing { room, user } if room == "r" && user == "bob" => typed = true,
+            _ => {}
+        }
+    }
+    alice.close().await;
+    bob.close().await;
+    server.stop().await;
+}
