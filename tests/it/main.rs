@@ -9,6 +9,7 @@ mod admin;
 mod backpressure;
 mod backup;
 mod chat;
+mod client;
 mod dashboard;
 mod disk;
 mod fuzz_corpus;
