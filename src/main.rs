@@ -101,7 +101,7 @@ struct ServeArgs {
     /// Handshake timeout in ms [default: 10000].
     #[arg(long, env = "SWITCHBOARD_HANDSHAKE_TIMEOUT_MS")]
     handshake_timeout_ms: Option<u64>,
-    /// Most concurrent connections; past it upgrades get HTTP 503 [default: 65536].
+    /// Most concurrent connections; past it upgrades get HTTP 503 [default: 16384].
     #[arg(long, env = "SWITCHBOARD_MAX_CONNECTIONS")]
     max_connections: Option<usize>,
     /// Largest message/frame in bytes; past it the session closes with 1009 [default: 65536].
