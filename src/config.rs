@@ -64,7 +64,8 @@ pub struct Config {
     pub outbound_event_frames: usize,
     /// Most frames written to a socket before one flush (write coalescing). Default 64.
     pub write_batch_frames: usize,
-    /// A write that takes longer than this closes the session as a slow consumer. Default 10 000 ms.
+    /// A write to a session's socket that makes no progress for this long
+    /// closes the session as a slow consumer. Default 10 000 ms.
     pub write_timeout_ms: u64,
     /// After sending a close frame, how long to wait for the client's reply. Default 1 000 ms.
     pub close_linger_ms: u64,

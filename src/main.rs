@@ -110,7 +110,7 @@ struct ServeArgs {
     /// WebSocket read buffer per connection, bytes [default: 512].
     #[arg(long, env = "SWITCHBOARD_READ_BUFFER_BYTES")]
     read_buffer_bytes: Option<usize>,
-    /// Outbound queue bound per session, bytes; past it the session is a slow consumer [default: 1048576].
+    /// Outbound queue bound per session, bytes; past it a session that does not drain is a slow consumer [default: 1048576].
     #[arg(long, env = "SWITCHBOARD_OUTBOUND_QUEUE_BYTES")]
     outbound_queue_bytes: Option<usize>,
     /// Outbound queue bound per session, frames [default: 4096].

@@ -46,7 +46,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 pub use close::CloseReason;
-pub use outbox::{Delivery, Encoded, Outbox, OutboxReceiver, Outgoing, outbox};
+pub use outbox::{
+    Delivery, Encoded, Outbox, OutboxReceiver, Outgoing, QueueBounds, bounded_outbox, outbox,
+};
 pub use wire::WireFrame;
 
 use crate::auth::{Access, AuthError, Principal};
@@ -167,13 +169,14 @@ where
         let kill = CancellationToken::new();
         let config = &state.config;
         let limits = SessionLimits::new(config);
-        let (outbox, inbox) = outbox(
-            config.outbound_queue_frames,
-            config.outbound_queue_bytes,
-            config.outbound_event_frames,
-            kill.clone(),
-            state.metrics.clone(),
-        );
+        let bounds = QueueBounds {
+            frames: config.outbound_queue_frames,
+            events: config.outbound_event_frames,
+            soft_bytes: config.outbound_queue_bytes,
+            max_bytes: config.outbound_queue_max_bytes,
+            grace: std::time::Duration::from_millis(config.slow_consumer_grace_ms),
+        };
+        let (outbox, inbox) = bounded_outbox(bounds, kill.clone(), state.metrics.clone());
         Session {
             ws,
             id,
@@ -572,10 +575,10 @@ where
         flow
     }
 
-    /// Writes every unsent frame and flushes, under one deadline. Frames go
-    /// straight to the stream under tungstenite, so whatever tungstenite
-    /// still buffers (a pong, say) is flushed first: the two never
-    /// interleave.
+    /// Writes every unsent frame and flushes; the write deadline bounds each
+    /// stretch without progress. Frames go straight to the stream under
+    /// tungstenite, so whatever tungstenite still buffers (a pong, say) is
+    /// flushed first: the two never interleave.
     async fn write_unsent(&mut self) -> Flow {
         if self.unsent.frames() == 0 {
             return Ok(());
@@ -591,11 +594,47 @@ where
             unsent,
             ..
         } = self;
-        let io = async move {
-            ws.flush().await?;
-            write_raw(ws, unsent).await.map_err(WsError::Io)
-        };
-        Deadline::new(deadline, kill, inbox, outbox, io).await
+        let inbox = &*inbox;
+        let mut first = true;
+        // The deadline is on progress, not on the whole batch: a round
+        // writes until the socket takes no more, and a round that moved
+        // bytes ends, so the next starts a fresh deadline. A reader that
+        // keeps up is never cut off by a batch that is long in all.
+        loop {
+            let mut done = false;
+            let io = async {
+                if std::mem::take(&mut first) {
+                    ws.flush().await?;
+                }
+                let stream = ws.get_mut();
+                let all = std::future::poll_fn(|cx| {
+                    let before = unsent.bytes();
+                    let polled = unsent.poll_write(cx, Pin::new(&mut *stream));
+                    let moved = unsent.bytes() < before;
+                    if moved {
+                        // Progress: it keeps a session past its queue's
+                        // soft bound from being a slow consumer.
+                        inbox.progressed();
+                    }
+                    match polled {
+                        Poll::Ready(r) => Poll::Ready(r.map(|()| true)),
+                        Poll::Pending if moved => Poll::Ready(Ok(false)),
+                        Poll::Pending => Poll::Pending,
+                    }
+                })
+                .await
+                .map_err(WsError::Io)?;
+                if all {
+                    stream.flush().await.map_err(WsError::Io)?;
+                    done = true;
+                }
+                Ok(())
+            };
+            Deadline::new(deadline, kill, inbox, outbox, io).await?;
+            if done {
+                return Ok(());
+            }
+        }
     }
 
     async fn on_heartbeat(&mut self, interval: std::time::Duration) -> Flow {

@@ -7,6 +7,7 @@ mod support;
 
 mod admin;
 mod backpressure;
+mod burst;
 mod chat;
 mod closing;
 mod dashboard;
