@@ -10,6 +10,7 @@ mod backpressure;
 mod burst;
 mod chat;
 mod closing;
+mod config_refusals;
 mod dashboard;
 mod fuzz_corpus;
 mod gateway;
