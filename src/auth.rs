@@ -184,7 +184,10 @@ pub enum AuthError {
     TooManyGrants,
     #[error("token grant is invalid")]
     BadGrant(#[source] GrantError),
-    #[error("admin tokens are not accepted on the client socket")]
+    /// The admin token, or a token claiming admin rights. Its text is that
+    /// of any malformed token, so the client port cannot be used to tell
+    /// the admin token apart from a guess; the metric label says which.
+    #[error("token is malformed")]
     AdminToken,
     #[error("the refresh token is for another user")]
     OtherUser,

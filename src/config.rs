@@ -31,7 +31,7 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Time allowed for the TCP accept to finish the TLS and WebSocket handshakes. Default 10 000 ms.
     pub handshake_timeout_ms: u64,
-    /// Most concurrent connections; past it the upgrade is refused with HTTP 503. Default 65 536.
+    /// Most concurrent connections; past it the upgrade is refused with HTTP 503. Default 16 384.
     pub max_connections: usize,
     /// Largest WebSocket message and frame, in bytes; past it the session closes with 1009. Default 65 536.
     pub max_message_bytes: usize,
@@ -41,17 +41,32 @@ pub struct Config {
     /// makes the buffer grow to fit it, read in steps of this size, so a
     /// 4 KiB message takes eight reads).
     pub read_buffer_bytes: usize,
-    /// Bytes the WebSocket codec buffers before writing to the socket. Default 65 536.
+    /// Bytes the WebSocket codec buffers before writing to the socket. Default 16 384.
     pub write_buffer_bytes: usize,
-    /// Most bytes waiting in one session's outbound queue before it is a slow consumer. Default 1 MiB.
+    /// Bytes waiting in one session's outbound queue past which it must be
+    /// draining: a session over this bound that takes nothing from its
+    /// queue for `slow_consumer_grace_ms` is closed as a slow consumer
+    /// (4100) at the next message for it. Default 1 MiB.
     pub outbound_queue_bytes: usize,
+    /// Hard cap of one session's outbound queue, in bytes: a message that
+    /// would take the queue past it closes the session (4100) at once,
+    /// draining or not. It bounds a session's memory, and must hold a full
+    /// burst of one user's sends (`send_rate_per_user.burst` messages of
+    /// `max_message_bytes`) twice over, which `validate` checks, so that a
+    /// reader that keeps up is never closed by traffic the limits allow.
+    /// Default 16 MiB.
+    pub outbound_queue_max_bytes: usize,
+    /// How long a session may stay over `outbound_queue_bytes` without
+    /// taking anything from its queue before it is a slow consumer. Default 2 000 ms.
+    pub slow_consumer_grace_ms: u64,
     /// Most frames waiting in one session's outbound queue. Default 4 096.
     pub outbound_queue_frames: usize,
     /// Most typing/presence events waiting for one session; more are shed. Default 64.
     pub outbound_event_frames: usize,
     /// Most frames written to a socket before one flush (write coalescing). Default 64.
     pub write_batch_frames: usize,
-    /// A write that takes longer than this closes the session as a slow consumer. Default 10 000 ms.
+    /// A write to a session's socket that makes no progress for this long
+    /// closes the session as a slow consumer. Default 10 000 ms.
     pub write_timeout_ms: u64,
     /// After sending a close frame, how long to wait for the client's reply. Default 1 000 ms.
     pub close_linger_ms: u64,
@@ -262,6 +277,8 @@ impl Default for Config {
             read_buffer_bytes: 512,
             write_buffer_bytes: 16 * 1024,
             outbound_queue_bytes: 1024 * 1024,
+            outbound_queue_max_bytes: 16 * 1024 * 1024,
+            slow_consumer_grace_ms: 2000,
             outbound_queue_frames: 4096,
             outbound_event_frames: 64,
             write_batch_frames: 64,
@@ -359,6 +376,16 @@ pub enum ConfigError {
     EmptyBurst { field: &'static str },
     #[error("invalid `[[retention]]` rule")]
     Retention(#[from] RuleError),
+    #[error(
+        "`outbound_queue_max_bytes` ({max}) must be at least `outbound_queue_bytes` and twice \
+         a burst of one user's sends (`send_rate_per_user.burst` x `max_message_bytes`): {min}"
+    )]
+    QueueCapBelowBurst { max: usize, min: usize },
+    #[error(
+        "`admin_listen` ({addr}) is not a loopback address and no `admin_token` is set: \
+         set one (`SWITCHBOARD_ADMIN_TOKEN`) or listen on loopback"
+    )]
+    AdminExposed { addr: SocketAddr },
 }
 
 impl Config {
@@ -451,12 +478,32 @@ impl Config {
             1,
         )?;
         at_least("rate_limit_strikes", u64::from(self.rate_limit_strikes), 1)?;
+        // The hard cap of an outbound queue must hold what one user may
+        // send in a burst (twice: framing, and the next burst arriving
+        // while the first is written), or a reader that keeps up would be
+        // closed by traffic the limits allow.
+        let burst = if self.send_rate_per_user.is_off() {
+            0
+        } else {
+            self.send_rate_per_user.burst as usize
+        };
+        let min_cap = burst
+            .saturating_mul(self.max_message_bytes)
+            .saturating_mul(2)
+            .max(self.outbound_queue_bytes);
+        if self.outbound_queue_max_bytes < min_cap {
+            return Err(ConfigError::QueueCapBelowBurst {
+                max: self.outbound_queue_max_bytes,
+                min: min_cap,
+            });
+        }
         // Dev mode takes the user name from the URL, so anyone who can reach
         // the port can be anyone: it must never face a network.
         if self.dev_mode() {
             for (field, addr) in [
                 ("listen", Some(self.listen)),
                 ("plain_listen", self.plain_listen),
+                ("admin_listen", self.admin_listen),
             ] {
                 if let Some(addr) = addr {
                     if !addr.ip().is_loopback() {
@@ -479,6 +526,15 @@ impl Config {
                 if addr.is_some_and(clash) {
                     return Err(ConfigError::AdminOnClientPort { field, addr: admin });
                 }
+            }
+        }
+        // Without a token the admin API answers 401, but `/metrics` and the
+        // health endpoints are open to whoever reaches the listener, showing
+        // the server's load and traffic: a listener that faces a network
+        // needs a token, which says the operator chose to expose it.
+        if let Some(addr) = self.admin_listen {
+            if !addr.ip().is_loopback() && self.admin_token.is_none() {
+                return Err(ConfigError::AdminExposed { addr });
             }
         }
         if self
@@ -623,5 +679,179 @@ mod tests {
                 ..
             })
         ));
+    }
+}
+
+#[cfg(test)]
+mod validate_tests {
+    use super::*;
+
+    fn auth_on() -> Config {
+        Config {
+            auth_hs256_secret: Some(Secret::new("x".repeat(32))),
+            ..Config::default()
+        }
+    }
+
+    #[test]
+    fn dev_mode_refuses_a_non_loopback_admin_listener() {
+        let config = Config {
+            admin_listen: Some(SocketAddr::from(([0, 0, 0, 0], 19092))),
+            admin_token: Some(Secret::new("a".repeat(16))),
+            ..Config::default()
+        };
+        assert!(matches!(
+            config.validate(),
+            Err(ConfigError::DevModeNotLoopback {
+                field: "admin_listen",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn a_non_loopback_admin_listener_needs_a_token() {
+        let exposed = Config {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8443)),
+            admin_listen: Some(SocketAddr::from(([0, 0, 0, 0], 9090))),
+            ..auth_on()
+        };
+        assert!(matches!(
+            exposed.validate(),
+            Err(ConfigError::AdminExposed { .. })
+        ));
+        let with_token = Config {
+            admin_token: Some(Secret::new("a".repeat(16))),
+            ..exposed.clone()
+        };
+        with_token.validate().expect("a token makes it a choice");
+        let loopback = Config {
+            admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9090))),
+            ..exposed
+        };
+        loopback.validate().expect("loopback needs no token");
+    }
+
+    #[test]
+    fn the_queue_cap_holds_a_user_burst_twice() {
+        let config = auth_on();
+        config.validate().expect("the defaults are consistent");
+        let burst = config.send_rate_per_user.burst as usize;
+        let small = Config {
+            outbound_queue_max_bytes: 2 * burst * config.max_message_bytes - 1,
+            ..config.clone()
+        };
+        assert!(matches!(
+            small.validate(),
+            Err(ConfigError::QueueCapBelowBurst { .. })
+        ));
+        let below_soft = Config {
+            send_rate_per_user: Rate::OFF,
+            outbound_queue_max_bytes: config.outbound_queue_bytes - 1,
+            ..config
+        };
+        assert!(matches!(
+            below_soft.validate(),
+            Err(ConfigError::QueueCapBelowBurst { .. })
+        ));
+    }
+}
+
+/// README's configuration table against `Config::default()`: every default
+/// it states must be the real one, so the two cannot drift apart.
+#[cfg(test)]
+mod readme_table {
+    use super::*;
+
+    /// One README row: its keys and the defaults cell, split to match.
+    fn rows(readme: &str) -> Vec<(Vec<String>, String)> {
+        let section = readme
+            .split("## Configuration")
+            .nth(1)
+            .expect("README has a Configuration section");
+        section
+            .lines()
+            .skip_while(|l| !l.starts_with("| key | default |"))
+            .skip(2)
+            .take_while(|l| l.starts_with('|'))
+            .map(|line| {
+                let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+                let keys = cells[1]
+                    .split([',', '/'])
+                    .map(|k| k.trim().trim_matches('`').to_owned())
+                    .collect();
+                (keys, cells[2].to_owned())
+            })
+            .collect()
+    }
+
+    /// A default cell for one key, as a TOML value; `None` for "unset".
+    fn toml_value(cell: &str) -> Option<String> {
+        let cell = cell.trim();
+        let unset = ["off", "none", "not checked", "empty"];
+        if unset.iter().any(|u| cell.starts_with(u)) {
+            return None;
+        }
+        if let Some(text) = cell.strip_prefix('`').and_then(|c| c.strip_suffix('`')) {
+            return Some(format!("{text:?}"));
+        }
+        assert!(
+            cell.bytes().all(|b| b.is_ascii_digit()),
+            "README default `{cell}` is neither a number, a `quoted` value nor off/none/empty"
+        );
+        Some(cell.to_owned())
+    }
+
+    #[test]
+    fn every_default_in_the_readme_table_is_the_real_one() {
+        let readme = include_str!("../README.md");
+        let defaults = format!("{:?}", Config::default());
+        let rows = rows(readme);
+        assert!(rows.len() > 20, "the table was not found: {rows:?}");
+        let mut checked = 0;
+        for (keys, cell) in rows {
+            if cell.starts_with("see ") {
+                // Defined elsewhere (SECURITY.md): the keys must exist.
+                for key in &keys {
+                    let stem = key.trim_end_matches('*');
+                    assert!(
+                        defaults.contains(&format!(" {stem}")),
+                        "README names `{key}`, which is not a config key"
+                    );
+                }
+                continue;
+            }
+            let values: Vec<&str> = if keys.len() == 1 {
+                vec![cell.as_str()]
+            } else {
+                cell.split(',').collect()
+            };
+            let values = if values.len() == keys.len() {
+                values
+            } else {
+                // One value for several keys ("none (dev mode)").
+                vec![cell.as_str(); keys.len()]
+            };
+            for (key, value) in keys.iter().zip(values) {
+                match toml_value(value) {
+                    Some(v) => {
+                        let parsed: Config = toml::from_str(&format!("{key} = {v}"))
+                            .unwrap_or_else(|e| panic!("README row `{key}` = {v}: {e}"));
+                        assert_eq!(
+                            format!("{parsed:?}"),
+                            defaults,
+                            "README says `{key}` defaults to {v}, Config::default() differs"
+                        );
+                    }
+                    None => assert!(
+                        defaults.contains(&format!(" {key}: None"))
+                            || defaults.contains(&format!(" {key}: []")),
+                        "README says `{key}` is unset by default, Config::default() sets it"
+                    ),
+                }
+                checked += 1;
+            }
+        }
+        assert!(checked > 30, "only {checked} defaults were checked");
     }
 }

@@ -121,7 +121,7 @@ struct ServeArgs {
     /// Handshake timeout in ms [default: 10000].
     #[arg(long, env = "SWITCHBOARD_HANDSHAKE_TIMEOUT_MS")]
     handshake_timeout_ms: Option<u64>,
-    /// Most concurrent connections; past it upgrades get HTTP 503 [default: 65536].
+    /// Most concurrent connections; past it upgrades get HTTP 503 [default: 16384].
     #[arg(long, env = "SWITCHBOARD_MAX_CONNECTIONS")]
     max_connections: Option<usize>,
     /// Largest message/frame in bytes; past it the session closes with 1009 [default: 65536].
@@ -130,7 +130,7 @@ struct ServeArgs {
     /// WebSocket read buffer per connection, bytes [default: 512].
     #[arg(long, env = "SWITCHBOARD_READ_BUFFER_BYTES")]
     read_buffer_bytes: Option<usize>,
-    /// Outbound queue bound per session, bytes; past it the session is a slow consumer [default: 1048576].
+    /// Outbound queue bound per session, bytes; past it a session that does not drain is a slow consumer [default: 1048576].
     #[arg(long, env = "SWITCHBOARD_OUTBOUND_QUEUE_BYTES")]
     outbound_queue_bytes: Option<usize>,
     /// Outbound queue bound per session, frames [default: 4096].

@@ -42,7 +42,9 @@ struct RawFrame<'a> {
     epoch: Option<Cow<'a, str>>,
     before: Option<u64>,
     after: Option<u64>,
-    limit: Option<u32>,
+    /// Read wide so that a limit above any page size is clamped by the
+    /// server, as PROTOCOL.md says, rather than refused as malformed.
+    limit: Option<u64>,
     #[serde(borrow)]
     body: Option<&'a RawValue>,
     #[serde(borrow)]
@@ -130,7 +132,7 @@ pub fn decode_request(text: &str, max_depth: usize) -> Result<Request, DecodeErr
             room: room()?,
             before: raw.before,
             after: raw.after,
-            limit: raw.limit,
+            limit: raw.limit.map(|l| u32::try_from(l).unwrap_or(u32::MAX)),
         },
         "typing" => ClientRequest::Typing { room: room()? },
         "ping" => ClientRequest::Ping,
@@ -256,6 +258,30 @@ mod tests {
         };
         assert_eq!(id, Some(7));
         assert_eq!(body.get(), r#"{"x": [1, 2]}"#);
+    }
+
+    #[test]
+    fn a_history_limit_too_large_for_any_page_decodes_clamped() {
+        let r = decode_request(
+            r#"{"type":"history","id":1,"room":"a","limit":1000000000000}"#,
+            32,
+        );
+        assert!(
+            matches!(
+                r,
+                Ok(Request {
+                    body: ClientRequest::History {
+                        limit: Some(u32::MAX),
+                        ..
+                    },
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+        let e =
+            decode_request(r#"{"type":"history","id":2,"room":"a","limit":-1}"#, 32).unwrap_err();
+        assert_eq!((e.code, e.id), (ErrorCode::BadRequest, Some(2)));
     }
 
     #[test]

@@ -46,7 +46,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 pub use close::CloseReason;
-pub use outbox::{Delivery, Encoded, Outbox, OutboxReceiver, Outgoing, outbox};
+pub use outbox::{
+    Delivery, Encoded, Outbox, OutboxReceiver, Outgoing, QueueBounds, bounded_outbox, outbox,
+};
 pub use wire::WireFrame;
 
 use crate::auth::{Access, AuthError, Principal};
@@ -167,13 +169,14 @@ where
         let kill = CancellationToken::new();
         let config = &state.config;
         let limits = SessionLimits::new(config);
-        let (outbox, inbox) = outbox(
-            config.outbound_queue_frames,
-            config.outbound_queue_bytes,
-            config.outbound_event_frames,
-            kill.clone(),
-            state.metrics.clone(),
-        );
+        let bounds = QueueBounds {
+            frames: config.outbound_queue_frames,
+            events: config.outbound_event_frames,
+            soft_bytes: config.outbound_queue_bytes,
+            max_bytes: config.outbound_queue_max_bytes,
+            grace: std::time::Duration::from_millis(config.slow_consumer_grace_ms),
+        };
+        let (outbox, inbox) = bounded_outbox(bounds, kill.clone(), state.metrics.clone());
         Session {
             ws,
             id,
@@ -333,19 +336,8 @@ where
     /// Closes the socket with the reason's code and leaves every room.
     async fn finish(&mut self, reason: CloseReason) {
         let state = self.state.clone();
-        // A frame cut off mid-write leaves the socket mid-frame: nothing
-        // may be written through tungstenite until its rest is.
-        if reason == CloseReason::ServerShutdown && !self.unsent.mid_frame() {
-            // Commits already queued finish; their acks go out before the close.
-            let drain = async {
-                while !self.pending.is_empty() {
-                    let done = oldest_ack(&mut self.pending).await;
-                    if self.on_ack(done).await.is_err() {
-                        break;
-                    }
-                }
-            };
-            let _ = tokio::time::timeout(state.config.shutdown_grace(), drain).await;
+        if reason.code().is_some() && !self.pending.is_empty() {
+            self.write_last_acks(reason).await;
         }
         for room in std::mem::take(&mut self.rooms).into_keys() {
             state.hub.leave(&room, self.id);
@@ -398,6 +390,61 @@ where
         state.metrics.session_closed(reason);
         state.metrics.connections_open.dec();
         debug!(reason = reason.as_str(), "session closed");
+    }
+
+    /// Writes the acks (or errors) of the sends accepted before the session
+    /// ended, whatever ended it, so that every stored send is acked before
+    /// the close frame: commits already queued finish first. Bounded by
+    /// `shutdown_grace_ms` at shutdown and by `close_linger_ms` otherwise.
+    async fn write_last_acks(&mut self, reason: CloseReason) {
+        let config = &self.state.config;
+        let bound = if reason == CloseReason::ServerShutdown {
+            config.shutdown_grace()
+        } else {
+            config.close_linger()
+        };
+        // The kill that ended the session would refuse every write: these
+        // few are still owed, each under the write deadline.
+        self.kill = CancellationToken::new();
+        let drain = async {
+            // A frame cut off mid-write leaves the socket mid-frame: nothing
+            // may be written through tungstenite until its rest is.
+            if self.unsent.mid_frame() {
+                let Session { ws, unsent, .. } = &mut *self;
+                write_raw(ws, unsent).await?;
+            }
+            while !self.pending.is_empty() {
+                let done = oldest_ack(&mut self.pending).await;
+                if self.on_ack(done).await.is_err() {
+                    break;
+                }
+            }
+            Ok::<(), std::io::Error>(())
+        };
+        match tokio::time::timeout(bound, drain).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => debug!(error = %e, "the rest of a frame was not written"),
+            Err(_) => debug!(left = self.pending.len(), "acks not written in time"),
+        }
+    }
+
+    /// Writes the acks of every send still in flight, oldest first, so that
+    /// no reply to a later request overtakes them and a read after a send
+    /// sees it (PROTOCOL.md, "Order").
+    async fn settle(&mut self) -> Flow {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        // Boxed: rare next to sends, and its state would otherwise add to
+        // every request path's.
+        let settling = Box::pin(async {
+            while !self.pending.is_empty() {
+                let done = oldest_ack(&mut self.pending).await;
+                self.on_ack(done).await?;
+            }
+            Ok(())
+        });
+        settling.await
     }
 
     // The write helpers below are plain functions returning a `Deadline`,
@@ -528,10 +575,10 @@ where
         flow
     }
 
-    /// Writes every unsent frame and flushes, under one deadline. Frames go
-    /// straight to the stream under tungstenite, so whatever tungstenite
-    /// still buffers (a pong, say) is flushed first: the two never
-    /// interleave.
+    /// Writes every unsent frame and flushes; the write deadline bounds each
+    /// stretch without progress. Frames go straight to the stream under
+    /// tungstenite, so whatever tungstenite still buffers (a pong, say) is
+    /// flushed first: the two never interleave.
     async fn write_unsent(&mut self) -> Flow {
         if self.unsent.frames() == 0 {
             return Ok(());
@@ -547,11 +594,47 @@ where
             unsent,
             ..
         } = self;
-        let io = async move {
-            ws.flush().await?;
-            write_raw(ws, unsent).await.map_err(WsError::Io)
-        };
-        Deadline::new(deadline, kill, inbox, outbox, io).await
+        let inbox = &*inbox;
+        let mut first = true;
+        // The deadline is on progress, not on the whole batch: a round
+        // writes until the socket takes no more, and a round that moved
+        // bytes ends, so the next starts a fresh deadline. A reader that
+        // keeps up is never cut off by a batch that is long in all.
+        loop {
+            let mut done = false;
+            let io = async {
+                if std::mem::take(&mut first) {
+                    ws.flush().await?;
+                }
+                let stream = ws.get_mut();
+                let all = std::future::poll_fn(|cx| {
+                    let before = unsent.bytes();
+                    let polled = unsent.poll_write(cx, Pin::new(&mut *stream));
+                    let moved = unsent.bytes() < before;
+                    if moved {
+                        // Progress: it keeps a session past its queue's
+                        // soft bound from being a slow consumer.
+                        inbox.progressed();
+                    }
+                    match polled {
+                        Poll::Ready(r) => Poll::Ready(r.map(|()| true)),
+                        Poll::Pending if moved => Poll::Ready(Ok(false)),
+                        Poll::Pending => Poll::Pending,
+                    }
+                })
+                .await
+                .map_err(WsError::Io)?;
+                if all {
+                    stream.flush().await.map_err(WsError::Io)?;
+                    done = true;
+                }
+                Ok(())
+            };
+            Deadline::new(deadline, kill, inbox, outbox, io).await?;
+            if done {
+                return Ok(());
+            }
+        }
     }
 
     async fn on_heartbeat(&mut self, interval: std::time::Duration) -> Flow {
@@ -593,8 +676,21 @@ where
     async fn on_request(&mut self, text: &str) -> Flow {
         let request = match protocol::decode_request(text, self.state.config.max_body_depth) {
             Ok(r) => r,
-            Err(e) => return self.send_error(e.id, e.code, e.message).await,
+            Err(e) => {
+                self.settle().await?;
+                return self.send_error(e.id, e.code, e.message).await;
+            }
         };
+        // Replies leave in request order: every request but a `send` (whose
+        // ack follows its commit, in order with the others) waits until the
+        // acks of the sends before it are written, so a read after a send
+        // sees it. A `typing` has no reply; its refusals settle first.
+        if !matches!(
+            request.body,
+            ClientRequest::Send { .. } | ClientRequest::Typing { .. }
+        ) {
+            self.settle().await?;
+        }
         let id = request.id;
         match request.body {
             // Joins, history reads and refreshes are boxed: rarer than
@@ -660,6 +756,7 @@ where
     /// Refuses a request outside the session's grants. The answer is the
     /// same whether or not the room exists or has members, so it leaks nothing.
     async fn forbidden(&mut self, id: Option<RequestId>, room: &str) -> Flow {
+        self.settle().await?;
         self.send_error(id, ErrorCode::Forbidden, format!("no access to `{room}`"))
             .await
     }
@@ -677,6 +774,7 @@ where
             Err(wait) => wait,
         };
         state.metrics.rate_limited.inc();
+        self.settle().await?;
         let retry_after_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
         if self.limits.strikes.strike(Instant::now()) {
             let window = state.config.rate_limit_window_ms;
@@ -772,6 +870,7 @@ where
     }
 
     async fn not_joined(&mut self, id: Option<RequestId>, room: &str) -> Flow {
+        self.settle().await?;
         self.send_error(id, ErrorCode::NotJoined, format!("not joined to `{room}`"))
             .await
     }
@@ -781,6 +880,7 @@ where
         match protocol::names::validate_room(room) {
             Ok(()) => Ok(true),
             Err(e) => {
+                self.settle().await?;
                 self.send_error(
                     id,
                     ErrorCode::InvalidRoom,
@@ -801,6 +901,17 @@ where
     ) -> Flow {
         if !self.valid_room(id, &room).await? {
             return Ok(());
+        }
+        if since.is_some() && epoch.is_none() {
+            // Seqs mean nothing outside their epoch: replaying from one
+            // without it could hand over another history's messages.
+            return self
+                .send_error(
+                    id,
+                    ErrorCode::BadRequest,
+                    "`since` needs the `epoch` it was seen with".into(),
+                )
+                .await;
         }
         if !self.identity.principal.may(&room, Access::Read) {
             return self.forbidden(id, &room).await;
@@ -858,7 +969,7 @@ where
                     &room,
                     since,
                     latest,
-                    epoch.as_deref() == Some(store_epoch.as_str()) || epoch.is_none(),
+                    epoch.as_deref() == Some(store_epoch.as_str()),
                 )
                 .await
             }
@@ -935,15 +1046,24 @@ where
         if !self.identity.principal.may(&room, Access::Write) {
             return self.forbidden(id, &room).await;
         }
-        let Some((room_key, _)) = self.rooms.get_key_value(room.as_str()) else {
-            return self.not_joined(id, &room).await;
+        let room_key = match self.rooms.get_key_value(room.as_str()) {
+            Some((key, _)) => key.clone(),
+            // A write-only grant cannot join (joining reads), so it
+            // publishes without joining (SECURITY.md, "Tokens").
+            None if !self.identity.principal.may(&room, Access::Read) => {
+                if !self.valid_room(id, &room).await? {
+                    return Ok(());
+                }
+                Arc::from(room.as_str())
+            }
+            None => return self.not_joined(id, &room).await,
         };
-        let room_key = room_key.clone();
         if !self.admit(id, Action::Send).await? {
             return Ok(());
         }
         let max_key = self.state.config.max_key_bytes;
         if key.as_ref().is_some_and(|k| k.len() > max_key) {
+            self.settle().await?;
             return self
                 .send_error(
                     id,
@@ -961,6 +1081,7 @@ where
             reply,
         };
         if self.state.store.append(append).await.is_err() {
+            self.settle().await?;
             return self
                 .send_error(id, ErrorCode::Internal, "the store is closed".into())
                 .await;
@@ -977,9 +1098,12 @@ where
         Ok(())
     }
 
+    /// Writes the ack (or error) of one resolved send. A write refused by a
+    /// kill takes nothing into the codec, so the send goes back to the
+    /// front of `pending`, for `finish` to write before the close frame.
     async fn on_ack(&mut self, done: <PendingAck as Future>::Output) -> Flow {
         let (id, room, result, received) = done;
-        match result {
+        let flow = match &result {
             Some(Ok(a)) => {
                 let flow = self
                     .send(&ServerFrame::Ack {
@@ -1022,7 +1146,20 @@ where
                 )
                 .await
             }
+        };
+        if flow.is_err() {
+            let (reply, rx) = oneshot::channel();
+            if let Some(result) = result {
+                let _ = reply.send(result);
+            }
+            self.pending.push_front(PendingAck {
+                id,
+                room,
+                rx,
+                received,
+            });
         }
+        flow
     }
 
     async fn on_history(

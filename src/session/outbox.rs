@@ -10,6 +10,16 @@
 //! silently: the session is marked a slow consumer and closed, and it
 //! resumes by seq.
 //!
+//! Bytes have two bounds. Past the soft one (`outbound_queue_bytes`) a
+//! session must be draining: a message for a session that has been over
+//! it for `slow_consumer_grace_ms` without writing anything to its socket
+//! closes it. Past the hard cap (`outbound_queue_max_bytes`) a message
+//! closes it at once. So a reader that keeps up with its socket rides out
+//! any burst the hard cap holds (a group commit hands a room's whole batch
+//! to every member at once), while one that stops reading is closed soon
+//! and holds at most the hard cap (the nats-server rule: pending bytes plus
+//! a write deadline).
+//!
 //! The queue is a lock-free segmented queue (crossbeam's `SegQueue`) with a
 //! waker, bounded by counters here, rather than tokio's bounded channel: the
 //! channel's first block and state (about 1 KiB) are allocated up front,
@@ -17,9 +27,9 @@
 //! queued, so an idle session holds none.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::task::Poll;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crossbeam_queue::SegQueue;
 use futures_util::task::AtomicWaker;
@@ -99,7 +109,16 @@ struct Shared {
     /// Set when the receiver is gone: nothing more is queued.
     closed: AtomicBool,
     queued_bytes: AtomicUsize,
+    /// The soft bound: past it the session must be draining.
+    soft_bytes: usize,
+    /// The hard cap: a message past it closes the session at once.
     max_bytes: usize,
+    /// How long the session may stay past `soft_bytes` without progress.
+    grace_ms: u64,
+    /// When the session last wrote to its socket while past `soft_bytes`,
+    /// or when the queue went past it ([`Shared::clock_ms`]).
+    progress_ms: AtomicU64,
+    born: tokio::time::Instant,
     /// Events queued now; at most `max_events`.
     queued_events: AtomicUsize,
     max_events: usize,
@@ -128,9 +147,32 @@ impl Drop for OutboxReceiver {
     }
 }
 
+impl Shared {
+    /// Milliseconds since the outbox was made. Tokio's clock, so that tests
+    /// can pause it; outside a paused runtime it is the monotonic clock.
+    fn clock_ms(&self) -> u64 {
+        u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+}
+
+/// The bounds of one outbox (from `Config`).
+#[derive(Debug, Clone, Copy)]
+pub struct QueueBounds {
+    /// Messages queued at most (`outbound_queue_frames`).
+    pub frames: usize,
+    /// Events queued at most beyond them (`outbound_event_frames`).
+    pub events: usize,
+    /// Bytes past which the session must be draining (`outbound_queue_bytes`).
+    pub soft_bytes: usize,
+    /// Bytes past which a message closes it at once (`outbound_queue_max_bytes`).
+    pub max_bytes: usize,
+    /// How long it may stay past `soft_bytes` without writing (`slow_consumer_grace_ms`).
+    pub grace: Duration,
+}
+
 /// Makes an outbox that holds `max_frames` messages of at most `max_bytes`
-/// bytes in all, plus `max_events` events. Messages may also use the event
-/// slots that are free.
+/// bytes in all, plus `max_events` events, with no grace: the bytes bound
+/// is a hard one. Messages may also use the event slots that are free.
 /// `kill` is the session's own token.
 pub fn outbox(
     max_frames: usize,
@@ -139,16 +181,36 @@ pub fn outbox(
     kill: CancellationToken,
     metrics: Arc<Metrics>,
 ) -> (Outbox, OutboxReceiver) {
+    let bounds = QueueBounds {
+        frames: max_frames,
+        events: max_events,
+        soft_bytes: max_bytes,
+        max_bytes,
+        grace: Duration::ZERO,
+    };
+    bounded_outbox(bounds, kill, metrics)
+}
+
+/// Makes an outbox with a soft and a hard bound in bytes (see the module).
+pub fn bounded_outbox(
+    bounds: QueueBounds,
+    kill: CancellationToken,
+    metrics: Arc<Metrics>,
+) -> (Outbox, OutboxReceiver) {
     let shared = Arc::new(Shared {
         queue: SegQueue::new(),
         queued: AtomicUsize::new(0),
-        max_items: max_frames.saturating_add(max_events).max(1),
+        max_items: bounds.frames.saturating_add(bounds.events).max(1),
         waker: AtomicWaker::new(),
         closed: AtomicBool::new(false),
         queued_bytes: AtomicUsize::new(0),
-        max_bytes,
+        soft_bytes: bounds.soft_bytes.min(bounds.max_bytes),
+        max_bytes: bounds.max_bytes,
+        grace_ms: u64::try_from(bounds.grace.as_millis()).unwrap_or(u64::MAX),
+        progress_ms: AtomicU64::new(0),
+        born: tokio::time::Instant::now(),
         queued_events: AtomicUsize::new(0),
-        max_events,
+        max_events: bounds.events,
         close_reason: AtomicU8::new(0),
         kill,
     });
@@ -165,14 +227,33 @@ impl Outbox {
     /// Queues a frame without waiting. Returns false when it did not fit
     /// (or the session is gone); the caller applies the policy.
     fn try_push(&self, item: Outgoing) -> bool {
+        let shared = &*self.shared;
         let len = item.len();
-        let queued = &self.shared.queued_bytes;
+        let queued = &shared.queued_bytes;
         let before = queued.fetch_add(len, Ordering::Relaxed);
-        if before + len <= self.shared.max_bytes && self.enqueue(item) {
+        let after = before + len;
+        if after <= shared.max_bytes && self.draining(before, after) && self.enqueue(item) {
             return true;
         }
         queued.fetch_sub(len, Ordering::Relaxed);
         false
+    }
+
+    /// Whether a session whose queue goes from `before` to `after` bytes is
+    /// draining: under the soft bound, just past it, or past it but with
+    /// socket progress within the grace time. Reads the clock only past it.
+    fn draining(&self, before: usize, after: usize) -> bool {
+        let shared = &*self.shared;
+        if after <= shared.soft_bytes {
+            return true;
+        }
+        let now = shared.clock_ms();
+        if before <= shared.soft_bytes {
+            // The grace time starts when the queue goes past the bound.
+            shared.progress_ms.store(now, Ordering::Relaxed);
+            return true;
+        }
+        now.saturating_sub(shared.progress_ms.load(Ordering::Relaxed)) <= shared.grace_ms
     }
 
     /// Queues `item` if there is room and the session is still there, and
@@ -279,6 +360,17 @@ impl OutboxReceiver {
         }
     }
 
+    /// Notes that the session wrote to its socket: while its queue is past
+    /// the soft bound, this restarts the grace time. Reads the clock only then.
+    pub fn progressed(&self) {
+        let shared = &*self.shared;
+        if shared.queued_bytes.load(Ordering::Relaxed) > shared.soft_bytes {
+            shared
+                .progress_ms
+                .store(shared.clock_ms(), Ordering::Relaxed);
+        }
+    }
+
     /// The reason set by [`Outbox::close`], if any.
     pub fn close_reason(&self) -> Option<CloseReason> {
         CloseReason::from_u8(self.shared.close_reason.load(Ordering::Acquire))
@@ -371,6 +463,73 @@ mod tests {
         assert_eq!(tx.queued_bytes(), 0, "nothing is queued for a gone session");
         assert!(!kill.is_cancelled());
         assert_eq!(metrics.messages_dropped.get(), 0);
+    }
+
+    fn bounded(
+        soft: usize,
+        hard: usize,
+        grace_ms: u64,
+    ) -> (Outbox, OutboxReceiver, CancellationToken) {
+        let kill = CancellationToken::new();
+        let bounds = QueueBounds {
+            frames: 100,
+            events: 4,
+            soft_bytes: soft,
+            max_bytes: hard,
+            grace: Duration::from_millis(grace_ms),
+        };
+        let (tx, rx) = bounded_outbox(bounds, kill.clone(), Arc::new(Metrics::default()));
+        (tx, rx, kill)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn past_the_soft_bound_a_draining_session_stays_and_a_stalled_one_is_closed() {
+        // Each delivery is 102 bytes framed: soft bound 200, hard cap 1000.
+        let (tx, rx, kill) = bounded(200, 1000, 1000);
+        for seq in 1..=3 {
+            tx.push_message(&delivery(seq, 100));
+        }
+        assert!(
+            !kill.is_cancelled(),
+            "just past the soft bound: grace starts"
+        );
+        // Writing while past the bound restarts the grace time.
+        for seq in 4..=8 {
+            tokio::time::advance(Duration::from_millis(900)).await;
+            rx.progressed();
+            tx.push_message(&delivery(seq, 100));
+            assert!(!kill.is_cancelled(), "draining: message {seq} queued");
+        }
+        // No write for longer than the grace time: the next message closes it.
+        tokio::time::advance(Duration::from_millis(1001)).await;
+        tx.push_message(&delivery(9, 100));
+        assert!(kill.is_cancelled());
+        assert_eq!(rx.close_reason(), Some(CloseReason::SlowConsumer));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_hard_cap_closes_at_once_however_fast_the_session_drains() {
+        let (tx, rx, kill) = bounded(200, 500, 60_000);
+        for seq in 1..=4 {
+            rx.progressed();
+            tx.push_message(&delivery(seq, 100));
+        }
+        assert!(!kill.is_cancelled());
+        rx.progressed();
+        tx.push_message(&delivery(5, 100));
+        assert!(kill.is_cancelled(), "510 bytes is past the 500-byte cap");
+        // Under the soft bound again, a session that took its queue is
+        // never judged by the grace time.
+        let (tx, mut rx, kill) = bounded(200, 500, 10);
+        tx.push_message(&delivery(1, 100));
+        tx.push_message(&delivery(2, 100));
+        tx.push_message(&delivery(3, 100));
+        while rx.try_recv().is_some() {}
+        tokio::time::advance(Duration::from_secs(60)).await;
+        tx.push_message(&delivery(4, 100));
+        tx.push_message(&delivery(5, 100));
+        tx.push_message(&delivery(6, 100));
+        assert!(!kill.is_cancelled());
     }
 
     #[test]

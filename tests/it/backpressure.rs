@@ -26,7 +26,9 @@ async fn slow_consumer_is_cut_off_and_resumes_without_loss() {
     .await
     .expect("connect");
     assert!(matches!(slow.recv().await, ServerFrame::Welcome { .. }));
-    slow.join("busy").await;
+    let ServerFrame::Joined { epoch, .. } = slow.join("busy").await else {
+        panic!("join answered");
+    };
     let mut fast = server.connect("fast").await;
     fast.join("busy").await;
     let mut publisher = server.connect("pub").await;
@@ -101,7 +103,7 @@ async fn slow_consumer_is_cut_off_and_resumes_without_loss() {
         .request(ClientRequest::Join {
             room: "busy".into(),
             since: Some(last),
-            epoch: None,
+            epoch: Some(epoch),
         })
         .await;
     assert!(

@@ -261,7 +261,14 @@ async fn resume_while_another_client_sends_has_no_gap_and_no_duplicate() {
         writer
     });
     let mut reader = server.connect("reader").await;
-    let joined = reader.request(join("live", Some(20))).await;
+    let epoch = server.state.store.epoch().to_owned();
+    let joined = reader
+        .request(ClientRequest::Join {
+            room: "live".into(),
+            since: Some(20),
+            epoch: Some(epoch),
+        })
+        .await;
     let ServerFrame::Joined {
         seq: hwm,
         recovered,
@@ -299,7 +306,13 @@ async fn recovery_is_all_or_nothing() {
     }
     let mut bob = server.connect("bob").await;
     // A gap of 9 is over the cap of 5: nothing is replayed.
-    let f = bob.request(join("r", Some(1))).await;
+    let f = bob
+        .request(ClientRequest::Join {
+            room: "r".into(),
+            since: Some(1),
+            epoch: Some(server.state.store.epoch().to_owned()),
+        })
+        .await;
     assert!(
         matches!(
             f,
