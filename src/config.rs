@@ -795,9 +795,12 @@ mod readme_table {
         if let Some(text) = cell.strip_prefix('`').and_then(|c| c.strip_suffix('`')) {
             return Some(format!("{text:?}"));
         }
+        if cell == "true" || cell == "false" {
+            return Some(cell.to_owned());
+        }
         assert!(
             cell.bytes().all(|b| b.is_ascii_digit()),
-            "README default `{cell}` is neither a number, a `quoted` value nor off/none/empty"
+            "README default `{cell}` is neither a number, a boolean, a `quoted` value nor off/none/empty"
         );
         Some(cell.to_owned())
     }
