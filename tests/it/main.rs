@@ -13,5 +13,6 @@ mod fuzz_corpus;
 mod gateway;
 mod loadtest;
 mod logs;
+mod presence;
 mod security;
 mod shutdown;
