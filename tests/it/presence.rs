@@ -408,3 +408,74 @@ async fn typing_is_coalesced_into_one_event_per_interval() {
     assert!(events.iter().any(|&c| c >= 3), "{events:?}");
     server.stop().await;
 }
+
+/// A client of an auth-mode server, as `user` with `grants`.
+async fn connect_with_grants(
+    server: &TestServer,
+    secret: &str,
+    user: &str,
+    grants: &[&str],
+) -> Client {
+    let claims = serde_json::json!({
+        "sub": user,
+        "exp": switchboard::auth::now_unix() + 3600,
+        "grants": grants,
+    });
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("sign");
+    let url = format!("wss://localhost:{}/ws", server.addr.port());
+    let request =
+        crate::support::request_with(&url, &[("authorization", &format!("Bearer {token}"))]);
+    let mut c = server.connect_request(request).await.expect("upgrade");
+    assert!(matches!(c.recv().await, ServerFrame::Welcome { .. }));
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_requests_need_read_access_and_share_the_history_rate() {
+    const SECRET: &str = "presence-test-secret-of-at-least-32-bytes";
+    let server = TestServer::start_with(Fixture::new(), |c| {
+        c.auth_hs256_secret = Some(switchboard::config::Secret::new(SECRET));
+        c.handshake_rate_per_ip = switchboard::config::Rate::OFF;
+        c.history_rate_per_session = switchboard::config::Rate::new(1, 2);
+    })
+    .await;
+    let mut alice = connect_with_grants(&server, SECRET, "alice", &["open:r"]).await;
+    alice.join("open").await;
+    // Outside the grants: `forbidden`, whether or not the room has members.
+    let mut bob = connect_with_grants(&server, SECRET, "bob", &["*:rw"]).await;
+    bob.join("closed").await;
+    for room in ["closed", "empty"] {
+        let reply = page(&mut alice, room, None, None).await;
+        assert!(
+            matches!(
+                reply,
+                ServerFrame::Error {
+                    code: ErrorCode::Forbidden,
+                    ..
+                }
+            ),
+            "{room}: {reply:?}"
+        );
+    }
+    // Two pages fit the history burst; the third is limited.
+    for i in 0..3 {
+        let reply = page(&mut alice, "open", None, Some(1)).await;
+        match reply {
+            ServerFrame::Members { count, users, .. } if i < 2 => {
+                assert_eq!((count, users), (1, vec!["alice".to_owned()]));
+            }
+            ServerFrame::Error {
+                code: ErrorCode::RateLimited,
+                retry_after_ms: Some(_),
+                ..
+            } if i == 2 => {}
+            other => panic!("page #{i}: {other:?}"),
+        }
+    }
+    server.stop().await;
+}
