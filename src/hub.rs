@@ -40,7 +40,6 @@ use rustc_hash::{FxHashMap, FxHashSet};
 use serde_json::value::RawValue;
 
 use crate::config::Config;
-
 use crate::session::{CloseReason, Delivery, Encoded, Outbox, WireFrame};
 use crate::store::{CommitSink, Committed};
 
@@ -105,22 +104,26 @@ struct Room {
     users: BTreeMap<Arc<str>, u32>,
     /// Whether this room sends `presence` events (see `presence_events_off`).
     presence_events: bool,
-    /// Whether the room is listed for the next presence flush.
-    presence_pending: bool,
-    /// Users who arrived or went since the last presence flush, at most
-    /// `presence_list_max` of them. The flush reports each as it is then,
-    /// present or not.
-    changed: FxHashSet<Arc<str>>,
-    /// Whether changes beyond `changed` happened since the last flush.
-    truncated: bool,
-    /// Whether the room is listed for the next typing flush.
-    typing_pending: bool,
-    /// Users who typed since the last typing flush.
-    typers: FxHashSet<Arc<str>>,
+    /// The changes for the next presence flush; `Some` exactly while the
+    /// room is listed for it. Boxed, and only then: a quiet room holds none.
+    changes: Option<Box<Changes>>,
+    /// Users who typed since the last typing flush; `Some` exactly while
+    /// the room is listed for the next one.
+    typers: Option<Box<FxHashSet<Arc<str>>>>,
     /// The room's latest committed seq, once known ([`UNKNOWN`] before):
     /// set from each commit's fan-out, under the same guard as its pushes,
     /// so a join reads it consistently with what its outbox will get.
     latest: AtomicU64,
+}
+
+/// A room's presence changes since its last flush.
+#[derive(Debug, Default)]
+struct Changes {
+    /// Users who arrived or went, at most `presence_list_max` of them. The
+    /// flush reports each as it is then, present or not.
+    users: FxHashSet<Arc<str>>,
+    /// Whether users beyond `users` arrived or went too.
+    truncated: bool,
 }
 
 /// An empty JSON array.
@@ -147,11 +150,8 @@ impl Room {
             slots: FxHashMap::default(),
             users: BTreeMap::new(),
             presence_events: options.presence_events(name),
-            presence_pending: false,
-            changed: FxHashSet::default(),
-            truncated: false,
-            typing_pending: false,
-            typers: FxHashSet::default(),
+            changes: None,
+            typers: None,
             latest: AtomicU64::new(UNKNOWN),
         }
     }
@@ -167,10 +167,11 @@ impl Room {
     /// may see their own name, and clients apply the lists as set additions
     /// and removals either way.
     fn flush_presence(&mut self) {
-        self.presence_pending = false;
-        // Taken, not drained: a room that changes once keeps no table.
-        let mut changed: Vec<Arc<str>> = std::mem::take(&mut self.changed).into_iter().collect();
-        let truncated = std::mem::take(&mut self.truncated);
+        let Some(changes) = self.changes.take() else {
+            return;
+        };
+        let truncated = changes.truncated;
+        let mut changed: Vec<Arc<str>> = changes.users.into_iter().collect();
         changed.sort_unstable();
         let (mut joined, mut left) = (Vec::new(), Vec::new());
         for user in &changed {
@@ -198,8 +199,9 @@ impl Room {
     /// flush and the first `list_max` of them by name. A lone typer's own
     /// sessions are skipped; several typers see their own names.
     fn flush_typing(&mut self, list_max: usize) {
-        self.typing_pending = false;
-        let typers = std::mem::take(&mut self.typers);
+        let Some(typers) = self.typers.take() else {
+            return;
+        };
         let mut names: Vec<&Arc<str>> = typers.iter().collect();
         // The first `list_max` by name, without sorting all of them.
         if names.len() > list_max {
@@ -353,14 +355,14 @@ impl Hub {
         if !r.presence_events {
             return;
         }
-        if !r.presence_pending {
-            r.presence_pending = true;
+        let changes = r.changes.get_or_insert_with(|| {
             lock(&self.presence_dirty).push(r.name.clone());
-        }
-        if r.changed.len() < self.options.presence_list_max {
-            r.changed.insert(user);
-        } else if !r.changed.contains(&user) {
-            r.truncated = true;
+            Box::default()
+        });
+        if changes.users.len() < self.options.presence_list_max {
+            changes.users.insert(user);
+        } else if !changes.users.contains(&user) {
+            changes.truncated = true;
         }
     }
 
@@ -373,9 +375,9 @@ impl Hub {
         for name in dirty {
             // A room emptied since its change is gone, and nobody is left
             // to tell. (A room of that name made since then lists itself
-            // again; its pending flag makes it flush once.)
+            // again, and flushes once: the first flush takes its changes.)
             if let Some(mut r) = self.rooms.get_mut(&name) {
-                if r.presence_pending {
+                if r.changes.is_some() {
                     r.flush_presence();
                     flushed += 1;
                 }
@@ -392,7 +394,7 @@ impl Hub {
         let mut flushed = 0;
         for name in dirty {
             if let Some(mut r) = self.rooms.get_mut(&name) {
-                if r.typing_pending {
+                if r.typers.is_some() {
                     r.flush_typing(self.options.typing_list_max);
                     flushed += 1;
                 }
@@ -478,13 +480,14 @@ impl Hub {
     /// Records that `user` typed in `room`; the room's members hear of it
     /// in its next coalesced `typing` event.
     pub fn typing(&self, room: &str, user: &Arc<str>) {
-        if let Some(mut r) = self.rooms.get_mut(room) {
-            if !r.typing_pending {
-                r.typing_pending = true;
+        if let Some(mut entry) = self.rooms.get_mut(room) {
+            let r = entry.value_mut();
+            let typers = r.typers.get_or_insert_with(|| {
                 lock(&self.typing_dirty).push(r.name.clone());
-            }
-            if !r.typers.contains(user) {
-                r.typers.insert(user.clone());
+                Box::default()
+            });
+            if !typers.contains(user) {
+                typers.insert(user.clone());
             }
         }
     }
