@@ -79,6 +79,12 @@ pub struct Config {
     /// Most user names in one `typing` event (its `count` says how many
     /// typed). Default 5.
     pub typing_list_max: usize,
+    /// Most deliveries per second of one room's `presence` events, and of
+    /// its `typing` events: a room with more sessions than one interval's
+    /// share gets its events less often (a room of 20 000 sessions, one
+    /// presence event a second by default), so that a big room filling or
+    /// typing costs its members a bounded number of events. Default 20 000.
+    pub event_fanout_per_sec: u64,
     /// Most messages replayed by a `join` with `since`; a longer gap answers `recovered: false`. Default 1 000.
     pub replay_cap: u64,
     /// `history` page size when the request gives no `limit`. Default 50.
@@ -262,6 +268,7 @@ impl Default for Config {
             presence_events_off: Vec::new(),
             typing_interval_ms: 500,
             typing_list_max: 5,
+            event_fanout_per_sec: 20_000,
             replay_cap: 1000,
             history_default_limit: 50,
             history_max_limit: 200,
@@ -397,6 +404,7 @@ impl Config {
         at_least("presence_page_max", u64::from(self.presence_page_max), 1)?;
         at_least("typing_interval_ms", self.typing_interval_ms, 1)?;
         at_least("typing_list_max", self.typing_list_max as u64, 1)?;
+        at_least("event_fanout_per_sec", self.event_fanout_per_sec, 1)?;
         for pattern in &self.presence_events_off {
             // A pattern follows the room-name rules, with `*` as a wildcard.
             protocol::names::validate_room(&pattern.replace('*', "x")).map_err(|source| {

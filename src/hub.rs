@@ -27,6 +27,10 @@
 //!   and [`Hub::flush_typing`], every `typing_interval_ms`, sends each room
 //!   where someone typed one `typing` event with the typers' count and at
 //!   most `typing_list_max` names.
+//! - A room's events are also bounded in deliveries: after an event to N
+//!   sessions, a room waits out N / (`event_fanout_per_sec`'s share of a
+//!   flush) flushes, so a 20,000-member room filling up gets one presence
+//!   event a second, not ten.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -63,6 +67,11 @@ pub struct HubOptions {
     pub presence_events_off: Vec<String>,
     /// Most names in one `typing` event.
     pub typing_list_max: usize,
+    /// Most deliveries of one room's presence events per presence flush,
+    /// and of its typing events per typing flush: a room with more
+    /// sessions skips flushes in proportion.
+    pub presence_fanout_per_flush: usize,
+    pub typing_fanout_per_flush: usize,
 }
 
 impl HubOptions {
@@ -71,6 +80,14 @@ impl HubOptions {
             presence_list_max: config.presence_list_max,
             presence_events_off: config.presence_events_off.clone(),
             typing_list_max: config.typing_list_max,
+            presence_fanout_per_flush: per_flush(
+                config.event_fanout_per_sec,
+                config.presence_interval_ms,
+            ),
+            typing_fanout_per_flush: per_flush(
+                config.event_fanout_per_sec,
+                config.typing_interval_ms,
+            ),
         }
     }
 
@@ -82,6 +99,18 @@ impl HubOptions {
             .iter()
             .any(|p| crate::auth::glob_match(p, room))
     }
+}
+
+/// A per-second delivery budget as a per-flush one, at least one session.
+fn per_flush(per_sec: u64, interval_ms: u64) -> usize {
+    let n = per_sec.saturating_mul(interval_ms) / 1000;
+    usize::try_from(n).unwrap_or(usize::MAX).max(1)
+}
+
+/// How many flushes an event to `sessions` uses of a `per_flush` budget:
+/// the room sends its next event that many flushes later.
+fn flushes_for(sessions: usize, per_flush: usize) -> u64 {
+    sessions.div_ceil(per_flush.max(1)).max(1) as u64
 }
 
 impl Default for HubOptions {
@@ -110,6 +139,11 @@ struct Room {
     /// Users who typed since the last typing flush; `Some` exactly while
     /// the room is listed for the next one.
     typers: Option<Box<FxHashSet<Arc<str>>>>,
+    /// The presence flush, and the typing flush, counted by the hub, from
+    /// which this room may send its next event: a big room's events are
+    /// spaced so that their deliveries stay within the fan-out budget.
+    presence_next: u64,
+    typing_next: u64,
     /// The room's latest committed seq, once known ([`UNKNOWN`] before):
     /// set from each commit's fan-out, under the same guard as its pushes,
     /// so a join reads it consistently with what its outbox will get.
@@ -152,6 +186,8 @@ impl Room {
             presence_events: options.presence_events(name),
             changes: None,
             typers: None,
+            presence_next: 0,
+            typing_next: 0,
             latest: AtomicU64::new(UNKNOWN),
         }
     }
@@ -323,6 +359,10 @@ pub struct Hub {
     presence_dirty: Mutex<Vec<Arc<str>>>,
     /// Rooms where someone typed since the last typing flush, each once.
     typing_dirty: Mutex<Vec<Arc<str>>>,
+    /// Presence flushes and typing flushes so far: the clock of the
+    /// fan-out budget (see `Room::presence_next`).
+    presence_flushes: AtomicU64,
+    typing_flushes: AtomicU64,
     options: HubOptions,
 }
 
@@ -343,6 +383,8 @@ impl Hub {
             sessions: DashMap::new(),
             presence_dirty: Mutex::new(Vec::new()),
             typing_dirty: Mutex::new(Vec::new()),
+            presence_flushes: AtomicU64::new(0),
+            typing_flushes: AtomicU64::new(0),
             options,
         }
     }
@@ -369,37 +411,61 @@ impl Hub {
     /// Sends every room with presence changes its one batched `presence`
     /// event. Called every `presence_interval_ms` by the server's presence
     /// task; returns how many rooms it flushed.
+    /// A room whose last event went to more sessions than the fan-out
+    /// budget allows per flush waits out as many flushes, its changes
+    /// accumulating meanwhile.
     pub fn flush_presence(&self) -> usize {
+        let now = self.presence_flushes.fetch_add(1, Ordering::Relaxed);
         let dirty = std::mem::take(&mut *lock(&self.presence_dirty));
         let mut flushed = 0;
+        let mut held = Vec::new();
         for name in dirty {
             // A room emptied since its change is gone, and nobody is left
             // to tell. (A room of that name made since then lists itself
             // again, and flushes once: the first flush takes its changes.)
             if let Some(mut r) = self.rooms.get_mut(&name) {
-                if r.changes.is_some() {
-                    r.flush_presence();
-                    flushed += 1;
+                if r.changes.is_none() {
+                    continue;
                 }
+                if now < r.presence_next {
+                    held.push(name);
+                    continue;
+                }
+                r.presence_next =
+                    now + flushes_for(r.members.len(), self.options.presence_fanout_per_flush);
+                r.flush_presence();
+                flushed += 1;
             }
         }
+        lock(&self.presence_dirty).extend(held);
         flushed
     }
 
     /// Sends every room where someone typed its one coalesced `typing`
     /// event. Called every `typing_interval_ms` by the server's presence
     /// task; returns how many rooms it flushed.
+    /// Big rooms wait out flushes as for presence.
     pub fn flush_typing(&self) -> usize {
+        let now = self.typing_flushes.fetch_add(1, Ordering::Relaxed);
         let dirty = std::mem::take(&mut *lock(&self.typing_dirty));
         let mut flushed = 0;
+        let mut held = Vec::new();
         for name in dirty {
             if let Some(mut r) = self.rooms.get_mut(&name) {
-                if r.typers.is_some() {
-                    r.flush_typing(self.options.typing_list_max);
-                    flushed += 1;
+                if r.typers.is_none() {
+                    continue;
                 }
+                if now < r.typing_next {
+                    held.push(name);
+                    continue;
+                }
+                r.typing_next =
+                    now + flushes_for(r.members.len(), self.options.typing_fanout_per_flush);
+                r.flush_typing(self.options.typing_list_max);
+                flushed += 1;
             }
         }
+        lock(&self.typing_dirty).extend(held);
         flushed
     }
 
@@ -702,6 +768,7 @@ mod tests {
             presence_list_max,
             presence_events_off: off.iter().map(|p| p.to_string()).collect(),
             typing_list_max,
+            ..HubOptions::default()
         })
     }
 
@@ -888,6 +955,50 @@ mod tests {
                 users: names(&["t3"]),
             }]
         );
+    }
+
+    #[test]
+    fn big_rooms_space_their_events_within_the_fanout_budget() {
+        let hub = Hub::with_options(HubOptions {
+            presence_fanout_per_flush: 10,
+            typing_fanout_per_flush: 10,
+            ..HubOptions::default()
+        });
+        let (_, mut watcher) = member_in(&hub, "big", 1000, "w");
+        for i in 0..24 {
+            member_in(&hub, "big", i, &format!("u{i}"));
+        }
+        let (_, mut small) = member_in(&hub, "small", 2000, "s");
+        // Flush 0: 25 sessions use three flushes' budget.
+        assert_eq!(hub.flush_presence(), 2);
+        frames(&mut watcher);
+        frames(&mut small);
+        member_in(&hub, "big", 500, "late");
+        for flush in 1..=2 {
+            member_in(&hub, "small", 2000 + flush, &format!("s{flush}"));
+            assert_eq!(
+                hub.flush_presence(),
+                1,
+                "only the small room, flush {flush}"
+            );
+            assert_eq!(frames(&mut small).len(), 1);
+        }
+        assert!(frames(&mut watcher).is_empty(), "the big room waits");
+        assert_eq!(hub.flush_presence(), 1);
+        let got = frames(&mut watcher);
+        assert!(
+            matches!(got.as_slice(), [ServerFrame::Presence { count: 26, joined, .. }] if joined == &names(&["late"])),
+            "{got:?}"
+        );
+        // Typing is spaced the same way: 26 sessions, three flushes.
+        hub.typing("big", &Arc::from("u1"));
+        assert_eq!(hub.flush_typing(), 1);
+        frames(&mut watcher);
+        hub.typing("big", &Arc::from("u2"));
+        assert_eq!((hub.flush_typing(), hub.flush_typing()), (0, 0));
+        assert!(frames(&mut watcher).is_empty());
+        assert_eq!(hub.flush_typing(), 1);
+        assert_eq!(frames(&mut watcher).len(), 1);
     }
 
     #[test]
