@@ -77,6 +77,30 @@ pub struct Config {
     /// How often each room's presence changes go out, batched into one
     /// `presence` event per room. Default 100 ms.
     pub presence_interval_ms: u64,
+    /// Most user names in a `joined` reply's `presence` list and in one
+    /// `presence` event; the rest are paged with a `presence` request, so
+    /// a join costs the same bytes in a room of any size. Default 100.
+    pub presence_list_max: usize,
+    /// Largest page of a `presence` request, and its size when the request
+    /// gives no `limit`. Default 1 000.
+    pub presence_page_max: u32,
+    /// Room patterns (`*` matches any run of characters, as in grants)
+    /// whose rooms send no `presence` events: a livestream's audience, say.
+    /// `joined` and the `presence` request still report the room's users.
+    /// Default: none.
+    pub presence_events_off: Vec<String>,
+    /// How often each room's typing notices go out, coalesced into one
+    /// `typing` event per room. Default 500 ms.
+    pub typing_interval_ms: u64,
+    /// Most user names in one `typing` event (its `count` says how many
+    /// typed). Default 5.
+    pub typing_list_max: usize,
+    /// Most deliveries per second of one room's `presence` events, and of
+    /// its `typing` events: a room with more sessions than one interval's
+    /// share gets its events less often (a room of 20 000 sessions, one
+    /// presence event a second by default), so that a big room filling or
+    /// typing costs its members a bounded number of events. Default 20 000.
+    pub event_fanout_per_sec: u64,
     /// Most messages replayed by a `join` with `since`; a longer gap answers `recovered: false`. Default 1 000.
     pub replay_cap: u64,
     /// `history` page size when the request gives no `limit`. Default 50.
@@ -287,6 +311,12 @@ impl Default for Config {
             max_inflight_sends: 256,
             heartbeat_interval_ms: 25_000,
             presence_interval_ms: 100,
+            presence_list_max: 100,
+            presence_page_max: 1000,
+            presence_events_off: Vec::new(),
+            typing_interval_ms: 500,
+            typing_list_max: 5,
+            event_fanout_per_sec: 20_000,
             replay_cap: 1000,
             history_default_limit: 50,
             history_max_limit: 200,
@@ -386,6 +416,13 @@ pub enum ConfigError {
          set one (`SWITCHBOARD_ADMIN_TOKEN`) or listen on loopback"
     )]
     AdminExposed { addr: SocketAddr },
+    #[error("`{field}` has an invalid room pattern `{pattern}`")]
+    RoomPattern {
+        field: &'static str,
+        pattern: String,
+        #[source]
+        source: protocol::names::NameError,
+    },
 }
 
 impl Config {
@@ -432,6 +469,20 @@ impl Config {
         at_least("max_inflight_sends", self.max_inflight_sends as u64, 1)?;
         at_least("heartbeat_interval_ms", self.heartbeat_interval_ms, 10)?;
         at_least("presence_interval_ms", self.presence_interval_ms, 1)?;
+        at_least("presence_page_max", u64::from(self.presence_page_max), 1)?;
+        at_least("typing_interval_ms", self.typing_interval_ms, 1)?;
+        at_least("typing_list_max", self.typing_list_max as u64, 1)?;
+        at_least("event_fanout_per_sec", self.event_fanout_per_sec, 1)?;
+        for pattern in &self.presence_events_off {
+            // A pattern follows the room-name rules, with `*` as a wildcard.
+            protocol::names::validate_room(&pattern.replace('*', "x")).map_err(|source| {
+                ConfigError::RoomPattern {
+                    field: "presence_events_off",
+                    pattern: pattern.clone(),
+                    source,
+                }
+            })?;
+        }
         at_least("history_max_limit", u64::from(self.history_max_limit), 1)?;
         at_least("commit_max_batch", self.commit_max_batch as u64, 1)?;
         at_least("index_batch", self.index_batch, 1)?;
@@ -594,6 +645,10 @@ impl Config {
         Duration::from_millis(self.presence_interval_ms)
     }
 
+    pub fn typing_interval(&self) -> Duration {
+        Duration::from_millis(self.typing_interval_ms)
+    }
+
     pub fn write_timeout(&self) -> Duration {
         Duration::from_millis(self.write_timeout_ms)
     }
@@ -676,6 +731,26 @@ mod tests {
             config.validate(),
             Err(ConfigError::TooSmall {
                 field: "max_message_bytes",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn presence_events_off_takes_room_patterns() {
+        let config = Config {
+            presence_events_off: vec!["live-*".into(), "*:stage".into()],
+            ..Config::default()
+        };
+        config.validate().expect("valid patterns");
+        let config = Config {
+            presence_events_off: vec!["live *".into()],
+            ..Config::default()
+        };
+        assert!(matches!(
+            config.validate(),
+            Err(ConfigError::RoomPattern {
+                field: "presence_events_off",
                 ..
             })
         ));

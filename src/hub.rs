@@ -12,22 +12,38 @@
 //!   reference-counted handle, never a copy.
 //! - A room's members see its messages in commit order, which is seq order,
 //!   because only the single store writer thread calls [`CommitSink::committed`].
+//! - A join or leave costs the same whatever the room's size: members are
+//!   found through a map of slots (no scan), the users' counts are a sorted
+//!   map, and the `joined` reply lists at most `presence_list_max` users
+//!   (with the count of all of them); [`Hub::members`] pages the rest.
 //! - Presence changes are batched: a join or leave only records the change,
 //!   and [`Hub::flush_presence`], every `presence_interval_ms`, sends each
-//!   changed room one `presence` event with all its changes. Filling a room
-//!   of N therefore costs each member one event per interval, not one per
-//!   join (which made filling a room O(N²)).
+//!   changed room one `presence` event with the room's count and at most
+//!   `presence_list_max` of its changes. Filling a room of N therefore
+//!   costs each member one bounded event per interval, not one per join
+//!   (which made filling a room O(N²)). Rooms matching
+//!   `presence_events_off` record no changes at all.
+//! - Typing is coalesced the same way: [`Hub::typing`] records the typer,
+//!   and [`Hub::flush_typing`], every `typing_interval_ms`, sends each room
+//!   where someone typed one `typing` event with the typers' count and at
+//!   most `typing_list_max` names.
+//! - A room's events are also bounded in deliveries: after an event to N
+//!   sessions, a room waits out N / (`event_fanout_per_sec`'s share of a
+//!   flush) flushes, so a 20,000-member room filling up gets one presence
+//!   event a second, not ten.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
+use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use dashmap::DashMap;
 use protocol::ServerFrame;
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 use serde_json::value::RawValue;
 
+use crate::config::Config;
 use crate::session::{CloseReason, Delivery, Encoded, Outbox, WireFrame};
 use crate::store::{CommitSink, Committed};
 
@@ -42,20 +58,106 @@ pub struct Member {
     pub outbox: Outbox,
 }
 
+/// The hub's share of the configuration: what bounds presence and typing.
+#[derive(Debug, Clone)]
+pub struct HubOptions {
+    /// Most names in a `joined` reply and in one `presence` event.
+    pub presence_list_max: usize,
+    /// Room patterns whose rooms send no `presence` events.
+    pub presence_events_off: Vec<String>,
+    /// Most names in one `typing` event.
+    pub typing_list_max: usize,
+    /// Most deliveries of one room's presence events per presence flush,
+    /// and of its typing events per typing flush: a room with more
+    /// sessions skips flushes in proportion.
+    pub presence_fanout_per_flush: usize,
+    pub typing_fanout_per_flush: usize,
+}
+
+impl HubOptions {
+    pub fn from_config(config: &Config) -> HubOptions {
+        HubOptions {
+            presence_list_max: config.presence_list_max,
+            presence_events_off: config.presence_events_off.clone(),
+            typing_list_max: config.typing_list_max,
+            presence_fanout_per_flush: per_flush(
+                config.event_fanout_per_sec,
+                config.presence_interval_ms,
+            ),
+            typing_fanout_per_flush: per_flush(
+                config.event_fanout_per_sec,
+                config.typing_interval_ms,
+            ),
+        }
+    }
+
+    /// Whether rooms named `room` send `presence` events. Decided once, when
+    /// the room is created, so a join pays no pattern match.
+    fn presence_events(&self, room: &str) -> bool {
+        !self
+            .presence_events_off
+            .iter()
+            .any(|p| crate::auth::glob_match(p, room))
+    }
+}
+
+/// A per-second delivery budget as a per-flush one, at least one session.
+fn per_flush(per_sec: u64, interval_ms: u64) -> usize {
+    let n = per_sec.saturating_mul(interval_ms) / 1000;
+    usize::try_from(n).unwrap_or(usize::MAX).max(1)
+}
+
+/// How many flushes an event to `sessions` uses of a `per_flush` budget:
+/// the room sends its next event that many flushes later.
+fn flushes_for(sessions: usize, per_flush: usize) -> u64 {
+    sessions.div_ceil(per_flush.max(1)).max(1) as u64
+}
+
+impl Default for HubOptions {
+    fn default() -> HubOptions {
+        HubOptions::from_config(&Config::default())
+    }
+}
+
 /// A room: its members and, for presence, how many sessions each user has in it.
 #[derive(Debug)]
 struct Room {
     name: Arc<str>,
+    /// Dense, so that fan-out walks an array.
     members: Vec<Member>,
-    /// Sorted, so that a join lists them without sorting.
+    /// Each member's index in `members`, so that a leave finds its member
+    /// without a scan (it swaps the last member into the gap).
+    slots: FxHashMap<SessionId, usize>,
+    /// Sorted, so that a join lists the first ones and a `presence` request
+    /// pages from a name without sorting.
     users: BTreeMap<Arc<str>, u32>,
-    /// Users who arrived or went since the last presence flush, in order.
-    /// The flush reports each as it is then, present or not.
-    changed: Vec<Arc<str>>,
+    /// Whether this room sends `presence` events (see `presence_events_off`).
+    presence_events: bool,
+    /// The changes for the next presence flush; `Some` exactly while the
+    /// room is listed for it. Boxed, and only then: a quiet room holds none.
+    changes: Option<Box<Changes>>,
+    /// Users who typed since the last typing flush; `Some` exactly while
+    /// the room is listed for the next one.
+    typers: Option<Box<FxHashSet<Arc<str>>>>,
+    /// The presence flush, and the typing flush, counted by the hub, from
+    /// which this room may send its next event: a big room's events are
+    /// spaced so that their deliveries stay within the fan-out budget.
+    presence_next: u64,
+    typing_next: u64,
     /// The room's latest committed seq, once known ([`UNKNOWN`] before):
     /// set from each commit's fan-out, under the same guard as its pushes,
     /// so a join reads it consistently with what its outbox will get.
     latest: AtomicU64,
+}
+
+/// A room's presence changes since its last flush.
+#[derive(Debug, Default)]
+struct Changes {
+    /// Users who arrived or went, at most `presence_list_max` of them. The
+    /// flush reports each as it is then, present or not.
+    users: FxHashSet<Arc<str>>,
+    /// Whether users beyond `users` arrived or went too.
+    truncated: bool,
 }
 
 /// An empty JSON array.
@@ -75,14 +177,38 @@ impl Room {
         }
     }
 
-    /// Sends one `presence` event with the users who arrived or went since
-    /// the last flush. A lone change skips that user's own sessions, as an
-    /// unbatched event would; in a batch, users may see their own name, and
-    /// clients apply the lists as set additions and removals either way.
+    fn new(name: &str, options: &HubOptions) -> Room {
+        Room {
+            name: Arc::from(name),
+            members: Vec::new(),
+            slots: FxHashMap::default(),
+            users: BTreeMap::new(),
+            presence_events: options.presence_events(name),
+            changes: None,
+            typers: None,
+            presence_next: 0,
+            typing_next: 0,
+            latest: AtomicU64::new(UNKNOWN),
+        }
+    }
+
+    /// The number of distinct users, as the wire counts them.
+    fn user_count(&self) -> u64 {
+        self.users.len() as u64
+    }
+
+    /// Sends one `presence` event with the room's count and the users who
+    /// arrived or went since the last flush. A lone change skips that
+    /// user's own sessions, as an unbatched event would; in a batch, users
+    /// may see their own name, and clients apply the lists as set additions
+    /// and removals either way.
     fn flush_presence(&mut self) {
-        let mut changed = std::mem::take(&mut self.changed);
+        let Some(changes) = self.changes.take() else {
+            return;
+        };
+        let truncated = changes.truncated;
+        let mut changed: Vec<Arc<str>> = changes.users.into_iter().collect();
         changed.sort_unstable();
-        changed.dedup();
         let (mut joined, mut left) = (Vec::new(), Vec::new());
         for user in &changed {
             if self.users.contains_key(user) {
@@ -92,13 +218,43 @@ impl Room {
             }
         }
         let except = match changed.as_slice() {
-            [one] => &**one,
+            [one] if !truncated => &**one,
             _ => "",
         };
         let frame = ServerFrame::Presence {
             room: self.name.to_string(),
+            count: self.user_count(),
             joined,
             left,
+            truncated,
+        };
+        self.broadcast_ephemeral(&frame, except);
+    }
+
+    /// Sends one `typing` event with how many users typed since the last
+    /// flush and the first `list_max` of them by name. A lone typer's own
+    /// sessions are skipped; several typers see their own names.
+    fn flush_typing(&mut self, list_max: usize) {
+        let Some(typers) = self.typers.take() else {
+            return;
+        };
+        let mut names: Vec<&Arc<str>> = typers.iter().collect();
+        // The first `list_max` by name, without sorting all of them.
+        if names.len() > list_max {
+            if list_max > 0 {
+                names.select_nth_unstable(list_max - 1);
+            }
+            names.truncate(list_max);
+        }
+        names.sort_unstable();
+        let except = match (typers.len(), names.as_slice()) {
+            (1, [one]) => &***one,
+            _ => "",
+        };
+        let frame = ServerFrame::Typing {
+            room: self.name.to_string(),
+            count: typers.len() as u64,
+            users: names.iter().map(|u| u.to_string()).collect(),
         };
         self.broadcast_ephemeral(&frame, except);
     }
@@ -117,10 +273,10 @@ impl Room {
         self.users.keys().map(|u| u.to_string()).collect()
     }
 
-    /// The distinct users, sorted, as a JSON array: one buffer, no
-    /// allocation per user, for the `joined` reply of a join.
-    fn presence_json(&self) -> Box<RawValue> {
-        let names: Vec<&str> = self.users.keys().map(|u| &**u).collect();
+    /// The first `max` distinct users, sorted, as a JSON array: one
+    /// buffer, no allocation per user, for the `joined` reply of a join.
+    fn presence_json(&self, max: usize) -> Box<RawValue> {
+        let names: Vec<&str> = self.users.keys().take(max).map(|u| &**u).collect();
         // Serializing strings into a buffer cannot fail; `[]` is the
         // fallback rather than a panic.
         serde_json::value::to_raw_value(&names).unwrap_or_else(|_| empty_list())
@@ -132,14 +288,26 @@ impl Room {
 pub struct JoinOutcome {
     /// The room's shared name, the key that deliveries carry.
     pub room: Arc<str>,
-    /// Distinct users in the room, sorted, the joiner included, as a JSON
-    /// array.
+    /// How many distinct users are in the room, the joiner included.
+    pub count: u64,
+    /// The first `presence_list_max` of them, sorted, as a JSON array.
     pub presence: Box<RawValue>,
     /// The room's latest seq as of the join, when the hub knows it: every
     /// later message reaches the joiner's outbox. `None` for a room the hub
     /// has not seen a commit or a read for; the caller reads the store then
     /// and reports the value with [`Hub::note_latest`].
     pub latest: Option<u64>,
+}
+
+/// One page of a room's users, for a `presence` request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MembersPage {
+    /// How many distinct users the room has.
+    pub count: u64,
+    /// Users sorted after the cursor, at most the page's limit.
+    pub users: Vec<String>,
+    /// Whether users after the last of `users` exist.
+    pub more: bool,
 }
 
 /// Summary of a room, for operators.
@@ -189,50 +357,115 @@ pub struct Hub {
     /// Rooms with presence changes not yet sent. Each room is listed once:
     /// it is added when its first change since the last flush is recorded.
     presence_dirty: Mutex<Vec<Arc<str>>>,
+    /// Rooms where someone typed since the last typing flush, each once.
+    typing_dirty: Mutex<Vec<Arc<str>>>,
+    /// Presence flushes and typing flushes so far: the clock of the
+    /// fan-out budget (see `Room::presence_next`).
+    presence_flushes: AtomicU64,
+    typing_flushes: AtomicU64,
+    options: HubOptions,
+}
+
+/// Locks a dirty list; a panic elsewhere cannot leave it inconsistent.
+fn lock(list: &Mutex<Vec<Arc<str>>>) -> std::sync::MutexGuard<'_, Vec<Arc<str>>> {
+    list.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Hub {
     pub fn new() -> Hub {
+        Hub::with_options(HubOptions::default())
+    }
+
+    pub fn with_options(options: HubOptions) -> Hub {
         Hub {
             rooms: DashMap::new(),
             sessions: DashMap::new(),
             presence_dirty: Mutex::new(Vec::new()),
+            typing_dirty: Mutex::new(Vec::new()),
+            presence_flushes: AtomicU64::new(0),
+            typing_flushes: AtomicU64::new(0),
+            options,
         }
     }
 
     /// Records that `user`'s presence in `r` changed; lists the room for
     /// the next flush if this is its first change since the last one.
+    /// Only the first `presence_list_max` changed users are kept; further
+    /// ones mark the batch truncated.
     fn presence_changed(&self, r: &mut Room, user: Arc<str>) {
-        if r.changed.is_empty() {
-            self.presence_dirty
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .push(r.name.clone());
+        if !r.presence_events {
+            return;
         }
-        r.changed.push(user);
+        let changes = r.changes.get_or_insert_with(|| {
+            lock(&self.presence_dirty).push(r.name.clone());
+            Box::default()
+        });
+        if changes.users.len() < self.options.presence_list_max {
+            changes.users.insert(user);
+        } else if !changes.users.contains(&user) {
+            changes.truncated = true;
+        }
     }
 
     /// Sends every room with presence changes its one batched `presence`
     /// event. Called every `presence_interval_ms` by the server's presence
     /// task; returns how many rooms it flushed.
+    /// A room whose last event went to more sessions than the fan-out
+    /// budget allows per flush waits out as many flushes, its changes
+    /// accumulating meanwhile.
     pub fn flush_presence(&self) -> usize {
-        let dirty = std::mem::take(
-            &mut *self
-                .presence_dirty
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        );
+        let now = self.presence_flushes.fetch_add(1, Ordering::Relaxed);
+        let dirty = std::mem::take(&mut *lock(&self.presence_dirty));
         let mut flushed = 0;
+        let mut held = Vec::new();
         for name in dirty {
             // A room emptied since its change is gone, and nobody is left
-            // to tell.
+            // to tell. (A room of that name made since then lists itself
+            // again, and flushes once: the first flush takes its changes.)
             if let Some(mut r) = self.rooms.get_mut(&name) {
-                if !r.changed.is_empty() {
-                    r.flush_presence();
-                    flushed += 1;
+                if r.changes.is_none() {
+                    continue;
                 }
+                if now < r.presence_next {
+                    held.push(name);
+                    continue;
+                }
+                r.presence_next =
+                    now + flushes_for(r.members.len(), self.options.presence_fanout_per_flush);
+                r.flush_presence();
+                flushed += 1;
             }
         }
+        lock(&self.presence_dirty).extend(held);
+        flushed
+    }
+
+    /// Sends every room where someone typed its one coalesced `typing`
+    /// event. Called every `typing_interval_ms` by the server's presence
+    /// task; returns how many rooms it flushed.
+    /// Big rooms wait out flushes as for presence.
+    pub fn flush_typing(&self) -> usize {
+        let now = self.typing_flushes.fetch_add(1, Ordering::Relaxed);
+        let dirty = std::mem::take(&mut *lock(&self.typing_dirty));
+        let mut flushed = 0;
+        let mut held = Vec::new();
+        for name in dirty {
+            if let Some(mut r) = self.rooms.get_mut(&name) {
+                if r.typers.is_none() {
+                    continue;
+                }
+                if now < r.typing_next {
+                    held.push(name);
+                    continue;
+                }
+                r.typing_next =
+                    now + flushes_for(r.members.len(), self.options.typing_fanout_per_flush);
+                r.flush_typing(self.options.typing_list_max);
+                flushed += 1;
+            }
+        }
+        lock(&self.typing_dirty).extend(held);
         flushed
     }
 
@@ -240,15 +473,13 @@ impl Hub {
     /// that still reports presence. When the member's user was not in the
     /// room yet, the members get a `presence` event at the next flush.
     pub fn join(&self, room: &str, member: Member) -> JoinOutcome {
-        let mut entry = self.rooms.entry(Arc::from(room)).or_insert_with(|| Room {
-            name: Arc::from(room),
-            members: Vec::new(),
-            users: BTreeMap::new(),
-            changed: Vec::new(),
-            latest: AtomicU64::new(UNKNOWN),
-        });
+        let mut entry = self
+            .rooms
+            .entry(Arc::from(room))
+            .or_insert_with(|| Room::new(room, &self.options));
         let r = entry.value_mut();
-        if !r.members.iter().any(|m| m.session == member.session) {
+        if let std::collections::hash_map::Entry::Vacant(slot) = r.slots.entry(member.session) {
+            slot.insert(r.members.len());
             let count = r.users.entry(member.user.clone()).or_insert(0);
             *count += 1;
             let first = *count == 1;
@@ -261,7 +492,8 @@ impl Hub {
         let latest = r.latest.load(Ordering::Acquire);
         JoinOutcome {
             room: r.name.clone(),
-            presence: r.presence_json(),
+            count: r.user_count(),
+            presence: r.presence_json(self.options.presence_list_max),
             latest: (latest != UNKNOWN).then_some(latest),
         }
     }
@@ -282,10 +514,14 @@ impl Hub {
             return false;
         };
         let r = entry.value_mut();
-        let Some(pos) = r.members.iter().position(|m| m.session == session) else {
+        let Some(pos) = r.slots.remove(&session) else {
             return false;
         };
         let member = r.members.swap_remove(pos);
+        // The last member moved into the gap: its slot follows it.
+        if let Some(moved) = r.members.get(pos) {
+            r.slots.insert(moved.session, pos);
+        }
         let gone = match r.users.get_mut(&member.user) {
             Some(n) if *n > 1 => {
                 *n -= 1;
@@ -307,14 +543,42 @@ impl Hub {
         true
     }
 
-    /// Sends `typing` to the room's members of other users.
-    pub fn typing(&self, room: &str, user: &str) {
-        if let Some(r) = self.rooms.get(room) {
-            let frame = ServerFrame::Typing {
-                room: room.to_owned(),
-                user: user.to_owned(),
+    /// Records that `user` typed in `room`; the room's members hear of it
+    /// in its next coalesced `typing` event.
+    pub fn typing(&self, room: &str, user: &Arc<str>) {
+        if let Some(mut entry) = self.rooms.get_mut(room) {
+            let r = entry.value_mut();
+            let typers = r.typers.get_or_insert_with(|| {
+                lock(&self.typing_dirty).push(r.name.clone());
+                Box::default()
+            });
+            if !typers.contains(user) {
+                typers.insert(user.clone());
+            }
+        }
+    }
+
+    /// One page of `room`'s users, sorted by name: those after `after`, at
+    /// most `limit`. A room without members has none.
+    pub fn members(&self, room: &str, after: Option<&str>, limit: usize) -> MembersPage {
+        let Some(r) = self.rooms.get(room) else {
+            return MembersPage {
+                count: 0,
+                users: Vec::new(),
+                more: false,
             };
-            r.broadcast_ephemeral(&frame, user);
+        };
+        let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut range = r.users.range::<str, _>((from, Bound::Unbounded));
+        let users = range
+            .by_ref()
+            .take(limit)
+            .map(|(u, _)| u.to_string())
+            .collect();
+        MembersPage {
+            count: r.user_count(),
+            users,
+            more: range.next().is_some(),
         }
     }
 
@@ -474,6 +738,297 @@ mod tests {
         rx
     }
 
+    /// Joins session `id` of `user` to `room` of `hub`.
+    fn member_in(
+        hub: &Hub,
+        room: &str,
+        id: SessionId,
+        user: &str,
+    ) -> (JoinOutcome, OutboxReceiver) {
+        let (tx, rx) = outbox(
+            64,
+            1 << 20,
+            64,
+            CancellationToken::new(),
+            Arc::new(Metrics::default()),
+        );
+        let outcome = hub.join(
+            room,
+            Member {
+                session: id,
+                user: Arc::from(user),
+                outbox: tx,
+            },
+        );
+        (outcome, rx)
+    }
+
+    fn hub_with(presence_list_max: usize, off: &[&str], typing_list_max: usize) -> Hub {
+        Hub::with_options(HubOptions {
+            presence_list_max,
+            presence_events_off: off.iter().map(|p| p.to_string()).collect(),
+            typing_list_max,
+            ..HubOptions::default()
+        })
+    }
+
+    /// The events queued for a session, decoded.
+    fn frames(rx: &mut OutboxReceiver) -> Vec<ServerFrame> {
+        events(rx)
+            .iter()
+            .map(|t| ServerFrame::from_json(t).unwrap())
+            .collect()
+    }
+
+    fn names(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// Checks that every member's slot points at it and that the users'
+    /// session counts match the members.
+    fn assert_consistent(hub: &Hub, room: &str) {
+        let r = hub.rooms.get(room).unwrap();
+        assert_eq!(r.slots.len(), r.members.len());
+        let mut per_user: BTreeMap<Arc<str>, u32> = BTreeMap::new();
+        for (i, m) in r.members.iter().enumerate() {
+            assert_eq!(r.slots.get(&m.session), Some(&i), "slot of {}", m.session);
+            *per_user.entry(m.user.clone()).or_default() += 1;
+        }
+        assert_eq!(per_user, r.users);
+    }
+
+    #[test]
+    fn leaves_find_their_member_by_slot_and_keep_the_room_consistent() {
+        let hub = Hub::new();
+        let mut rxs = BTreeMap::new();
+        for id in 0..300u64 {
+            let (_, rx) = member_in(&hub, "r", id, &format!("u{}", id % 100));
+            rxs.insert(id, rx);
+        }
+        assert_consistent(&hub, "r");
+        // Leave half, in a scrambled order (a fixed stride through 0..300).
+        let mut gone = Vec::new();
+        for k in 0..150u64 {
+            let id = (k * 7) % 300;
+            assert!(hub.leave("r", id), "{id} was a member");
+            assert!(!hub.leave("r", id), "{id} left twice");
+            gone.push(id);
+            assert_consistent(&hub, "r");
+        }
+        // Every remaining member, and only those, gets a commit's message.
+        let body = serde_json::value::to_raw_value(&1).unwrap();
+        hub.committed(&[Committed {
+            room: "r",
+            seq: 1,
+            from: "u0",
+            ts: 0,
+            body: &body,
+        }]);
+        for (id, rx) in &mut rxs {
+            let got = std::iter::from_fn(|| rx.try_recv())
+                .filter(|o| matches!(o, Outgoing::Message(_)))
+                .count();
+            assert_eq!(got, usize::from(!gone.contains(id)), "session {id}");
+        }
+        // Users with a session left are still there: 1, 2, 3... by stride.
+        let page = hub.members("r", None, 1000);
+        let r = hub.rooms.get("r").unwrap();
+        assert_eq!(page.count, r.users.len() as u64);
+        assert_eq!(r.members.len(), 150);
+    }
+
+    #[test]
+    fn joined_lists_at_most_the_bound_and_counts_every_user() {
+        let hub = hub_with(3, &[], 5);
+        let mut last = None;
+        for i in 0..10 {
+            // Two sessions per user: the count is of users.
+            member_in(&hub, "r", 2 * i, &format!("u{i}"));
+            last = Some(member_in(&hub, "r", 2 * i + 1, &format!("u{i}")).0);
+        }
+        let outcome = last.unwrap();
+        assert_eq!(outcome.count, 10);
+        assert_eq!(outcome.presence.get(), r#"["u0","u1","u2"]"#);
+    }
+
+    #[test]
+    fn presence_events_carry_the_count_and_at_most_the_bound_of_names() {
+        let hub = hub_with(3, &[], 5);
+        let (_, mut watcher) = member_in(&hub, "r", 100, "watcher");
+        assert_eq!(hub.flush_presence(), 1);
+        frames(&mut watcher);
+        for i in 0..10 {
+            member_in(&hub, "r", i, &format!("u{i}"));
+        }
+        assert_eq!(hub.flush_presence(), 1);
+        let got = frames(&mut watcher);
+        let [
+            ServerFrame::Presence {
+                count,
+                joined,
+                left,
+                truncated,
+                ..
+            },
+        ] = got.as_slice()
+        else {
+            panic!("one presence event: {got:?}")
+        };
+        assert_eq!(
+            (*count, joined.len(), left.len(), *truncated),
+            (11, 3, 0, true)
+        );
+        // A user's later sessions change nothing; their last leave does.
+        member_in(&hub, "r", 50, "u1");
+        assert_eq!(hub.flush_presence(), 0);
+        assert!(hub.leave("r", 1));
+        assert_eq!(hub.flush_presence(), 0, "u1 has a session left");
+        assert!(hub.leave("r", 50));
+        assert!(hub.leave("r", 2));
+        assert_eq!(hub.flush_presence(), 1);
+        assert_eq!(
+            frames(&mut watcher),
+            vec![ServerFrame::Presence {
+                room: "r".into(),
+                count: 9,
+                joined: vec![],
+                left: names(&["u1", "u2"]),
+                truncated: false,
+            }]
+        );
+    }
+
+    #[test]
+    fn rooms_matching_presence_events_off_send_no_presence_events() {
+        let hub = hub_with(100, &["quiet-*"], 5);
+        let (_, mut quiet) = member_in(&hub, "quiet-1", 1, "a");
+        let (_, mut loud) = member_in(&hub, "loud", 2, "a");
+        let (outcome, _) = member_in(&hub, "quiet-1", 3, "b");
+        member_in(&hub, "loud", 4, "b");
+        // The count and names still come with `joined` and pages.
+        assert_eq!(outcome.count, 2);
+        assert_eq!(outcome.presence.get(), r#"["a","b"]"#);
+        assert_eq!(hub.members("quiet-1", None, 10).users, names(&["a", "b"]));
+        assert_eq!(hub.flush_presence(), 1, "only `loud` has events");
+        assert!(frames(&mut quiet).is_empty());
+        assert_eq!(frames(&mut loud).len(), 1);
+    }
+
+    #[test]
+    fn typing_is_coalesced_into_one_event_per_flush() {
+        let hub = hub_with(100, &[], 2);
+        let (_, mut watcher) = member_in(&hub, "r", 100, "watcher");
+        let mut typers: Vec<_> = (0..10)
+            .map(|i| member_in(&hub, "r", i, &format!("t{i}")).1)
+            .collect();
+        hub.flush_presence();
+        frames(&mut watcher);
+        for rx in &mut typers {
+            frames(rx);
+        }
+        for _ in 0..3 {
+            for i in (0..10).rev() {
+                hub.typing("r", &Arc::from(format!("t{i}")));
+            }
+        }
+        assert!(frames(&mut watcher).is_empty(), "nothing before the flush");
+        assert_eq!(hub.flush_typing(), 1);
+        let one = ServerFrame::Typing {
+            room: "r".into(),
+            count: 10,
+            users: names(&["t0", "t1"]),
+        };
+        assert_eq!(frames(&mut watcher), vec![one.clone()]);
+        // With several typers, the typers hear it too.
+        assert_eq!(frames(&mut typers[5]), vec![one]);
+        assert_eq!(hub.flush_typing(), 0);
+        // A lone typer's own sessions are skipped.
+        assert_eq!(frames(&mut typers[3]).len(), 1);
+        hub.typing("r", &Arc::from("t3"));
+        assert_eq!(hub.flush_typing(), 1);
+        assert!(frames(&mut typers[3]).is_empty());
+        assert_eq!(
+            frames(&mut watcher),
+            vec![ServerFrame::Typing {
+                room: "r".into(),
+                count: 1,
+                users: names(&["t3"]),
+            }]
+        );
+    }
+
+    #[test]
+    fn big_rooms_space_their_events_within_the_fanout_budget() {
+        let hub = Hub::with_options(HubOptions {
+            presence_fanout_per_flush: 10,
+            typing_fanout_per_flush: 10,
+            ..HubOptions::default()
+        });
+        let (_, mut watcher) = member_in(&hub, "big", 1000, "w");
+        for i in 0..24 {
+            member_in(&hub, "big", i, &format!("u{i}"));
+        }
+        let (_, mut small) = member_in(&hub, "small", 2000, "s");
+        // Flush 0: 25 sessions use three flushes' budget.
+        assert_eq!(hub.flush_presence(), 2);
+        frames(&mut watcher);
+        frames(&mut small);
+        member_in(&hub, "big", 500, "late");
+        for flush in 1..=2 {
+            member_in(&hub, "small", 2000 + flush, &format!("s{flush}"));
+            assert_eq!(
+                hub.flush_presence(),
+                1,
+                "only the small room, flush {flush}"
+            );
+            assert_eq!(frames(&mut small).len(), 1);
+        }
+        assert!(frames(&mut watcher).is_empty(), "the big room waits");
+        assert_eq!(hub.flush_presence(), 1);
+        let got = frames(&mut watcher);
+        assert!(
+            matches!(got.as_slice(), [ServerFrame::Presence { count: 26, joined, .. }] if joined == &names(&["late"])),
+            "{got:?}"
+        );
+        // Typing is spaced the same way: 26 sessions, three flushes.
+        hub.typing("big", &Arc::from("u1"));
+        assert_eq!(hub.flush_typing(), 1);
+        frames(&mut watcher);
+        hub.typing("big", &Arc::from("u2"));
+        assert_eq!((hub.flush_typing(), hub.flush_typing()), (0, 0));
+        assert!(frames(&mut watcher).is_empty());
+        assert_eq!(hub.flush_typing(), 1);
+        assert_eq!(frames(&mut watcher).len(), 1);
+    }
+
+    #[test]
+    fn members_are_paged_by_name() {
+        let hub = Hub::new();
+        for i in 0..25 {
+            member_in(&hub, "r", i, &format!("u{i:02}"));
+        }
+        let mut all = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = hub.members("r", after.as_deref(), 10);
+            assert_eq!(page.count, 25);
+            assert!(page.users.len() <= 10);
+            after = page.users.last().cloned();
+            all.extend(page.users);
+            if !page.more {
+                break;
+            }
+        }
+        let want: Vec<String> = (0..25).map(|i| format!("u{i:02}")).collect();
+        assert_eq!(all, want);
+        // A cursor need not be a present user.
+        assert_eq!(
+            hub.members("r", Some("u195"), 2).users,
+            names(&["u20", "u21"])
+        );
+        assert_eq!(hub.members("nowhere", None, 2).count, 0);
+    }
+
     fn events(rx: &mut OutboxReceiver) -> Vec<String> {
         std::iter::from_fn(|| rx.try_recv())
             .map(|o| match o {
@@ -511,7 +1066,7 @@ mod tests {
         assert_eq!(hub.flush_presence(), 1);
         assert_eq!(
             events(&mut first),
-            vec![r#"{"type":"presence","room":"r","left":["u2"]}"#]
+            vec![r#"{"type":"presence","room":"r","count":49,"left":["u2"]}"#]
         );
         assert!(
             events(&mut rest[0]).is_empty(),
@@ -523,7 +1078,7 @@ mod tests {
         assert_eq!(hub.flush_presence(), 1);
         assert_eq!(
             events(&mut first),
-            vec![r#"{"type":"presence","room":"r","left":["late"]}"#]
+            vec![r#"{"type":"presence","room":"r","count":49,"left":["late"]}"#]
         );
     }
 }

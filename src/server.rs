@@ -23,7 +23,7 @@ use crate::admin;
 use crate::auth::{AuthSetupError, Verifier};
 use crate::config::{Config, ConfigError};
 use crate::gateway;
-use crate::hub::Hub;
+use crate::hub::{Hub, HubOptions};
 use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::store::{OpenError, Store, StoreHandle};
@@ -117,7 +117,7 @@ impl Server {
         };
         let verifier = Verifier::from_config(&config)?.map(Arc::new);
         let metrics = Arc::new(Metrics::default());
-        let hub = Arc::new(Hub::new());
+        let hub = Arc::new(Hub::with_options(HubOptions::from_config(&config)));
         let store = {
             let path = config.db_path();
             let opts = config.store_options();
@@ -246,16 +246,20 @@ impl Server {
 }
 
 /// Sends the hub's batched presence changes every `presence_interval_ms`
-/// until `stop`.
+/// and its coalesced typing notices every `typing_interval_ms`, until `stop`.
 async fn presence_flusher(state: Arc<ServerState>, stop: CancellationToken) {
-    let period = state.config.presence_interval();
-    let mut tick = tokio::time::interval(period);
+    let mut tick = tokio::time::interval(state.config.presence_interval());
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut typing = tokio::time::interval(state.config.typing_interval());
+    typing.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
             _ = tick.tick() => {
                 state.hub.flush_presence();
+            }
+            _ = typing.tick() => {
+                state.hub.flush_typing();
             }
         }
     }

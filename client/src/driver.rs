@@ -732,6 +732,7 @@ impl Driver {
                 room,
                 seq,
                 epoch,
+                count,
                 presence,
                 recovered,
             } => {
@@ -750,6 +751,7 @@ impl Driver {
                     room: room.clone(),
                     seq,
                     epoch,
+                    count,
                     presence,
                     recovered,
                 };
@@ -850,16 +852,31 @@ impl Driver {
                 }
                 _ => {}
             },
-            ServerFrame::Typing { room, user } => {
+            ServerFrame::Typing { room, count, users } => {
                 if self.rooms.contains_key(&room) {
-                    self.emit(Event::Typing { room, user }).await;
+                    self.emit(Event::Typing { room, count, users }).await;
                 }
             }
-            ServerFrame::Presence { room, joined, left } => {
+            ServerFrame::Presence {
+                room,
+                count,
+                joined,
+                left,
+                truncated,
+            } => {
                 if self.rooms.contains_key(&room) {
-                    self.emit(Event::Presence { room, joined, left }).await;
+                    let event = Event::Presence {
+                        room,
+                        count,
+                        joined,
+                        left,
+                        truncated,
+                    };
+                    self.emit(event).await;
                 }
             }
+            // This client sends no `presence` request, so no page is awaited.
+            ServerFrame::Members { .. } => {}
             ServerFrame::TokenExpiring { .. } => self.refresh_token(),
             ServerFrame::Refreshed { id, expires_at } => {
                 self.take_wire(id);

@@ -307,8 +307,9 @@ pub enum Event {
     /// Seqs `first..=last` of `room` will not be delivered: more were missing
     /// than [`Options::max_fill`], or history no longer holds them.
     Gap { room: String, first: u64, last: u64 },
-    /// A join (or a resume after a reconnect) took effect; `presence` is
-    /// authoritative.
+    /// A join (or a resume after a reconnect) took effect; `count` is
+    /// authoritative, and `presence` names at most the server's
+    /// `presence_list_max` of the room's users.
     Joined(Joined),
     /// The room's history was recreated (a new epoch): seqs start over, and
     /// the earlier ones mean nothing in it.
@@ -316,14 +317,22 @@ pub enum Event {
     /// The server removed the session from a room (its token no longer
     /// allows reading it).
     Left { room: String },
-    /// Users came or went.
+    /// Users came or went; `count` is the room's number of users after
+    /// them. `truncated`: more came or went than the lists name.
     Presence {
         room: String,
+        count: u64,
         joined: Vec<String>,
         left: Vec<String>,
+        truncated: bool,
     },
-    /// Another user is typing.
-    Typing { room: String, user: String },
+    /// Users typed in the last interval: `count` of them, the first few
+    /// named.
+    Typing {
+        room: String,
+        count: u64,
+        users: Vec<String>,
+    },
     /// A new token is in force until `expires_at` (Unix seconds).
     TokenRefreshed { expires_at: u64 },
     /// A refresh failed; the old token stays in force until it expires.
@@ -336,6 +345,8 @@ pub struct Joined {
     pub room: String,
     pub seq: u64,
     pub epoch: String,
+    /// Distinct users in the room, the joiner included.
+    pub count: u64,
     pub presence: Vec<String>,
     pub recovered: Option<bool>,
 }

@@ -41,7 +41,9 @@ struct RawFrame<'a> {
     #[serde(borrow)]
     epoch: Option<Cow<'a, str>>,
     before: Option<u64>,
-    after: Option<u64>,
+    /// A seq for `history`, a user name for `presence`.
+    #[serde(borrow)]
+    after: Option<Cursor<'a>>,
     /// Read wide so that a limit above any page size is clamped by the
     /// server, as PROTOCOL.md says, rather than refused as malformed.
     limit: Option<u64>,
@@ -53,10 +55,51 @@ struct RawFrame<'a> {
     token: Option<Cow<'a, str>>,
 }
 
+/// The `after` field: `history` pages by seq, `presence` by user name, so
+/// the field takes either and each request checks it got its kind.
+enum Cursor<'a> {
+    Seq(u64),
+    Name(Cow<'a, str>),
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Cursor<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(CursorVisitor(std::marker::PhantomData))
+    }
+}
+
+struct CursorVisitor<'a>(std::marker::PhantomData<&'a ()>);
+
+impl<'de: 'a, 'a> serde::de::Visitor<'de> for CursorVisitor<'a> {
+    type Value = Cursor<'a>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a seq (unsigned integer) or a user name (string)")
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Cursor<'a>, E> {
+        Ok(Cursor::Seq(v))
+    }
+
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Cursor<'a>, E> {
+        Ok(Cursor::Name(Cow::Borrowed(v)))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Cursor<'a>, E> {
+        Ok(Cursor::Name(Cow::Owned(v.to_owned())))
+    }
+}
+
 /// Only the id, read again when the full frame failed to decode.
 #[derive(Deserialize)]
 struct IdOnly {
     id: Option<RequestId>,
+}
+
+/// A page limit as the server reads it: a value above any page size is
+/// clamped there, so here it only saturates into `u32`.
+fn clamp_limit(limit: u64) -> u32 {
+    u32::try_from(limit).unwrap_or(u32::MAX)
 }
 
 /// Decodes one client text frame.
@@ -131,10 +174,33 @@ pub fn decode_request(text: &str, max_depth: usize) -> Result<Request, DecodeErr
         "history" => ClientRequest::History {
             room: room()?,
             before: raw.before,
-            after: raw.after,
-            limit: raw.limit.map(|l| u32::try_from(l).unwrap_or(u32::MAX)),
+            after: match raw.after {
+                None => None,
+                Some(Cursor::Seq(seq)) => Some(seq),
+                Some(Cursor::Name(_)) => {
+                    return Err(fail(
+                        ErrorCode::BadRequest,
+                        "`after` of `history` is a seq".into(),
+                    ));
+                }
+            },
+            limit: raw.limit.map(clamp_limit),
         },
         "typing" => ClientRequest::Typing { room: room()? },
+        "presence" => ClientRequest::Presence {
+            room: room()?,
+            after: match raw.after {
+                None => None,
+                Some(Cursor::Name(name)) => Some(name.into_owned()),
+                Some(Cursor::Seq(_)) => {
+                    return Err(fail(
+                        ErrorCode::BadRequest,
+                        "`after` of `presence` is a user name".into(),
+                    ));
+                }
+            },
+            limit: raw.limit.map(clamp_limit),
+        },
         "ping" => ClientRequest::Ping,
         "auth" => ClientRequest::Auth { token: token()? },
         "refresh" => ClientRequest::Refresh { token: token()? },
@@ -310,6 +376,45 @@ mod tests {
         assert!(!format!("{token:?}").contains("a.b.c"));
         let e = decode_request(r#"{"type":"refresh","id":2}"#, 32).unwrap_err();
         assert_eq!((e.code, e.id), (ErrorCode::BadRequest, Some(2)));
+    }
+
+    #[test]
+    fn after_is_a_seq_for_history_and_a_name_for_presence() {
+        let r = decode_request(
+            r#"{"type":"presence","id":1,"room":"a","after":"bob","limit":2}"#,
+            32,
+        );
+        assert_eq!(
+            r,
+            Ok(Request {
+                id: Some(1),
+                body: ClientRequest::Presence {
+                    room: "a".into(),
+                    after: Some("bob".into()),
+                    limit: Some(2),
+                },
+            })
+        );
+        let r = decode_request(r#"{"type":"history","room":"a","after":7}"#, 32);
+        assert!(
+            matches!(
+                r,
+                Ok(Request {
+                    body: ClientRequest::History { after: Some(7), .. },
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+        for (text, id) in [
+            (r#"{"type":"history","id":2,"room":"a","after":"bob"}"#, 2),
+            (r#"{"type":"presence","id":3,"room":"a","after":7}"#, 3),
+            (r#"{"type":"presence","id":4,"room":"a","after":-1}"#, 4),
+            (r#"{"type":"history","id":5,"room":"a","after":1.5}"#, 5),
+        ] {
+            let e = decode_request(text, 32).expect_err(text);
+            assert_eq!((e.code, e.id), (ErrorCode::BadRequest, Some(id)), "{text}");
+        }
     }
 
     #[test]

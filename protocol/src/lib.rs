@@ -110,6 +110,15 @@ pub enum ClientRequest {
     },
     /// An ephemeral typing notice for the other members of a room.
     Typing { room: String },
+    /// Page the users present in a joined room, sorted by name: those after
+    /// `after` (a user name), at most `limit` of them.
+    Presence {
+        room: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        after: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        limit: Option<u32>,
+    },
     /// Application-level ping, for browsers which cannot send WebSocket pings.
     Ping,
     /// Authenticates the session: the first frame after the upgrade, when no
@@ -147,6 +156,7 @@ impl ClientRequest {
             ClientRequest::Send { .. } => "send",
             ClientRequest::History { .. } => "history",
             ClientRequest::Typing { .. } => "typing",
+            ClientRequest::Presence { .. } => "presence",
             ClientRequest::Ping => "ping",
             ClientRequest::Auth { .. } => "auth",
             ClientRequest::Refresh { .. } => "refresh",
@@ -191,6 +201,11 @@ pub enum ServerFrame {
         /// The latest seq of the room when the join took effect.
         seq: u64,
         epoch: String,
+        /// How many distinct users are in the room, the joiner included.
+        count: u64,
+        /// The first of them by name, sorted: all of them when `count` is
+        /// at most the server's list bound, else a prefix to page on with
+        /// a `presence` request.
         presence: Vec<String>,
         /// Present when the join carried `since`: whether every missed
         /// message follows as a replay.
@@ -233,15 +248,37 @@ pub enum ServerFrame {
         /// Whether more messages exist beyond this page in the paging direction.
         more: bool,
     },
-    /// Someone else in the room is typing. Never stored, no seq.
-    Typing { room: String, user: String },
-    /// Users came or went. A user with several sessions is one member.
+    /// Users in the room typed during the last typing interval: `count`
+    /// of them, the first few by name in `users`. Never stored, no seq.
+    Typing {
+        room: String,
+        count: u64,
+        users: Vec<String>,
+    },
+    /// Users came or went since the last presence event. A user with
+    /// several sessions is one member. `count` is the room's number of
+    /// users when the event was made.
     Presence {
         room: String,
+        count: u64,
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         joined: Vec<String>,
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         left: Vec<String>,
+        /// True when more users came or went than the lists name.
+        #[serde(default, skip_serializing_if = "is_false")]
+        truncated: bool,
+    },
+    /// Reply to `presence`: one page of the room's users, sorted by name.
+    Members {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<RequestId>,
+        room: String,
+        /// How many distinct users are in the room.
+        count: u64,
+        users: Vec<String>,
+        /// Whether users after the last of this page exist.
+        more: bool,
     },
     /// The session's token expires at `expires_at` (Unix seconds): send
     /// `refresh` before then, or the session closes with 4001.
@@ -392,6 +429,7 @@ pub struct JoinedRef<'a> {
     pub room: &'a str,
     pub seq: u64,
     pub epoch: &'a str,
+    pub count: u64,
     /// A JSON array of strings.
     pub presence: &'a RawValue,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -404,6 +442,7 @@ impl<'a> JoinedRef<'a> {
         room: &'a str,
         seq: u64,
         epoch: &'a str,
+        count: u64,
         presence: &'a RawValue,
         recovered: Option<bool>,
     ) -> Self {
@@ -413,6 +452,7 @@ impl<'a> JoinedRef<'a> {
             room,
             seq,
             epoch,
+            count,
             presence,
             recovered,
         }
@@ -463,10 +503,11 @@ mod tests {
                 room: "general".into(),
                 seq: 41,
                 epoch: "5f3a".into(),
+                count: 7,
                 presence: vec!["alice".into(), "b\"ob".into()],
                 recovered,
             };
-            let borrowed = JoinedRef::new(id, "general", 41, "5f3a", &presence, recovered);
+            let borrowed = JoinedRef::new(id, "general", 41, "5f3a", 7, &presence, recovered);
             assert_eq!(owned.to_json(), borrowed.to_json());
         }
     }

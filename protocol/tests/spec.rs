@@ -95,12 +95,13 @@ fn every_frame_type_has_an_example() {
         "error",
         "token_expiring",
         "refreshed",
+        "members",
     ] {
         assert!(server.iter().any(|s| s == t), "no server example of `{t}`");
     }
     let client = types_in("client");
     for t in [
-        "join", "leave", "send", "history", "typing", "ping", "auth", "refresh",
+        "join", "leave", "send", "history", "typing", "ping", "auth", "refresh", "presence",
     ] {
         assert!(client.iter().any(|s| s == t), "no client example of `{t}`");
     }

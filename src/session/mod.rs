@@ -736,6 +736,10 @@ where
                     self.not_joined(id, &room).await
                 }
             }
+            ClientRequest::Presence { room, after, limit } => {
+                let paging = Box::pin(self.on_presence(id, room, after, limit));
+                paging.await
+            }
             ClientRequest::Ping => self.send(&ServerFrame::Pong { id }).await,
             ClientRequest::Auth { .. } => {
                 self.send_error(
@@ -983,6 +987,7 @@ where
             &room,
             latest,
             &store_epoch,
+            outcome.count,
             &outcome.presence,
             recovered,
         )
@@ -997,6 +1002,37 @@ where
             self.flush().await?;
         }
         Ok(())
+    }
+
+    /// Answers a `presence` request with one page of the room's users.
+    /// Like `history`, it needs read access and takes a `history` token.
+    async fn on_presence(
+        &mut self,
+        id: Option<RequestId>,
+        room: String,
+        after: Option<String>,
+        limit: Option<u32>,
+    ) -> Flow {
+        if !self.identity.principal.may(&room, Access::Read) {
+            return self.forbidden(id, &room).await;
+        }
+        if !self.rooms.contains_key(room.as_str()) {
+            return self.not_joined(id, &room).await;
+        }
+        if !self.admit(id, Action::History).await? {
+            return Ok(());
+        }
+        let max = self.state.config.presence_page_max;
+        let limit = limit.unwrap_or(max).clamp(1, max) as usize;
+        let page = self.state.hub.members(&room, after.as_deref(), limit);
+        self.send(&ServerFrame::Members {
+            id,
+            room,
+            count: page.count,
+            users: page.users,
+            more: page.more,
+        })
+        .await
     }
 
     /// Decides recovery for a join with `since`: all of (since, latest] or nothing.

@@ -31,10 +31,14 @@ async fn three_clients_chat() {
     alice.join("general").await;
     bob.join("general").await;
     let joined = carol.join("general").await;
-    let ServerFrame::Joined { presence, .. } = joined else {
+    let ServerFrame::Joined {
+        presence, count, ..
+    } = joined
+    else {
         unreachable!()
     };
     assert_eq!(presence, vec!["alice", "bob", "carol"]);
+    assert_eq!(count, 3);
 
     let s1 = alice.say("general", r#"{"text":"hi from alice"}"#).await;
     let s2 = bob.say("general", r#"{"text":"hi from bob"}"#).await;
@@ -138,7 +142,8 @@ async fn presence_typing_and_second_sessions() {
             t,
             ServerFrame::Typing {
                 room: "room".into(),
-                user: "bob".into()
+                count: 1,
+                users: vec!["bob".into()]
             }
         );
     }
@@ -178,8 +183,10 @@ async fn presence_typing_and_second_sessions() {
         p,
         ServerFrame::Presence {
             room: "room".into(),
+            count: 2,
             joined: vec![],
-            left: vec!["alice".into()]
+            left: vec!["alice".into()],
+            truncated: false,
         }
     );
     server.stop().await;

@@ -717,7 +717,7 @@ async fn presence_and_typing_reach_the_application() {
             {
                 arrived = true
             }
-            Event::Typing { room, user } if room == "r" && user == "bob" => typed = true,
+            Event::Typing { room, users, .. } if room == "r" && users == ["bob"] => typed = true,
             _ => {}
         }
     }

@@ -19,6 +19,7 @@ mod fuzz_corpus;
 mod gateway;
 mod loadtest;
 mod logs;
+mod presence;
 mod requests;
 mod retention;
 mod security;
