@@ -10,6 +10,8 @@ import { WebSocket as WsWebSocket } from "ws";
 
 /** Every wait in these tests is bounded by this. */
 export const DEADLINE_MS = 20_000;
+/** No test runs longer than this. */
+export const TEST_TIMEOUT_MS = 60_000;
 
 const BIN = process.env.SWITCHBOARD_BIN ?? resolve(import.meta.dirname, "../../../target/debug/switchboard");
 
@@ -84,7 +86,13 @@ export function mint(claims, secret = SECRET) {
  * fail at once, and `dropIncoming` hides received frames from the client.
  */
 export function instrumented() {
-  const spy = { sockets: [], frames: [], sent: [], blocked: false, dropIncoming: null };
+  const spy = { sockets: [], frames: [], sent: [], blocked: false, dropIncoming: null, hold: null, held: [] };
+  /** Delivers the held frames, in the order they came. */
+  spy.release = () => {
+    const held = spy.held;
+    spy.held = [];
+    for (const [handler, ev] of held) handler(ev);
+  };
   class SpyWebSocket extends WsWebSocket {
     constructor(url) {
       if (spy.blocked) throw new Error("blocked by the test");
@@ -94,6 +102,7 @@ export function instrumented() {
         const frame = JSON.parse(ev.data);
         spy.frames.push(frame);
         if (spy.dropIncoming && spy.dropIncoming(frame)) return;
+        if (spy.hold && spy.hold(frame)) return void spy.held.push([handler, ev]);
         handler(ev);
       };
       let onmessage = null;
@@ -125,6 +134,13 @@ export async function until(what, pred, ms = DEADLINE_MS) {
     if (Date.now() - start > ms) throw new Error(`timed out waiting for ${what}`);
     await new Promise((r) => setTimeout(r, 20));
   }
+}
+
+/** `promise`, or a failure naming `what` at the deadline. */
+export function within(what, promise, ms = DEADLINE_MS) {
+  let timer;
+  const late = new Promise((_, fail) => { timer = setTimeout(() => fail(new Error(`timed out waiting for ${what}`)), ms); });
+  return Promise.race([promise, late]).finally(() => clearTimeout(timer));
 }
 
 /** The next `state` event of `client` matching `pred`. */
