@@ -13,5 +13,6 @@ mod fuzz_corpus;
 mod gateway;
 mod loadtest;
 mod logs;
+mod sdk;
 mod security;
 mod shutdown;

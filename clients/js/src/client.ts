@@ -423,6 +423,12 @@ export class Client extends Emitter<ClientEvents> {
     const delay = this.closedByApp ? undefined : delayFor(next, this.attempt, this.o.backoff, this.o.random);
     if (delay === undefined) {
       this.stopped = true;
+      // Waiting joins learn of the stop; the rooms stay wanted, so a later
+      // `connect()` joins them again (and resends the unacked sends).
+      for (const r of this.rooms.values()) {
+        for (const w of r.joinWaiters) w.reject(new DisconnectedError(`join ${r.name}`));
+        r.joinWaiters = [];
+      }
       this.setState({ state: "disconnected", reason, willReconnect: false });
       return;
     }

@@ -5,7 +5,8 @@ import { spawn } from "node:child_process";
 import { existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { createHmac } from "node:crypto";
 import { tmpdir } from "node:os";
-import { join, resolve } from "node:path";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
 import { WebSocket as WsWebSocket } from "ws";
 
 /** Every wait in these tests is bounded by this. */
@@ -13,7 +14,19 @@ export const DEADLINE_MS = 20_000;
 /** No test runs longer than this. */
 export const TEST_TIMEOUT_MS = 60_000;
 
-const BIN = process.env.SWITCHBOARD_BIN ?? resolve(import.meta.dirname, "../../../target/debug/switchboard");
+const BIN = process.env.SWITCHBOARD_BIN ?? (fileURLToPath(new URL("../../../target/debug/switchboard", import.meta.url)));
+
+/** Every server started and not yet stopped: `stopAll` ends them. */
+const running = new Set();
+
+/** SIGKILLs every server still running (a test that timed out left it). */
+export function stopAll() {
+  for (const child of running) {
+    try { process.kill(child.pid, "SIGKILL"); } catch { /* already gone */ }
+  }
+  running.clear();
+}
+process.on("exit", stopAll);
 
 export class Server {
   /** `flags`: extra `serve` flags; `toml`: a config file's text. */
@@ -38,6 +51,8 @@ export class Server {
     ];
     const child = spawn(BIN, args, { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, RUST_LOG: "warn" } });
     this.child = child;
+    running.add(child);
+    child.once("exit", () => running.delete(child));
     this.stderr = "";
     child.stderr.on("data", (d) => { this.stderr += d; });
     const addr = await new Promise((ok, fail) => {

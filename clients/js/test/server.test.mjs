@@ -1,17 +1,25 @@
 // The SDK against the real `switchboard` binary: resume, recovery through
 // history, keyed resend across a server restart, token refresh, and what
 // the client does after each kind of close or HTTP refusal.
-import { test } from "node:test";
+import { afterEach, test } from "node:test";
 import assert from "node:assert/strict";
 import { Client } from "../dist/index.js";
-import { SECRET, Server, TEST_TIMEOUT_MS, instrumented, mint, nextState, until, within } from "./harness.mjs";
+import { SECRET, Server, TEST_TIMEOUT_MS, instrumented, mint, nextState, stopAll, until, within } from "./harness.mjs";
 
 /** Fast reconnects: the tests wait for them. */
 const FAST = { initialMs: 50, maxMs: 400, immediateJitterMs: 50 };
 
+/** Every client of the current test, closed after it whatever happened. */
+const clients = [];
+afterEach(() => {
+  for (const c of clients.splice(0)) c.close();
+  stopAll();
+});
+
 function client(server, user, extra = {}) {
   const spy = instrumented();
   const c = new Client({ url: server.url, user, WebSocket: spy.WebSocket, backoff: FAST, ...extra });
+  clients.push(c);
   return { c, spy };
 }
 
@@ -211,8 +219,8 @@ test("token refresh: the provider is asked again on token_expiring and the sessi
   const server = await new Server({ toml: AUTH }).start();
   const exps = [];
   const token = () => {
-    // The first token expires in 2 s, inside the server's 60 s warning.
-    const exp = now() + (exps.length === 0 ? 2 : 3600);
+    // The first token expires in 5 s, inside the server's 60 s warning.
+    const exp = now() + (exps.length === 0 ? 5 : 3600);
     exps.push(exp);
     return mint({ sub: "alice", exp, grants: ["*:rw"] });
   };
@@ -333,6 +341,7 @@ test("HTTP 429 (per-user limit) backs off", { timeout: TEST_TIMEOUT_MS }, async 
     const url = `${server.url}?token=${token()}`;
     const spy = instrumented();
     second = new Client({ url, WebSocket: spy.WebSocket, backoff: FAST });
+    clients.push(second);
     const s = await nextState(second, (s) => s.state === "disconnected");
     assert.equal(s.reason.httpStatus, 429);
     assert.equal(s.willReconnect, true);

@@ -6,10 +6,10 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
-import { resolve } from "node:path";
+import { fileURLToPath } from "node:url";
 import { validateClientFrame, validateServerFrame } from "../dist/index.js";
 
-const SPEC = resolve(import.meta.dirname, "../../../protocol/PROTOCOL.md");
+const SPEC = fileURLToPath(new URL("../../../protocol/PROTOCOL.md", import.meta.url));
 
 /** The fenced ```json <kind> blocks of the spec, in order. */
 function examples() {
