@@ -9,6 +9,7 @@ mod admin;
 mod backpressure;
 mod chat;
 mod dashboard;
+mod demo;
 mod fuzz_corpus;
 mod gateway;
 mod loadtest;
