@@ -18,7 +18,7 @@ use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout, Command};
 
 use crate::dashboard::Browser;
-use crate::support::DEADLINE;
+use crate::support::{DEADLINE, Fixture, TestServer};
 
 /// The real binary in dev mode on `listen` (port 0 the first time).
 struct Process {
@@ -214,4 +214,58 @@ async fn two_pages_chat_through_a_server_kill_and_see_every_message_once() {
     if let Some(server) = server {
         server.kill().await;
     }
+}
+
+/// The whole answer to a plain `GET /` on `addr` (empty when the server
+/// closed without one).
+async fn get_root(addr: SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .expect("write");
+    let mut answer = Vec::new();
+    tokio::time::timeout(DEADLINE, s.read_to_end(&mut answer))
+        .await
+        .expect("answered or closed within the deadline")
+        .expect("read");
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test]
+async fn the_page_is_on_in_dev_mode_and_off_with_auth_unless_enabled() {
+    let plain = |c: &mut switchboard::Config| {
+        c.plain_listen = Some("127.0.0.1:0".parse().expect("addr"));
+    };
+    let auth = |c: &mut switchboard::Config| {
+        plain(c);
+        c.auth_hs256_secret = Some(switchboard::config::Secret::new(
+            "demo-test-secret-0123456789abcdef0123",
+        ));
+    };
+
+    let dev = TestServer::start_with(Fixture::new(), plain).await;
+    let page = get_root(dev.plain_addr.expect("plain")).await;
+    assert!(page.starts_with("HTTP/1.1 200 OK\r\n"), "{page}");
+    assert!(page.contains("<title>Switchboard demo chat</title>"));
+    // The same listener still upgrades (`connect` waits for `welcome`).
+    drop(dev.connect("alice").await);
+    dev.stop().await;
+
+    let off = TestServer::start_with(Fixture::new(), auth).await;
+    let answer = get_root(off.plain_addr.expect("plain")).await;
+    assert!(
+        !answer.contains("demo chat"),
+        "with auth the page is off: {answer}"
+    );
+    off.stop().await;
+
+    let on = TestServer::start_with(Fixture::new(), |c| {
+        auth(c);
+        c.demo_page = Some(true);
+    })
+    .await;
+    let page = get_root(on.plain_addr.expect("plain")).await;
+    assert!(page.starts_with("HTTP/1.1 200 OK\r\n"), "{page}");
+    on.stop().await;
 }
