@@ -351,11 +351,6 @@ var Client = class extends Emitter {
     this.stopped = true;
     clearTimeout(this.reconnectTimer);
     this.reconnectTimer = void 0;
-    const ws = this.ws;
-    if (ws) {
-      ws.close(1e3, "client closed");
-      this.ended(this.generation, { code: 1e3, reason: "client closed", byClient: true });
-    }
     for (const s of this.sends.values()) {
       clearTimeout(s.timer);
       s.reject(new ClosedError("send"));
@@ -365,7 +360,11 @@ var Client = class extends Emitter {
       for (const w of r.joinWaiters) w.reject(new ClosedError("join"));
       r.joinWaiters = [];
     }
-    if (!ws) this.setState({ state: "disconnected", reason: { code: 1e3, reason: "client closed", byClient: true }, willReconnect: false });
+    const ws = this.ws;
+    if (ws) {
+      ws.close(1e3, "client closed");
+      this.ended(this.generation, { code: 1e3, reason: "client closed", byClient: true });
+    } else this.setState({ state: "disconnected", reason: { code: 1e3, reason: "client closed", byClient: true }, willReconnect: false });
   }
   setState(s) {
     this.current = s;

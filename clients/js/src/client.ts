@@ -291,11 +291,6 @@ export class Client extends Emitter<ClientEvents> {
     this.stopped = true;
     clearTimeout(this.reconnectTimer);
     this.reconnectTimer = undefined;
-    const ws = this.ws;
-    if (ws) {
-      ws.close(1000, "client closed");
-      this.ended(this.generation, { code: 1000, reason: "client closed", byClient: true });
-    }
     for (const s of this.sends.values()) {
       clearTimeout(s.timer);
       s.reject(new ClosedError("send"));
@@ -305,7 +300,11 @@ export class Client extends Emitter<ClientEvents> {
       for (const w of r.joinWaiters) w.reject(new ClosedError("join"));
       r.joinWaiters = [];
     }
-    if (!ws) this.setState({ state: "disconnected", reason: { code: 1000, reason: "client closed", byClient: true }, willReconnect: false });
+    const ws = this.ws;
+    if (ws) {
+      ws.close(1000, "client closed");
+      this.ended(this.generation, { code: 1000, reason: "client closed", byClient: true });
+    } else this.setState({ state: "disconnected", reason: { code: 1000, reason: "client closed", byClient: true }, willReconnect: false });
   }
 
   private setState(s: ClientState): void {

@@ -3,7 +3,7 @@
 // the client does after each kind of close or HTTP refusal.
 import { afterEach, test } from "node:test";
 import assert from "node:assert/strict";
-import { Client } from "../dist/index.js";
+import { Client, ClosedError } from "../dist/index.js";
 import { SECRET, Server, TEST_TIMEOUT_MS, instrumented, mint, nextState, stopAll, until, within } from "./harness.mjs";
 
 /** Fast reconnects: the tests wait for them. */
@@ -379,6 +379,26 @@ test("presence and typing", { timeout: TEST_TIMEOUT_MS }, async () => {
   } finally {
     alice.c.close();
     bob.c.close();
+    await server.dispose();
+  }
+});
+
+test("close() rejects what is pending with ClosedError", { timeout: TEST_TIMEOUT_MS }, async () => {
+  const server = await new Server().start();
+  const alice = client(server, "alice");
+  try {
+    const ra = alice.c.room("general");
+    await ra.join();
+    alice.spy.blocked = true;
+    alice.spy.sever();
+    await nextState(alice.c, (s) => s.state === "disconnected");
+    const queued = ra.send({ text: "never sent" });
+    alice.c.close();
+    await assert.rejects(within("the rejection", queued), (e) => e instanceof ClosedError);
+    assert.equal(alice.c.pendingSends, 0);
+    await assert.rejects(ra.send({ text: "after close" }), (e) => e instanceof ClosedError);
+  } finally {
+    alice.c.close();
     await server.dispose();
   }
 });
