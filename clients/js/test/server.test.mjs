@@ -3,7 +3,7 @@
 // the client does after each kind of close or HTTP refusal.
 import { afterEach, test } from "node:test";
 import assert from "node:assert/strict";
-import { Client, ClosedError } from "../dist/index.js";
+import { Client, ClosedError, TimeoutError } from "../dist/index.js";
 import { SECRET, Server, TEST_TIMEOUT_MS, instrumented, mint, nextState, stopAll, until, within } from "./harness.mjs";
 
 /** Fast reconnects: the tests wait for them. */
@@ -397,6 +397,20 @@ test("close() rejects what is pending with ClosedError", { timeout: TEST_TIMEOUT
     await assert.rejects(within("the rejection", queued), (e) => e instanceof ClosedError);
     assert.equal(alice.c.pendingSends, 0);
     await assert.rejects(ra.send({ text: "after close" }), (e) => e instanceof ClosedError);
+  } finally {
+    alice.c.close();
+    await server.dispose();
+  }
+});
+
+test("a request without a reply rejects with TimeoutError", { timeout: TEST_TIMEOUT_MS }, async () => {
+  const server = await new Server().start();
+  const alice = client(server, "alice", { requestTimeoutMs: 300 });
+  try {
+    await nextState(alice.c, (s) => s.state === "connected");
+    assert.ok((await alice.c.ping()) >= 0, "a pong in time");
+    alice.spy.hold = (f) => f.type === "pong";
+    await assert.rejects(alice.c.ping(), (e) => e instanceof TimeoutError && e.afterMs === 300);
   } finally {
     alice.c.close();
     await server.dispose();
