@@ -223,6 +223,9 @@ pub struct Config {
     pub rate_limit_strikes: u32,
     /// The window of `rate_limit_strikes`. Default 10 000 ms.
     pub rate_limit_window_ms: u64,
+    /// Serve the demo chat page (`GET /` on the client listeners, built on
+    /// the TypeScript SDK). Default: on in dev mode, off with auth configured.
+    pub demo_page: Option<bool>,
     /// Log filter (`tracing` `EnvFilter` syntax, e.g. `info` or
     /// `switchboard=debug,info`). `RUST_LOG`, when set, wins. Default `info`.
     pub log_level: String,
@@ -361,6 +364,7 @@ impl Default for Config {
             history_rate_per_user: Rate::new(10, 40),
             rate_limit_strikes: 20,
             rate_limit_window_ms: 10_000,
+            demo_page: None,
             log_level: "info".to_owned(),
             log_format: LogFormat::Pretty,
         }
@@ -626,6 +630,11 @@ impl Config {
     /// only loopback addresses are served and the abuse limits are off.
     pub fn dev_mode(&self) -> bool {
         self.auth_keys_set().is_empty()
+    }
+
+    /// Whether the demo chat page is served: `demo_page`, else dev mode.
+    pub fn demo_page_enabled(&self) -> bool {
+        self.demo_page.unwrap_or_else(|| self.dev_mode())
     }
 
     /// Path of the redb file inside `data_dir`.

@@ -37,6 +37,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, debug_span, warn};
 
 use crate::auth::{AuthError, Principal};
+use crate::demo::{Peeked, Route};
 use crate::limits::{ConnGuard, Slots};
 use crate::server::ServerState;
 use crate::session::{CloseReason, Identity, Session};
@@ -103,6 +104,11 @@ enum HandshakeError {
     NoAuthFrame,
     #[error("the user is at its connection limit")]
     UserLimit,
+    /// Not a failure: the connection asked for the demo page and got it.
+    #[error("served the demo page")]
+    ServedPage,
+    #[error("reading the request line failed")]
+    RequestLine(#[source] std::io::Error),
 }
 
 async fn connection(
@@ -157,6 +163,9 @@ async fn connection(
         }
     };
     if let Err(e) = result {
+        if matches!(e, HandshakeError::ServedPage) {
+            return;
+        }
         state.metrics.handshake_failures.inc();
         debug!(%remote, error = %e, "handshake failed");
     }
@@ -215,11 +224,17 @@ async fn upgrade<S>(
     remote: SocketAddr,
     admission: Admission,
     state: &ServerState,
-) -> Result<Upgraded<S>, HandshakeError>
+) -> Result<Upgraded<Peeked<S>>, HandshakeError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let config = &state.config;
+    // `GET /` and the demo page's files are answered here; all else upgrades.
+    let stream = match crate::demo::route(stream, config.demo_page_enabled()).await {
+        Ok(Route::Upgrade(stream)) => stream,
+        Ok(Route::Served) => return Err(HandshakeError::ServedPage),
+        Err(e) => return Err(HandshakeError::RequestLine(e)),
+    };
     let ws_config = WebSocketConfig::default()
         .read_buffer_size(config.read_buffer_bytes)
         .write_buffer_size(config.write_buffer_bytes)

@@ -4,6 +4,7 @@
 //! - [`config`]: every limit, with defaults; merged from file, env and flags.
 //! - [`server`]: [`server::run`], the server's lifetime (start, drain, stop).
 //! - [`gateway`]: TCP accept, TLS, HTTP upgrade, connection limits.
+//! - [`demo`]: the demo chat page on the client port (`GET /`).
 //! - [`session`]: one task per client: requests, replies, its outbox.
 //! - [`hub`]: rooms, presence and fan-out of committed messages.
 //! - [`store`]: redb history with a group-committing writer thread.
@@ -17,6 +18,7 @@
 pub mod admin;
 pub mod auth;
 pub mod config;
+pub mod demo;
 pub mod gateway;
 pub mod hub;
 pub mod limits;

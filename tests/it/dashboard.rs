@@ -38,7 +38,7 @@ fn find(name: &str) -> Option<PathBuf> {
 }
 
 /// A chromedriver process and one browser session, both ended on drop.
-struct Browser {
+pub struct Browser {
     driver: SocketAddr,
     session: String,
     child: Child,
@@ -46,7 +46,7 @@ struct Browser {
 }
 
 impl Browser {
-    async fn start() -> Browser {
+    pub async fn start() -> Browser {
         let missing = "needs Debian's `chromium` and `chromium-driver`; run ./scripts/test, which installs them";
         let chromium = find("chromium")
             .unwrap_or_else(|| panic!("chromium not found: the dashboard test {missing}"));
@@ -96,6 +96,8 @@ impl Browser {
         let caps = json!({
             "capabilities": { "alwaysMatch": {
                 "browserName": "chrome",
+                // The demo page's test opens https:// with a development certificate.
+                "acceptInsecureCerts": true,
                 "goog:chromeOptions": { "binary": chromium, "args": args },
             }}
         });
@@ -120,7 +122,12 @@ impl Browser {
     }
 
     /// Runs a WebDriver command; returns its `value` or the error.
-    async fn try_cmd(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value, Value> {
+    pub async fn try_cmd(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, Value> {
         let path = format!("/session/{}{path}", self.session);
         let body = body.map(|b| b.to_string());
         let r = http(self.driver, method, &path, &[], body.as_deref()).await;
@@ -128,17 +135,17 @@ impl Browser {
         if r.status == 200 { Ok(v) } else { Err(v) }
     }
 
-    async fn cmd(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+    pub async fn cmd(&self, method: &str, path: &str, body: Option<Value>) -> Value {
         self.try_cmd(method, path, body)
             .await
             .unwrap_or_else(|e| panic!("WebDriver {method} {path} failed: {e}"))
     }
 
-    async fn goto(&self, url: &str) {
+    pub async fn goto(&self, url: &str) {
         self.cmd("POST", "/url", Some(json!({ "url": url }))).await;
     }
 
-    async fn find(&self, css: &str) -> Result<String, Value> {
+    pub async fn find(&self, css: &str) -> Result<String, Value> {
         let v = self
             .try_cmd(
                 "POST",
@@ -149,7 +156,7 @@ impl Browser {
         Ok(v[ELEMENT].as_str().expect("element id").to_owned())
     }
 
-    async fn type_into(&self, css: &str, text: &str) {
+    pub async fn type_into(&self, css: &str, text: &str) {
         let el = self
             .find(css)
             .await
@@ -164,7 +171,7 @@ impl Browser {
 
     /// Clicks the element `css` selects, finding it again if the page
     /// re-rendered it in between (the tables refresh every two seconds).
-    async fn click(&self, css: &str) {
+    pub async fn click(&self, css: &str) {
         let start = tokio::time::Instant::now();
         loop {
             let outcome = match self.find(css).await {
@@ -182,7 +189,7 @@ impl Browser {
         }
     }
 
-    async fn script(&self, js: &str) -> Value {
+    pub async fn script(&self, js: &str) -> Value {
         self.cmd(
             "POST",
             "/execute/sync",
@@ -192,7 +199,7 @@ impl Browser {
     }
 
     /// The text of the element with this id.
-    async fn text(&self, id: &str) -> String {
+    pub async fn text(&self, id: &str) -> String {
         let js =
             format!("const e = document.getElementById({id:?}); return e ? e.textContent : null;");
         self.script(&js)
@@ -203,7 +210,7 @@ impl Browser {
     }
 
     /// Waits until the element's text is `want`; fails at the deadline.
-    async fn wait_text(&self, id: &str, want: &str) {
+    pub async fn wait_text(&self, id: &str, want: &str) {
         let start = tokio::time::Instant::now();
         loop {
             let got = self.text(id).await;
@@ -218,7 +225,7 @@ impl Browser {
         }
     }
 
-    async fn wait_for(&self, what: &str, js: &str) {
+    pub async fn wait_for(&self, what: &str, js: &str) {
         let start = tokio::time::Instant::now();
         while self.script(js).await != Value::Bool(true) {
             assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
@@ -226,7 +233,7 @@ impl Browser {
         }
     }
 
-    async fn screenshot(&self) -> Vec<u8> {
+    pub async fn screenshot(&self) -> Vec<u8> {
         let b64 = self.cmd("GET", "/screenshot", None).await;
         base64_decode(b64.as_str().expect("base64 PNG"))
     }
