@@ -151,9 +151,8 @@ var serverShapes = {
     room: [true, str],
     seq: [true, uint],
     epoch: [true, str],
-    presence: [false, strs],
-    count: [false, uint],
-    members: [false, uint],
+    count: [true, uint],
+    presence: [true, strs],
     recovered: [false, bool]
   },
   left: { id: ID, room: [true, str] },
@@ -172,16 +171,15 @@ var serverShapes = {
     messages: [true, (v) => Array.isArray(v) && v.every(historyMessage)],
     more: [true, bool]
   },
-  typing: { room: [true, str], user: [false, str], users: [false, strs], count: [false, uint] },
+  typing: { room: [true, str], count: [true, uint], users: [true, strs] },
   presence: {
-    id: ID,
     room: [true, str],
+    count: [true, uint],
     joined: [false, strs],
     left: [false, strs],
-    members: [false, strs],
-    count: [false, uint],
-    more: [false, bool]
+    truncated: [false, bool]
   },
+  members: { id: ID, room: [true, str], count: [true, uint], users: [true, strs], more: [true, bool] },
   token_expiring: { expires_at: [true, uint] },
   refreshed: { id: ID, expires_at: [true, uint] },
   pong: { id: ID },
@@ -272,6 +270,12 @@ var Room = class extends Emitter {
   /** One page of stored messages (joining is not needed). */
   history(q = {}) {
     return this.client.historyOf(this.name, q);
+  }
+  /** One page of the room's users, sorted by name, after the name `after`
+   * (the room must be joined). `members` holds only the first names the
+   * server sends in `joined` (its `presence_list_max`); page the rest here. */
+  memberPage(q = {}) {
+    return this.client.membersOf(this.name, q);
   }
   /** Tells the others this user is typing; throttled (`typingThrottleMs`). */
   typing() {
@@ -569,6 +573,11 @@ var Client = class extends Emitter {
     });
   }
   /** @internal */
+  /** @internal */
+  async membersOf(room, q) {
+    const reply = await this.request({ type: "presence", room, ...q }, `presence ${room}`);
+    return { count: reply.count, users: reply.users, more: reply.more };
+  }
   async historyOf(room, q) {
     const reply = await this.request({ type: "history", room, ...q }, `history ${room}`);
     return { messages: reply.messages.map((m) => toMessage(room, m)), more: reply.more };
@@ -619,12 +628,12 @@ var Client = class extends Emitter {
         return;
       }
       case "presence":
-        if (f.id !== void 0 && this.requests.has(f.id)) break;
         return this.onPresence(f);
       case "typing": {
         const r = this.rooms.get(f.room);
         if (!r) return;
-        for (const u of f.user !== void 0 ? [f.user] : f.users ?? []) r.emit("typing", u);
+        const me = this.current.state === "connected" ? this.current.user : void 0;
+        for (const u of f.users) if (u !== me) r.emit("typing", u);
         return;
       }
       case "token_expiring":
@@ -699,8 +708,7 @@ var Client = class extends Emitter {
     if (!r) return;
     for (const u of f.joined ?? []) r.members.add(u);
     for (const u of f.left ?? []) r.members.delete(u);
-    for (const u of f.members ?? []) r.members.add(u);
-    r.memberCount = f.count ?? r.members.size;
+    r.memberCount = f.count;
     r.emit("presence", r.members);
   }
   onJoined(f, gen) {
@@ -714,8 +722,8 @@ var Client = class extends Emitter {
     const r = this.rooms.get(f.room);
     if (!r || !r.wanted) return;
     r.members.clear();
-    for (const u of f.presence ?? []) r.members.add(u);
-    r.memberCount = f.count ?? f.members ?? r.members.size;
+    for (const u of f.presence) r.members.add(u);
+    r.memberCount = f.count;
     r.emit("presence", r.members);
     const epochChanged = r.epoch !== void 0 && r.epoch !== f.epoch;
     const fresh = r.lastSeq === void 0;

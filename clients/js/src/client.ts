@@ -11,7 +11,7 @@ import { Emitter } from "./emitter.js";
 import { ClosedError, DisconnectedError, ServerError, TimeoutError } from "./errors.js";
 import {
   type ClientFrame, type HistoryMessage, type HistoryReplyFrame, type JoinedFrame, type Json,
-  type MessageFrame, type PresenceEventFrame, type ServerFrame, validateServerFrame,
+  type MembersFrame, type MessageFrame, type PresenceEventFrame, type ServerFrame, validateServerFrame,
 } from "./protocol.js";
 
 /** The part of the WebSocket API the client uses (browsers' and `ws`'s both fit). */
@@ -126,6 +126,8 @@ export interface RoomEvents extends Record<string, unknown> {
 
 export interface HistoryQuery { before?: number; after?: number; limit?: number }
 export interface HistoryPage { messages: Message[]; more: boolean }
+/** One page of a room's users: `count` in all, `users` of them here. */
+export interface MemberPage { count: number; users: string[]; more: boolean }
 
 interface PendingRequest {
   what: string;
@@ -203,6 +205,13 @@ export class Room extends Emitter<RoomEvents> {
   /** One page of stored messages (joining is not needed). */
   history(q: HistoryQuery = {}): Promise<HistoryPage> {
     return this.client.historyOf(this.name, q);
+  }
+
+  /** One page of the room's users, sorted by name, after the name `after`
+   * (the room must be joined). `members` holds only the first names the
+   * server sends in `joined` (its `presence_list_max`); page the rest here. */
+  memberPage(q: { after?: string; limit?: number } = {}): Promise<MemberPage> {
+    return this.client.membersOf(this.name, q);
   }
 
   /** Tells the others this user is typing; throttled (`typingThrottleMs`). */
@@ -535,6 +544,12 @@ export class Client extends Emitter<ClientEvents> {
   }
 
   /** @internal */
+  /** @internal */
+  async membersOf(room: string, q: { after?: string; limit?: number }): Promise<MemberPage> {
+    const reply = (await this.request({ type: "presence", room, ...q }, `presence ${room}`)) as MembersFrame;
+    return { count: reply.count, users: reply.users, more: reply.more };
+  }
+
   async historyOf(room: string, q: HistoryQuery): Promise<HistoryPage> {
     const reply = (await this.request({ type: "history", room, ...q }, `history ${room}`)) as HistoryReplyFrame;
     return { messages: reply.messages.map((m) => toMessage(room, m)), more: reply.more };
@@ -591,12 +606,13 @@ export class Client extends Emitter<ClientEvents> {
         return;
       }
       case "presence":
-        if (f.id !== undefined && this.requests.has(f.id)) break;
         return this.onPresence(f);
       case "typing": {
         const r = this.rooms.get(f.room);
         if (!r) return;
-        for (const u of f.user !== undefined ? [f.user] : (f.users ?? [])) r.emit("typing", u);
+        // With several typers the event reaches the typers too: leave this user out.
+        const me = this.current.state === "connected" ? this.current.user : undefined;
+        for (const u of f.users) if (u !== me) r.emit("typing", u);
         return;
       }
       case "token_expiring":
@@ -675,8 +691,7 @@ export class Client extends Emitter<ClientEvents> {
     if (!r) return;
     for (const u of f.joined ?? []) r.members.add(u);
     for (const u of f.left ?? []) r.members.delete(u);
-    for (const u of f.members ?? []) r.members.add(u);
-    r.memberCount = f.count ?? r.members.size;
+    r.memberCount = f.count;
     r.emit("presence", r.members);
   }
 
@@ -691,8 +706,8 @@ export class Client extends Emitter<ClientEvents> {
     const r = this.rooms.get(f.room);
     if (!r || !r.wanted) return;
     r.members.clear();
-    for (const u of f.presence ?? []) r.members.add(u);
-    r.memberCount = f.count ?? f.members ?? r.members.size;
+    for (const u of f.presence) r.members.add(u);
+    r.memberCount = f.count;
     r.emit("presence", r.members);
     const epochChanged = r.epoch !== undefined && r.epoch !== f.epoch;
     const fresh = r.lastSeq === undefined;

@@ -1,7 +1,7 @@
 // The public entry point of the Switchboard TypeScript SDK.
 export { Client, Room } from "./client.js";
 export type {
-  Ack, ClientEvents, ClientOptions, ClientState, DisconnectReason, Gap, HistoryPage, HistoryQuery, Message,
+  Ack, ClientEvents, ClientOptions, ClientState, DisconnectReason, Gap, HistoryPage, HistoryQuery, MemberPage, Message,
   RoomEvents, RoomStatus, WebSocketConstructor, WebSocketLike,
 } from "./client.js";
 export { ClosedError, DisconnectedError, ServerError, TimeoutError } from "./errors.js";

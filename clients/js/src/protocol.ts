@@ -21,11 +21,13 @@ export interface HistoryFrame {
   type: "history"; id?: RequestId; room: string; before?: number; after?: number; limit?: number;
 }
 export interface TypingFrame { type: "typing"; id?: RequestId; room: string }
+/** Pages a joined room's users, sorted by name, after the name `after`. */
+export interface PresenceFrame { type: "presence"; id?: RequestId; room: string; after?: string; limit?: number }
 export interface PingFrame { type: "ping"; id?: RequestId }
 
 export type ClientFrame =
   | AuthFrame | RefreshFrame | JoinFrame | LeaveFrame | SendFrame | HistoryFrame
-  | TypingFrame | PingFrame;
+  | TypingFrame | PresenceFrame | PingFrame;
 
 // ---- server frames ----
 
@@ -34,11 +36,10 @@ export interface WelcomeFrame {
 }
 export interface JoinedFrame {
   type: "joined"; id?: RequestId; room: string; seq: number; epoch: string;
-  /** Member names: every member, or (on servers that bound it) the first few. */
-  presence?: string[];
-  /** The member count, on servers that send one. */
-  count?: number;
-  members?: number;
+  /** Distinct users in the room, the joiner included. */
+  count: number;
+  /** The first users by name: all of them when `count` is no larger than the server's `presence_list_max`. */
+  presence: string[];
   recovered?: boolean;
 }
 export interface LeftFrame { type: "left"; id?: RequestId; room: string }
@@ -50,24 +51,30 @@ export interface HistoryMessage { seq: number; from: string; ts: number; body?: 
 export interface HistoryReplyFrame {
   type: "history"; id?: RequestId; room: string; messages: HistoryMessage[]; more: boolean;
 }
-export interface TypingEventFrame { type: "typing"; room: string; user?: string; users?: string[]; count?: number }
+/** Users who typed in the last interval: `count` of them, the first few named. */
+export interface TypingEventFrame { type: "typing"; room: string; count: number; users: string[] }
+/** Users came or went; `count` is the room's number of users after them. */
 export interface PresenceEventFrame {
-  type: "presence"; id?: RequestId; room: string; joined?: string[]; left?: string[];
-  members?: string[]; count?: number; more?: boolean;
+  type: "presence"; room: string; count: number; joined?: string[]; left?: string[]; truncated?: boolean;
+}
+/** Reply to `presence`: one page of the room's users, sorted by name. */
+export interface MembersFrame {
+  type: "members"; id?: RequestId; room: string; count: number; users: string[]; more: boolean;
 }
 export interface TokenExpiringFrame { type: "token_expiring"; expires_at: number }
 export interface RefreshedFrame { type: "refreshed"; id?: RequestId; expires_at: number }
 export interface PongFrame { type: "pong"; id?: RequestId }
 export type ErrorCode =
   | "bad_request" | "unknown_type" | "not_joined" | "invalid_room" | "unauthorized"
-  | "forbidden" | "too_large" | "rate_limited" | "binary_unsupported" | "internal";
+  | "forbidden" | "too_large" | "rate_limited" | "binary_unsupported" | "unavailable" | "internal";
 export interface ErrorFrame {
   type: "error"; id?: RequestId; code: ErrorCode | string; message: string; retry_after_ms?: number;
 }
 
 export type ServerFrame =
   | WelcomeFrame | JoinedFrame | LeftFrame | AckFrame | MessageFrame | HistoryReplyFrame
-  | TypingEventFrame | PresenceEventFrame | TokenExpiringFrame | RefreshedFrame | PongFrame | ErrorFrame;
+  | TypingEventFrame | PresenceEventFrame | MembersFrame | TokenExpiringFrame | RefreshedFrame | PongFrame
+  | ErrorFrame;
 
 // ---- validators ----
 
@@ -103,6 +110,7 @@ const clientShapes: Record<string, Shape> = {
   send: { id: ID, room: [true, str], body: [true, json], key: [false, str] },
   history: { id: ID, room: [true, str], before: [false, uint], after: [false, uint], limit: [false, uint] },
   typing: { id: ID, room: [true, str] },
+  presence: { id: ID, room: [true, str], after: [false, str], limit: [false, uint] },
   ping: { id: ID },
 };
 
@@ -111,8 +119,8 @@ const serverShapes: Record<string, Shape> = {
     session: [true, str], user: [true, str], heartbeat_ms: [true, uint], server: [true, str], protocol: [true, uint],
   },
   joined: {
-    id: ID, room: [true, str], seq: [true, uint], epoch: [true, str], presence: [false, strs],
-    count: [false, uint], members: [false, uint], recovered: [false, bool],
+    id: ID, room: [true, str], seq: [true, uint], epoch: [true, str], count: [true, uint], presence: [true, strs],
+    recovered: [false, bool],
   },
   left: { id: ID, room: [true, str] },
   ack: { id: ID, room: [true, str], seq: [true, uint], ts: [true, uint], duplicate: [false, bool] },
@@ -122,11 +130,11 @@ const serverShapes: Record<string, Shape> = {
   history: {
     id: ID, room: [true, str], messages: [true, (v) => Array.isArray(v) && v.every(historyMessage)], more: [true, bool],
   },
-  typing: { room: [true, str], user: [false, str], users: [false, strs], count: [false, uint] },
+  typing: { room: [true, str], count: [true, uint], users: [true, strs] },
   presence: {
-    id: ID, room: [true, str], joined: [false, strs], left: [false, strs], members: [false, strs],
-    count: [false, uint], more: [false, bool],
+    room: [true, str], count: [true, uint], joined: [false, strs], left: [false, strs], truncated: [false, bool],
   },
+  members: { id: ID, room: [true, str], count: [true, uint], users: [true, strs], more: [true, bool] },
   token_expiring: { expires_at: [true, uint] },
   refreshed: { id: ID, expires_at: [true, uint] },
   pong: { id: ID },

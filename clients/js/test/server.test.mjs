@@ -365,6 +365,10 @@ test("presence and typing", { timeout: TEST_TIMEOUT_MS }, async () => {
     assert.deepEqual([...rb.members].sort(), ["alice", "bob"]);
     await until("alice sees bob arrive", () => ra.members.has("bob"));
     assert.equal(ra.memberCount, 2);
+    const first = await ra.memberPage({ limit: 1 });
+    assert.deepEqual(first, { count: 2, users: ["alice"], more: true });
+    const rest = await ra.memberPage({ after: "alice", limit: 1 });
+    assert.deepEqual(rest, { count: 2, users: ["bob"], more: false });
 
     const typing = [];
     rb.on("typing", (u) => typing.push(u));
