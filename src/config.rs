@@ -872,7 +872,7 @@ mod readme_table {
     /// A default cell for one key, as a TOML value; `None` for "unset".
     fn toml_value(cell: &str) -> Option<String> {
         let cell = cell.trim();
-        let unset = ["off", "none", "not checked", "empty"];
+        let unset = ["off", "none", "not checked", "empty", "unset"];
         if unset.iter().any(|u| cell.starts_with(u)) {
             return None;
         }
