@@ -11,6 +11,7 @@ pub mod conn;
 pub mod metrics;
 pub mod plot;
 pub mod report;
+pub mod scan;
 pub mod scenario;
 mod workers;
 

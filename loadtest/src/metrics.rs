@@ -78,6 +78,18 @@ impl Recorder {
         }
     }
 
+    /// Records `(us, measured)` pairs into shard `who % SHARDS` under one lock.
+    pub fn record_many(&self, who: usize, values: impl Iterator<Item = (u64, bool)>) {
+        let mut g = lock(&self.shards[who % SHARDS]);
+        for (us, measured) in values {
+            let v = us.clamp(1, HIST_MAX_US);
+            g.0.saturating_record(v);
+            if measured {
+                g.1.saturating_record(v);
+            }
+        }
+    }
+
     /// Takes the since-last-tick histogram, merged over shards.
     pub fn take_interval(&self) -> Histogram<u64> {
         let mut out = new_histogram();
@@ -287,6 +299,29 @@ impl Metrics {
     /// A message delivered with the publisher's stamp `stamp` (Unix µs).
     pub fn delivered(&self, who: usize, stamp: Option<u64>) {
         self.delivered_to(&self.delivery, who, stamp);
+    }
+
+    /// Messages read together at Unix time `now` (µs): `stamps` are their
+    /// publishers' stamps, `unstamped` those without one. Counts as
+    /// [`Metrics::delivered`] does for each, with one lock and two atomic
+    /// adds for the whole batch.
+    pub fn delivered_batch(&self, who: usize, stamps: &[u64], unstamped: u64, now: u64) {
+        add(&self.c.delivered_all, stamps.len() as u64 + unstamped);
+        if stamps.is_empty() {
+            return;
+        }
+        let from = self.measure_from.load(Ordering::Relaxed);
+        let stop = self.stop.load(Ordering::Relaxed);
+        let mut measured = 0;
+        self.delivery.record_many(
+            who,
+            stamps.iter().map(|&t| {
+                let m = t >= from && t < stop;
+                measured += u64::from(m);
+                (now.saturating_sub(t), m)
+            }),
+        );
+        add(&self.c.delivered, measured);
     }
 
     /// The same, at a deliberately slow reader: its latency is kept apart.
