@@ -241,6 +241,21 @@ fn decode(hex: &str) -> anyhow::Result<Histogram<u64>> {
         .map_err(|e| anyhow::anyhow!("deserializing a histogram: {e:?}"))
 }
 
+/// Above this share of its cores the generator is likely the bottleneck.
+pub const LOADGEN_BUSY: f64 = 0.9;
+
+/// The CPUs this process may run on (its affinity), at most one per
+/// runtime thread; with worker processes, at most one per worker.
+fn loadgen_cores(common: &Common) -> f64 {
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    let threads = if common.workers > 1 {
+        common.workers as usize
+    } else {
+        common.threads.unwrap_or(cpus)
+    };
+    cpus.min(threads).max(1) as f64
+}
+
 /// Percentiles in milliseconds.
 #[derive(Debug, Default, Clone, Copy, Serialize, Deserialize, PartialEq)]
 pub struct Percentiles {
@@ -322,6 +337,16 @@ pub struct Report {
     pub server: Option<ServerUsage>,
     /// The generator's CPU seconds over the measured window, all processes.
     pub loadgen_cpu_seconds: f64,
+    /// CPUs the generator could use: the CPUs its affinity allows, at most
+    /// one per runtime thread.
+    #[serde(default)]
+    pub loadgen_cores: f64,
+    /// Measured deliveries per generator CPU-second.
+    #[serde(default)]
+    pub loadgen_deliveries_per_cpu_second: Option<f64>,
+    /// Things that make the figures doubtful without failing the run.
+    #[serde(default)]
+    pub warnings: Vec<String>,
     pub extra: BTreeMap<String, f64>,
     pub timeline: Vec<Sample>,
     pub failures: Vec<String>,
@@ -380,6 +405,11 @@ impl Report {
             close_codes: c.closes.clone(),
             server,
             loadgen_cpu_seconds: c.loadgen_cpu_seconds,
+            loadgen_cores: loadgen_cores(common),
+            loadgen_deliveries_per_cpu_second: (c.loadgen_cpu_seconds > 0.0
+                && c.counts.delivered > 0)
+                .then(|| c.counts.delivered as f64 / c.loadgen_cpu_seconds),
+            warnings: Vec::new(),
             extra: c.extra.clone(),
             timeline: c
                 .timeline
@@ -402,7 +432,26 @@ impl Report {
             failures: Vec::new(),
         };
         r.judge(common.slo_p99_ms);
+        r.warn();
         r
+    }
+
+    /// The generator's share of the cores it could use over the measured
+    /// window (1.0 = all of them).
+    pub fn loadgen_share(&self) -> f64 {
+        self.loadgen_cpu_seconds / (self.measured_seconds * self.loadgen_cores).max(1e-9)
+    }
+
+    fn warn(&mut self) {
+        let share = self.loadgen_share();
+        if self.measured_seconds > 0.0 && share > LOADGEN_BUSY {
+            self.warnings.push(format!(
+                "the load generator used {:.0}% of its {} core{}: the figures may be the generator's limit, not the server's",
+                100.0 * share,
+                self.loadgen_cores,
+                if self.loadgen_cores == 1.0 { "" } else { "s" }
+            ));
+        }
     }
 
     /// The latency the SLO applies to, by scenario.
@@ -521,37 +570,52 @@ impl Report {
                 );
             }
         }
-        if let Some(s) = &self.server {
-            let _ = write!(
-                o,
-                "  server pid {}: {:.2} CPU-s ({:.0}% of a core)",
-                s.pid,
-                s.cpu_seconds,
-                100.0 * s.cpu_seconds / self.measured_seconds.max(1e-9)
-            );
-            if let Some(d) = s.deliveries_per_cpu_second {
-                let _ = write!(o, ", {d:.0} deliveries per CPU-second");
-            }
-            let _ = writeln!(o);
-            if let (Some(a), Some(b)) = (s.rss_before_bytes, s.rss_after_bytes) {
-                let _ = write!(o, "  server RSS {} -> {}", mib(a), mib(b));
-                if let Some(per) = s.bytes_per_connection {
-                    let _ = write!(
-                        o,
-                        " = {:.0} bytes ({:.2} KiB) per connection",
-                        per,
-                        per / 1024.0
-                    );
+        // The server's CPU and the generator's side by side: a generator
+        // at its limit makes the server's figures its own.
+        match &self.server {
+            Some(s) => {
+                let _ = write!(
+                    o,
+                    "  server pid {}:     {:.2} CPU-s ({:.0}% of a core)",
+                    s.pid,
+                    s.cpu_seconds,
+                    100.0 * s.cpu_seconds / self.measured_seconds.max(1e-9)
+                );
+                if let Some(d) = s.deliveries_per_cpu_second {
+                    let _ = write!(o, ", {d:.0} deliveries per CPU-second");
                 }
                 let _ = writeln!(o);
             }
+            None => {
+                let _ = writeln!(o, "  server CPU: not measured (give --server-pid)");
+            }
         }
-        let _ = writeln!(
+        let _ = write!(
             o,
-            "  load generator: {:.2} CPU-s ({:.0}% of a core)",
+            "  load generator: {:.2} CPU-s ({:.0}% of its {} core{})",
             self.loadgen_cpu_seconds,
-            100.0 * self.loadgen_cpu_seconds / self.measured_seconds.max(1e-9)
+            100.0 * self.loadgen_share(),
+            self.loadgen_cores,
+            if self.loadgen_cores == 1.0 { "" } else { "s" }
         );
+        if let Some(d) = self.loadgen_deliveries_per_cpu_second {
+            let _ = write!(o, ", {d:.0} deliveries per CPU-second");
+        }
+        let _ = writeln!(o);
+        if let Some(s) = &self.server
+            && let (Some(a), Some(b)) = (s.rss_before_bytes, s.rss_after_bytes)
+        {
+            let _ = write!(o, "  server RSS {} -> {}", mib(a), mib(b));
+            if let Some(per) = s.bytes_per_connection {
+                let _ = write!(
+                    o,
+                    " = {:.0} bytes ({:.2} KiB) per connection",
+                    per,
+                    per / 1024.0
+                );
+            }
+            let _ = writeln!(o);
+        }
         for (k, v) in &self.extra {
             let _ = writeln!(o, "  {k:<36} {v:>14.1}");
         }
@@ -560,6 +624,9 @@ impl Report {
         }
         for (k, n) in &self.close_codes {
             let _ = writeln!(o, "  close code {k}: {n}");
+        }
+        for w in &self.warnings {
+            let _ = writeln!(o, "WARNING: {w}");
         }
         if self.failures.is_empty() {
             let _ = writeln!(o, "result: PASS");
@@ -606,6 +673,34 @@ mod tests {
         let me = std::process::id();
         assert!(rss_bytes(me).is_some_and(|b| b > 0));
         assert!(cpu_seconds(me).is_some());
+    }
+
+    fn report_with(cpu: f64, cores: f64) -> Report {
+        let mut r = Report {
+            measured_seconds: 10.0,
+            loadgen_cpu_seconds: cpu,
+            loadgen_cores: cores,
+            ..Report::default()
+        };
+        r.warn();
+        r
+    }
+
+    #[test]
+    fn warns_when_the_generator_is_near_its_cores() {
+        let busy = report_with(9.5, 1.0);
+        assert_eq!(busy.warnings.len(), 1, "{:?}", busy.warnings);
+        assert!(
+            busy.to_table()
+                .contains("WARNING: the load generator used 95% of its 1 core")
+        );
+        assert!(
+            busy.to_table()
+                .contains("load generator: 9.50 CPU-s (95% of its 1 core)")
+        );
+        assert!(report_with(9.5, 2.0).warnings.is_empty());
+        assert!(report_with(18.5, 2.0).warnings.len() == 1);
+        assert!(report_with(8.9, 1.0).warnings.is_empty());
     }
 
     #[test]
