@@ -188,6 +188,8 @@ pub struct Metrics {
     timeline: Mutex<BTreeMap<i64, Interval>>,
     /// Counters at the last tick, and its second.
     last_tick: Mutex<(u64, u64, u64, Option<i64>)>,
+    /// What a `soak` sampled and concluded.
+    pub soak: Mutex<Option<crate::scenario::soak::SoakSummary>>,
 }
 
 impl Metrics {
@@ -208,6 +210,7 @@ impl Metrics {
             published: Mutex::new(BTreeMap::new()),
             timeline: Mutex::new(BTreeMap::new()),
             last_tick: Mutex::new((0, 0, 0, None)),
+            soak: Mutex::new(None),
         }
     }
 

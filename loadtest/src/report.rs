@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cli::Common;
 use crate::metrics::{Interval, Metrics, get, new_histogram};
+use crate::scenario::soak::{Drift, MIB, SoakSummary};
 
 /// Counts over the run. `sent`, `delivered` and `acked` count the measured
 /// window only; loss, duplicates and connections count the whole run.
@@ -69,6 +70,8 @@ pub struct Collected {
     pub closes: BTreeMap<String, u64>,
     pub loadgen_cpu_seconds: f64,
     pub extra: BTreeMap<String, f64>,
+    /// A soak's samples and judgement (one process only).
+    pub soak: Option<SoakSummary>,
 }
 
 impl Collected {
@@ -114,6 +117,7 @@ impl Collected {
             closes: m.closes(),
             loadgen_cpu_seconds,
             extra: BTreeMap::new(),
+            soak: crate::metrics::lock(&m.soak).clone(),
         }
     }
 
@@ -146,6 +150,9 @@ impl Collected {
             *self.extra.entry(k).or_default() += v;
         }
         self.loadgen_cpu_seconds += o.loadgen_cpu_seconds;
+        if self.soak.is_none() {
+            self.soak = o.soak;
+        }
     }
 
     /// One line of JSON; histograms as hex of hdrhistogram's V2 encoding.
@@ -204,6 +211,7 @@ impl Collected {
             closes: w.closes,
             loadgen_cpu_seconds: w.loadgen_cpu_seconds,
             extra: w.extra,
+            soak: None,
         })
     }
 }
@@ -348,6 +356,9 @@ pub struct Report {
     #[serde(default)]
     pub warnings: Vec<String>,
     pub extra: BTreeMap<String, f64>,
+    /// `soak`: the server's memory and descriptors over the run, and their drift.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub soak: Option<SoakSummary>,
     pub timeline: Vec<Sample>,
     pub failures: Vec<String>,
 }
@@ -411,6 +422,7 @@ impl Report {
                 .then(|| c.counts.delivered as f64 / c.loadgen_cpu_seconds),
             warnings: Vec::new(),
             extra: c.extra.clone(),
+            soak: c.soak.clone(),
             timeline: c
                 .timeline
                 .iter()
@@ -475,6 +487,9 @@ impl Report {
         }
         if c.connections_established == 0 {
             self.failures.push("no connection was established".into());
+        }
+        if let Some(s) = &self.soak {
+            self.failures.extend(s.failures.iter().cloned());
         }
         if let Some(slo) = slo_p99_ms {
             match self.main_latency() {
@@ -625,6 +640,9 @@ impl Report {
         for (k, n) in &self.close_codes {
             let _ = writeln!(o, "  close code {k}: {n}");
         }
+        if let Some(s) = &self.soak {
+            soak_table(&mut o, s);
+        }
         for w in &self.warnings {
             let _ = writeln!(o, "WARNING: {w}");
         }
@@ -636,6 +654,60 @@ impl Report {
             }
         }
         o
+    }
+}
+
+fn soak_table(o: &mut String, s: &SoakSummary) {
+    let measured: Vec<_> = s.samples.iter().filter(|x| x.t >= 0.0).collect();
+    let stored = s.samples.last().map_or(0, |x| x.stored);
+    // Stored between the first and last measured sample: what the drift
+    // is divided by.
+    let stored_measured = match (measured.first(), measured.last()) {
+        (Some(a), Some(b)) => b.stored.saturating_sub(a.stored),
+        _ => 0,
+    };
+    let _ = writeln!(
+        o,
+        "  soak: {} sessions ({} failed), {} messages stored; {} samples ({} measured) from {}",
+        s.cycles,
+        s.failed_cycles,
+        stored,
+        s.samples.len(),
+        measured.len(),
+        s.source
+    );
+    if let Some(cpu) = s.server_cpu_seconds {
+        let _ = writeln!(o, "  server CPU over the samples: {cpu:.2} CPU-s");
+    }
+    let line = |o: &mut String, name: &str, d: &Option<Drift>, scale: f64, unit: &str| {
+        if let Some(d) = d {
+            let _ = writeln!(
+                o,
+                "  {name:<12} first {:.1}{unit}  middle {:.1}{unit}  last {:.1}{unit}  drift {:+.1}{unit} ({:+.1}{unit} in the second half): {}",
+                d.first / scale,
+                d.middle / scale,
+                d.last / scale,
+                d.drift / scale,
+                d.second_half / scale,
+                if d.plateaued {
+                    "levels off"
+                } else {
+                    "still growing"
+                }
+            );
+        }
+    };
+    line(o, "server RSS", &s.rss, MIB, " MiB");
+    line(o, "server fds", &s.fds, 1.0, "");
+    if stored_measured > 0
+        && let Some(d) = &s.rss
+    {
+        let _ = writeln!(
+            o,
+            "  RSS drift per message stored while measuring: {:.0} bytes ({} messages)",
+            d.drift / stored_measured as f64,
+            stored_measured
+        );
     }
 }
 

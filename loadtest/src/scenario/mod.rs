@@ -6,6 +6,7 @@ pub mod connect;
 pub mod fanout;
 pub mod history;
 pub mod idle;
+pub mod soak;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -30,6 +31,7 @@ pub async fn run(s: &Scenario, m: Arc<Metrics>) -> anyhow::Result<()> {
         Scenario::Connect(a) => connect::run(a, m).await,
         Scenario::Idle(a) => idle::run(a, m).await,
         Scenario::History(a) => history::run(a, m).await,
+        Scenario::Soak(a) => soak::run(a, m).await,
     }
 }
 
