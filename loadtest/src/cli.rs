@@ -96,6 +96,11 @@ pub struct Common {
     /// welcome, join or ack; the publisher numbers its own frames.
     #[arg(long)]
     pub raw: bool,
+    /// nats-server's WebSocket listener: the NATS protocol (CONNECT, SUB to
+    /// the room as a subject, PUB, MSG) carrying raw mode's self-numbered
+    /// frames; the publisher's echo stands in for the ack.
+    #[arg(long, conflicts_with_all = ["raw", "join_in_url"])]
+    pub nats: bool,
     /// Join a connection's first room in the upgrade URL (`?join=ROOM`),
     /// so `welcome` and `joined` come back with the 101, instead of sending
     /// a `join` frame.
@@ -172,6 +177,12 @@ impl Common {
 
     pub fn duration_us(&self) -> u64 {
         secs_to_us(self.duration)
+    }
+
+    /// A server without Switchboard's protocol: a plain broadcast server
+    /// (`--raw`) or nats-server (`--nats`).
+    pub fn foreign(&self) -> bool {
+        self.raw || self.nats
     }
 }
 

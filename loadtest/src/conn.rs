@@ -43,8 +43,11 @@ pub struct Connector {
     tls: Option<tokio_rustls::TlsConnector>,
     sources: Vec<IpAddr>,
     next_source: AtomicUsize,
-    /// Talking to a plain broadcast server: no welcome, no join.
+    /// Talking to a plain broadcast server or nats-server: no welcome, no
+    /// join; the publisher numbers its own frames.
     pub raw: bool,
+    /// Talking to nats-server: the NATS protocol around those frames.
+    pub nats: bool,
     /// Join the first room in the upgrade URL rather than with a frame.
     pub join_in_url: bool,
 }
@@ -82,7 +85,8 @@ impl Connector {
             tls,
             next_source: AtomicUsize::new(common.worker.map_or(0, |w| w as usize)),
             sources,
-            raw: common.raw,
+            raw: common.foreign(),
+            nats: common.nats,
             join_in_url: common.join_in_url,
         })
     }

@@ -9,6 +9,7 @@
 pub mod cli;
 pub mod conn;
 pub mod metrics;
+pub mod nats;
 pub mod plot;
 pub mod report;
 pub mod scan;

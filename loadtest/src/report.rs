@@ -394,7 +394,14 @@ impl Report {
         }
         let mut r = Report {
             scenario: scenario.to_owned(),
-            target: if common.raw { "raw" } else { "switchboard" }.to_owned(),
+            target: if common.nats {
+                "nats"
+            } else if common.raw {
+                "raw"
+            } else {
+                "switchboard"
+            }
+            .to_owned(),
             url: common.url.clone(),
             clients,
             processes: common.workers.max(1),

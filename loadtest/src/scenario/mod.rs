@@ -50,7 +50,9 @@ pub async fn open(
         let in_url = room.filter(|_| conn.join_in_url);
         let mut ws = conn.connect_joining(user, in_url).await?;
         let mut seq = 0;
-        if !conn.raw {
+        if conn.nats {
+            crate::nats::handshake(&mut ws, user, room).await?;
+        } else if !conn.raw {
             // The join goes out at once, not after `welcome`: the server
             // reads requests only once it has sent `welcome` (PROTOCOL.md
             // §2), and a reconnecting client saves a round trip. Joined in

@@ -160,7 +160,7 @@ impl SoakSummary {
 pub const MIB: f64 = 1024.0 * 1024.0;
 
 pub async fn run(a: &SoakArgs, m: Arc<Metrics>) -> anyhow::Result<()> {
-    if a.common.raw {
+    if a.common.foreign() {
         bail!("soak speaks the Switchboard protocol: no --raw");
     }
     let conn = Arc::new(Connector::new(&a.common)?);
