@@ -417,3 +417,23 @@ impl Default for Metrics {
         Metrics::new()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_counts_and_times_each_delivery_by_its_stamp() {
+        let m = Metrics::new();
+        // Measured from 1_000 to 2_000 µs.
+        m.set_clock(Clock::new(0, 1_000, 1_000));
+        m.delivered_batch(3, &[900, 1_000, 1_500, 1_999, 2_000], 2, 2_500);
+        assert_eq!(get(&m.c.delivered_all), 7);
+        assert_eq!(get(&m.c.delivered), 3);
+        let total = m.delivery.total();
+        assert_eq!(total.len(), 3);
+        assert_eq!((total.min(), total.max()), (501, 1_500));
+        // Every stamped delivery is in the interval histogram.
+        assert_eq!(m.delivery.take_interval().len(), 5);
+    }
+}
