@@ -167,9 +167,9 @@ pub async fn run(a: &SoakArgs, m: Arc<Metrics>) -> anyhow::Result<()> {
     let source = Source::new(a)?;
     // The first reading is taken before any load: a server that cannot be
     // read fails the run at once, not after its whole length.
-    source
-        .read()
+    tokio::time::timeout(STEP_TIMEOUT, source.read())
         .await
+        .context("reading the server's process figures: timed out")?
         .context("reading the server's process figures")?;
     let clock = start_clock(&a.common, &m, true).await;
     let mut tasks = tokio::task::JoinSet::new();
