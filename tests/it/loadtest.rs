@@ -332,5 +332,27 @@ async fn soak_samples_the_servers_memory_from_metrics_and_judges_its_drift() {
         "{:?}",
         strict.failures
     );
+    // Without a metrics URL, a local server's /proc/PID is read instead.
+    let pid = std::process::id().to_string();
+    let local = run(&[
+        "soak",
+        "--url",
+        &url,
+        "--server-pid",
+        &pid,
+        "--clients",
+        "4",
+        "--warmup",
+        "0.1",
+        "--duration",
+        "1",
+        "--sample-interval",
+        "0.1",
+    ])
+    .await;
+    assert_clean(&local);
+    let summary = local.soak.as_ref().expect("a soak summary");
+    assert_eq!(summary.source, format!("/proc/{pid}"));
+    assert!(summary.samples.len() >= 5 && summary.samples.iter().all(|x| x.rss_bytes > 0));
     s.stop().await;
 }
