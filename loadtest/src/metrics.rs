@@ -52,9 +52,17 @@ impl Clock {
     }
 }
 
-/// A latency recorder: shards of (since-last-tick, measured total).
+/// A latency recorder: sharded, each value recorded once. A shard holds
+/// what came since the last tick, measured and not apart, and the measured
+/// total of the ticks before; a tick folds the measured part into the total.
 pub struct Recorder {
-    shards: Vec<Mutex<(Histogram<u64>, Histogram<u64>)>>,
+    shards: Vec<Mutex<Shard>>,
+}
+
+struct Shard {
+    measured: Histogram<u64>,
+    unmeasured: Histogram<u64>,
+    total: Histogram<u64>,
 }
 
 const SHARDS: usize = 32;
@@ -63,19 +71,21 @@ impl Recorder {
     pub fn new() -> Recorder {
         Recorder {
             shards: (0..SHARDS)
-                .map(|_| Mutex::new((new_histogram(), new_histogram())))
+                .map(|_| {
+                    Mutex::new(Shard {
+                        measured: new_histogram(),
+                        unmeasured: new_histogram(),
+                        total: new_histogram(),
+                    })
+                })
                 .collect(),
         }
     }
 
-    /// Records `us` into shard `who % SHARDS`; into the total only when `measured`.
+    /// Records `us` into shard `who % SHARDS`; it counts in the total only
+    /// when `measured`.
     pub fn record(&self, who: usize, us: u64, measured: bool) {
-        let v = us.clamp(1, HIST_MAX_US);
-        let mut g = lock(&self.shards[who % SHARDS]);
-        g.0.saturating_record(v);
-        if measured {
-            g.1.saturating_record(v);
-        }
+        self.record_many(who, std::iter::once((us, measured)));
     }
 
     /// Records `(us, measured)` pairs into shard `who % SHARDS` under one lock.
@@ -83,9 +93,10 @@ impl Recorder {
         let mut g = lock(&self.shards[who % SHARDS]);
         for (us, measured) in values {
             let v = us.clamp(1, HIST_MAX_US);
-            g.0.saturating_record(v);
             if measured {
-                g.1.saturating_record(v);
+                g.measured.saturating_record(v);
+            } else {
+                g.unmeasured.saturating_record(v);
             }
         }
     }
@@ -95,16 +106,23 @@ impl Recorder {
         let mut out = new_histogram();
         for s in &self.shards {
             let mut g = lock(s);
-            let _ = out.add(&g.0);
-            g.0.reset();
+            let g = &mut *g;
+            let _ = out.add(&g.measured);
+            let _ = out.add(&g.unmeasured);
+            let _ = g.total.add(&g.measured);
+            g.measured.reset();
+            g.unmeasured.reset();
         }
         out
     }
 
+    /// Every measured value so far.
     pub fn total(&self) -> Histogram<u64> {
         let mut out = new_histogram();
         for s in &self.shards {
-            let _ = out.add(&lock(s).1);
+            let g = lock(s);
+            let _ = out.add(&g.total);
+            let _ = out.add(&g.measured);
         }
         out
     }
@@ -435,5 +453,11 @@ mod tests {
         assert_eq!((total.min(), total.max()), (501, 1_500));
         // Every stamped delivery is in the interval histogram.
         assert_eq!(m.delivery.take_interval().len(), 5);
+        // A tick empties the interval, not the total.
+        assert_eq!(m.delivery.take_interval().len(), 0);
+        m.delivered_batch(4, &[1_200], 0, 2_500);
+        assert_eq!(m.delivery.total().len(), 4);
+        assert_eq!(m.delivery.take_interval().len(), 1);
+        assert_eq!(m.delivery.total().len(), 4);
     }
 }
