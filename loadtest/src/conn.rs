@@ -534,6 +534,21 @@ mod tests {
             assert!(fast.is_some(), "{t}");
             assert_eq!(fast, Some(Frame::parse(&format!(" {t}"))), "{t}");
         }
+        // The frames the server encodes take the fast path.
+        let body = serde_json::value::RawValue::from_string(r#"{"t":1764000000123456}"#.into());
+        let body = body.unwrap_or_else(|e| panic!("{e}"));
+        let mut m =
+            protocol::MessageRef::new("fanout", 42, "publisher-fanout", 1_764_000_000_123, &body);
+        for replay in [false, true] {
+            m.replay = replay;
+            let text = m.to_json();
+            let f = Frame::message_in_server_order(&text);
+            assert_eq!(
+                f.map(|f| (f.seq, f.stamp, f.replay)),
+                Some((Some(42), Some(1_764_000_000_123_456), replay)),
+                "{text}"
+            );
+        }
         // Other shapes fall through to the general scan, which reads them.
         for t in [
             r#"{"type":"message","room":"a\"b","seq":1,"body":{"t":2}}"#,
