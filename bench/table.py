@@ -70,7 +70,7 @@ def row(fig, srv, what, key, fn, unit=""):
     rows.append((fig, srv, what, fmt(med(key, fn), unit), n, lost))
 
 
-SERVERS = ["switchboard", "tokio", "node"]
+SERVERS = ["switchboard", "tokio", "node", "nats"]
 for srv in SERVERS:
     row("1 fan-out 1x1000 full speed", srv, "deliveries/s", ("f1", srv), lambda r: r["rates"]["delivered_per_s"])
     row("1 fan-out 1x1000 full speed", srv, "deliveries/server CPU-s", ("f1", srv), dpc)
@@ -86,7 +86,7 @@ for n in ("10000", "19000"):
     for srv in SERVERS:
         for tls in ("plain", "tls"):
             row(f"4 idle {n}", f"{srv} {tls}", "bytes/conn", ("f4", f"{srv}-{tls}-n{n}"), per_conn)
-for srv in ["switchboard", "switchboard-url", "tokio", "node"]:
+for srv in ["switchboard", "switchboard-url", "tokio", "node", "nats"]:
     for tls in ("plain", "tls"):
         row("5 connect", f"{srv} {tls}", "handshakes+joins/s", ("f5", f"{srv}-{tls}"), conn_rate)
 for mode in ("group", "single", "group-w16", "group-w64"):
@@ -117,3 +117,31 @@ for name, nk, dk, fn in [
 ]:
     r = ratio(nk, dk, fn)
     print(f"  {name:<40} {'-' if r is None else f'{r:.2f}'}")
+
+print()
+print("ratios to nats-server's WebSocket listener (same run):")
+for name, nk, dk, fn in [
+    ("fan-out deliveries/s", ("f1", "switchboard"), ("f1", "nats"), lambda r: r["rates"]["delivered_per_s"]),
+    ("fan-out deliveries/server CPU-s", ("f1", "switchboard"), ("f1", "nats"), dpc),
+    ("p99 @200k/s (lower is better)", ("f2", "switchboard"), ("f2", "nats"), lambda r: lat(r, "delivery", "p99")),
+    ("connect rate plain", ("f5", "switchboard-plain"), ("f5", "nats-plain"), conn_rate),
+    ("connect rate TLS", ("f5", "switchboard-tls"), ("f5", "nats-tls"), conn_rate),
+]:
+    r = ratio(nk, dk, fn)
+    print(f"  {name:<40} {'-' if r is None else f'{r:.2f}'}")
+
+# The generator's own CPU: a run whose generator used more than 90 % of its
+# cores measured the generator, not the server.
+busy = []
+for (fig, srv), rs in sorted(runs.items()):
+    for r in rs:
+        cores = r.get("loadgen_cores") or 1
+        secs = r.get("measured_seconds") or 0
+        share = r.get("loadgen_cpu_seconds", 0) / (secs * cores) if secs else 0
+        if share > 0.9:
+            busy.append(f"{fig} {srv}: {100 * share:.0f}%")
+if busy:
+    print()
+    print("WARNING: the load generator used more than 90% of its cores in:")
+    for b in busy:
+        print(f"  {b}")

@@ -3,7 +3,9 @@
 //! This module owns the numbers and how they are named; it does not serve
 //! them (the admin listener encodes them at `/metrics`) and it reads no other
 //! module's state (values computed at scrape time, like the room count, are
-//! added by the admin module's collector).
+//! added by the admin module's collector). The process series (RSS,
+//! descriptors, CPU) are read from `/proc/self` per scrape by
+//! [`ProcessCollector`].
 //!
 //! Everything here is updated on the hot path without a lock: counters and
 //! gauges are `prometheus-client`'s atomic types; [`Histogram`] is a fixed set
@@ -17,8 +19,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
-use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::{Registry, Unit};
 
@@ -410,6 +415,104 @@ impl Metrics {
             "Admin API requests refused with 401",
             self.admin_unauthorized.clone(),
         );
+        r.register_collector(Box::new(ProcessCollector));
+    }
+}
+
+/// The standard Prometheus process series (`process_resident_memory_bytes`,
+/// `process_open_fds`, `process_max_fds`, `process_cpu_seconds_total`),
+/// read from `/proc/self` at scrape time, so that a remote observer (the
+/// load generator's `soak`) can watch the server's memory and descriptors.
+/// A series that cannot be read (not Linux) is left out of the scrape.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcessCollector;
+
+/// Clock ticks per second in `/proc/PID/stat` (`USER_HZ`, 100 on Linux).
+const USER_HZ: f64 = 100.0;
+
+/// What [`ProcessCollector`] reads from `/proc/self`.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct ProcessSample {
+    pub resident_bytes: Option<u64>,
+    pub open_fds: Option<u64>,
+    pub max_fds: Option<u64>,
+    pub cpu_seconds: Option<f64>,
+}
+
+impl ProcessSample {
+    /// Reads this process's figures. These are reads of procfs (in memory,
+    /// no disk), cheap enough for a scrape handler.
+    pub fn read() -> ProcessSample {
+        let status = std::fs::read_to_string("/proc/self/status").ok();
+        let resident_bytes = status.as_deref().and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib * 1024)
+        });
+        let open_fds = std::fs::read_dir("/proc/self/fd")
+            .ok()
+            .map(|d| d.count() as u64);
+        let max_fds = std::fs::read_to_string("/proc/self/limits")
+            .ok()
+            .and_then(|s| {
+                let line = s.lines().find(|l| l.starts_with("Max open files"))?;
+                line.split_whitespace().nth(3)?.parse().ok()
+            });
+        let cpu_seconds = std::fs::read_to_string("/proc/self/stat")
+            .ok()
+            .and_then(|s| {
+                // The fields after the command name, which may hold spaces.
+                let rest = s.rsplit_once(')')?.1;
+                let mut fields = rest.split_whitespace().skip(11);
+                let utime: f64 = fields.next()?.parse().ok()?;
+                let stime: f64 = fields.next()?.parse().ok()?;
+                Some((utime + stime) / USER_HZ)
+            });
+        ProcessSample {
+            resident_bytes,
+            open_fds,
+            max_fds,
+            cpu_seconds,
+        }
+    }
+}
+
+impl Collector for ProcessCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        let s = ProcessSample::read();
+        let mut gauge = |name: &str, help: &str, unit: Option<&Unit>, v: Option<u64>| {
+            let Some(v) = v else { return Ok(()) };
+            let g = ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX));
+            g.encode(encoder.encode_descriptor(name, help, unit, g.metric_type())?)
+        };
+        gauge(
+            "process_resident_memory",
+            "Resident memory size in bytes.",
+            Some(&Unit::Bytes),
+            s.resident_bytes,
+        )?;
+        gauge(
+            "process_open_fds",
+            "Number of open file descriptors.",
+            None,
+            s.open_fds,
+        )?;
+        gauge(
+            "process_max_fds",
+            "Maximum number of open file descriptors.",
+            None,
+            s.max_fds,
+        )?;
+        if let Some(cpu) = s.cpu_seconds {
+            let c = ConstCounter::new(cpu);
+            c.encode(encoder.encode_descriptor(
+                "process_cpu",
+                "Total user and system CPU time spent in seconds.",
+                Some(&Unit::Seconds),
+                c.metric_type(),
+            )?)?;
+        }
+        Ok(())
     }
 }
 
@@ -473,6 +576,34 @@ mod tests {
         }
         assert_eq!(m.closed_for(CloseReason::Kicked), 1);
         assert_eq!(m.auth_failures_for("expired"), 1);
+    }
+
+    /// The value of an unlabelled series in a scrape.
+    fn value(text: &str, name: &str) -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+    }
+
+    #[test]
+    fn process_series_are_exported() {
+        let text = encode(&Metrics::default());
+        assert!(text.contains("# TYPE process_resident_memory_bytes gauge"));
+        assert!(text.contains("# TYPE process_cpu_seconds counter"));
+        assert!(value(&text, "process_resident_memory_bytes") > 1e6);
+        let fds = value(&text, "process_open_fds");
+        assert!(fds >= 3.0, "{text}");
+        assert!(value(&text, "process_max_fds") >= fds);
+        assert!(value(&text, "process_cpu_seconds_total") >= 0.0);
+        // Descriptors opened here show in the next scrape (by a margin:
+        // concurrent tests' scrapes hold a few /proc files open too).
+        let files: Vec<_> = (0..50)
+            .map(|_| std::fs::File::open("/proc/self/stat").unwrap())
+            .collect();
+        let more = value(&encode(&Metrics::default()), "process_open_fds");
+        assert!(more >= fds + 45.0, "{fds} -> {more}");
+        drop(files);
     }
 
     #[test]

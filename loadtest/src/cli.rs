@@ -29,6 +29,9 @@ pub enum Scenario {
     Idle(IdleArgs),
     /// History reads: clients paging a pre-filled room's history.
     History(HistoryArgs),
+    /// Churn with sends for a long time, sampling the server's memory and
+    /// descriptors from its /metrics; fails past a drift limit.
+    Soak(SoakArgs),
 }
 
 impl Scenario {
@@ -39,6 +42,7 @@ impl Scenario {
             Scenario::Connect(a) => &a.common,
             Scenario::Idle(a) => &a.common,
             Scenario::History(a) => &a.common,
+            Scenario::Soak(a) => &a.common,
         }
     }
 
@@ -49,6 +53,7 @@ impl Scenario {
             Scenario::Connect(a) => &mut a.common,
             Scenario::Idle(a) => &mut a.common,
             Scenario::History(a) => &mut a.common,
+            Scenario::Soak(a) => &mut a.common,
         }
     }
 
@@ -59,6 +64,7 @@ impl Scenario {
             Scenario::Connect(_) => "connect",
             Scenario::Idle(_) => "idle",
             Scenario::History(_) => "history",
+            Scenario::Soak(_) => "soak",
         }
     }
 
@@ -70,6 +76,7 @@ impl Scenario {
             Scenario::Connect(a) => a.clients,
             Scenario::Idle(a) => a.clients,
             Scenario::History(a) => a.clients,
+            Scenario::Soak(a) => a.clients,
         }
     }
 }
@@ -89,6 +96,11 @@ pub struct Common {
     /// welcome, join or ack; the publisher numbers its own frames.
     #[arg(long)]
     pub raw: bool,
+    /// nats-server's WebSocket listener: the NATS protocol (CONNECT, SUB to
+    /// the room as a subject, PUB, MSG) carrying raw mode's self-numbered
+    /// frames; the publisher's echo stands in for the ack.
+    #[arg(long, conflicts_with_all = ["raw", "join_in_url"])]
+    pub nats: bool,
     /// Join a connection's first room in the upgrade URL (`?join=ROOM`),
     /// so `welcome` and `joined` come back with the 101, instead of sending
     /// a `join` frame.
@@ -165,6 +177,12 @@ impl Common {
 
     pub fn duration_us(&self) -> u64 {
         secs_to_us(self.duration)
+    }
+
+    /// A server without Switchboard's protocol: a plain broadcast server
+    /// (`--raw`) or nats-server (`--nats`).
+    pub fn foreign(&self) -> bool {
+        self.raw || self.nats
     }
 }
 
@@ -288,4 +306,42 @@ pub struct HistoryArgs {
     /// Page size.
     #[arg(long, default_value_t = 50)]
     pub limit: u32,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct SoakArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Churners, each one connection at a time: connect, join, send, leave, close.
+    #[arg(long, default_value_t = 200)]
+    pub clients: u32,
+    /// Rooms the churners pick from.
+    #[arg(long, default_value_t = 100)]
+    pub rooms: u32,
+    /// Rooms each session joins.
+    #[arg(long, default_value_t = 3)]
+    pub rooms_per_session: u32,
+    /// Keyed messages each session sends (and waits to be acked).
+    #[arg(long, default_value_t = 3)]
+    pub messages: u32,
+    /// Pause between one churner's sessions, ms.
+    #[arg(long, default_value_t = 0)]
+    pub pause_ms: u64,
+    /// The server's admin metrics, `http://HOST:PORT/metrics` (else
+    /// /proc/PID of `--server-pid`).
+    #[arg(long)]
+    pub metrics_url: Option<String>,
+    /// Bearer token for `--metrics-url`, when the admin listener wants one.
+    #[arg(long, env = "SWITCHBOARD_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Seconds between samples of the server's memory and descriptors.
+    #[arg(long, default_value_t = 1.0)]
+    pub sample_interval: f64,
+    /// Fail when the server's RSS grows by more than this (MiB) from the
+    /// first window of samples to the last.
+    #[arg(long, default_value_t = 64.0)]
+    pub max_rss_drift_mib: f64,
+    /// Fail when the server's open descriptors grow by more than this.
+    #[arg(long, default_value_t = 64)]
+    pub max_fd_drift: u64,
 }

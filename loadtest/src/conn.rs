@@ -21,6 +21,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::cli::Common;
+use crate::scan::{self, Members};
 
 /// Read buffer per connection: the generator holds many sockets.
 pub const READ_BUFFER: usize = 4 * 1024;
@@ -42,8 +43,11 @@ pub struct Connector {
     tls: Option<tokio_rustls::TlsConnector>,
     sources: Vec<IpAddr>,
     next_source: AtomicUsize,
-    /// Talking to a plain broadcast server: no welcome, no join.
+    /// Talking to a plain broadcast server or nats-server: no welcome, no
+    /// join; the publisher numbers its own frames.
     pub raw: bool,
+    /// Talking to nats-server: the NATS protocol around those frames.
+    pub nats: bool,
     /// Join the first room in the upgrade URL rather than with a frame.
     pub join_in_url: bool,
 }
@@ -81,7 +85,8 @@ impl Connector {
             tls,
             next_source: AtomicUsize::new(common.worker.map_or(0, |w| w as usize)),
             sources,
-            raw: common.raw,
+            raw: common.foreign(),
+            nats: common.nats,
             join_in_url: common.join_in_url,
         })
     }
@@ -283,87 +288,170 @@ pub struct Frame<'a> {
 }
 
 impl<'a> Frame<'a> {
+    /// One pass over the frame's top-level members (and `body`'s), taking
+    /// only the fields its type carries. This runs for every delivery, so it
+    /// allocates nothing and searches for no substring.
     pub fn parse(text: &'a str) -> Frame<'a> {
-        let kind = str_field(text, "type").unwrap_or("");
+        if let Some(f) = Frame::message_in_server_order(text) {
+            return f;
+        }
+        let mut all = Frame::default();
+        for (key, v) in Members::of(text) {
+            match key {
+                "type" => all.kind = scan::as_str(v).unwrap_or(""),
+                "room" => all.room = scan::as_str(v),
+                "seq" => all.seq = scan::as_u64(v),
+                "id" => all.id = scan::as_u64(v),
+                "body" => {
+                    for (k, b) in Members::of(v) {
+                        match k {
+                            "t" => all.stamp = scan::as_u64(b),
+                            "end" => all.end = true,
+                            _ => {}
+                        }
+                    }
+                }
+                "replay" => all.replay = scan::as_bool(v) == Some(true),
+                "recovered" => all.recovered = scan::as_bool(v),
+                "code" => all.code = scan::as_str(v),
+                "more" => all.more = scan::as_bool(v) == Some(true),
+                "epoch" => all.epoch = scan::as_str(v),
+                _ => {}
+            }
+        }
         let mut f = Frame {
-            kind,
+            kind: all.kind,
             ..Frame::default()
         };
-        match kind {
+        match all.kind {
             "message" => {
-                // The body comes last but one; look for its fields after it.
-                let (head, body) = match text.find("\"body\":") {
-                    Some(i) => text.split_at(i),
-                    None => (text, ""),
-                };
-                f.room = str_field(head, "room");
-                f.seq = u64_field(head, "seq");
-                f.stamp = u64_field(body, "t");
-                f.end = body.contains("\"end\":");
-                f.replay = text.ends_with("\"replay\":true}");
+                f.room = all.room;
+                f.seq = all.seq;
+                f.stamp = all.stamp;
+                f.end = all.end;
+                f.replay = all.replay;
             }
             "joined" => {
-                f.room = str_field(text, "room");
-                f.seq = u64_field(text, "seq");
-                f.id = u64_field(text, "id");
-                f.recovered = bool_field(text, "recovered");
-                f.epoch = str_field(text, "epoch");
+                f.room = all.room;
+                f.seq = all.seq;
+                f.id = all.id;
+                f.recovered = all.recovered;
+                f.epoch = all.epoch;
             }
             "ack" => {
-                f.room = str_field(text, "room");
-                f.seq = u64_field(text, "seq");
-                f.id = u64_field(text, "id");
+                f.room = all.room;
+                f.seq = all.seq;
+                f.id = all.id;
             }
             "error" => {
-                f.id = u64_field(text, "id");
-                f.code = str_field(text, "code");
+                f.id = all.id;
+                f.code = all.code;
             }
             "history" => {
-                f.id = u64_field(text, "id");
-                f.room = str_field(text, "room");
-                f.more = bool_field(text, "more").unwrap_or(false);
+                f.id = all.id;
+                f.room = all.room;
+                f.more = all.more;
             }
-            "typing" | "presence" => f.room = str_field(text, "room"),
-            _ => f.id = u64_field(text, "id"),
+            "typing" | "presence" => f.room = all.room,
+            _ => f.id = all.id,
         }
         f
     }
+
+    /// A `message` in the order the server writes its members (`type`,
+    /// `room`, `seq`, `from`, `ts`, `body`, `replay`; raw mode leaves out
+    /// `from` and `ts`) with a body of the generator's own (`{"t":…}` or
+    /// `{"end":…}`), read by matching that shape piece by piece. Anything
+    /// else (another order, escapes, another body) is `None`, and the
+    /// general scan reads it.
+    fn message_in_server_order(text: &'a str) -> Option<Frame<'a>> {
+        let rest = text.strip_prefix(r#"{"type":"message","room":""#)?;
+        let (room, rest) = plain_string(rest)?;
+        let (seq, rest) = digits(rest.strip_prefix(r#","seq":"#)?)?;
+        let rest = match rest.strip_prefix(r#","from":""#) {
+            Some(r) => plain_string(r)?.1,
+            None => rest,
+        };
+        let rest = match rest.strip_prefix(r#","ts":"#) {
+            Some(r) => digits(r)?.1,
+            None => rest,
+        };
+        let rest = rest.strip_prefix(r#","body":{""#)?;
+        let (stamp, end, rest) = if let Some(r) = rest.strip_prefix(r#"t":"#) {
+            let (t, r) = digits(r)?;
+            (Some(t), false, r)
+        } else {
+            (None, true, digits(rest.strip_prefix(r#"end":"#)?)?.1)
+        };
+        let replay = match rest {
+            "}}" | r#"},"replay":false}"# => false,
+            r#"},"replay":true}"# => true,
+            _ => return None,
+        };
+        Some(Frame {
+            kind: "message",
+            room: Some(room),
+            seq: Some(seq),
+            stamp,
+            end,
+            replay,
+            ..Frame::default()
+        })
+    }
 }
 
-fn value_after<'a>(text: &'a str, key: &str) -> Option<&'a str> {
-    // `"key":` with the quotes, so `t` does not match inside `"type"`.
-    let mut from = 0;
-    while let Some(i) = text[from..].find(key) {
-        let start = from + i;
-        let end = start + key.len();
-        if start > 0 && text.as_bytes()[start - 1] == b'"' && text[end..].starts_with("\":") {
-            return Some(&text[end + 2..]);
+/// A string's content up to its closing quote, when it holds no escape,
+/// and what follows the quote.
+fn plain_string(s: &str) -> Option<(&str, &str)> {
+    let q = s.find('"')?;
+    let (content, rest) = (s.get(..q)?, s.get(q + 1..)?);
+    (!content.contains('\\')).then_some((content, rest))
+}
+
+/// A non-negative integer at the start of `s`, and what follows it. Eight
+/// digits at a time where it can: every delivery carries two numbers (its
+/// seq and a 16-digit stamp).
+fn digits(s: &str) -> Option<(u64, &str)> {
+    // 19 digits always fit in a u64; a 20th is left to the general scan.
+    const MAX: usize = 19;
+    let b = s.as_bytes();
+    let mut n: u64 = 0;
+    let mut i = 0;
+    while i + 8 <= MAX
+        && let Some(chunk) = b.get(i..i + 8)
+        && let Some(v) = eight_digits(chunk)
+    {
+        n = n * 100_000_000 + v;
+        i += 8;
+    }
+    while i < MAX {
+        match b.get(i) {
+            Some(c) if c.is_ascii_digit() => n = n * 10 + u64::from(c - b'0'),
+            _ => break,
         }
-        from = end;
+        i += 1;
     }
-    None
-}
-
-fn u64_field(text: &str, key: &str) -> Option<u64> {
-    let v = value_after(text, key)?;
-    let digits = v.bytes().take_while(u8::is_ascii_digit).count();
-    v[..digits].parse().ok()
-}
-
-fn str_field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
-    let v = value_after(text, key)?.strip_prefix('"')?;
-    v.find('"').map(|end| &v[..end])
-}
-
-fn bool_field(text: &str, key: &str) -> Option<bool> {
-    let v = value_after(text, key)?;
-    if v.starts_with("true") {
-        Some(true)
-    } else if v.starts_with("false") {
-        Some(false)
-    } else {
-        None
+    if i == 0 || b.get(i).is_some_and(u8::is_ascii_digit) {
+        return None;
     }
+    Some((n, s.get(i..)?))
+}
+
+/// The value of eight ASCII digits, or `None` if any byte is not one
+/// (SWAR: the eight bytes as one little-endian word).
+fn eight_digits(chunk: &[u8]) -> Option<u64> {
+    let word = u64::from_le_bytes(chunk.try_into().ok()?);
+    let d = word.wrapping_sub(0x3030_3030_3030_3030);
+    // A byte below '0' borrows into its high bit; one above '9' carries
+    // into it when 0x76 is added.
+    if (d | d.wrapping_add(0x7676_7676_7676_7676)) & 0x8080_8080_8080_8080 != 0 {
+        return None;
+    }
+    // The first byte is the most significant digit: combine pairs, then
+    // fours, then the two halves.
+    let v = (d.wrapping_mul(10) + (d >> 8)) & 0x00FF_00FF_00FF_00FF;
+    let v = (v.wrapping_mul(100) + (v >> 16)) & 0x0000_FFFF_0000_FFFF;
+    Some((v.wrapping_mul(10_000) + (v >> 32)) & 0xFFFF_FFFF)
 }
 
 /// The `seq`s of a `history` reply's messages, in order.
@@ -432,6 +520,88 @@ mod tests {
         assert!(f.replay && !f.end);
         let end = Frame::parse(r#"{"type":"message","room":"r","seq":9,"body":{"end":1}}"#);
         assert!(end.end && end.stamp.is_none() && !end.replay);
+    }
+
+    #[test]
+    fn the_fast_path_and_the_general_scan_agree() {
+        for t in [
+            r#"{"type":"message","room":"r1","seq":42,"from":"u7","ts":1764000000123,"body":{"t":1764000000123456},"replay":true}"#,
+            r#"{"type":"message","room":"fanout","seq":7,"body":{"t":99}}"#,
+            r#"{"type":"message","room":"r","seq":9,"from":"p","ts":1,"body":{"end":1}}"#,
+            r#"{"type":"message","room":"r","seq":9,"from":"p","ts":1,"body":{"t":5},"replay":false}"#,
+        ] {
+            let fast = Frame::message_in_server_order(t);
+            assert!(fast.is_some(), "{t}");
+            assert_eq!(fast, Some(Frame::parse(&format!(" {t}"))), "{t}");
+        }
+        // The frames the server encodes take the fast path.
+        let body = serde_json::value::RawValue::from_string(r#"{"t":1764000000123456}"#.into());
+        let body = body.unwrap_or_else(|e| panic!("{e}"));
+        let mut m =
+            protocol::MessageRef::new("fanout", 42, "publisher-fanout", 1_764_000_000_123, &body);
+        for replay in [false, true] {
+            m.replay = replay;
+            let text = m.to_json();
+            let f = Frame::message_in_server_order(&text);
+            assert_eq!(
+                f.map(|f| (f.seq, f.stamp, f.replay)),
+                Some((Some(42), Some(1_764_000_000_123_456), replay)),
+                "{text}"
+            );
+        }
+        // Other shapes fall through to the general scan, which reads them.
+        for t in [
+            r#"{"type":"message","room":"a\"b","seq":1,"body":{"t":2}}"#,
+            r#"{"type":"message","seq":1,"room":"a","body":{"t":2}}"#,
+            r#"{"type":"message","room":"a","seq":1,"from":"x\"","body":{"t":2}}"#,
+            r#"{"type":"message","room":"a","seq":1,"body":{"text":"hi","t":2}}"#,
+            r#"{"type":"message","room":"a","seq":1,"body":{"t":2},"replay":true,"x":1}"#,
+        ] {
+            assert_eq!(Frame::message_in_server_order(t), None, "{t}");
+            let f = Frame::parse(t);
+            assert_eq!(
+                (f.kind, f.seq, f.stamp),
+                ("message", Some(1), Some(2)),
+                "{t}"
+            );
+        }
+    }
+
+    #[test]
+    fn reads_numbers_as_the_standard_parser_does() {
+        let mut cases: Vec<String> = vec![
+            "0".into(),
+            "7".into(),
+            "12345678".into(),
+            "123456789".into(),
+            "1764000000123456".into(),
+            "9999999999999999999".into(),
+            "10000000000000000000".into(),
+            "18446744073709551615".into(),
+            "".into(),
+            "x1".into(),
+            "12/45678".into(),
+            "1234567:".into(),
+            "12345678,\"x\"".into(),
+            "00000000012".into(),
+        ];
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..2000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let len = (x % 20) as u32;
+            cases.push(format!("{}}}", x % 10u64.pow(len.max(1))));
+        }
+        for c in &cases {
+            let n = c.bytes().take_while(u8::is_ascii_digit).count();
+            let expected = if n == 0 || n > 19 {
+                None
+            } else {
+                c[..n].parse::<u64>().ok().map(|v| (v, &c[n..]))
+            };
+            assert_eq!(digits(c), expected, "{c}");
+        }
     }
 
     #[test]

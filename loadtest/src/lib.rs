@@ -9,8 +9,10 @@
 pub mod cli;
 pub mod conn;
 pub mod metrics;
+pub mod nats;
 pub mod plot;
 pub mod report;
+pub mod scan;
 pub mod scenario;
 mod workers;
 
@@ -21,7 +23,9 @@ use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio::task::JoinHandle;
 
-pub use cli::{ChatArgs, Cli, Common, ConnectArgs, FanoutArgs, HistoryArgs, IdleArgs, Scenario};
+pub use cli::{
+    ChatArgs, Cli, Common, ConnectArgs, FanoutArgs, HistoryArgs, IdleArgs, Scenario, SoakArgs,
+};
 pub use report::Report;
 
 use conn::{instant_at, now_us};
@@ -32,6 +36,9 @@ use report::{Collected, ServerUsage, cpu_seconds, rss_bytes};
 /// its report. Writes the SVG plot when `--plot` is given.
 pub async fn run(scenario: &Scenario) -> anyhow::Result<Report> {
     let common = scenario.common();
+    if matches!(scenario, Scenario::Soak(_)) && common.workers > 1 {
+        anyhow::bail!("soak runs in one process: no --workers");
+    }
     let report = if common.workers > 1 && common.worker.is_none() {
         workers::run_parent(scenario).await?
     } else {

@@ -2,8 +2,8 @@
 //! library (`loadtest`) for the scenarios and `loadtest/README.md` for use.
 //!
 //! Exit status: 0 when the run passed; 1 when messages were lost or
-//! duplicated, no connection was made, or `--slo-p99-ms` was missed; 2 when
-//! the run itself failed.
+//! duplicated, no connection was made, `--slo-p99-ms` was missed or a
+//! `soak` drifted past its limit; 2 when the run itself failed.
 
 use clap::Parser;
 use loadtest::{Cli, collect};

@@ -52,9 +52,17 @@ impl Clock {
     }
 }
 
-/// A latency recorder: shards of (since-last-tick, measured total).
+/// A latency recorder: sharded, each value recorded once. A shard holds
+/// what came since the last tick, measured and not apart, and the measured
+/// total of the ticks before; a tick folds the measured part into the total.
 pub struct Recorder {
-    shards: Vec<Mutex<(Histogram<u64>, Histogram<u64>)>>,
+    shards: Vec<Mutex<Shard>>,
+}
+
+struct Shard {
+    measured: Histogram<u64>,
+    unmeasured: Histogram<u64>,
+    total: Histogram<u64>,
 }
 
 const SHARDS: usize = 32;
@@ -63,18 +71,33 @@ impl Recorder {
     pub fn new() -> Recorder {
         Recorder {
             shards: (0..SHARDS)
-                .map(|_| Mutex::new((new_histogram(), new_histogram())))
+                .map(|_| {
+                    Mutex::new(Shard {
+                        measured: new_histogram(),
+                        unmeasured: new_histogram(),
+                        total: new_histogram(),
+                    })
+                })
                 .collect(),
         }
     }
 
-    /// Records `us` into shard `who % SHARDS`; into the total only when `measured`.
+    /// Records `us` into shard `who % SHARDS`; it counts in the total only
+    /// when `measured`.
     pub fn record(&self, who: usize, us: u64, measured: bool) {
-        let v = us.clamp(1, HIST_MAX_US);
+        self.record_many(who, std::iter::once((us, measured)));
+    }
+
+    /// Records `(us, measured)` pairs into shard `who % SHARDS` under one lock.
+    pub fn record_many(&self, who: usize, values: impl Iterator<Item = (u64, bool)>) {
         let mut g = lock(&self.shards[who % SHARDS]);
-        g.0.saturating_record(v);
-        if measured {
-            g.1.saturating_record(v);
+        for (us, measured) in values {
+            let v = us.clamp(1, HIST_MAX_US);
+            if measured {
+                g.measured.saturating_record(v);
+            } else {
+                g.unmeasured.saturating_record(v);
+            }
         }
     }
 
@@ -83,16 +106,23 @@ impl Recorder {
         let mut out = new_histogram();
         for s in &self.shards {
             let mut g = lock(s);
-            let _ = out.add(&g.0);
-            g.0.reset();
+            let g = &mut *g;
+            let _ = out.add(&g.measured);
+            let _ = out.add(&g.unmeasured);
+            let _ = g.total.add(&g.measured);
+            g.measured.reset();
+            g.unmeasured.reset();
         }
         out
     }
 
+    /// Every measured value so far.
     pub fn total(&self) -> Histogram<u64> {
         let mut out = new_histogram();
         for s in &self.shards {
-            let _ = out.add(&lock(s).1);
+            let g = lock(s);
+            let _ = out.add(&g.total);
+            let _ = out.add(&g.measured);
         }
         out
     }
@@ -176,6 +206,8 @@ pub struct Metrics {
     timeline: Mutex<BTreeMap<i64, Interval>>,
     /// Counters at the last tick, and its second.
     last_tick: Mutex<(u64, u64, u64, Option<i64>)>,
+    /// What a `soak` sampled and concluded.
+    pub soak: Mutex<Option<crate::scenario::soak::SoakSummary>>,
 }
 
 impl Metrics {
@@ -196,6 +228,7 @@ impl Metrics {
             published: Mutex::new(BTreeMap::new()),
             timeline: Mutex::new(BTreeMap::new()),
             last_tick: Mutex::new((0, 0, 0, None)),
+            soak: Mutex::new(None),
         }
     }
 
@@ -289,6 +322,29 @@ impl Metrics {
         self.delivered_to(&self.delivery, who, stamp);
     }
 
+    /// Messages read together at Unix time `now` (µs): `stamps` are their
+    /// publishers' stamps, `unstamped` those without one. Counts as
+    /// [`Metrics::delivered`] does for each, with one lock and two atomic
+    /// adds for the whole batch.
+    pub fn delivered_batch(&self, who: usize, stamps: &[u64], unstamped: u64, now: u64) {
+        add(&self.c.delivered_all, stamps.len() as u64 + unstamped);
+        if stamps.is_empty() {
+            return;
+        }
+        let from = self.measure_from.load(Ordering::Relaxed);
+        let stop = self.stop.load(Ordering::Relaxed);
+        let mut measured = 0;
+        self.delivery.record_many(
+            who,
+            stamps.iter().map(|&t| {
+                let m = t >= from && t < stop;
+                measured += u64::from(m);
+                (now.saturating_sub(t), m)
+            }),
+        );
+        add(&self.c.delivered, measured);
+    }
+
     /// The same, at a deliberately slow reader: its latency is kept apart.
     pub fn delivered_slow(&self, who: usize, stamp: Option<u64>) {
         self.delivered_to(&self.delivery_slow, who, stamp);
@@ -377,5 +433,31 @@ pub fn short_error(e: &anyhow::Error) -> String {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_counts_and_times_each_delivery_by_its_stamp() {
+        let m = Metrics::new();
+        // Measured from 1_000 to 2_000 µs.
+        m.set_clock(Clock::new(0, 1_000, 1_000));
+        m.delivered_batch(3, &[900, 1_000, 1_500, 1_999, 2_000], 2, 2_500);
+        assert_eq!(get(&m.c.delivered_all), 7);
+        assert_eq!(get(&m.c.delivered), 3);
+        let total = m.delivery.total();
+        assert_eq!(total.len(), 3);
+        assert_eq!((total.min(), total.max()), (501, 1_500));
+        // Every stamped delivery is in the interval histogram.
+        assert_eq!(m.delivery.take_interval().len(), 5);
+        // A tick empties the interval, not the total.
+        assert_eq!(m.delivery.take_interval().len(), 0);
+        m.delivered_batch(4, &[1_200], 0, 2_500);
+        assert_eq!(m.delivery.total().len(), 4);
+        assert_eq!(m.delivery.take_interval().len(), 1);
+        assert_eq!(m.delivery.total().len(), 4);
     }
 }

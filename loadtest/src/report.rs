@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cli::Common;
 use crate::metrics::{Interval, Metrics, get, new_histogram};
+use crate::scenario::soak::{Drift, MIB, SoakSummary};
 
 /// Counts over the run. `sent`, `delivered` and `acked` count the measured
 /// window only; loss, duplicates and connections count the whole run.
@@ -69,6 +70,8 @@ pub struct Collected {
     pub closes: BTreeMap<String, u64>,
     pub loadgen_cpu_seconds: f64,
     pub extra: BTreeMap<String, f64>,
+    /// A soak's samples and judgement (one process only).
+    pub soak: Option<SoakSummary>,
 }
 
 impl Collected {
@@ -114,6 +117,7 @@ impl Collected {
             closes: m.closes(),
             loadgen_cpu_seconds,
             extra: BTreeMap::new(),
+            soak: crate::metrics::lock(&m.soak).clone(),
         }
     }
 
@@ -146,6 +150,9 @@ impl Collected {
             *self.extra.entry(k).or_default() += v;
         }
         self.loadgen_cpu_seconds += o.loadgen_cpu_seconds;
+        if self.soak.is_none() {
+            self.soak = o.soak;
+        }
     }
 
     /// One line of JSON; histograms as hex of hdrhistogram's V2 encoding.
@@ -204,6 +211,7 @@ impl Collected {
             closes: w.closes,
             loadgen_cpu_seconds: w.loadgen_cpu_seconds,
             extra: w.extra,
+            soak: None,
         })
     }
 }
@@ -239,6 +247,21 @@ fn decode(hex: &str) -> anyhow::Result<Histogram<u64>> {
     Deserializer::new()
         .deserialize(&mut bytes.as_slice())
         .map_err(|e| anyhow::anyhow!("deserializing a histogram: {e:?}"))
+}
+
+/// Above this share of its cores the generator is likely the bottleneck.
+pub const LOADGEN_BUSY: f64 = 0.9;
+
+/// The CPUs this process may run on (its affinity), at most one per
+/// runtime thread; with worker processes, at most one per worker.
+fn loadgen_cores(common: &Common) -> f64 {
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    let threads = if common.workers > 1 {
+        common.workers as usize
+    } else {
+        common.threads.unwrap_or(cpus)
+    };
+    cpus.min(threads).max(1) as f64
 }
 
 /// Percentiles in milliseconds.
@@ -322,7 +345,20 @@ pub struct Report {
     pub server: Option<ServerUsage>,
     /// The generator's CPU seconds over the measured window, all processes.
     pub loadgen_cpu_seconds: f64,
+    /// CPUs the generator could use: the CPUs its affinity allows, at most
+    /// one per runtime thread.
+    #[serde(default)]
+    pub loadgen_cores: f64,
+    /// Measured deliveries per generator CPU-second.
+    #[serde(default)]
+    pub loadgen_deliveries_per_cpu_second: Option<f64>,
+    /// Things that make the figures doubtful without failing the run.
+    #[serde(default)]
+    pub warnings: Vec<String>,
     pub extra: BTreeMap<String, f64>,
+    /// `soak`: the server's memory and descriptors over the run, and their drift.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub soak: Option<SoakSummary>,
     pub timeline: Vec<Sample>,
     pub failures: Vec<String>,
 }
@@ -358,7 +394,14 @@ impl Report {
         }
         let mut r = Report {
             scenario: scenario.to_owned(),
-            target: if common.raw { "raw" } else { "switchboard" }.to_owned(),
+            target: if common.nats {
+                "nats"
+            } else if common.raw {
+                "raw"
+            } else {
+                "switchboard"
+            }
+            .to_owned(),
             url: common.url.clone(),
             clients,
             processes: common.workers.max(1),
@@ -380,7 +423,13 @@ impl Report {
             close_codes: c.closes.clone(),
             server,
             loadgen_cpu_seconds: c.loadgen_cpu_seconds,
+            loadgen_cores: loadgen_cores(common),
+            loadgen_deliveries_per_cpu_second: (c.loadgen_cpu_seconds > 0.0
+                && c.counts.delivered > 0)
+                .then(|| c.counts.delivered as f64 / c.loadgen_cpu_seconds),
+            warnings: Vec::new(),
             extra: c.extra.clone(),
+            soak: c.soak.clone(),
             timeline: c
                 .timeline
                 .iter()
@@ -402,7 +451,26 @@ impl Report {
             failures: Vec::new(),
         };
         r.judge(common.slo_p99_ms);
+        r.warn();
         r
+    }
+
+    /// The generator's share of the cores it could use over the measured
+    /// window (1.0 = all of them).
+    pub fn loadgen_share(&self) -> f64 {
+        self.loadgen_cpu_seconds / (self.measured_seconds * self.loadgen_cores).max(1e-9)
+    }
+
+    fn warn(&mut self) {
+        let share = self.loadgen_share();
+        if self.measured_seconds > 0.0 && share > LOADGEN_BUSY {
+            self.warnings.push(format!(
+                "the load generator used {:.0}% of its {} core{}: the figures may be the generator's limit, not the server's",
+                100.0 * share,
+                self.loadgen_cores,
+                if self.loadgen_cores == 1.0 { "" } else { "s" }
+            ));
+        }
     }
 
     /// The latency the SLO applies to, by scenario.
@@ -426,6 +494,9 @@ impl Report {
         }
         if c.connections_established == 0 {
             self.failures.push("no connection was established".into());
+        }
+        if let Some(s) = &self.soak {
+            self.failures.extend(s.failures.iter().cloned());
         }
         if let Some(slo) = slo_p99_ms {
             match self.main_latency() {
@@ -521,37 +592,52 @@ impl Report {
                 );
             }
         }
-        if let Some(s) = &self.server {
-            let _ = write!(
-                o,
-                "  server pid {}: {:.2} CPU-s ({:.0}% of a core)",
-                s.pid,
-                s.cpu_seconds,
-                100.0 * s.cpu_seconds / self.measured_seconds.max(1e-9)
-            );
-            if let Some(d) = s.deliveries_per_cpu_second {
-                let _ = write!(o, ", {d:.0} deliveries per CPU-second");
-            }
-            let _ = writeln!(o);
-            if let (Some(a), Some(b)) = (s.rss_before_bytes, s.rss_after_bytes) {
-                let _ = write!(o, "  server RSS {} -> {}", mib(a), mib(b));
-                if let Some(per) = s.bytes_per_connection {
-                    let _ = write!(
-                        o,
-                        " = {:.0} bytes ({:.2} KiB) per connection",
-                        per,
-                        per / 1024.0
-                    );
+        // The server's CPU and the generator's side by side: a generator
+        // at its limit makes the server's figures its own.
+        match &self.server {
+            Some(s) => {
+                let _ = write!(
+                    o,
+                    "  server pid {}:     {:.2} CPU-s ({:.0}% of a core)",
+                    s.pid,
+                    s.cpu_seconds,
+                    100.0 * s.cpu_seconds / self.measured_seconds.max(1e-9)
+                );
+                if let Some(d) = s.deliveries_per_cpu_second {
+                    let _ = write!(o, ", {d:.0} deliveries per CPU-second");
                 }
                 let _ = writeln!(o);
             }
+            None => {
+                let _ = writeln!(o, "  server CPU: not measured (give --server-pid)");
+            }
         }
-        let _ = writeln!(
+        let _ = write!(
             o,
-            "  load generator: {:.2} CPU-s ({:.0}% of a core)",
+            "  load generator: {:.2} CPU-s ({:.0}% of its {} core{})",
             self.loadgen_cpu_seconds,
-            100.0 * self.loadgen_cpu_seconds / self.measured_seconds.max(1e-9)
+            100.0 * self.loadgen_share(),
+            self.loadgen_cores,
+            if self.loadgen_cores == 1.0 { "" } else { "s" }
         );
+        if let Some(d) = self.loadgen_deliveries_per_cpu_second {
+            let _ = write!(o, ", {d:.0} deliveries per CPU-second");
+        }
+        let _ = writeln!(o);
+        if let Some(s) = &self.server
+            && let (Some(a), Some(b)) = (s.rss_before_bytes, s.rss_after_bytes)
+        {
+            let _ = write!(o, "  server RSS {} -> {}", mib(a), mib(b));
+            if let Some(per) = s.bytes_per_connection {
+                let _ = write!(
+                    o,
+                    " = {:.0} bytes ({:.2} KiB) per connection",
+                    per,
+                    per / 1024.0
+                );
+            }
+            let _ = writeln!(o);
+        }
         for (k, v) in &self.extra {
             let _ = writeln!(o, "  {k:<36} {v:>14.1}");
         }
@@ -561,6 +647,12 @@ impl Report {
         for (k, n) in &self.close_codes {
             let _ = writeln!(o, "  close code {k}: {n}");
         }
+        if let Some(s) = &self.soak {
+            soak_table(&mut o, s);
+        }
+        for w in &self.warnings {
+            let _ = writeln!(o, "WARNING: {w}");
+        }
         if self.failures.is_empty() {
             let _ = writeln!(o, "result: PASS");
         } else {
@@ -569,6 +661,60 @@ impl Report {
             }
         }
         o
+    }
+}
+
+fn soak_table(o: &mut String, s: &SoakSummary) {
+    let measured: Vec<_> = s.samples.iter().filter(|x| x.t >= 0.0).collect();
+    let stored = s.samples.last().map_or(0, |x| x.stored);
+    // Stored between the first and last measured sample: what the drift
+    // is divided by.
+    let stored_measured = match (measured.first(), measured.last()) {
+        (Some(a), Some(b)) => b.stored.saturating_sub(a.stored),
+        _ => 0,
+    };
+    let _ = writeln!(
+        o,
+        "  soak: {} sessions ({} failed), {} messages stored; {} samples ({} measured) from {}",
+        s.cycles,
+        s.failed_cycles,
+        stored,
+        s.samples.len(),
+        measured.len(),
+        s.source
+    );
+    if let Some(cpu) = s.server_cpu_seconds {
+        let _ = writeln!(o, "  server CPU over the samples: {cpu:.2} CPU-s");
+    }
+    let line = |o: &mut String, name: &str, d: &Option<Drift>, scale: f64, unit: &str| {
+        if let Some(d) = d {
+            let _ = writeln!(
+                o,
+                "  {name:<12} first {:.1}{unit}  middle {:.1}{unit}  last {:.1}{unit}  drift {:+.1}{unit} ({:+.1}{unit} in the second half): {}",
+                d.first / scale,
+                d.middle / scale,
+                d.last / scale,
+                d.drift / scale,
+                d.second_half / scale,
+                if d.plateaued {
+                    "levels off"
+                } else {
+                    "still growing"
+                }
+            );
+        }
+    };
+    line(o, "server RSS", &s.rss, MIB, " MiB");
+    line(o, "server fds", &s.fds, 1.0, "");
+    if stored_measured > 0
+        && let Some(d) = &s.rss
+    {
+        let _ = writeln!(
+            o,
+            "  RSS drift per message stored while measuring: {:.0} bytes ({} messages)",
+            d.drift / stored_measured as f64,
+            stored_measured
+        );
     }
 }
 
@@ -606,6 +752,34 @@ mod tests {
         let me = std::process::id();
         assert!(rss_bytes(me).is_some_and(|b| b > 0));
         assert!(cpu_seconds(me).is_some());
+    }
+
+    fn report_with(cpu: f64, cores: f64) -> Report {
+        let mut r = Report {
+            measured_seconds: 10.0,
+            loadgen_cpu_seconds: cpu,
+            loadgen_cores: cores,
+            ..Report::default()
+        };
+        r.warn();
+        r
+    }
+
+    #[test]
+    fn warns_when_the_generator_is_near_its_cores() {
+        let busy = report_with(9.5, 1.0);
+        assert_eq!(busy.warnings.len(), 1, "{:?}", busy.warnings);
+        assert!(
+            busy.to_table()
+                .contains("WARNING: the load generator used 95% of its 1 core")
+        );
+        assert!(
+            busy.to_table()
+                .contains("load generator: 9.50 CPU-s (95% of its 1 core)")
+        );
+        assert!(report_with(9.5, 2.0).warnings.is_empty());
+        assert!(report_with(18.5, 2.0).warnings.len() == 1);
+        assert!(report_with(8.9, 1.0).warnings.is_empty());
     }
 
     #[test]

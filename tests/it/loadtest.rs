@@ -260,3 +260,99 @@ async fn history_pages_are_ordered_and_timed() {
     assert!(r.latency_ms.get("history").is_some_and(|p| p.count > 0));
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soak_samples_the_servers_memory_from_metrics_and_judges_its_drift() {
+    let s = server().await;
+    let url = plain_url(&s);
+    let metrics = format!("http://{}/metrics", s.admin_addr.expect("admin listener"));
+    let soak = |limit_mib: &'static str| {
+        let (url, metrics) = (url.clone(), metrics.clone());
+        async move {
+            run(&[
+                "soak",
+                "--url",
+                &url,
+                "--metrics-url",
+                &metrics,
+                "--clients",
+                "12",
+                "--rooms",
+                "6",
+                "--warmup",
+                "0.3",
+                "--duration",
+                "2",
+                "--sample-interval",
+                "0.1",
+                &format!("--max-rss-drift-mib={limit_mib}"),
+            ])
+            .await
+        }
+    };
+    let r = soak("256").await;
+    assert_clean(&r);
+    assert!(r.errors.is_empty(), "{}", r.to_table());
+    let summary = r.soak.as_ref().expect("a soak summary");
+    assert_eq!(summary.source, metrics);
+    let measured: Vec<_> = summary.samples.iter().filter(|x| x.t >= 0.0).collect();
+    assert!(measured.len() >= 10, "{}", r.to_table());
+    // The server runs in this process: its figures are ours.
+    assert!(
+        measured
+            .iter()
+            .all(|x| x.rss_bytes > 1 << 20 && x.open_fds > 3 && x.cpu_seconds.is_some()),
+        "{:?}",
+        summary.samples
+    );
+    assert!(summary.rss.is_some() && summary.fds.is_some());
+    // Sessions churned and their keyed messages were stored and acked.
+    assert!(
+        summary.cycles > 12 && summary.failed_cycles == 0,
+        "{}",
+        r.to_table()
+    );
+    assert!(measured.last().is_some_and(|x| x.stored > 36));
+    assert!(
+        r.counts.acked > 0 && r.counts.acked == r.counts.sent,
+        "{}",
+        r.to_table()
+    );
+    assert!(r.counts.joins > 0 && r.counts.leaves == r.counts.joins);
+    let table = r.to_table();
+    assert!(
+        table.contains("server RSS") && table.contains("server fds"),
+        "{table}"
+    );
+    // A limit below any possible drift fails the run, with the reason.
+    let strict = soak("-100000").await;
+    assert!(!strict.passed(), "{}", strict.to_table());
+    assert!(
+        strict.failures.iter().any(|f| f.contains("RSS drifted")),
+        "{:?}",
+        strict.failures
+    );
+    // Without a metrics URL, a local server's /proc/PID is read instead.
+    let pid = std::process::id().to_string();
+    let local = run(&[
+        "soak",
+        "--url",
+        &url,
+        "--server-pid",
+        &pid,
+        "--clients",
+        "4",
+        "--warmup",
+        "0.1",
+        "--duration",
+        "1",
+        "--sample-interval",
+        "0.1",
+    ])
+    .await;
+    assert_clean(&local);
+    let summary = local.soak.as_ref().expect("a soak summary");
+    assert_eq!(summary.source, format!("/proc/{pid}"));
+    assert!(summary.samples.len() >= 5 && summary.samples.iter().all(|x| x.rss_bytes > 0));
+    s.stop().await;
+}

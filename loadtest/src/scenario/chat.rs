@@ -84,7 +84,7 @@ fn exp_gap(rng: &mut impl Rng, rate: f64) -> Duration {
 }
 
 pub async fn run(a: &ChatArgs, m: Arc<Metrics>) -> anyhow::Result<()> {
-    if a.common.raw {
+    if a.common.foreign() {
         bail!("chat needs a Switchboard server, not --raw");
     }
     let conn = Arc::new(Connector::new(&a.common)?);

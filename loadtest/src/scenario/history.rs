@@ -19,7 +19,7 @@ use crate::conn::{Connector, Frame, STEP_TIMEOUT, Ws, history_seqs, instant_at, 
 use crate::metrics::{Metrics, add};
 
 pub async fn run(a: &HistoryArgs, m: Arc<Metrics>) -> anyhow::Result<()> {
-    if a.common.raw {
+    if a.common.foreign() {
         bail!("history needs a Switchboard server, not --raw");
     }
     let conn = Arc::new(Connector::new(&a.common)?);

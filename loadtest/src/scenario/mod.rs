@@ -6,6 +6,7 @@ pub mod connect;
 pub mod fanout;
 pub mod history;
 pub mod idle;
+pub mod soak;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -30,6 +31,7 @@ pub async fn run(s: &Scenario, m: Arc<Metrics>) -> anyhow::Result<()> {
         Scenario::Connect(a) => connect::run(a, m).await,
         Scenario::Idle(a) => idle::run(a, m).await,
         Scenario::History(a) => history::run(a, m).await,
+        Scenario::Soak(a) => soak::run(a, m).await,
     }
 }
 
@@ -48,7 +50,9 @@ pub async fn open(
         let in_url = room.filter(|_| conn.join_in_url);
         let mut ws = conn.connect_joining(user, in_url).await?;
         let mut seq = 0;
-        if !conn.raw {
+        if conn.nats {
+            crate::nats::handshake(&mut ws, user, room).await?;
+        } else if !conn.raw {
             // The join goes out at once, not after `welcome`: the server
             // reads requests only once it has sent `welcome` (PROTOCOL.md
             // §2), and a reconnecting client saves a round trip. Joined in
