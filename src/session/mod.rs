@@ -18,10 +18,6 @@
 //! - Nothing from the peer is trusted: decode errors become `error` frames
 //!   and socket errors a typed [`CloseReason`]; nothing panics.
 
-mod close;
-mod outbox;
-mod wire;
-
 use rustc_hash::FxHashMap;
 use std::collections::VecDeque;
 use std::future::Future;
@@ -45,16 +41,16 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-pub use close::CloseReason;
-pub use outbox::{
-    Delivery, Encoded, Outbox, OutboxReceiver, Outgoing, QueueBounds, bounded_outbox, outbox,
+pub use crate::close::CloseReason;
+pub use crate::delivery::{
+    Delivery, Encoded, Outbox, OutboxReceiver, Outgoing, QueueBounds, WireFrame, bounded_outbox,
+    outbox,
 };
-pub use wire::WireFrame;
 
 use crate::auth::{Access, AuthError, Principal};
 use crate::hub::{Member, SessionEntry, SessionId, SessionStats};
 use crate::limits::{Action, SessionLimits, Slots};
-use crate::server::ServerState;
+use crate::state::ServerState;
 use crate::store::{Append, AppendError, Appended, StoredMessage};
 
 /// Who the session is, as established by the handshake.
@@ -149,7 +145,7 @@ pub struct Session<S> {
     unflushed: bool,
     /// Room traffic on its way into the socket, written around tungstenite
     /// (see [`wire`]); kept between batches so that it allocates once.
-    unsent: wire::Unsent,
+    unsent: crate::delivery::wire::Unsent,
     /// Held for the session's life: dropping the session frees its slots.
     _slots: Slots,
 }
@@ -195,7 +191,7 @@ where
             token_changed: false,
             close_detail: None,
             unflushed: false,
-            unsent: wire::Unsent::default(),
+            unsent: crate::delivery::wire::Unsent::default(),
             _slots: slots,
         }
     }
@@ -345,7 +341,7 @@ where
         state.hub.unregister_session(self.id);
         if let Some(code) = reason.code() {
             let text = match self.close_detail.take() {
-                Some(detail) => crate::gateway::close_reason_text(code.name, &detail),
+                Some(detail) => crate::close::close_reason_text(code.name, &detail),
                 None => code.name.to_owned(),
             };
             let frame = CloseFrame {
@@ -1302,7 +1298,10 @@ where
 }
 
 /// Writes `unsent` into the stream under `ws` and flushes it (TLS buffers).
-async fn write_raw<S>(ws: &mut WebSocketStream<S>, unsent: &mut wire::Unsent) -> std::io::Result<()>
+async fn write_raw<S>(
+    ws: &mut WebSocketStream<S>,
+    unsent: &mut crate::delivery::wire::Unsent,
+) -> std::io::Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {

@@ -7,6 +7,7 @@
 
 use redb::{ReadableTable, TableDefinition};
 
+pub use super::error::RecordError;
 use super::error::WriteError;
 
 /// Store-wide metadata, such as the epoch.
@@ -99,25 +100,6 @@ pub struct Record<'a> {
     pub from: &'a str,
     /// `None` when the message was erased.
     pub body: Option<&'a str>,
-}
-
-/// Why a record could not be decoded.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum RecordError {
-    #[error("record is truncated")]
-    Truncated,
-    #[error("record has unknown version {0}")]
-    Version(u8),
-    #[error("record holds invalid UTF-8")]
-    Utf8,
-    #[error("sender name is longer than a record can hold")]
-    FromTooLong,
-    #[error("room name is longer than a log entry can hold")]
-    RoomTooLong,
-    #[error("chunk holds more records than its key's seq allows")]
-    ChunkCount,
-    #[error("a logged body is not JSON")]
-    Json,
 }
 
 impl<'a> Record<'a> {

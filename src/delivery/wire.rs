@@ -21,7 +21,42 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use tokio::io::AsyncWrite;
 
-use super::outbox::Delivery;
+use std::time::Instant;
+
+/// The new messages of one room from one commit, each encoded once, shared
+/// by every recipient: one push per member per commit, however many
+/// messages the commit holds for the room.
+#[derive(Debug)]
+pub struct Delivery {
+    pub room: Arc<str>,
+    /// In strictly increasing seq order.
+    pub messages: Vec<Encoded>,
+    /// The messages' framed length in all.
+    pub bytes: usize,
+    /// When the hub encoded them, right after their commit: the start of the
+    /// fan-out latency each subscriber's session observes when writing them.
+    pub created: Instant,
+}
+
+/// One durable message as it goes on the wire.
+#[derive(Debug)]
+pub struct Encoded {
+    pub seq: u64,
+    pub frame: WireFrame,
+}
+
+impl Delivery {
+    /// A delivery of `messages`, encoded now.
+    pub fn new(room: Arc<str>, messages: Vec<Encoded>) -> Delivery {
+        let bytes = messages.iter().map(|m| m.frame.len()).sum();
+        Delivery {
+            room,
+            messages,
+            bytes,
+            created: Instant::now(),
+        }
+    }
+}
 
 /// The FIN bit and the text opcode: a whole, unfragmented text frame.
 const FIN_TEXT: u8 = 0x81;
@@ -325,7 +360,6 @@ impl Unsent {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
-    use crate::session::outbox::Encoded;
     use tokio_tungstenite::tungstenite::protocol::{Role, WebSocket};
     use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
