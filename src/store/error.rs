@@ -39,6 +39,17 @@ pub enum OpenError {
     },
     #[error("cannot initialise the database tables")]
     Init(#[source] WriteError),
+    #[error(
+        "the database {path} has store format version {found}, newer than this binary's \
+         {known}: open it with the switchboard that wrote it, or a newer one"
+    )]
+    NewerFormat {
+        path: PathBuf,
+        found: u32,
+        known: u32,
+    },
+    #[error("the database {path} has an unknown store format version {found:?}")]
+    UnknownFormat { path: PathBuf, found: String },
     #[error("cannot prepare the database (restored backup or rewrite)")]
     Prepare(#[source] BackupError),
     #[error("cannot start the writer thread")]

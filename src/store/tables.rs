@@ -4,6 +4,8 @@
 //! value types, and the byte encoding of a stored message. Store records are
 //! deliberately separate from wire types: the protocol may change without a
 //! migration of the file, and the file never holds a serde format.
+//! `docs/store-format.md` describes every table and encoding; a change to
+//! either is a new format version (`schema.rs`).
 
 use redb::{ReadableTable, TableDefinition};
 
@@ -45,8 +47,9 @@ pub const KEYS: TableDefinition<(&str, &str, &str), (u64, u64, u64)> =
 pub const KEY_EXPIRY: TableDefinition<(u64, &str, &str, &str), ()> =
     TableDefinition::new("idempotency_expiry");
 /// The sender index of files written before [`ROOMS_BY_USER`]: one entry
-/// per message, (user, room, seq). Opening such a file moves its pairs
-/// into [`ROOMS_BY_USER`] and deletes it; nothing else reads it.
+/// per message, (user, room, seq): format version 1, which the migration
+/// to version 2 (`schema.rs`) moves into [`ROOMS_BY_USER`] and deletes;
+/// nothing else reads it.
 pub const OLD_BY_USER: TableDefinition<(&str, &str, u64), ()> = TableDefinition::new("by_user");
 
 /// The rooms each user has sent to: (user, room), for export and erasure,
