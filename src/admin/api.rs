@@ -24,8 +24,8 @@ use super::audit::AuditEntry;
 use super::auth::Caller;
 use super::error::ApiError;
 use super::{AdminState, health, now_ms, rfc3339};
+use crate::close::CloseReason;
 use crate::hub::SessionInfo;
-use crate::session::CloseReason;
 use crate::store::{Append, StoreClosed};
 
 /// The user that system messages come from.

@@ -1,7 +1,8 @@
 //! A session's bounded outbound queue and its slow-consumer policy.
 //!
 //! The hub pushes into an [`Outbox`] from any thread without awaiting:
-//! every push is a `try_send` plus one atomic add. Durable messages and
+//! every push is a few atomic adds (the bounds), a lock-free queue push and
+//! a wake. Durable messages and
 //! ephemeral events (typing, presence) share one queue, in arrival order,
 //! with room for `max_frames` messages plus `max_events` events; events are
 //! counted, and may never take more than their share, so they can never

@@ -2,10 +2,11 @@
 //!
 //! A server-to-client frame is never masked, so its bytes are the same for
 //! every recipient: the hub frames each message and event once, and every
-//! session writes those shared bytes with vectored writes, bypassing
-//! tungstenite's per-frame framing and copy. Nothing here is copied,
-//! allocated or reference-counted per frame per recipient: a session queues
-//! whole deliveries and walks their frames in place.
+//! session writes those shared bytes itself, bypassing tungstenite's
+//! per-frame framing. A session queues whole deliveries, walks their frames
+//! in place and copies them end to end into its worker thread's scratch
+//! buffer for one write call (see `SCRATCH`); nothing is allocated or
+//! reference-counted per frame per recipient.
 //!
 //! Invariant: bytes of a frame are either all written or the session closes;
 //! when a write is cut off mid-frame, [`Unsent::keep_partial`] keeps exactly

@@ -17,6 +17,12 @@
 //!   history.
 //! - Nothing from the peer is trusted: decode errors become `error` frames
 //!   and socket errors a typed [`CloseReason`]; nothing panics.
+//! - An idle session's future holds only what every request needs. A path
+//!   that runs rarely (welcome, join, history, presence, refresh, waiting
+//!   for acks, an error reply, the close) is a boxed future, on the heap only
+//!   while it runs; inline, its state would add to every session's size.
+//!   Each box is made in a statement of its own: a temporary in the awaiting
+//!   statement keeps its storage in the caller's state.
 
 use rustc_hash::FxHashMap;
 use std::collections::VecDeque;
@@ -233,13 +239,12 @@ where
             },
         );
         // The welcome lives in its own future, dropped before the main loop
-        // starts, so that its state does not add to the session's size.
+        // starts (a cold path: see the module doc).
         let reason = match self.send_welcome(joins).await {
             Ok(()) => self.main_loop().await,
             Err(reason) => reason,
         };
-        // Boxed: the closing states are needed once, so they live on the
-        // heap only while the session closes instead of in every session.
+        // Boxed: a cold path (see the module doc).
         let finishing = Box::pin(self.finish(reason));
         finishing.await;
         reason
@@ -431,8 +436,7 @@ where
         if self.pending.is_empty() {
             return Ok(());
         }
-        // Boxed: rare next to sends, and its state would otherwise add to
-        // every request path's.
+        // Boxed: a cold path (see the module doc).
         let settling = Box::pin(async {
             while !self.pending.is_empty() {
                 let done = oldest_ack(&mut self.pending).await;
@@ -497,8 +501,8 @@ where
         Deadline::new(deadline, kill, inbox, outbox, ws.flush())
     }
 
-    /// Answers with an `error` frame. The write is boxed: errors are the
-    /// cold path, and inline its state would add to every session's size.
+    /// Answers with an `error` frame. The write is boxed: a cold path (see
+    /// the module doc).
     async fn send_error(
         &mut self,
         id: Option<RequestId>,
@@ -689,10 +693,8 @@ where
         }
         let id = request.id;
         match request.body {
-            // Joins, history reads and refreshes are boxed: rarer than
-            // sends, and their states would otherwise add to every idle
-            // session's size. Each box is made in a statement of its own, as
-            // a temporary in the awaiting statement keeps its storage here.
+            // Joins, history and presence reads and refreshes are boxed:
+            // cold paths (see the module doc).
             ClientRequest::Join { room, since, epoch } => {
                 let joining = Box::pin(self.on_join(id, room, since, epoch));
                 joining.await
@@ -705,10 +707,10 @@ where
                     self.not_joined(id, &room).await
                 }
             }
-            // Boxed too: a send's state (the store queue's permit, the
-            // append) is the largest of the request paths, and one small
-            // allocation per message read is cheaper than holding it in
-            // every idle session.
+            // Boxed too, though not rare: a send's state (the store queue's
+            // permit, the append) is the largest of the request paths, and
+            // one small allocation per message read is cheaper than holding
+            // it in every idle session.
             ClientRequest::Send { room, body, key } => {
                 let sending = Box::pin(self.on_send(id, room, body.0, key));
                 sending.await
