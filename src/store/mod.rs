@@ -310,17 +310,21 @@ pub(super) fn queued_cost(a: &Append, total: usize) -> u32 {
 /// last run left in the log; returns the epoch.
 fn init(db: &Database) -> Result<String, WriteError> {
     let txn = db.begin_write()?;
-    let epoch = {
+    // A file without an epoch is new: marking it with the current format
+    // is not a migration worth logging.
+    let (epoch, new_file) = {
         let mut meta = txn.open_table(META)?;
         let existing = meta.get(EPOCH_KEY)?.map(|g| g.value().to_owned());
-        match existing {
+        let new_file = existing.is_none();
+        let epoch = match existing {
             Some(e) => e,
             None => {
                 let e = format!("{:016x}", rand::random::<u64>());
                 meta.insert(EPOCH_KEY, e.as_str())?;
                 e
             }
-        }
+        };
+        (epoch, new_file)
     };
     let left = {
         let log = txn.open_table(LOG)?;
@@ -362,7 +366,7 @@ fn init(db: &Database) -> Result<String, WriteError> {
     txn.open_table(ROOMS_BY_USER)?;
     txn.open_table(RETAINED_FROM)?;
     txn.commit()?;
-    if from != schema::SCHEMA_VERSION {
+    if from != schema::SCHEMA_VERSION && !new_file {
         tracing::info!(
             from,
             to = schema::SCHEMA_VERSION,
