@@ -37,10 +37,11 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, debug_span, warn};
 
 use crate::auth::{AuthError, Principal};
+use crate::close::{CloseReason, close_reason_text};
 use crate::demo::{Peeked, Route};
 use crate::limits::{ConnGuard, Slots};
-use crate::server::ServerState;
-use crate::session::{CloseReason, Identity, Session};
+use crate::session::{Identity, Session};
+use crate::state::ServerState;
 
 /// The only path that upgrades.
 const WS_PATH: &str = "/ws";
@@ -570,26 +571,6 @@ pub(crate) async fn close_with<S>(
         Ok::<(), tokio_tungstenite::tungstenite::Error>(())
     };
     let _ = tokio::time::timeout(state.config.close_linger(), close).await;
-}
-
-/// A close frame's payload holds at most 125 bytes, 2 of them the code.
-const CLOSE_REASON_MAX: usize = 123;
-
-/// `name: detail`, cut at a character boundary to fit a close frame.
-pub fn close_reason_text(name: &str, detail: &str) -> String {
-    let mut text = if detail.is_empty() {
-        name.to_owned()
-    } else {
-        format!("{name}: {detail}")
-    };
-    if text.len() > CLOSE_REASON_MAX {
-        let mut cut = CLOSE_REASON_MAX;
-        while !text.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        text.truncate(cut);
-    }
-    text
 }
 
 /// Starts the session of a connection that passed every check, as a

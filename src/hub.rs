@@ -43,8 +43,9 @@ use protocol::ServerFrame;
 use rustc_hash::{FxHashMap, FxHashSet};
 use serde_json::value::RawValue;
 
+use crate::close::CloseReason;
 use crate::config::Config;
-use crate::session::{CloseReason, Delivery, Encoded, Outbox, WireFrame};
+use crate::delivery::{Delivery, Encoded, Outbox, WireFrame};
 use crate::store::{CommitSink, Committed};
 
 /// A session's process-unique id.
@@ -97,7 +98,7 @@ impl HubOptions {
         !self
             .presence_events_off
             .iter()
-            .any(|p| crate::auth::glob_match(p, room))
+            .any(|p| crate::glob::glob_match(p, room))
     }
 }
 
@@ -715,8 +716,8 @@ impl CommitSink for Hub {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+    use crate::delivery::{OutboxReceiver, Outgoing, outbox};
     use crate::metrics::Metrics;
-    use crate::session::{OutboxReceiver, Outgoing, outbox};
     use tokio_util::sync::CancellationToken;
 
     fn member(hub: &Hub, id: SessionId, user: &str) -> OutboxReceiver {

@@ -5,27 +5,36 @@
 //! - [`server`]: [`server::run`], the server's lifetime (start, drain, stop).
 //! - [`gateway`]: TCP accept, TLS, HTTP upgrade, connection limits.
 //! - [`demo`]: the demo chat page on the client port (`GET /`).
-//! - [`session`]: one task per client: requests, replies, its outbox.
+//! - [`session`]: one task per client: requests, replies, writes.
+//! - [`state`]: [`state::ServerState`], the handles every connection shares.
+//! - [`close`]: why a session ended, as a close code and a metrics label.
+//! - [`delivery`]: pre-framed frames and the per-session outbox they travel in.
 //! - [`hub`]: rooms, presence and fan-out of committed messages.
 //! - [`store`]: redb history with a group-committing writer thread.
 //! - [`tls`]: rustls configuration and development certificates.
 //! - [`net`]: the TCP socket under a stream (`TCP_CORK` for the first replies).
+//! - [`glob`]: the room-name glob of grants and retention rules.
 //! - [`metrics`]: lock-free counters, gauges and histograms, with their Prometheus names.
 //! - [`admin`]: the internal HTTP listener: health, `/metrics`, admin API, dashboard.
 //!
-//! Wire types live in the `protocol` crate, never here.
+//! Wire types live in the `protocol` crate, never here. No two modules
+//! import each other, directly or through others (`tests/it/module_graph.rs`).
 
 pub mod admin;
 pub mod auth;
+pub mod close;
 pub mod config;
+pub mod delivery;
 pub mod demo;
 pub mod gateway;
+pub mod glob;
 pub mod hub;
 pub mod limits;
 pub mod metrics;
 pub mod net;
 pub mod server;
 pub mod session;
+pub mod state;
 pub mod store;
 pub mod tls;
 

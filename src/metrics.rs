@@ -27,8 +27,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::session::CloseReason;
-use crate::store::{CommitSink, Committed};
+use crate::close::CloseReason;
 
 /// A monotonically increasing count (a Prometheus counter). Clones share the value.
 #[derive(Debug, Clone, Default)]
@@ -513,32 +512,6 @@ impl Collector for ProcessCollector {
             )?)?;
         }
         Ok(())
-    }
-}
-
-/// A [`CommitSink`] that records each commit's duration and size in
-/// [`Metrics`], then hands everything on to `inner` (the hub). It adds two
-/// atomic adds per commit to the writer thread and nothing per message.
-pub struct ObservedSink<S> {
-    inner: Arc<S>,
-    metrics: Arc<Metrics>,
-}
-
-impl<S> ObservedSink<S> {
-    pub fn new(inner: Arc<S>, metrics: Arc<Metrics>) -> ObservedSink<S> {
-        ObservedSink { inner, metrics }
-    }
-}
-
-impl<S: CommitSink> CommitSink for ObservedSink<S> {
-    fn committed(&self, msgs: &[Committed<'_>]) {
-        self.inner.committed(msgs);
-    }
-
-    fn batch_committed(&self, operations: usize, elapsed: Duration) {
-        self.metrics.store_commit_latency.observe_duration(elapsed);
-        self.metrics.store_commit_batch.observe(operations as u64);
-        self.inner.batch_committed(operations, elapsed);
     }
 }
 

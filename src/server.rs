@@ -26,23 +26,10 @@ use crate::gateway;
 use crate::hub::{Hub, HubOptions};
 use crate::limits::Limits;
 use crate::metrics::Metrics;
-use crate::store::{OpenError, Store, StoreHandle};
+use crate::store::{CommitSink, Committed, OpenError, Store};
 use crate::tls::{self, TlsError};
 
-/// Everything sessions share.
-pub struct ServerState {
-    pub config: Config,
-    pub hub: Arc<Hub>,
-    pub store: StoreHandle,
-    pub metrics: Arc<Metrics>,
-    /// One permit per open connection.
-    pub connection_permits: Arc<Semaphore>,
-    pub next_session: AtomicU64,
-    /// Checks client tokens; `None` in dev mode.
-    pub verifier: Option<Arc<Verifier>>,
-    /// Per-IP and per-user connection counts and rate limits.
-    pub limits: Limits,
-}
+pub use crate::state::ServerState;
 
 /// The listeners to serve on, already bound.
 #[derive(Debug, Default)]
@@ -122,10 +109,7 @@ impl Server {
             let path = config.db_path();
             let opts = config.store_options();
             // Records each commit's duration and size, then fans out through the hub.
-            let sink = Arc::new(crate::metrics::ObservedSink::new(
-                hub.clone(),
-                metrics.clone(),
-            ));
+            let sink = Arc::new(ObservedSink::new(hub.clone(), metrics.clone()));
             tokio::task::spawn_blocking(move || Store::open(&path, opts, sink)).await??
         };
         let state = Arc::new(ServerState {
@@ -262,5 +246,31 @@ async fn presence_flusher(state: Arc<ServerState>, stop: CancellationToken) {
                 state.hub.flush_typing();
             }
         }
+    }
+}
+
+/// A [`CommitSink`] that records each commit's duration and size in
+/// [`Metrics`], then hands everything on to `inner` (the hub). It adds two
+/// atomic adds per commit to the writer thread and nothing per message.
+pub struct ObservedSink<S> {
+    inner: Arc<S>,
+    metrics: Arc<Metrics>,
+}
+
+impl<S> ObservedSink<S> {
+    pub fn new(inner: Arc<S>, metrics: Arc<Metrics>) -> ObservedSink<S> {
+        ObservedSink { inner, metrics }
+    }
+}
+
+impl<S: CommitSink> CommitSink for ObservedSink<S> {
+    fn committed(&self, msgs: &[Committed<'_>]) {
+        self.inner.committed(msgs);
+    }
+
+    fn batch_committed(&self, operations: usize, elapsed: std::time::Duration) {
+        self.metrics.store_commit_latency.observe_duration(elapsed);
+        self.metrics.store_commit_batch.observe(operations as u64);
+        self.inner.batch_committed(operations, elapsed);
     }
 }

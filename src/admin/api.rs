@@ -12,90 +12,24 @@ use std::sync::Arc;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Extension, Path, Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use serde_json::value::RawValue;
 use tokio::sync::oneshot;
-use tracing::{info, warn};
+use tracing::info;
 
-use super::audit::{AuditEntry, AuditError};
+use super::audit::AuditEntry;
 use super::auth::Caller;
+use super::error::ApiError;
 use super::{AdminState, health, now_ms, rfc3339};
+use crate::close::CloseReason;
 use crate::hub::SessionInfo;
-use crate::session::CloseReason;
-use crate::store::{Append, AppendError, BackupError, ReadError, StoreClosed};
+use crate::store::{Append, StoreClosed};
 
 /// The user that system messages come from.
 pub const SYSTEM_USER: &str = "system";
-
-/// Why an admin request failed; the reply is `{"error": code, "message": ...}`.
-#[derive(Debug, thiserror::Error)]
-pub(super) enum ApiError {
-    #[error("{0}")]
-    Unauthorized(&'static str),
-    #[error("{0}")]
-    NotFound(String),
-    #[error("{0}")]
-    BadRequest(String),
-    #[error("the audit log cannot be written, so the action was not performed")]
-    Audit(#[source] AuditError),
-    #[error("the audit log cannot be read")]
-    AuditRead(#[source] AuditError),
-    #[error("the store cannot be read")]
-    Read(#[from] ReadError),
-    #[error("the store did not store it")]
-    Write(#[from] AppendError),
-    #[error("the store is closed")]
-    Closed(#[from] StoreClosed),
-    #[error("the backup could not be made")]
-    Backup(#[from] BackupError),
-}
-
-impl ApiError {
-    fn code(&self) -> (StatusCode, &'static str) {
-        match self {
-            ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
-            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
-            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
-            ApiError::Write(AppendError::Unavailable { .. }) => {
-                (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
-            }
-            ApiError::Audit(_)
-            | ApiError::AuditRead(_)
-            | ApiError::Read(_)
-            | ApiError::Write(_)
-            | ApiError::Closed(_)
-            | ApiError::Backup(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
-        }
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let (status, code) = self.code();
-        if status.is_server_error() {
-            let mut causes = String::new();
-            let mut source = std::error::Error::source(&self);
-            while let Some(e) = source {
-                causes.push_str(": ");
-                causes.push_str(&e.to_string());
-                source = e.source();
-            }
-            warn!(error = %self, causes, "admin request failed");
-        }
-        let body = Json(json!({ "error": code, "message": self.to_string() }));
-        let mut response = (status, body).into_response();
-        if status == StatusCode::UNAUTHORIZED {
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                header::HeaderValue::from_static("Bearer realm=\"switchboard-admin\""),
-            );
-        }
-        response
-    }
-}
 
 type ApiResult<T> = Result<T, ApiError>;
 

@@ -16,7 +16,7 @@ use ring::digest::{SHA256, digest};
 use tracing::debug;
 
 use super::AdminState;
-use super::api::ApiError;
+use super::error::ApiError;
 use crate::config::Secret;
 
 /// The configured token, as its digest.

@@ -20,7 +20,7 @@ use serde_json::json;
 use tracing::warn;
 
 use super::AdminState;
-use crate::server::ServerState;
+use crate::state::ServerState;
 
 /// The OpenMetrics text content type that Prometheus negotiates.
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";

@@ -26,6 +26,7 @@ mod api;
 mod audit;
 mod auth;
 mod dashboard;
+mod error;
 mod health;
 
 use std::net::SocketAddr;
@@ -43,7 +44,7 @@ use tracing::{info, warn};
 pub use api::BACKUP_EPOCH_HEADER;
 pub use audit::{AuditEntry, AuditError, AuditLog};
 
-use crate::server::ServerState;
+use crate::state::ServerState;
 
 /// Every route of the internal listener, as `(method, path)` with axum's
 /// `{param}` syntax. `docs/openapi.yaml` documents exactly these; the

@@ -17,10 +17,12 @@
 //!   history.
 //! - Nothing from the peer is trusted: decode errors become `error` frames
 //!   and socket errors a typed [`CloseReason`]; nothing panics.
-
-mod close;
-mod outbox;
-mod wire;
+//! - An idle session's future holds only what every request needs. A path
+//!   that runs rarely (welcome, join, history, presence, refresh, waiting
+//!   for acks, an error reply, the close) is a boxed future, on the heap only
+//!   while it runs; inline, its state would add to every session's size.
+//!   Each box is made in a statement of its own: a temporary in the awaiting
+//!   statement keeps its storage in the caller's state.
 
 use rustc_hash::FxHashMap;
 use std::collections::VecDeque;
@@ -45,16 +47,16 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-pub use close::CloseReason;
-pub use outbox::{
-    Delivery, Encoded, Outbox, OutboxReceiver, Outgoing, QueueBounds, bounded_outbox, outbox,
+pub use crate::close::CloseReason;
+pub use crate::delivery::{
+    Delivery, Encoded, Outbox, OutboxReceiver, Outgoing, QueueBounds, WireFrame, bounded_outbox,
+    outbox,
 };
-pub use wire::WireFrame;
 
 use crate::auth::{Access, AuthError, Principal};
 use crate::hub::{Member, SessionEntry, SessionId, SessionStats};
 use crate::limits::{Action, SessionLimits, Slots};
-use crate::server::ServerState;
+use crate::state::ServerState;
 use crate::store::{Append, AppendError, Appended, StoredMessage};
 
 /// Who the session is, as established by the handshake.
@@ -149,7 +151,7 @@ pub struct Session<S> {
     unflushed: bool,
     /// Room traffic on its way into the socket, written around tungstenite
     /// (see [`wire`]); kept between batches so that it allocates once.
-    unsent: wire::Unsent,
+    unsent: crate::delivery::wire::Unsent,
     /// Held for the session's life: dropping the session frees its slots.
     _slots: Slots,
 }
@@ -195,7 +197,7 @@ where
             token_changed: false,
             close_detail: None,
             unflushed: false,
-            unsent: wire::Unsent::default(),
+            unsent: crate::delivery::wire::Unsent::default(),
             _slots: slots,
         }
     }
@@ -237,13 +239,12 @@ where
             },
         );
         // The welcome lives in its own future, dropped before the main loop
-        // starts, so that its state does not add to the session's size.
+        // starts (a cold path: see the module doc).
         let reason = match self.send_welcome(joins).await {
             Ok(()) => self.main_loop().await,
             Err(reason) => reason,
         };
-        // Boxed: the closing states are needed once, so they live on the
-        // heap only while the session closes instead of in every session.
+        // Boxed: a cold path (see the module doc).
         let finishing = Box::pin(self.finish(reason));
         finishing.await;
         reason
@@ -345,7 +346,7 @@ where
         state.hub.unregister_session(self.id);
         if let Some(code) = reason.code() {
             let text = match self.close_detail.take() {
-                Some(detail) => crate::gateway::close_reason_text(code.name, &detail),
+                Some(detail) => crate::close::close_reason_text(code.name, &detail),
                 None => code.name.to_owned(),
             };
             let frame = CloseFrame {
@@ -435,8 +436,7 @@ where
         if self.pending.is_empty() {
             return Ok(());
         }
-        // Boxed: rare next to sends, and its state would otherwise add to
-        // every request path's.
+        // Boxed: a cold path (see the module doc).
         let settling = Box::pin(async {
             while !self.pending.is_empty() {
                 let done = oldest_ack(&mut self.pending).await;
@@ -501,8 +501,8 @@ where
         Deadline::new(deadline, kill, inbox, outbox, ws.flush())
     }
 
-    /// Answers with an `error` frame. The write is boxed: errors are the
-    /// cold path, and inline its state would add to every session's size.
+    /// Answers with an `error` frame. The write is boxed: a cold path (see
+    /// the module doc).
     async fn send_error(
         &mut self,
         id: Option<RequestId>,
@@ -693,10 +693,8 @@ where
         }
         let id = request.id;
         match request.body {
-            // Joins, history reads and refreshes are boxed: rarer than
-            // sends, and their states would otherwise add to every idle
-            // session's size. Each box is made in a statement of its own, as
-            // a temporary in the awaiting statement keeps its storage here.
+            // Joins, history and presence reads and refreshes are boxed:
+            // cold paths (see the module doc).
             ClientRequest::Join { room, since, epoch } => {
                 let joining = Box::pin(self.on_join(id, room, since, epoch));
                 joining.await
@@ -709,10 +707,10 @@ where
                     self.not_joined(id, &room).await
                 }
             }
-            // Boxed too: a send's state (the store queue's permit, the
-            // append) is the largest of the request paths, and one small
-            // allocation per message read is cheaper than holding it in
-            // every idle session.
+            // Boxed too, though not rare: a send's state (the store queue's
+            // permit, the append) is the largest of the request paths, and
+            // one small allocation per message read is cheaper than holding
+            // it in every idle session.
             ClientRequest::Send { room, body, key } => {
                 let sending = Box::pin(self.on_send(id, room, body.0, key));
                 sending.await
@@ -1302,7 +1300,10 @@ where
 }
 
 /// Writes `unsent` into the stream under `ws` and flushes it (TLS buffers).
-async fn write_raw<S>(ws: &mut WebSocketStream<S>, unsent: &mut wire::Unsent) -> std::io::Result<()>
+async fn write_raw<S>(
+    ws: &mut WebSocketStream<S>,
+    unsent: &mut crate::delivery::wire::Unsent,
+) -> std::io::Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {

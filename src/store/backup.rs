@@ -17,7 +17,7 @@
 //! so a table added later cannot be left out of a backup silently.
 
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use redb::{
     Database, Key, MultimapTableHandle, ReadTransaction, ReadableDatabase, ReadableTable,
@@ -31,41 +31,7 @@ use super::tables::{
 };
 use super::writer::now_ms;
 
-/// Why a copy of the store could not be made.
-#[derive(Debug, thiserror::Error)]
-pub enum BackupError {
-    #[error("cannot create the copy {path}")]
-    Create {
-        path: PathBuf,
-        #[source]
-        source: redb::DatabaseError,
-    },
-    #[error("cannot begin a transaction")]
-    Transaction(#[from] redb::TransactionError),
-    #[error("cannot open a table")]
-    Table(#[from] redb::TableError),
-    #[error("storage failed")]
-    Storage(#[from] redb::StorageError),
-    #[error("cannot set durability")]
-    Durability(#[from] redb::SetDurabilityError),
-    #[error("the copy's commit failed")]
-    Commit(#[from] redb::CommitError),
-    #[error(
-        "the store holds a table `{0}` that the backup does not know; refusing to make an incomplete copy"
-    )]
-    UnknownTable(String),
-    #[error("{what} {path}")]
-    Io {
-        what: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("the backup task failed")]
-    Task(#[from] tokio::task::JoinError),
-    #[error("the store is being re-opened after an I/O failure")]
-    Reopening(#[from] super::slot::Reopening),
-}
+pub use super::error::BackupError;
 
 /// A finished backup: an open, already unlinked file to read it from.
 #[derive(Debug)]
@@ -398,6 +364,7 @@ pub fn verify(path: &Path) -> Result<(String, u64), BackupError> {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
 
     const CACHE: usize = 1 << 20;
 

@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::slot::Reopening;
-use super::tables::RecordError;
 
 /// Why the store could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -40,8 +39,19 @@ pub enum OpenError {
     },
     #[error("cannot initialise the database tables")]
     Init(#[source] WriteError),
+    #[error(
+        "the database {path} has store format version {found}, newer than this binary's \
+         {known}: open it with the switchboard that wrote it, or a newer one"
+    )]
+    NewerFormat {
+        path: PathBuf,
+        found: u32,
+        known: u32,
+    },
+    #[error("the database {path} has an unknown store format version {found:?}")]
+    UnknownFormat { path: PathBuf, found: String },
     #[error("cannot prepare the database (restored backup or rewrite)")]
-    Prepare(#[source] super::backup::BackupError),
+    Prepare(#[source] BackupError),
     #[error("cannot start the writer thread")]
     Thread(#[source] std::io::Error),
 }
@@ -164,4 +174,59 @@ pub enum NotWritable {
     /// Commits fail (a full or failing disk); the writer retries.
     #[error("the store cannot commit; the writer retries")]
     LastCommitFailed,
+}
+
+/// Why a copy of the store could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error("cannot create the copy {path}")]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: redb::DatabaseError,
+    },
+    #[error("cannot begin a transaction")]
+    Transaction(#[from] redb::TransactionError),
+    #[error("cannot open a table")]
+    Table(#[from] redb::TableError),
+    #[error("storage failed")]
+    Storage(#[from] redb::StorageError),
+    #[error("cannot set durability")]
+    Durability(#[from] redb::SetDurabilityError),
+    #[error("the copy's commit failed")]
+    Commit(#[from] redb::CommitError),
+    #[error(
+        "the store holds a table `{0}` that the backup does not know; refusing to make an incomplete copy"
+    )]
+    UnknownTable(String),
+    #[error("{what} {path}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the backup task failed")]
+    Task(#[from] tokio::task::JoinError),
+    #[error("the store is being re-opened after an I/O failure")]
+    Reopening(#[from] Reopening),
+}
+
+/// Why a record could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecordError {
+    #[error("record is truncated")]
+    Truncated,
+    #[error("record has unknown version {0}")]
+    Version(u8),
+    #[error("record holds invalid UTF-8")]
+    Utf8,
+    #[error("sender name is longer than a record can hold")]
+    FromTooLong,
+    #[error("room name is longer than a log entry can hold")]
+    RoomTooLong,
+    #[error("chunk holds more records than its key's seq allows")]
+    ChunkCount,
+    #[error("a logged body is not JSON")]
+    Json,
 }

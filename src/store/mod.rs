@@ -26,6 +26,7 @@
 mod backup;
 mod error;
 pub mod retention;
+mod schema;
 mod slot;
 mod tables;
 mod unindexed;
@@ -49,8 +50,8 @@ pub use error::{
     WriteError,
 };
 use tables::{
-    Chunk, EPOCH_KEY, KEY_EXPIRY, KEYS, LOG, LogBatch, LogEntry, MESSAGES, META, OLD_BY_USER,
-    RETAINED_FROM, ROOMS_BY_USER, Record, insert_chunks,
+    Chunk, EPOCH_KEY, KEY_EXPIRY, KEYS, LOG, LogBatch, LogEntry, MESSAGES, META, RETAINED_FROM,
+    ROOMS_BY_USER, Record, insert_chunks,
 };
 use unindexed::{Logged, Unindexed};
 
@@ -218,6 +219,7 @@ impl Store {
                 source,
             },
         })?;
+        schema::check(path, &db)?;
         let purge = opts.purge_on_start.then_some(opts.backup_cache_bytes);
         let db = backup::on_open(path, db, purge).map_err(OpenError::Prepare)?;
         let epoch = init(&db).map_err(|e| match e.storage() {
@@ -308,17 +310,21 @@ pub(super) fn queued_cost(a: &Append, total: usize) -> u32 {
 /// last run left in the log; returns the epoch.
 fn init(db: &Database) -> Result<String, WriteError> {
     let txn = db.begin_write()?;
-    let epoch = {
+    // A file without an epoch is new: marking it with the current format
+    // is not a migration worth logging.
+    let (epoch, new_file) = {
         let mut meta = txn.open_table(META)?;
         let existing = meta.get(EPOCH_KEY)?.map(|g| g.value().to_owned());
-        match existing {
+        let new_file = existing.is_none();
+        let epoch = match existing {
             Some(e) => e,
             None => {
                 let e = format!("{:016x}", rand::random::<u64>());
                 meta.insert(EPOCH_KEY, e.as_str())?;
                 e
             }
-        }
+        };
+        (epoch, new_file)
     };
     let left = {
         let log = txn.open_table(LOG)?;
@@ -354,23 +360,19 @@ fn init(db: &Database) -> Result<String, WriteError> {
     };
     txn.delete_table(LOG)?;
     txn.open_table(LOG)?;
-    // Files from before `rooms_by_user` list each message by sender; their
-    // messages are bare records, which read as chunks of one.
-    {
-        let old = txn.open_table(OLD_BY_USER)?;
-        let mut by_user = txn.open_table(ROOMS_BY_USER)?;
-        for entry in old.iter()? {
-            let (k, _) = entry?;
-            let (user, room, _) = k.value();
-            by_user.insert((user, room), ())?;
-        }
-    }
-    txn.delete_table(OLD_BY_USER)?;
+    let from = schema::migrate(&txn)?;
     txn.open_table(KEYS)?;
     txn.open_table(KEY_EXPIRY)?;
     txn.open_table(ROOMS_BY_USER)?;
     txn.open_table(RETAINED_FROM)?;
     txn.commit()?;
+    if from != schema::SCHEMA_VERSION && !new_file {
+        tracing::info!(
+            from,
+            to = schema::SCHEMA_VERSION,
+            "migrated the store's format"
+        );
+    }
     if left > 0 {
         tracing::info!(
             messages = left,

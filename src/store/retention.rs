@@ -3,8 +3,8 @@
 //! It owns the rules (`[[retention]]` in the config, first matching rule
 //! wins), the bounded deletion step the writer runs inside one of its
 //! transactions, and the tracked background task that asks the writer for
-//! steps. It never opens a write transaction itself (only the writer does,
-//! see [`super::writer`]) and never deletes more than one step's budget per
+//! steps. It never opens a write transaction itself (only the writer thread
+//! does) and never deletes more than one step's budget per
 //! transaction, so appends queued behind a step wait for a small commit,
 //! not for a sweep of the whole store.
 //!
@@ -73,7 +73,7 @@ impl RetentionRule {
 pub fn rule_for<'a>(rules: &'a [RetentionRule], room: &str) -> Option<&'a RetentionRule> {
     rules
         .iter()
-        .find(|r| crate::auth::glob_match(&r.rooms, room))
+        .find(|r| crate::glob::glob_match(&r.rooms, room))
 }
 
 /// What one step of the writer deleted, and where the next step starts.

@@ -4,9 +4,12 @@
 //! value types, and the byte encoding of a stored message. Store records are
 //! deliberately separate from wire types: the protocol may change without a
 //! migration of the file, and the file never holds a serde format.
+//! `docs/store-format.md` describes every table and encoding; a change to
+//! either is a new format version (`schema.rs`).
 
 use redb::{ReadableTable, TableDefinition};
 
+pub use super::error::RecordError;
 use super::error::WriteError;
 
 /// Store-wide metadata, such as the epoch.
@@ -44,8 +47,9 @@ pub const KEYS: TableDefinition<(&str, &str, &str), (u64, u64, u64)> =
 pub const KEY_EXPIRY: TableDefinition<(u64, &str, &str, &str), ()> =
     TableDefinition::new("idempotency_expiry");
 /// The sender index of files written before [`ROOMS_BY_USER`]: one entry
-/// per message, (user, room, seq). Opening such a file moves its pairs
-/// into [`ROOMS_BY_USER`] and deletes it; nothing else reads it.
+/// per message, (user, room, seq): format version 1, which the migration
+/// to version 2 (`schema.rs`) moves into [`ROOMS_BY_USER`] and deletes;
+/// nothing else reads it.
 pub const OLD_BY_USER: TableDefinition<(&str, &str, u64), ()> = TableDefinition::new("by_user");
 
 /// The rooms each user has sent to: (user, room), for export and erasure,
@@ -99,25 +103,6 @@ pub struct Record<'a> {
     pub from: &'a str,
     /// `None` when the message was erased.
     pub body: Option<&'a str>,
-}
-
-/// Why a record could not be decoded.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum RecordError {
-    #[error("record is truncated")]
-    Truncated,
-    #[error("record has unknown version {0}")]
-    Version(u8),
-    #[error("record holds invalid UTF-8")]
-    Utf8,
-    #[error("sender name is longer than a record can hold")]
-    FromTooLong,
-    #[error("room name is longer than a log entry can hold")]
-    RoomTooLong,
-    #[error("chunk holds more records than its key's seq allows")]
-    ChunkCount,
-    #[error("a logged body is not JSON")]
-    Json,
 }
 
 impl<'a> Record<'a> {

@@ -4,6 +4,7 @@
 
 use std::sync::Mutex;
 
+use super::tables::OLD_BY_USER;
 use super::*;
 
 /// Records what the writer handed over, and when, relative to commits.

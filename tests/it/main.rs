@@ -20,6 +20,7 @@ mod fuzz_corpus;
 mod gateway;
 mod loadtest;
 mod logs;
+mod module_graph;
 mod presence;
 mod requests;
 mod retention;

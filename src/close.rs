@@ -1,7 +1,9 @@
 //! Why a session ended: one typed reason per connection.
 //!
 //! The reason decides the close code the client sees and is counted in
-//! metrics by name (the nats-server `ClosedState` policy).
+//! metrics by name (the nats-server `ClosedState` policy). The gateway (for
+//! a handshake that fails after the upgrade) and the session both close
+//! through it; it imports neither, nor metrics.
 
 use protocol::close::{self, CloseCode};
 
@@ -90,4 +92,24 @@ impl CloseReason {
     pub(crate) fn from_u8(v: u8) -> Option<CloseReason> {
         CloseReason::ALL.iter().copied().find(|r| *r as u8 == v)
     }
+}
+
+/// A close frame's payload holds at most 125 bytes, 2 of them the code.
+const CLOSE_REASON_MAX: usize = 123;
+
+/// `name: detail`, cut at a character boundary to fit a close frame.
+pub fn close_reason_text(name: &str, detail: &str) -> String {
+    let mut text = if detail.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{name}: {detail}")
+    };
+    if text.len() > CLOSE_REASON_MAX {
+        let mut cut = CLOSE_REASON_MAX;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+    }
+    text
 }

@@ -1,7 +1,8 @@
 //! A session's bounded outbound queue and its slow-consumer policy.
 //!
 //! The hub pushes into an [`Outbox`] from any thread without awaiting:
-//! every push is a `try_send` plus one atomic add. Durable messages and
+//! every push is a few atomic adds (the bounds), a lock-free queue push and
+//! a wake. Durable messages and
 //! ephemeral events (typing, presence) share one queue, in arrival order,
 //! with room for `max_frames` messages plus `max_events` events; events are
 //! counted, and may never take more than their share, so they can never
@@ -29,50 +30,17 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::task::Poll;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crossbeam_queue::SegQueue;
 use futures_util::task::AtomicWaker;
 use tokio_util::sync::CancellationToken;
 
+use super::wire::WireFrame;
+use crate::close::CloseReason;
 use crate::metrics::Metrics;
-use crate::session::CloseReason;
-use crate::session::wire::WireFrame;
 
-/// The new messages of one room from one commit, each encoded once, shared
-/// by every recipient: one push per member per commit, however many
-/// messages the commit holds for the room.
-#[derive(Debug)]
-pub struct Delivery {
-    pub room: Arc<str>,
-    /// In strictly increasing seq order.
-    pub messages: Vec<Encoded>,
-    /// The messages' framed length in all.
-    pub bytes: usize,
-    /// When the hub encoded them, right after their commit: the start of the
-    /// fan-out latency each subscriber's session observes when writing them.
-    pub created: Instant,
-}
-
-/// One durable message as it goes on the wire.
-#[derive(Debug)]
-pub struct Encoded {
-    pub seq: u64,
-    pub frame: WireFrame,
-}
-
-impl Delivery {
-    /// A delivery of `messages`, encoded now.
-    pub fn new(room: Arc<str>, messages: Vec<Encoded>) -> Delivery {
-        let bytes = messages.iter().map(|m| m.frame.len()).sum();
-        Delivery {
-            room,
-            messages,
-            bytes,
-            created: Instant::now(),
-        }
-    }
-}
+pub use super::wire::{Delivery, Encoded};
 
 /// What travels through an outbox.
 #[derive(Debug)]

@@ -2,10 +2,11 @@
 //!
 //! A server-to-client frame is never masked, so its bytes are the same for
 //! every recipient: the hub frames each message and event once, and every
-//! session writes those shared bytes with vectored writes, bypassing
-//! tungstenite's per-frame framing and copy. Nothing here is copied,
-//! allocated or reference-counted per frame per recipient: a session queues
-//! whole deliveries and walks their frames in place.
+//! session writes those shared bytes itself, bypassing tungstenite's
+//! per-frame framing. A session queues whole deliveries, walks their frames
+//! in place and copies them end to end into its worker thread's scratch
+//! buffer for one write call (see `SCRATCH`); nothing is allocated or
+//! reference-counted per frame per recipient.
 //!
 //! Invariant: bytes of a frame are either all written or the session closes;
 //! when a write is cut off mid-frame, [`Unsent::keep_partial`] keeps exactly
@@ -21,7 +22,42 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use tokio::io::AsyncWrite;
 
-use super::outbox::Delivery;
+use std::time::Instant;
+
+/// The new messages of one room from one commit, each encoded once, shared
+/// by every recipient: one push per member per commit, however many
+/// messages the commit holds for the room.
+#[derive(Debug)]
+pub struct Delivery {
+    pub room: Arc<str>,
+    /// In strictly increasing seq order.
+    pub messages: Vec<Encoded>,
+    /// The messages' framed length in all.
+    pub bytes: usize,
+    /// When the hub encoded them, right after their commit: the start of the
+    /// fan-out latency each subscriber's session observes when writing them.
+    pub created: Instant,
+}
+
+/// One durable message as it goes on the wire.
+#[derive(Debug)]
+pub struct Encoded {
+    pub seq: u64,
+    pub frame: WireFrame,
+}
+
+impl Delivery {
+    /// A delivery of `messages`, encoded now.
+    pub fn new(room: Arc<str>, messages: Vec<Encoded>) -> Delivery {
+        let bytes = messages.iter().map(|m| m.frame.len()).sum();
+        Delivery {
+            room,
+            messages,
+            bytes,
+            created: Instant::now(),
+        }
+    }
+}
 
 /// The FIN bit and the text opcode: a whole, unfragmented text frame.
 const FIN_TEXT: u8 = 0x81;
@@ -325,7 +361,6 @@ impl Unsent {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
-    use crate::session::outbox::Encoded;
     use tokio_tungstenite::tungstenite::protocol::{Role, WebSocket};
     use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 

@@ -1,0 +1,33 @@
+//! The state every connection shares: config, hub, store handle, metrics,
+//! connection permits, token verifier and limits.
+//!
+//! It sits below the gateway, the session and the admin listener, which
+//! read it; `server` builds it and wires the parts together. It holds
+//! handles only and runs nothing.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use tokio::sync::Semaphore;
+
+use crate::auth::Verifier;
+use crate::config::Config;
+use crate::hub::Hub;
+use crate::limits::Limits;
+use crate::metrics::Metrics;
+use crate::store::StoreHandle;
+
+/// Everything sessions share.
+pub struct ServerState {
+    pub config: Config,
+    pub hub: Arc<Hub>,
+    pub store: StoreHandle,
+    pub metrics: Arc<Metrics>,
+    /// One permit per open connection.
+    pub connection_permits: Arc<Semaphore>,
+    pub next_session: AtomicU64,
+    /// Checks client tokens; `None` in dev mode.
+    pub verifier: Option<Arc<Verifier>>,
+    /// Per-IP and per-user connection counts and rate limits.
+    pub limits: Limits,
+}
