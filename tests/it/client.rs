@@ -10,7 +10,6 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -23,12 +22,11 @@ use switchboard_client::{
     BackoffPolicy, Client, Disconnect, Error, Event, Events, Message, Options, Source, State,
     tls_with_ca_file,
 };
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
-use crate::support::{DEADLINE, Fixture, TestServer, json};
+use crate::support::{DEADLINE, Fixture, Process, TestServer, json};
 
 /// Quick retries: the tests wait for reconnects, and loopback is fast.
 fn fast_backoff() -> BackoffPolicy {
@@ -94,64 +92,6 @@ fn text(m: &Message) -> String {
         .unwrap_or_default()
 }
 
-/// The real binary on `port` (0: any) in `fixture`'s directory.
-struct Binary {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Binary {
-    async fn start(fixture: &Fixture, port: u16) -> Binary {
-        let dir = fixture.path();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-            .arg("--tls-cert")
-            .arg(dir.join("server.pem"))
-            .arg("--tls-key")
-            .arg(dir.join("server.key"))
-            .arg("--data-dir")
-            .arg(dir.join("data"))
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn switchboard");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut lines = BufReader::new(stdout).lines();
-        let addr = tokio::time::timeout(DEADLINE, async {
-            while let Some(line) = lines.next_line().await.expect("read stdout") {
-                if let Some(rest) = line.strip_prefix("listening on wss://") {
-                    return rest
-                        .trim_end_matches("/ws")
-                        .parse::<SocketAddr>()
-                        .expect("addr");
-                }
-            }
-            panic!("server exited before listening");
-        })
-        .await
-        .expect("server listens within the deadline");
-        // Keep draining stdout so the child never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Binary { child, addr }
-    }
-
-    /// SIGKILL by the PID this test started, and wait for the exit.
-    async fn kill(mut self) {
-        let pid = self.child.id().expect("pid").to_string();
-        let status = std::process::Command::new("kill")
-            .args(["-KILL", &pid])
-            .status()
-            .expect("kill");
-        assert!(status.success());
-        tokio::time::timeout(DEADLINE, self.child.wait())
-            .await
-            .expect("exits within the deadline")
-            .expect("wait");
-    }
-}
-
 /// Messages each client sends in the crash test.
 const PER_CLIENT: usize = 150;
 /// Sends each client keeps in flight.
@@ -190,7 +130,7 @@ async fn send_many(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_clients_chat_through_a_sigkill_and_restart_and_agree() {
     let fixture = Fixture::new();
-    let server = Binary::start(&fixture, 0).await;
+    let server = Process::start(&fixture).await;
     let addr = server.addr;
     let (alice, mut alice_events) = Client::start(options(&fixture, addr, "alice"));
     let (bob, mut bob_events) = Client::start(options(&fixture, addr, "bob"));
@@ -215,7 +155,7 @@ async fn two_clients_chat_through_a_sigkill_and_restart_and_agree() {
     wait_state(&alice, "alice to see the crash", disconnected).await;
     wait_state(&bob, "bob to see the crash", disconnected).await;
     // Both keep sending while the server is down: the sends wait.
-    let restarted = Binary::start(&fixture, addr.port()).await;
+    let restarted = Process::start_on(&fixture, addr, |_| {}).await;
     assert_eq!(restarted.addr, addr);
     wait_state(&alice, "alice back", connected).await;
     wait_state(&bob, "bob back", connected).await;

@@ -10,74 +10,12 @@
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::path::PathBuf;
 
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, BufReader, Lines};
-use tokio::process::{Child, ChildStdout, Command};
 
 use crate::dashboard::Browser;
-use crate::support::{DEADLINE, Fixture, TestServer};
-
-/// The real binary in dev mode on `listen` (port 0 the first time).
-struct Process {
-    child: Child,
-    addr: SocketAddr,
-    /// Held open: the server prints only its start-up lines.
-    _stdout: Lines<BufReader<ChildStdout>>,
-}
-
-impl Process {
-    async fn start(dir: &Path, listen: SocketAddr) -> Process {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
-            .arg("serve")
-            .arg("--listen")
-            .arg(listen.to_string())
-            .args(["--admin-listen", "127.0.0.1:0"])
-            .arg("--tls-cert")
-            .arg(dir.join("server.pem"))
-            .arg("--tls-key")
-            .arg(dir.join("server.key"))
-            .arg("--data-dir")
-            .arg(dir.join("data"))
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn switchboard");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut lines = BufReader::new(stdout).lines();
-        let addr = tokio::time::timeout(DEADLINE, async {
-            while let Some(line) = lines.next_line().await.expect("read stdout") {
-                if let Some(rest) = line.strip_prefix("listening on wss://") {
-                    return rest
-                        .trim_end_matches("/ws")
-                        .parse::<SocketAddr>()
-                        .expect("addr");
-                }
-            }
-            panic!("server exited before listening");
-        })
-        .await
-        .expect("server listens within the deadline");
-        Process {
-            child,
-            addr,
-            _stdout: lines,
-        }
-    }
-
-    /// SIGKILL (tokio's `start_kill`, by the child's PID), and wait for the exit.
-    async fn kill(mut self) {
-        self.child.start_kill().expect("SIGKILL");
-        tokio::time::timeout(DEADLINE, self.child.wait())
-            .await
-            .expect("exits")
-            .expect("wait");
-    }
-}
+use crate::support::{DEADLINE, Fixture, Process, TestServer};
 
 /// A page's transcript of the room: (seq, sender, text) per message shown.
 async fn transcript(page: &Browser) -> Vec<(u64, String, String)> {
@@ -126,8 +64,8 @@ async fn say(page: &Browser, text: &str) {
 
 #[tokio::test]
 async fn two_pages_chat_through_a_server_kill_and_see_every_message_once() {
-    let dir = tempfile::tempdir().expect("dir");
-    let server = Process::start(dir.path(), "127.0.0.1:0".parse().expect("addr")).await;
+    let fixture = Fixture::new();
+    let server = Process::start(&fixture).await;
     let addr = server.addr;
     let url = format!("https://localhost:{}/", addr.port());
     let alice = Browser::start().await;
@@ -165,7 +103,7 @@ async fn two_pages_chat_through_a_server_kill_and_see_every_message_once() {
             say(&bob, "bob says while down").await;
             sent.insert(("alice".to_owned(), "alice says while down".to_owned()));
             sent.insert(("bob".to_owned(), "bob says while down".to_owned()));
-            server = Some(Process::start(dir.path(), addr).await);
+            server = Some(Process::start_on(&fixture, addr, |_| {}).await);
         }
     }
 

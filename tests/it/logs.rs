@@ -7,7 +7,7 @@ use std::process::Stdio;
 
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::shutdown::Process;
+use crate::support::Process;
 use crate::support::{DEADLINE, Fixture, connect_tls};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -842,7 +842,7 @@ fn mint_with_cli(args: &[&str]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_the_certificate_without_dropping_live_connections() {
-    use crate::shutdown::Process;
+    use crate::support::Process;
     let fixture = Fixture::new();
     let mut process = Process::start_with(&fixture, |c| {
         c.env("SWITCHBOARD_AUTH_HS256_SECRET", SECRET);

@@ -4,101 +4,11 @@
 //! signal it by PID; they stop only the processes they started.
 
 use std::collections::{BTreeMap, HashSet};
-use std::net::SocketAddr;
-use std::process::Stdio;
 
 use protocol::{ClientRequest, ServerFrame, close};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
-use crate::support::{Client, DEADLINE, Fixture, TestServer, connect_tls, json};
-
-/// The real binary, started on port 0 in `fixture`'s directory.
-pub struct Process {
-    pub child: Child,
-    pub addr: SocketAddr,
-}
-
-impl Process {
-    async fn start(fixture: &Fixture) -> Process {
-        Self::start_with(fixture, |_| {}).await
-    }
-
-    /// Starts the binary after `tweak` adds arguments or changes the
-    /// environment and pipes of the default command (warn-level logs to
-    /// the test's stderr).
-    pub async fn start_with(fixture: &Fixture, tweak: impl FnOnce(&mut Command)) -> Process {
-        let dir = fixture.path();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_switchboard"));
-        command
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "127.0.0.1:0",
-            ])
-            .arg("--tls-cert")
-            .arg(dir.join("server.pem"))
-            .arg("--tls-key")
-            .arg(dir.join("server.key"))
-            .arg("--data-dir")
-            .arg(dir.join("data"))
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true);
-        tweak(&mut command);
-        let mut child = command.spawn().expect("spawn switchboard");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut lines = BufReader::new(stdout).lines();
-        // The server prints its bound address once it listens.
-        let addr = tokio::time::timeout(DEADLINE, async {
-            while let Some(line) = lines.next_line().await.expect("read stdout") {
-                if let Some(rest) = line.strip_prefix("listening on wss://") {
-                    return rest
-                        .trim_end_matches("/ws")
-                        .parse::<SocketAddr>()
-                        .expect("addr");
-                }
-            }
-            panic!("server exited before listening");
-        })
-        .await
-        .expect("server listens within the deadline");
-        // Keep draining stdout so the child never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Process { child, addr }
-    }
-
-    /// Waits for the process to exit and returns whether it succeeded.
-    pub async fn wait_success(&mut self) -> bool {
-        tokio::time::timeout(DEADLINE, self.child.wait())
-            .await
-            .expect("exits within the deadline")
-            .expect("wait")
-            .success()
-    }
-
-    pub fn signal(&self, sig: &str) {
-        let pid = self.child.id().expect("pid").to_string();
-        let status = std::process::Command::new("kill")
-            .args([sig, &pid])
-            .status()
-            .expect("kill");
-        assert!(status.success());
-    }
-
-    async fn connect(&self, fixture: &Fixture, user: &str) -> Client {
-        let url = format!("wss://localhost:{}/ws?user={user}", self.addr.port());
-        let mut c = connect_tls(self.addr, &fixture.tls_connector(), &url)
-            .await
-            .expect("connect");
-        assert!(matches!(c.recv().await, ServerFrame::Welcome { .. }));
-        c
-    }
-}
+use crate::support::{Client, DEADLINE, Fixture, Process, TestServer, json};
 
 /// What one sender saw acknowledged: body text -> seq.
 type Acked = BTreeMap<String, u64>;

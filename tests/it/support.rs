@@ -9,13 +9,16 @@
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use protocol::{Body, ClientRequest, Request, ServerFrame};
 use switchboard::{Config, Listeners};
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsConnector;
@@ -430,5 +433,110 @@ pub fn frame_id(f: &ServerFrame) -> Option<u64> {
         | ServerFrame::Refreshed { id, .. }
         | ServerFrame::Error { id, .. } => *id,
         _ => None,
+    }
+}
+
+/// The real binary as a child process, in `fixture`'s directory (its
+/// certificates and `data`), with warn-level logs to the test's stderr.
+/// Stopped only by the PID this test started.
+pub struct Process {
+    pub child: Child,
+    pub addr: SocketAddr,
+}
+
+impl Process {
+    /// Starts the binary on port 0.
+    pub async fn start(fixture: &Fixture) -> Process {
+        Self::start_with(fixture, |_| {}).await
+    }
+
+    /// Starts the binary on port 0 after `tweak` adds arguments or changes
+    /// the environment and pipes of the default command.
+    pub async fn start_with(fixture: &Fixture, tweak: impl FnOnce(&mut Command)) -> Process {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        Self::start_on(fixture, any, tweak).await
+    }
+
+    /// Starts the binary with its TLS listener on `listen`: the address of
+    /// an earlier process restarts a server in place (same port, same data).
+    pub async fn start_on(
+        fixture: &Fixture,
+        listen: SocketAddr,
+        tweak: impl FnOnce(&mut Command),
+    ) -> Process {
+        let dir = fixture.path();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_switchboard"));
+        command
+            .args(["serve", "--listen"])
+            .arg(listen.to_string())
+            .args(["--admin-listen", "127.0.0.1:0"])
+            .arg("--tls-cert")
+            .arg(dir.join("server.pem"))
+            .arg("--tls-key")
+            .arg(dir.join("server.key"))
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        tweak(&mut command);
+        let mut child = command.spawn().expect("spawn switchboard");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        // The server prints its bound address once it listens.
+        let addr = tokio::time::timeout(DEADLINE, async {
+            while let Some(line) = lines.next_line().await.expect("read stdout") {
+                if let Some(rest) = line.strip_prefix("listening on wss://") {
+                    return rest
+                        .trim_end_matches("/ws")
+                        .parse::<SocketAddr>()
+                        .expect("addr");
+                }
+            }
+            panic!("server exited before listening");
+        })
+        .await
+        .expect("server listens within the deadline");
+        // Keep draining stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Process { child, addr }
+    }
+
+    /// Waits for the process to exit and returns whether it succeeded.
+    pub async fn wait_success(&mut self) -> bool {
+        tokio::time::timeout(DEADLINE, self.child.wait())
+            .await
+            .expect("exits within the deadline")
+            .expect("wait")
+            .success()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let pid = self.child.id().expect("pid").to_string();
+        let status = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    /// SIGKILL by the PID this test started, and wait for the exit.
+    pub async fn kill(mut self) {
+        self.signal("-KILL");
+        tokio::time::timeout(DEADLINE, self.child.wait())
+            .await
+            .expect("exits within the deadline")
+            .expect("wait");
+    }
+
+    /// A TLS client of `user`, past its `welcome`.
+    pub async fn connect(&self, fixture: &Fixture, user: &str) -> Client {
+        let url = format!("wss://localhost:{}/ws?user={user}", self.addr.port());
+        let mut c = connect_tls(self.addr, &fixture.tls_connector(), &url)
+            .await
+            .expect("connect");
+        assert!(matches!(c.recv().await, ServerFrame::Welcome { .. }));
+        c
     }
 }
