@@ -349,6 +349,9 @@ async fn main() -> anyhow::Result<()> {
         let addr = listener.local_addr()?;
         let ca = config.tls_cert.with_file_name("ca.pem");
         println!("listening on wss://{addr}/ws");
+        if config.demo_page_enabled() {
+            println!("  chat: open https://localhost:{}/", addr.port());
+        }
         if config.dev_mode() {
             println!(
                 "  try: websocat --ca-file {} 'wss://{addr}/ws?user=alice'",
