@@ -13,7 +13,8 @@
 //! - A room's members see its messages in commit order, which is seq order,
 //!   because only the single store writer thread calls [`CommitSink::committed`].
 //! - A join or leave costs the same whatever the room's size: members are
-//!   found through a map of slots (no scan), the users' counts are a sorted
+//!   found through a map of slots once a room has more than [`SCAN_MAX`]
+//!   (below, a scan of a few members), the users' counts are a sorted
 //!   map, and the `joined` reply lists at most `presence_list_max` users
 //!   (with the count of all of them); [`Hub::members`] pages the rest.
 //! - Presence changes are batched: a join or leave only records the change,
@@ -127,7 +128,9 @@ struct Room {
     /// Dense, so that fan-out walks an array.
     members: Vec<Member>,
     /// Each member's index in `members`, so that a leave finds its member
-    /// without a scan (it swaps the last member into the gap).
+    /// without a scan (it swaps the last member into the gap). Kept only
+    /// while the room has more than [`SCAN_MAX`] members, and then for every
+    /// member; empty otherwise (see [`Room::position`]).
     slots: FxHashMap<SessionId, usize>,
     /// Sorted, so that a join lists the first ones and a `presence` request
     /// pages from a name without sorting.
@@ -169,6 +172,12 @@ fn empty_list() -> Box<RawValue> {
 /// `Room::latest` before the hub has seen a commit or a store read for it.
 const UNKNOWN: u64 = u64::MAX;
 
+/// Rooms of at most this many members find a member by scanning them (a
+/// few cache lines); bigger rooms keep a map of slots, so that a leave costs
+/// the same in a room of 20,000. Most rooms are small, and a map in each
+/// would cost every one of them an allocation.
+const SCAN_MAX: usize = 16;
+
 impl Room {
     /// Sends an ephemeral event to every member whose user is not `except`.
     fn broadcast_ephemeral(&self, frame: &ServerFrame, except: &str) {
@@ -191,6 +200,45 @@ impl Room {
             typing_next: 0,
             latest: AtomicU64::new(UNKNOWN),
         }
+    }
+
+    /// Where `session` is in `members`.
+    fn position(&self, session: SessionId) -> Option<usize> {
+        if self.slots.is_empty() {
+            self.members.iter().position(|m| m.session == session)
+        } else {
+            self.slots.get(&session).copied()
+        }
+    }
+
+    /// Adds a member that is not in the room yet.
+    fn push_member(&mut self, member: Member) {
+        if !self.slots.is_empty() {
+            self.slots.insert(member.session, self.members.len());
+        }
+        self.members.push(member);
+        if self.members.len() == SCAN_MAX + 1 && self.slots.is_empty() {
+            self.slots = (self.members.iter().enumerate())
+                .map(|(i, m)| (m.session, i))
+                .collect();
+        }
+    }
+
+    /// Removes the member at `pos`; the last member moves into the gap.
+    fn remove_member(&mut self, pos: usize) -> Member {
+        let member = self.members.swap_remove(pos);
+        if !self.slots.is_empty() {
+            self.slots.remove(&member.session);
+            if let Some(moved) = self.members.get(pos) {
+                self.slots.insert(moved.session, pos);
+            }
+            // Half the threshold, so a room at the edge does not rebuild
+            // its map on every join and leave.
+            if self.members.len() <= SCAN_MAX / 2 {
+                self.slots = FxHashMap::default();
+            }
+        }
+        member
     }
 
     /// The number of distinct users, as the wire counts them.
@@ -479,13 +527,12 @@ impl Hub {
             .entry(Arc::from(room))
             .or_insert_with(|| Room::new(room, &self.options));
         let r = entry.value_mut();
-        if let std::collections::hash_map::Entry::Vacant(slot) = r.slots.entry(member.session) {
-            slot.insert(r.members.len());
+        if r.position(member.session).is_none() {
             let count = r.users.entry(member.user.clone()).or_insert(0);
             *count += 1;
             let first = *count == 1;
             let user = member.user.clone();
-            r.members.push(member);
+            r.push_member(member);
             if first {
                 self.presence_changed(r, user);
             }
@@ -515,14 +562,10 @@ impl Hub {
             return false;
         };
         let r = entry.value_mut();
-        let Some(pos) = r.slots.remove(&session) else {
+        let Some(pos) = r.position(session) else {
             return false;
         };
-        let member = r.members.swap_remove(pos);
-        // The last member moved into the gap: its slot follows it.
-        if let Some(moved) = r.members.get(pos) {
-            r.slots.insert(moved.session, pos);
-        }
+        let member = r.remove_member(pos);
         let gone = match r.users.get_mut(&member.user) {
             Some(n) if *n > 1 => {
                 *n -= 1;
@@ -789,13 +832,50 @@ mod tests {
     /// session counts match the members.
     fn assert_consistent(hub: &Hub, room: &str) {
         let r = hub.rooms.get(room).unwrap();
-        assert_eq!(r.slots.len(), r.members.len());
+        let mapped = r.members.len() > SCAN_MAX;
+        assert!(
+            r.slots.is_empty() || r.slots.len() == r.members.len(),
+            "slots are kept for every member or for none"
+        );
+        if mapped {
+            assert_eq!(r.slots.len(), r.members.len(), "a big room keeps slots");
+        }
+        if r.members.len() <= SCAN_MAX / 2 {
+            assert!(r.slots.is_empty(), "a small room keeps no slots");
+        }
         let mut per_user: BTreeMap<Arc<str>, u32> = BTreeMap::new();
         for (i, m) in r.members.iter().enumerate() {
-            assert_eq!(r.slots.get(&m.session), Some(&i), "slot of {}", m.session);
+            assert_eq!(r.position(m.session), Some(i), "slot of {}", m.session);
             *per_user.entry(m.user.clone()).or_default() += 1;
         }
         assert_eq!(per_user, r.users);
+    }
+
+    #[test]
+    fn a_room_crossing_the_scan_bound_both_ways_finds_every_member() {
+        let hub = Hub::new();
+        let n = (SCAN_MAX * 3) as u64;
+        let mut rxs = Vec::new();
+        for id in 0..n {
+            rxs.push(member_in(&hub, "r", id, &format!("u{id}")).1);
+            assert_consistent(&hub, "r");
+        }
+        // Down to two members, in a scrambled order, then up again.
+        let mut left = Vec::new();
+        for k in 0..n - 2 {
+            let id = (k * 7) % n;
+            assert!(hub.leave("r", id), "{id} was a member");
+            assert!(!hub.leave("r", id), "{id} left twice");
+            left.push(id);
+            assert_consistent(&hub, "r");
+        }
+        for id in left {
+            rxs.push(member_in(&hub, "r", id, &format!("u{id}")).1);
+            assert_consistent(&hub, "r");
+        }
+        let r = hub.rooms.get("r").unwrap();
+        assert_eq!(r.members.len() as u64, n);
+        assert_eq!(r.user_count(), n);
     }
 
     #[test]
