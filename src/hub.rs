@@ -464,30 +464,14 @@ impl Hub {
     /// budget allows per flush waits out as many flushes, its changes
     /// accumulating meanwhile.
     pub fn flush_presence(&self) -> usize {
-        let now = self.presence_flushes.fetch_add(1, Ordering::Relaxed);
-        let dirty = std::mem::take(&mut *lock(&self.presence_dirty));
-        let mut flushed = 0;
-        let mut held = Vec::new();
-        for name in dirty {
-            // A room emptied since its change is gone, and nobody is left
-            // to tell. (A room of that name made since then lists itself
-            // again, and flushes once: the first flush takes its changes.)
-            if let Some(mut r) = self.rooms.get_mut(&name) {
-                if r.changes.is_none() {
-                    continue;
-                }
-                if now < r.presence_next {
-                    held.push(name);
-                    continue;
-                }
-                r.presence_next =
-                    now + flushes_for(r.members.len(), self.options.presence_fanout_per_flush);
-                r.flush_presence();
-                flushed += 1;
-            }
-        }
-        lock(&self.presence_dirty).extend(held);
-        flushed
+        self.flush_listed(
+            &self.presence_dirty,
+            &self.presence_flushes,
+            self.options.presence_fanout_per_flush,
+            |r| r.changes.is_some(),
+            |r| &mut r.presence_next,
+            |r| r.flush_presence(),
+        )
     }
 
     /// Sends every room where someone typed its one coalesced `typing`
@@ -495,26 +479,51 @@ impl Hub {
     /// task; returns how many rooms it flushed.
     /// Big rooms wait out flushes as for presence.
     pub fn flush_typing(&self) -> usize {
-        let now = self.typing_flushes.fetch_add(1, Ordering::Relaxed);
-        let dirty = std::mem::take(&mut *lock(&self.typing_dirty));
+        let list_max = self.options.typing_list_max;
+        self.flush_listed(
+            &self.typing_dirty,
+            &self.typing_flushes,
+            self.options.typing_fanout_per_flush,
+            |r| r.typers.is_some(),
+            |r| &mut r.typing_next,
+            |r| r.flush_typing(list_max),
+        )
+    }
+
+    /// One flush of the rooms listed in `dirty`: each room that still has
+    /// something `pending` and whose `next` flush has come sends its event;
+    /// a room whose last event went to more sessions than `fanout_per_flush`
+    /// allows waits out as many flushes (it stays listed). A room emptied
+    /// since it was listed is gone, and nobody is left to tell; a room of
+    /// that name made since lists itself again and flushes once.
+    fn flush_listed(
+        &self,
+        dirty: &Mutex<Vec<Arc<str>>>,
+        flushes: &AtomicU64,
+        fanout_per_flush: usize,
+        pending: impl Fn(&Room) -> bool,
+        next: impl Fn(&mut Room) -> &mut u64,
+        flush: impl Fn(&mut Room),
+    ) -> usize {
+        let now = flushes.fetch_add(1, Ordering::Relaxed);
+        let listed = std::mem::take(&mut *lock(dirty));
         let mut flushed = 0;
         let mut held = Vec::new();
-        for name in dirty {
+        for name in listed {
             if let Some(mut r) = self.rooms.get_mut(&name) {
-                if r.typers.is_none() {
+                if !pending(&r) {
                     continue;
                 }
-                if now < r.typing_next {
+                if now < *next(&mut r) {
                     held.push(name);
                     continue;
                 }
-                r.typing_next =
-                    now + flushes_for(r.members.len(), self.options.typing_fanout_per_flush);
-                r.flush_typing(self.options.typing_list_max);
+                *next(&mut r) = now + flushes_for(r.members.len(), fanout_per_flush);
+                flush(&mut r);
                 flushed += 1;
             }
         }
-        lock(&self.typing_dirty).extend(held);
+        lock(dirty).extend(held);
         flushed
     }
 
