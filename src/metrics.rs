@@ -569,13 +569,13 @@ mod tests {
         assert!(fds >= 3.0, "{text}");
         assert!(value(&text, "process_max_fds") >= fds);
         assert!(value(&text, "process_cpu_seconds_total") >= 0.0);
-        // Descriptors opened here show in the next scrape (by a margin:
-        // concurrent tests' scrapes hold a few /proc files open too).
-        let files: Vec<_> = (0..50)
+        // Descriptors opened here show in the next scrape (by a wide
+        // margin: tests running beside this one open and close files too).
+        let files: Vec<_> = (0..1000)
             .map(|_| std::fs::File::open("/proc/self/stat").unwrap())
             .collect();
         let more = value(&encode(&Metrics::default()), "process_open_fds");
-        assert!(more >= fds + 45.0, "{fds} -> {more}");
+        assert!(more >= fds + 900.0, "{fds} -> {more}");
         drop(files);
     }
 
