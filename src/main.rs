@@ -118,6 +118,12 @@ struct ServeArgs {
     /// Directory of the history file [default: data].
     #[arg(long, env = "SWITCHBOARD_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// Run as a cluster node over these NATS URLs (comma-separated); sets `cluster.urls` (docs/cluster.md) [default: alone, on redb].
+    #[arg(long, env = "SWITCHBOARD_CLUSTER", value_delimiter = ',')]
+    cluster: Vec<String>,
+    /// This node's id in the cluster [default: <hostname>-<pid>].
+    #[arg(long, env = "SWITCHBOARD_NODE_ID")]
+    node_id: Option<String>,
     /// Handshake timeout in ms [default: 10000].
     #[arg(long, env = "SWITCHBOARD_HANDSHAKE_TIMEOUT_MS")]
     handshake_timeout_ms: Option<u64>,
@@ -250,6 +256,12 @@ impl ServeArgs {
         );
         if !self.allowed_origins.is_empty() {
             config.allowed_origins = self.allowed_origins.clone();
+        }
+        if !self.cluster.is_empty() {
+            config.cluster.get_or_insert_with(Default::default).urls = self.cluster.clone();
+        }
+        if let Some(id) = &self.node_id {
+            config.cluster.get_or_insert_with(Default::default).node_id = Some(id.clone());
         }
         if let Some(token) = &self.admin_token {
             config.admin_token = Some(switchboard::config::Secret::new(token.clone()));
