@@ -11,6 +11,7 @@
 //! - [`delivery`]: pre-framed frames and the per-session outbox they travel in.
 //! - [`hub`]: rooms, presence and fan-out of committed messages.
 //! - [`store`]: redb history with a group-committing writer thread.
+//! - [`cluster`]: cluster mode: history in NATS JetStream, fan-out between nodes.
 //! - [`tls`]: rustls configuration and development certificates.
 //! - [`net`]: the TCP socket under a stream (`TCP_CORK` for the first replies).
 //! - [`glob`]: the room-name glob of grants and retention rules.
@@ -23,6 +24,7 @@
 pub mod admin;
 pub mod auth;
 pub mod close;
+pub mod cluster;
 pub mod config;
 pub mod delivery;
 pub mod demo;

@@ -21,6 +21,7 @@ mod gateway;
 mod loadtest;
 mod logs;
 mod module_graph;
+mod natsd;
 mod presence;
 mod requests;
 mod retention;
