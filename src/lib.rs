@@ -10,6 +10,7 @@
 //! - [`close`]: why a session ended, as a close code and a metrics label.
 //! - [`delivery`]: pre-framed frames and the per-session outbox they travel in.
 //! - [`hub`]: rooms, presence and fan-out of committed messages.
+//! - [`history`]: the [`history::Store`] trait, the seam to where history lives.
 //! - [`store`]: redb history with a group-committing writer thread.
 //! - [`cluster`]: cluster mode: history in NATS JetStream, fan-out between nodes.
 //! - [`tls`]: rustls configuration and development certificates.
@@ -30,6 +31,7 @@ pub mod delivery;
 pub mod demo;
 pub mod gateway;
 pub mod glob;
+pub mod history;
 pub mod hub;
 pub mod limits;
 pub mod metrics;

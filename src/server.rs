@@ -23,6 +23,7 @@ use crate::admin;
 use crate::auth::{AuthSetupError, Verifier};
 use crate::config::{Config, ConfigError};
 use crate::gateway;
+use crate::history::History;
 use crate::hub::{Hub, HubOptions};
 use crate::limits::Limits;
 use crate::metrics::Metrics;
@@ -115,7 +116,7 @@ impl Server {
         let state = Arc::new(ServerState {
             connection_permits: Arc::new(Semaphore::new(config.max_connections)),
             hub,
-            store: store.handle(),
+            store: History::Local(store.handle()),
             metrics,
             next_session: AtomicU64::new(1),
             verifier,
@@ -180,7 +181,7 @@ impl Server {
         }
         tracker.spawn(presence_flusher(state.clone(), token.clone()));
         tracker.spawn(crate::store::retention::run(
-            state.store.clone(),
+            store.handle(),
             state.config.retention.clone().into(),
             std::time::Duration::from_millis(state.config.retention_interval_ms),
             state.config.retention_batch,

@@ -25,6 +25,7 @@ use super::auth::Caller;
 use super::error::ApiError;
 use super::{AdminState, health, now_ms, rfc3339};
 use crate::close::CloseReason;
+use crate::history::Store as _;
 use crate::hub::SessionInfo;
 use crate::store::{Append, StoreClosed};
 
@@ -425,9 +426,14 @@ pub(super) async fn backup(
 ) -> ApiResult<Response> {
     audit(&state, &caller, "backup", json!({})).await?;
     let started = std::time::Instant::now();
-    let snapshot = state
-        .server
-        .store
+    let Some(local) = state.server.store.local() else {
+        return Err(ApiError::Conflict(
+            "cluster mode keeps history in NATS JetStream: back up its stream with NATS's tools \
+             (docs/cluster.md)"
+                .to_owned(),
+        ));
+    };
+    let snapshot = local
         .backup(
             &state.server.config.data_dir,
             state.server.config.backup_cache_bytes,
