@@ -4,6 +4,7 @@
 //! - [`config`]: every limit, with defaults; merged from file, env and flags.
 //! - [`server`]: [`server::run`], the server's lifetime (start, drain, stop).
 //! - [`gateway`]: TCP accept, TLS, HTTP upgrade, connection limits.
+//! - [`drain`]: draining a node: readiness off, sessions closed spread over a window.
 //! - [`demo`]: the demo chat page on the client port (`GET /`).
 //! - [`session`]: one task per client: requests, replies, writes.
 //! - [`state`]: [`state::ServerState`], the handles every connection shares.
@@ -29,6 +30,7 @@ pub mod cluster;
 pub mod config;
 pub mod delivery;
 pub mod demo;
+pub mod drain;
 pub mod gateway;
 pub mod glob;
 pub mod history;

@@ -12,6 +12,7 @@ use tokio::sync::Semaphore;
 
 use crate::auth::Verifier;
 use crate::config::Config;
+use crate::drain::Drain;
 use crate::history::History;
 use crate::hub::Hub;
 use crate::limits::Limits;
@@ -31,4 +32,6 @@ pub struct ServerState {
     pub verifier: Option<Arc<Verifier>>,
     /// Per-IP and per-user connection counts and rate limits.
     pub limits: Limits,
+    /// Set when the node drains: the accept loops stop, readiness fails.
+    pub drain: Drain,
 }

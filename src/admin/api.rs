@@ -227,6 +227,24 @@ pub(super) async fn kick_user(
     Ok(Json(json!({ "kicked": kicked })))
 }
 
+/// `POST /admin/api/drain`: the node stops taking connections, `/readyz`
+/// answers 503, and its sessions are closed with 4200 spread over
+/// `drain_window_ms` (see `drain`). The process keeps running until it is
+/// stopped; a second call changes nothing.
+pub(super) async fn drain(
+    State(state): State<Arc<AdminState>>,
+    Extension(caller): Extension<Caller>,
+) -> ApiResult<Json<serde_json::Value>> {
+    audit(&state, &caller, "drain", json!({})).await?;
+    let started = state.server.drain.request();
+    Ok(Json(json!({
+        "draining": true,
+        "started": started,
+        "window_ms": state.server.config.drain_window_ms,
+        "sessions": state.server.hub.sessions().len(),
+    })))
+}
+
 /// One room in the list.
 #[derive(Debug, Serialize)]
 pub(super) struct RoomSummary {

@@ -68,6 +68,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/admin/api/rooms/{room}/messages"),
     ("GET", "/admin/api/audit"),
     ("POST", "/admin/api/backup"),
+    ("POST", "/admin/api/drain"),
 ];
 
 /// What every admin handler shares.
@@ -145,6 +146,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/rooms/{room}/messages", post(api::publish))
         .route("/audit", get(api::audit_log))
         .route("/backup", post(api::backup))
+        .route("/drain", post(api::drain))
         .fallback(api::not_found)
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::from_fn_with_state(

@@ -16,6 +16,7 @@ mod config_refusals;
 mod dashboard;
 mod demo;
 mod disk;
+mod drain;
 mod fuzz_corpus;
 mod gateway;
 mod loadtest;
