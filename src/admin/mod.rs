@@ -109,7 +109,18 @@ pub async fn serve(
 }
 
 fn state(server: Arc<ServerState>, draining: CancellationToken) -> Arc<AdminState> {
-    let mut registry = Registry::default();
+    // In a cluster every series carries the node's id, so one Prometheus
+    // scraping every node can tell them apart.
+    let mut registry = match &server.config.cluster {
+        Some(cluster) => Registry::with_labels(
+            [(
+                std::borrow::Cow::Borrowed("node"),
+                std::borrow::Cow::Owned(cluster.node_id()),
+            )]
+            .into_iter(),
+        ),
+        None => Registry::default(),
+    };
     server.metrics.register(&mut registry);
     registry.register_collector(Box::new(health::ScrapeCollector::new(server.clone())));
     let token = server
