@@ -374,7 +374,15 @@ impl<'a> Group<'a> {
                             uncertain = false;
                             None
                         }
-                        Resolved::NotYet => continue,
+                        Resolved::NotYet => {
+                            // Not stored yet: the same publish again, after
+                            // a pause (JetStream may be electing a leader).
+                            tokio::select! {
+                                () = self.stop.cancelled() => {}
+                                () = tokio::time::sleep(self.shared.retry) => {}
+                            }
+                            continue;
+                        }
                         Resolved::Stopped => {
                             for item in self.items.drain(..) {
                                 for r in item.same_key {
