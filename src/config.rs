@@ -268,6 +268,9 @@ pub struct ClusterConfig {
     /// Most messages of one room one publish to JetStream carries (an
     /// atomic batch). Default 256.
     pub max_batch: usize,
+    /// Most atomic batches this node has in flight to JetStream at once
+    /// (nats-server allows 50 per stream, for every node together). Default 16.
+    pub atomic_batches_in_flight: usize,
     /// How often a node announces itself (and its rooms' members) to the
     /// others. Default 1 000 ms.
     pub heartbeat_interval_ms: u64,
@@ -290,6 +293,7 @@ impl Default for ClusterConfig {
             tls_ca: None,
             request_timeout_ms: 2_000,
             max_batch: 256,
+            atomic_batches_in_flight: 16,
             heartbeat_interval_ms: 1_000,
             node_timeout_ms: 5_000,
             gap_timeout_ms: 250,
@@ -326,6 +330,10 @@ impl ClusterConfig {
         for (field, value) in [
             ("cluster.request_timeout_ms", self.request_timeout_ms),
             ("cluster.max_batch", self.max_batch as u64),
+            (
+                "cluster.atomic_batches_in_flight",
+                self.atomic_batches_in_flight as u64,
+            ),
             ("cluster.heartbeat_interval_ms", self.heartbeat_interval_ms),
             ("cluster.gap_timeout_ms", self.gap_timeout_ms),
         ] {

@@ -8,6 +8,7 @@
 //! server only through the store's interface and the hub's.
 
 pub mod control;
+pub mod store;
 pub mod subjects;
 
 use std::time::Duration;
