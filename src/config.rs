@@ -275,6 +275,10 @@ pub struct ClusterConfig {
     /// A drain (SIGTERM or `POST /admin/api/drain`) closes this node's
     /// sessions spread over this window, with close code 4012. Default 10 000 ms.
     pub drain_window_ms: u64,
+    /// Most messages of one room a node holds ahead of a missing seq; past
+    /// it, the newest are dropped and read from history with the gap.
+    /// Default 4 096.
+    pub reorder_max: usize,
 }
 
 impl Default for ClusterConfig {
@@ -292,6 +296,7 @@ impl Default for ClusterConfig {
             node_timeout_ms: 5_000,
             gap_timeout_ms: 250,
             drain_window_ms: 10_000,
+            reorder_max: 4_096,
         }
     }
 }
@@ -328,6 +333,7 @@ impl ClusterConfig {
             ("cluster.heartbeat_interval_ms", self.heartbeat_interval_ms),
             ("cluster.gap_timeout_ms", self.gap_timeout_ms),
             ("cluster.drain_window_ms", self.drain_window_ms),
+            ("cluster.reorder_max", self.reorder_max as u64),
         ] {
             if value < 1 {
                 return Err(ConfigError::TooSmall { field, min: 1 });

@@ -11,7 +11,9 @@
 //! - A message is encoded once into shared bytes; each recipient gets a
 //!   reference-counted handle, never a copy.
 //! - A room's members see its messages in commit order, which is seq order,
-//!   because only the single store writer thread calls [`CommitSink::committed`].
+//!   because only the single store writer thread calls [`CommitSink::committed`]
+//!   (in a cluster, the bus's one delivery task, which puts each room's
+//!   messages from every node in seq order: `cluster::bus`).
 //! - A join or leave costs the same whatever the room's size: members are
 //!   found through a map of slots once a room has more than [`SCAN_MAX`]
 //!   (below, a scan of a few members), the users' counts are a sorted
