@@ -280,6 +280,10 @@ pub struct ClusterConfig {
     /// How long a node waits for a missing seq of a room it delivers
     /// before it reads the gap from JetStream. Default 250 ms.
     pub gap_timeout_ms: u64,
+    /// Most messages of one room a node holds ahead of a missing seq; past
+    /// it, the newest are dropped and read from history with the gap.
+    /// Default 4 096.
+    pub reorder_max: usize,
 }
 
 impl Default for ClusterConfig {
@@ -297,6 +301,7 @@ impl Default for ClusterConfig {
             heartbeat_interval_ms: 1_000,
             node_timeout_ms: 5_000,
             gap_timeout_ms: 250,
+            reorder_max: 4_096,
         }
     }
 }
@@ -336,6 +341,7 @@ impl ClusterConfig {
             ),
             ("cluster.heartbeat_interval_ms", self.heartbeat_interval_ms),
             ("cluster.gap_timeout_ms", self.gap_timeout_ms),
+            ("cluster.reorder_max", self.reorder_max as u64),
         ] {
             if value < 1 {
                 return Err(ConfigError::TooSmall { field, min: 1 });

@@ -7,6 +7,7 @@
 //! here runs. It must not reach into sessions: it talks to the rest of the
 //! server only through the store's interface and the hub's.
 
+pub mod bus;
 pub mod control;
 pub mod store;
 pub mod subjects;
