@@ -15,6 +15,7 @@ mod closing;
 mod config_refusals;
 mod dashboard;
 mod demo;
+mod deploy;
 mod disk;
 mod fuzz_corpus;
 mod gateway;
