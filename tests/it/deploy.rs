@@ -680,3 +680,134 @@ async fn a_made_up_flag_variable_or_key_is_caught() {
             .is_err()
     );
 }
+
+/// docs/cluster.md's `[cluster]` table against `ClusterConfig::default()`:
+/// every key is listed, with its real default.
+#[test]
+fn the_cluster_keys_in_docs_are_the_real_ones_with_their_defaults() {
+    let docs = read(&root().join("docs/cluster.md"));
+    let section = docs
+        .split("## Configuration: `[cluster]`")
+        .nth(1)
+        .expect("docs/cluster.md has the [cluster] reference");
+    let rows: Vec<(String, String)> = section
+        .lines()
+        .skip_while(|l| !l.starts_with("| key | default |"))
+        .skip(2)
+        .take_while(|l| l.starts_with('|'))
+        .map(|line| {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            (cells[1].trim_matches('`').to_owned(), cells[2].to_owned())
+        })
+        .collect();
+    let defaults = format!("{:?}", ClusterConfig::default());
+    for (key, cell) in &rows {
+        // `none`, or a value computed at start (`<hostname>-<pid>`): unset.
+        if cell == "none" || cell.starts_with("`<") {
+            assert!(
+                defaults.contains(&format!(" {key}: None"))
+                    || defaults.contains(&format!(" {key}: []")),
+                "docs say `cluster.{key}` is unset by default: {defaults}"
+            );
+            continue;
+        }
+        let value = match cell.strip_prefix('`').and_then(|c| c.strip_suffix('`')) {
+            Some(text) => format!("{text:?}"),
+            None => cell.clone(),
+        };
+        let parsed: ClusterConfig = toml::from_str(&format!("{key} = {value}"))
+            .unwrap_or_else(|e| panic!("docs row `cluster.{key}` = {value}: {e}"));
+        assert_eq!(
+            format!("{parsed:?}"),
+            defaults,
+            "docs say `cluster.{key}` defaults to {value}"
+        );
+    }
+    let listed: BTreeSet<&str> = rows.iter().map(|(k, _)| k.as_str()).collect();
+    let fields: BTreeSet<&str> = defaults
+        .trim_start_matches("ClusterConfig {")
+        .trim_end_matches('}')
+        .split(", ")
+        .filter_map(|f| f.split_once(": ").map(|(k, _)| k.trim()))
+        .collect();
+    assert_eq!(listed, fields, "the docs table lists every [cluster] key");
+}
+
+/// The options deploy/compose.yaml, deploy/k8s/nats.yaml and
+/// scripts/cluster-local give `nats-server` are ones its `--help` lists.
+#[tokio::test]
+async fn nats_server_options_exist() {
+    let out = Command::new(nats_bin())
+        .arg("--help")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(DEADLINE, out)
+        .await
+        .expect("nats-server --help finishes")
+        .expect("nats-server runs");
+    let help = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let known: BTreeSet<&str> = help
+        .split([' ', ',', '\n', '\t'])
+        .filter(|w| w.starts_with('-'))
+        .collect();
+    assert!(
+        known.contains("--jetstream") && known.contains("--routes"),
+        "{help}"
+    );
+
+    let mut given: Vec<(String, Vec<String>)> = Vec::new();
+    let docs = deploy_yaml();
+    let compose = &docs["deploy/compose.yaml"][0];
+    for (name, service) in compose["services"].as_mapping().expect("services") {
+        if service["image"]
+            .as_str()
+            .is_some_and(|i| i.starts_with("nats:"))
+        {
+            let name = format!(
+                "deploy/compose.yaml service {}",
+                name.as_str().unwrap_or("?")
+            );
+            given.push((name.clone(), str_list(&service["command"], &name)));
+        }
+    }
+    let nats = find(&docs, "StatefulSet", "nats");
+    for c in nats["spec"]["template"]["spec"]["containers"]
+        .as_sequence()
+        .expect("containers")
+    {
+        given.push((
+            "deploy/k8s/nats.yaml args".into(),
+            str_list(&c["args"], "args"),
+        ));
+        let pre_stop = str_list(&c["lifecycle"]["preStop"]["exec"]["command"], "preStop");
+        given.push(("deploy/k8s/nats.yaml preStop".into(), pre_stop));
+    }
+    let script = read(&root().join("scripts/cluster-local")).replace("\\\n", " ");
+    for line in script.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if let Some(at) = words.iter().position(|w| *w == "\"$NATS\"") {
+            if words.get(at + 1).is_some_and(|w| w.starts_with('-')) {
+                let args = words[at + 1..].iter().map(|w| (*w).to_owned()).collect();
+                given.push(("scripts/cluster-local".into(), args));
+            }
+        }
+    }
+    assert!(
+        given.len() >= 5,
+        "nats-server invocations not found: {given:?}"
+    );
+    let wrong: Vec<String> = given
+        .iter()
+        .flat_map(|(origin, args)| {
+            args.iter()
+                .filter(|a| a.starts_with('-') && !known.contains(a.as_str()))
+                .map(move |a| format!("{origin}: `{a}` is not a nats-server option"))
+        })
+        .collect();
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
