@@ -22,7 +22,9 @@ use tracing::{info, warn};
 use crate::admin;
 use crate::auth::{AuthSetupError, Verifier};
 use crate::config::{Config, ConfigError};
+use crate::drain::{self, Drain};
 use crate::gateway;
+use crate::history::History;
 use crate::hub::{Hub, HubOptions};
 use crate::limits::Limits;
 use crate::metrics::Metrics;
@@ -115,11 +117,12 @@ impl Server {
         let state = Arc::new(ServerState {
             connection_permits: Arc::new(Semaphore::new(config.max_connections)),
             hub,
-            store: store.handle(),
+            store: History::Local(store.handle()),
             metrics,
             next_session: AtomicU64::new(1),
             verifier,
             limits: Limits::new(&config),
+            drain: Drain::default(),
             config,
         });
         Ok(Server {
@@ -180,7 +183,7 @@ impl Server {
         }
         tracker.spawn(presence_flusher(state.clone(), token.clone()));
         tracker.spawn(crate::store::retention::run(
-            state.store.clone(),
+            store.handle(),
             state.config.retention.clone().into(),
             std::time::Duration::from_millis(state.config.retention_interval_ms),
             state.config.retention_batch,
@@ -201,7 +204,39 @@ impl Server {
         }
         admin_tracker.close();
 
-        shutdown.await;
+        // A drain is asked for by the admin API, or (in cluster mode, where
+        // other nodes take the clients over) by the shutdown signal itself.
+        let mut draining = None;
+        let spread = |state: &Arc<ServerState>| {
+            let window = state.config.drain_window();
+            info!(
+                ?window,
+                "draining: readiness off, closing sessions spread over the window"
+            );
+            tracker.spawn(drain::close_spread(
+                state.hub.clone(),
+                window,
+                token.clone(),
+            ))
+        };
+        tokio::pin!(shutdown);
+        tokio::select! {
+            () = &mut shutdown => {}
+            () = state.drain.requested() => {
+                draining = Some(spread(&state));
+                shutdown.await;
+            }
+        }
+        if draining.is_none() && state.config.cluster.is_some() {
+            state.drain.request();
+            draining = Some(spread(&state));
+        }
+        if let Some(task) = draining {
+            let bound = state.config.drain_window() + state.config.shutdown_grace();
+            if tokio::time::timeout(bound, task).await.is_err() {
+                warn!(?bound, "the drain did not finish in time");
+            }
+        }
         info!("shutting down: closing sessions");
         token.cancel();
         tracker.close();

@@ -12,16 +12,18 @@ use tokio::sync::Semaphore;
 
 use crate::auth::Verifier;
 use crate::config::Config;
+use crate::drain::Drain;
+use crate::history::History;
 use crate::hub::Hub;
 use crate::limits::Limits;
 use crate::metrics::Metrics;
-use crate::store::StoreHandle;
 
 /// Everything sessions share.
 pub struct ServerState {
     pub config: Config,
     pub hub: Arc<Hub>,
-    pub store: StoreHandle,
+    /// Where history lives: the embedded store or the cluster's.
+    pub store: History,
     pub metrics: Arc<Metrics>,
     /// One permit per open connection.
     pub connection_permits: Arc<Semaphore>,
@@ -30,4 +32,6 @@ pub struct ServerState {
     pub verifier: Option<Arc<Verifier>>,
     /// Per-IP and per-user connection counts and rate limits.
     pub limits: Limits,
+    /// Set when the node drains: the accept loops stop, readiness fails.
+    pub drain: Drain,
 }

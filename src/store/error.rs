@@ -143,6 +143,10 @@ pub enum ReadError {
     Reopening(#[from] Reopening),
     #[error("the read task failed")]
     Task(#[from] tokio::task::JoinError),
+    /// A read from the cluster's history (NATS JetStream) failed or timed
+    /// out; retrying may succeed.
+    #[error("the cluster's history cannot be read now")]
+    Cluster(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// The store's append queue is closed.
@@ -174,6 +178,9 @@ pub enum NotWritable {
     /// Commits fail (a full or failing disk); the writer retries.
     #[error("the store cannot commit; the writer retries")]
     LastCommitFailed,
+    /// Cluster mode: NATS or JetStream cannot be reached; the node retries.
+    #[error("the cluster's message store (NATS JetStream) is unreachable; retrying")]
+    ClusterUnavailable,
 }
 
 /// Why a copy of the store could not be made.

