@@ -17,6 +17,7 @@ mod cluster_store;
 mod config_refusals;
 mod dashboard;
 mod demo;
+mod deploy;
 mod disk;
 mod drain;
 mod fuzz_corpus;
