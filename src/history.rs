@@ -21,6 +21,7 @@
 
 use std::future::Future;
 
+use crate::cluster::store::JetStreamStore;
 use crate::store::{
     Append, AppendError, NotWritable, Page, ReadError, StoreClosed, StoreHandle, StoredMessage,
     TryAppendError,
@@ -129,12 +130,64 @@ impl Store for StoreHandle {
     }
 }
 
+impl Store for JetStreamStore {
+    fn append(&self, append: Append) -> impl Future<Output = Result<(), StoreClosed>> + Send {
+        JetStreamStore::append(self, append)
+    }
+    fn try_append(&self, append: Append) -> Result<(), TryAppendError> {
+        JetStreamStore::try_append(self, append)
+    }
+    fn epoch(&self) -> &str {
+        JetStreamStore::epoch(self)
+    }
+    fn writable(&self) -> Result<(), NotWritable> {
+        JetStreamStore::writable(self)
+    }
+    fn commits(&self) -> u64 {
+        JetStreamStore::commits(self)
+    }
+    fn failed_commits(&self) -> u64 {
+        JetStreamStore::failed_commits(self)
+    }
+    fn latest_seq(&self, room: &str) -> impl Future<Output = Result<u64, ReadError>> + Send {
+        JetStreamStore::latest_seq(self, room)
+    }
+    fn history(
+        &self,
+        room: &str,
+        before: Option<u64>,
+        after: Option<u64>,
+        limit: usize,
+    ) -> impl Future<Output = Result<Page, ReadError>> + Send {
+        JetStreamStore::history(self, room, before, after, limit)
+    }
+    fn read_after(
+        &self,
+        room: &str,
+        after: u64,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<StoredMessage>, ReadError>> + Send {
+        JetStreamStore::read_after(self, room, after, limit)
+    }
+    fn messages_by_user(
+        &self,
+        user: &str,
+    ) -> impl Future<Output = Result<Vec<(String, StoredMessage)>, ReadError>> + Send {
+        JetStreamStore::messages_by_user(self, user)
+    }
+    fn erase_user(&self, user: &str) -> impl Future<Output = Result<u64, AppendError>> + Send {
+        JetStreamStore::erase_user(self, user)
+    }
+}
+
 /// This node's history: one enum rather than a trait object, so the hot
 /// path (an append per message) costs a match, not a boxed future.
 #[derive(Debug, Clone)]
 pub enum History {
     /// The embedded redb store (single node).
     Local(StoreHandle),
+    /// NATS JetStream (cluster mode).
+    Cluster(JetStreamStore),
 }
 
 impl History {
@@ -142,6 +195,7 @@ impl History {
     pub fn local(&self) -> Option<&StoreHandle> {
         match self {
             History::Local(h) => Some(h),
+            History::Cluster(_) => None,
         }
     }
 }
@@ -151,6 +205,7 @@ macro_rules! each {
     ($self:ident, $s:ident => $e:expr) => {
         match $self {
             History::Local($s) => $e,
+            History::Cluster($s) => $e,
         }
     };
 }

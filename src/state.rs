@@ -1,5 +1,6 @@
 //! The state every connection shares: config, hub, store handle, metrics,
-//! connection permits, token verifier and limits.
+//! connection permits, token verifier, limits, the drain request and, in
+//! cluster mode, this node's cluster handles.
 //!
 //! It sits below the gateway, the session and the admin listener, which
 //! read it; `server` builds it and wires the parts together. It holds
@@ -11,6 +12,7 @@ use std::sync::atomic::AtomicU64;
 use tokio::sync::Semaphore;
 
 use crate::auth::Verifier;
+use crate::cluster;
 use crate::config::Config;
 use crate::drain::Drain;
 use crate::history::History;
@@ -34,4 +36,6 @@ pub struct ServerState {
     pub limits: Limits,
     /// Set when the node drains: the accept loops stop, readiness fails.
     pub drain: Drain,
+    /// This node of the cluster; `None` when the server runs alone.
+    pub cluster: Option<cluster::Node>,
 }

@@ -12,6 +12,7 @@ mod burst;
 mod chat;
 mod client;
 mod closing;
+mod cluster;
 mod cluster_bus;
 mod cluster_store;
 mod config_refusals;
