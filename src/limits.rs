@@ -304,6 +304,35 @@ impl SessionLimits {
     }
 }
 
+/// An append over one of the limits that apply to every append, whoever
+/// makes it (a client's `send`, an operator's publish).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppendLimit {
+    /// The body nests deeper than `max_body_depth`.
+    TooDeep { max: usize },
+    /// The idempotency key is longer than `max_key_bytes`.
+    KeyTooLong { max: usize },
+}
+
+/// Checks an append's idempotency key and, when given, its body against
+/// the config; the body's nesting first. A caller whose decoder already
+/// measured the body's depth passes `None` rather than scan it again.
+pub fn check_append(
+    config: &Config,
+    key: Option<&str>,
+    body: Option<&serde_json::value::RawValue>,
+) -> Result<(), AppendLimit> {
+    let max = config.max_body_depth;
+    if body.is_some_and(|b| protocol::nesting_depth(b.get()) > max) {
+        return Err(AppendLimit::TooDeep { max });
+    }
+    let max = config.max_key_bytes;
+    if key.is_some_and(|k| k.len() > max) {
+        return Err(AppendLimit::KeyTooLong { max });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -26,6 +26,7 @@ use super::error::ApiError;
 use super::{AdminState, health, now_ms, rfc3339};
 use crate::close::CloseReason;
 use crate::hub::SessionInfo;
+use crate::limits::{AppendLimit, check_append};
 use crate::store::{Append, StoreClosed};
 
 /// The user that system messages come from.
@@ -310,27 +311,27 @@ pub(super) async fn publish(
         .trim();
     let body = RawValue::from_string(text.to_owned())
         .map_err(|e| ApiError::BadRequest(format!("the body is not one JSON value: {e}")))?;
-    if protocol::nesting_depth(body.get()) > config.max_body_depth {
-        let max = config.max_body_depth;
-        return Err(ApiError::BadRequest(format!(
-            "the body nests deeper than {max}"
-        )));
-    }
     let key = match headers.get("idempotency-key") {
-        Some(v) => {
-            let k = v
-                .to_str()
-                .map_err(|_| ApiError::BadRequest("Idempotency-Key must be ASCII".into()))?;
-            if k.len() > config.max_key_bytes {
-                let max = config.max_key_bytes;
-                return Err(ApiError::BadRequest(format!(
-                    "Idempotency-Key is longer than {max} bytes"
-                )));
-            }
-            Some(k.to_owned())
-        }
+        Some(v) => Some(
+            v.to_str()
+                .map_err(|_| ApiError::BadRequest("Idempotency-Key must be ASCII".into()))?
+                .to_owned(),
+        ),
         None => None,
     };
+    match check_append(config, key.as_deref(), Some(&body)) {
+        Ok(()) => {}
+        Err(AppendLimit::TooDeep { max }) => {
+            return Err(ApiError::BadRequest(format!(
+                "the body nests deeper than {max}"
+            )));
+        }
+        Err(AppendLimit::KeyTooLong { max }) => {
+            return Err(ApiError::BadRequest(format!(
+                "Idempotency-Key is longer than {max} bytes"
+            )));
+        }
+    }
     audit(
         &state,
         &caller,
