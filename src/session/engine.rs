@@ -7,7 +7,7 @@
 //! knows it only as a byte stream under a WebSocket: it runs over any
 //! `AsyncRead + AsyncWrite` (TCP, TLS, or an in-memory duplex in tests).
 //! It must not decide what a request means: a text frame goes to
-//! [`super::request`].
+//! `request.rs`.
 
 use std::future::Future;
 use std::pin::Pin;

@@ -45,6 +45,7 @@ mod token;
 mod typing;
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests;
 
 use rustc_hash::FxHashMap;

@@ -4,7 +4,7 @@
 //! The store commits a session's appends in the order they were queued, so
 //! acks complete in queue order and only the oldest needs polling. A
 //! `VecDeque` allocates nothing until the first send. This module must not
-//! write to the socket: the engine and [`super::send`] write the acks.
+//! write to the socket: the engine and `send.rs` write the acks.
 
 use std::collections::VecDeque;
 use std::future::Future;

@@ -1,5 +1,5 @@
 //! The `refresh` request: a new token for the same user, replacing the
-//! session's grants and restarting the expiry timer ([`super::token`]).
+//! session's grants and restarting the expiry timer (`token.rs`).
 //!
 //! It must not keep a room the new grants cannot read: those are left.
 

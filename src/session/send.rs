@@ -2,7 +2,7 @@
 //! `ack` (or `error`) written when its commit finishes.
 //!
 //! It must not write the ack before the commit: the ack says the message
-//! is durable. In-flight sends wait in [`super::pending`].
+//! is durable. In-flight sends wait in `pending.rs`.
 
 use std::future::Future;
 use std::sync::Arc;

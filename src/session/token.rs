@@ -2,7 +2,7 @@
 //! `token_expiring` warning, and the close (4001) at expiry.
 //!
 //! It owns the timing only: it must not verify tokens (that is
-//! [`crate::auth`], through [`super::refresh`]) and writes nothing but the
+//! `auth.rs`, through `refresh.rs`) and writes nothing but the
 //! warning.
 
 use std::pin::Pin;
