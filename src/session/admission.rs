@@ -7,9 +7,8 @@
 //! It must not act on a room: it only decides, and answers refusals.
 
 use protocol::{ErrorCode, RequestId, ServerFrame};
-use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::{CloseReason, Flow, Session};
+use super::{CloseReason, Flow, Session, Transport};
 use crate::auth::Access;
 use crate::limits::Action;
 
@@ -26,10 +25,16 @@ pub(super) enum Membership {
     JoinedUnlessWriteOnly,
 }
 
-impl<S> Session<S>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
-{
+/// What a request family needs to be admitted: each handler names its own.
+#[derive(Clone, Copy)]
+pub(super) struct Needs {
+    pub(super) access: Access,
+    pub(super) membership: Membership,
+    /// The rate limit it takes a token of, if any.
+    pub(super) action: Option<Action>,
+}
+
+impl<S: Transport> Session<S> {
     /// Runs the admission chain for a request on `room`. Returns false when
     /// it refused (the refusal is answered); persistent rate-limit refusals
     /// end the session with 4101.
@@ -37,10 +42,13 @@ where
         &mut self,
         id: Option<RequestId>,
         room: &str,
-        access: Access,
-        membership: Membership,
-        action: Option<Action>,
+        needs: Needs,
     ) -> Result<bool, CloseReason> {
+        let Needs {
+            access,
+            membership,
+            action,
+        } = needs;
         // A joined room's name was checked when it was joined.
         let joined = self.rooms.contains_key(room);
         if !joined && !self.valid_room(id, room).await? {

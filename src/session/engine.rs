@@ -26,13 +26,10 @@ use tracing::debug;
 
 use super::pending::oldest_ack;
 use super::token::{TokenTimer, token_alarm};
-use super::{CloseReason, Flow, Outbox, OutboxReceiver, Outgoing, Session};
+use super::{CloseReason, Flow, Outbox, OutboxReceiver, Outgoing, Session, Transport};
 use crate::hub::SessionEntry;
 
-impl<S> Session<S>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
-{
+impl<S: Transport> Session<S> {
     /// Runs the session to its end and returns why it ended, first joining
     /// `joins` (the rooms of the upgrade's `?join=`) as if the client had
     /// sent a `join` for each.
@@ -254,28 +251,30 @@ where
     /// and gives way to a kill, so a peer that stops reading can hold up
     /// only its own session, and only until then.
     pub(super) fn write(&mut self, msg: Message, flush: bool) -> Deadline<'_, WsWrite<'_, S>> {
-        let deadline = self.state.config.write_timeout();
         self.unflushed = !flush;
-        let Session {
-            ws,
-            kill,
-            inbox,
-            outbox,
-            ..
-        } = self;
-        let io = if flush {
-            Either::Left(ws.send(msg))
-        } else {
-            Either::Right(ws.feed(msg))
-        };
-        Deadline::new(deadline, kill, inbox, outbox, io)
+        self.with_deadline(|ws| {
+            if flush {
+                Either::Left(ws.send(msg))
+            } else {
+                Either::Right(ws.feed(msg))
+            }
+        })
     }
 
     pub(super) fn flush(
         &mut self,
     ) -> Deadline<'_, futures_util::sink::Flush<'_, WebSocketStream<S>, Message>> {
-        let deadline = self.state.config.write_timeout();
         self.unflushed = false;
+        self.with_deadline(|ws| ws.flush())
+    }
+
+    /// The I/O that `io` makes of the socket, under the write deadline and
+    /// the kill.
+    fn with_deadline<'a, F>(
+        &'a mut self,
+        io: impl FnOnce(&'a mut WebSocketStream<S>) -> F,
+    ) -> Deadline<'a, F> {
+        let deadline = self.state.config.write_timeout();
         let Session {
             ws,
             kill,
@@ -283,7 +282,7 @@ where
             outbox,
             ..
         } = self;
-        Deadline::new(deadline, kill, inbox, outbox, ws.flush())
+        Deadline::new(deadline, kill, inbox, outbox, io(ws))
     }
 
     /// Answers with an `error` frame (cold path, see [`Self::send_error_frame`]).

@@ -4,18 +4,21 @@
 //! touch the session's rooms or floors: history is not delivery.
 
 use protocol::{Body, ErrorCode, HistoryMessage, RequestId, ServerFrame};
-use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::warn;
 
-use super::admission::Membership;
-use super::{Flow, Session};
+use super::admission::{Membership, Needs};
+use super::{Flow, Session, Transport};
 use crate::auth::Access;
 use crate::limits::Action;
 
-impl<S> Session<S>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
-{
+/// A page of history needs read access, not a join, and a history token.
+const HISTORY: Needs = Needs {
+    access: Access::Read,
+    membership: Membership::Any,
+    action: Some(Action::History),
+};
+
+impl<S: Transport> Session<S> {
     pub(super) async fn on_history(
         &mut self,
         id: Option<RequestId>,
@@ -24,16 +27,7 @@ where
         after: Option<u64>,
         limit: Option<u32>,
     ) -> Flow {
-        if !self
-            .admit_room(
-                id,
-                &room,
-                Access::Read,
-                Membership::Any,
-                Some(Action::History),
-            )
-            .await?
-        {
+        if !self.admit_room(id, &room, HISTORY).await? {
             return Ok(());
         }
         let config = &self.state.config;

@@ -8,21 +8,31 @@
 
 use protocol::{ErrorCode, RequestId, ServerFrame};
 use serde_json::value::RawValue;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tracing::warn;
 
-use super::admission::Membership;
-use super::{Flow, Session};
+use super::admission::{Membership, Needs};
+use super::{Flow, Session, Transport};
 use crate::auth::Access;
 use crate::hub::Member;
 use crate::limits::Action;
 use crate::store::StoredMessage;
 
-impl<S> Session<S>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
-{
+/// A join needs read access and a join token.
+const JOIN: Needs = Needs {
+    access: Access::Read,
+    membership: Membership::Any,
+    action: Some(Action::Join),
+};
+
+/// A page of presence needs read access, a join, and a history token.
+const PRESENCE: Needs = Needs {
+    access: Access::Read,
+    membership: Membership::Joined,
+    action: Some(Action::History),
+};
+
+impl<S: Transport> Session<S> {
     pub(super) async fn on_join(
         &mut self,
         id: Option<RequestId>,
@@ -41,10 +51,7 @@ where
                 )
                 .await;
         }
-        if !self
-            .admit_room(id, &room, Access::Read, Membership::Any, Some(Action::Join))
-            .await?
-        {
+        if !self.admit_room(id, &room, JOIN).await? {
             return Ok(());
         }
         let state = self.state.clone();
@@ -137,16 +144,7 @@ where
         after: Option<String>,
         limit: Option<u32>,
     ) -> Flow {
-        if !self
-            .admit_room(
-                id,
-                &room,
-                Access::Read,
-                Membership::Joined,
-                Some(Action::History),
-            )
-            .await?
-        {
+        if !self.admit_room(id, &room, PRESENCE).await? {
             return Ok(());
         }
         let max = self.state.config.presence_page_max;

@@ -70,6 +70,11 @@ use crate::limits::{SessionLimits, Slots};
 use crate::state::ServerState;
 use pending::PendingAck;
 
+/// The byte stream a session runs over: any that reads and writes.
+pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Transport for T {}
+
 /// Who the session is, as established by the handshake.
 #[derive(Debug, Clone)]
 pub struct Identity {
@@ -122,10 +127,7 @@ pub struct Session<S> {
     _slots: Slots,
 }
 
-impl<S> Session<S>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
-{
+impl<S: Transport> Session<S> {
     /// A session over `ws`, an upgraded WebSocket on any byte stream.
     /// `welcomed` runs once the welcome is written (the gateway uncorks the
     /// socket there; pass `|_| {}` for a stream with nothing to uncork).

@@ -6,15 +6,11 @@
 use std::sync::Arc;
 
 use protocol::{ErrorCode, RequestId, ServerFrame};
-use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::{Flow, Session};
+use super::{Flow, Session, Transport};
 use crate::auth::{Access, AuthError};
 
-impl<S> Session<S>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
-{
+impl<S: Transport> Session<S> {
     /// Replaces the session's token. The new one must name the same user.
     /// Rooms the new grants no longer let it read are left.
     pub(super) async fn on_refresh(&mut self, id: Option<RequestId>, token: &str) -> Flow {

@@ -5,14 +5,10 @@
 //! the one-line answers (`ping`, a second `auth`).
 
 use protocol::{ClientRequest, ErrorCode, ServerFrame};
-use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::{Flow, Session};
+use super::{Flow, Session, Transport};
 
-impl<S> Session<S>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
-{
+impl<S: Transport> Session<S> {
     pub(super) async fn on_request(&mut self, text: &str) -> Flow {
         let request = match protocol::decode_request(text, self.state.config.max_body_depth) {
             Ok(r) => r,

@@ -10,21 +10,25 @@ use std::sync::atomic::Ordering;
 
 use protocol::{ErrorCode, RequestId, ServerFrame};
 use serde_json::value::RawValue;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::oneshot;
 use tracing::warn;
 
-use super::admission::Membership;
+use super::admission::{Membership, Needs};
 use super::pending::PendingAck;
-use super::{Flow, Session};
+use super::{Flow, Session, Transport};
 use crate::auth::Access;
 use crate::limits::{Action, AppendLimit, check_append};
 use crate::store::{Append, AppendError};
 
-impl<S> Session<S>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
-{
+/// A send needs write access, a join unless the grant is write-only, and
+/// a send token.
+const SEND: Needs = Needs {
+    access: Access::Write,
+    membership: Membership::JoinedUnlessWriteOnly,
+    action: Some(Action::Send),
+};
+
+impl<S: Transport> Session<S> {
     pub(super) async fn on_send(
         &mut self,
         id: Option<RequestId>,
@@ -32,16 +36,7 @@ where
         body: Box<RawValue>,
         key: Option<String>,
     ) -> Flow {
-        if !self
-            .admit_room(
-                id,
-                &room,
-                Access::Write,
-                Membership::JoinedUnlessWriteOnly,
-                Some(Action::Send),
-            )
-            .await?
-        {
+        if !self.admit_room(id, &room, SEND).await? {
             return Ok(());
         }
         let room_key = match self.rooms.get_key_value(room.as_str()) {

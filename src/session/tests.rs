@@ -34,6 +34,12 @@ use crate::state::ServerState;
 /// The longest real time one wait of a test may take.
 const DEADLINE: Duration = Duration::from_secs(15);
 
+/// The token tests' token lifetime and warning: the warning is due 40 s
+/// in, the expiry 100 s after the warning (the expiry is counted from the
+/// warning on the wall clock, which stands nearly still in these tests).
+const TOKEN_SECS: u64 = 100;
+const WARNING_SECS: u64 = 60;
+
 /// The duplex's buffer, each way, unless a test needs a small one.
 const BUFFER: usize = 64 * 1024;
 
@@ -147,6 +153,15 @@ struct Conn {
 }
 
 impl Conn {
+    /// Reads up to the close frame, checks its code and why the session
+    /// ended; returns the text frames before the close.
+    async fn closed_for(mut self, reason: CloseReason) -> Vec<Value> {
+        let (texts, code) = self.peer.until_close().await;
+        assert_eq!(code, code_of(reason), "{texts:?}");
+        assert_eq!(self.ended().await, reason);
+        texts
+    }
+
     /// Answers the close, as a client does, and waits for the session to
     /// end (the session lingers for that answer); returns why it ended.
     async fn ended(mut self) -> CloseReason {
@@ -261,6 +276,7 @@ fn close_code(payload: &[u8]) -> u16 {
     u16::from_be_bytes([payload[0], payload[1]])
 }
 
+/// The close code a reason is documented with.
 fn code_of(reason: CloseReason) -> u16 {
     reason.code().unwrap().code
 }
@@ -308,30 +324,27 @@ async fn a_silent_client_gets_a_ping_then_the_heartbeat_close() {
     assert_eq!(conn.peer.frame().await.0, OP_PING);
     // The peer answers nothing: one more interval is two without a frame.
     tokio::time::advance(Duration::from_millis(1000)).await;
-    let (texts, code) = conn.peer.until_close().await;
+    let texts = conn.closed_for(CloseReason::HeartbeatTimeout).await;
     assert!(texts.is_empty(), "{texts:?}");
-    assert_eq!(code, code_of(CloseReason::HeartbeatTimeout));
-    assert_eq!(conn.ended().await, CloseReason::HeartbeatTimeout);
 }
 
 #[tokio::test(start_paused = true)]
 async fn an_expiring_token_is_warned_of_then_closes_4001() {
-    let rig = Rig::new(|c| c.token_expiry_warning_secs = 60).await;
-    let expires_at = crate::auth::now_unix() + 100;
+    let rig = Rig::new(|c| c.token_expiry_warning_secs = WARNING_SECS).await;
+    let expires_at = crate::auth::now_unix() + TOKEN_SECS;
     let mut conn = rig.connect("alice", Some(expires_at), BUFFER).await;
     // Before the warning time, nothing.
-    tokio::time::advance(Duration::from_secs(39)).await;
+    tokio::time::advance(Duration::from_secs(TOKEN_SECS - WARNING_SECS - 1)).await;
     settle_tasks().await;
     assert!(conn.peer.is_quiet().await);
     tokio::time::advance(Duration::from_secs(2)).await;
     let warning = conn.peer.json().await;
     assert_eq!(warning["type"], "token_expiring");
     assert_eq!(warning["expires_at"], expires_at);
-    tokio::time::advance(Duration::from_secs(101)).await;
-    let (texts, code) = conn.peer.until_close().await;
+    tokio::time::advance(Duration::from_secs(TOKEN_SECS + 1)).await;
+    let texts = conn.closed_for(CloseReason::Unauthorized).await;
     assert!(texts.is_empty(), "{texts:?}");
-    assert_eq!(code, 4001);
-    assert_eq!(conn.ended().await, CloseReason::Unauthorized);
+    assert_eq!(code_of(CloseReason::Unauthorized), 4001);
 }
 
 #[tokio::test(start_paused = true)]
@@ -363,12 +376,10 @@ async fn a_peer_that_stops_reading_is_closed_as_a_slow_consumer() {
     tokio::time::advance(rig.state.config.write_timeout() + Duration::from_millis(1)).await;
     settle_tasks().await;
     // The peer reads again: what was written, then the close.
-    let (texts, code) = conn.peer.until_close().await;
+    let texts = conn.closed_for(CloseReason::SlowConsumer).await;
     assert!(texts.iter().all(|t| t["type"] == "message"), "{texts:?}");
     assert!(texts.len() < 32, "all {} were written", texts.len());
-    assert_eq!(code, 4100);
-    assert_eq!(code, code_of(CloseReason::SlowConsumer));
-    assert_eq!(conn.ended().await, CloseReason::SlowConsumer);
+    assert_eq!(code_of(CloseReason::SlowConsumer), 4100);
 }
 
 #[tokio::test(start_paused = true)]
@@ -406,10 +417,8 @@ async fn a_kick_writes_the_acks_of_accepted_sends_before_the_close() {
     join(&mut conn.peer, "r").await;
     send_unacked(&rig, &mut conn.peer, "r", 3).await;
     assert!(rig.state.hub.close_session(conn.id, CloseReason::Kicked));
-    let (texts, code) = conn.peer.until_close().await;
+    let texts = conn.closed_for(CloseReason::Kicked).await;
     assert_eq!(acked(&texts), [100, 101, 102], "{texts:?}");
-    assert_eq!(code, code_of(CloseReason::Kicked));
-    assert_eq!(conn.ended().await, CloseReason::Kicked);
 }
 
 #[tokio::test(start_paused = true)]
@@ -428,27 +437,23 @@ async fn a_rate_limit_close_writes_the_acks_of_accepted_sends_before_the_close()
     conn.peer
         .request(json!({"type": "send", "id": 200, "room": "r", "body": {}}))
         .await;
-    let (texts, code) = conn.peer.until_close().await;
+    let texts = conn.closed_for(CloseReason::RateLimited).await;
     assert_eq!(acked(&texts), [100, 101], "{texts:?}");
     assert!(texts.iter().all(|t| t["type"] != "error"), "{texts:?}");
-    assert_eq!(code, code_of(CloseReason::RateLimited));
-    assert_eq!(conn.ended().await, CloseReason::RateLimited);
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_token_expiry_writes_the_acks_of_accepted_sends_before_the_close() {
-    let rig = Rig::new(|c| c.token_expiry_warning_secs = 60).await;
-    let expires_at = crate::auth::now_unix() + 100;
+    let rig = Rig::new(|c| c.token_expiry_warning_secs = WARNING_SECS).await;
+    let expires_at = crate::auth::now_unix() + TOKEN_SECS;
     let mut conn = rig.connect("alice", Some(expires_at), BUFFER).await;
     join(&mut conn.peer, "r").await;
-    tokio::time::advance(Duration::from_secs(41)).await;
+    tokio::time::advance(Duration::from_secs(TOKEN_SECS - WARNING_SECS + 1)).await;
     assert_eq!(conn.peer.json().await["type"], "token_expiring");
     send_unacked(&rig, &mut conn.peer, "r", 3).await;
-    tokio::time::advance(Duration::from_secs(101)).await;
-    let (texts, code) = conn.peer.until_close().await;
+    tokio::time::advance(Duration::from_secs(TOKEN_SECS + 1)).await;
+    let texts = conn.closed_for(CloseReason::Unauthorized).await;
     assert_eq!(acked(&texts), [100, 101, 102], "{texts:?}");
-    assert_eq!(code, 4001);
-    assert_eq!(conn.ended().await, CloseReason::Unauthorized);
 }
 
 /// The size of what `f` returns, without calling it.

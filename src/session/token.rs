@@ -9,9 +9,8 @@ use std::pin::Pin;
 use std::task::Poll;
 
 use protocol::ServerFrame;
-use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::{CloseReason, Flow, Session};
+use super::{CloseReason, Flow, Session, Transport};
 use crate::auth::AuthError;
 
 /// The token's one timer, on the heap and only while the token expires:
@@ -27,10 +26,7 @@ pub(super) fn token_alarm(timer: &mut TokenTimer) -> impl Future<Output = ()> + 
     })
 }
 
-impl<S> Session<S>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
-{
+impl<S: Transport> Session<S> {
     /// Moves `timer` to the token's next deadline when the token or its
     /// warning state changed; reset rather than replaced, so that the loop
     /// registers no timer per iteration.

@@ -3,16 +3,20 @@
 //! It must not write anything but a refusal: the hub sends the notice.
 
 use protocol::RequestId;
-use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::admission::Membership;
-use super::{Flow, Session};
+use super::admission::{Membership, Needs};
+use super::{Flow, Session, Transport};
 use crate::auth::Access;
 
-impl<S> Session<S>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
-{
+/// A typing notice needs write access and a join; the hub coalesces
+/// notices, so it takes no rate token.
+const TYPING: Needs = Needs {
+    access: Access::Write,
+    membership: Membership::Joined,
+    action: None,
+};
+
+impl<S: Transport> Session<S> {
     /// Tells the room the user is typing. It takes no rate-limit token: the
     /// hub sends at most one notice per room and interval.
     pub(super) async fn on_typing(&mut self, id: Option<RequestId>, room: String) -> Flow {
@@ -22,8 +26,7 @@ where
             true
         } else {
             // A refusal: cold path.
-            let admitting =
-                Box::pin(self.admit_room(id, &room, Access::Write, Membership::Joined, None));
+            let admitting = Box::pin(self.admit_room(id, &room, TYPING));
             admitting.await?
         };
         if admitted {
