@@ -556,14 +556,10 @@ pub(crate) async fn close_with<S>(
     let Some(code) = reason.code() else {
         return;
     };
-    let config = &state.config;
-    close_and_linger(
-        ws,
-        close_frame(code, detail),
-        config.write_timeout(),
-        config.close_linger(),
-    )
-    .await;
+    // The write is bounded by the linger too: a connection that never
+    // became a session holds its slots no longer than that per step.
+    let linger = state.config.close_linger();
+    close_and_linger(ws, close_frame(code, detail), linger, linger).await;
 }
 
 /// Sends what the TCP socket under `stream` held back: the session calls it
