@@ -385,4 +385,30 @@ mod tests {
         }
         assert!(k.len() < PRUNE_AT + 10);
     }
+
+    #[test]
+    fn check_append_refuses_a_deep_body_first_then_a_long_key() {
+        let config = Config {
+            max_body_depth: 2,
+            max_key_bytes: 3,
+            ..Config::default()
+        };
+        let body = |json: &str| serde_json::value::RawValue::from_string(json.into()).unwrap();
+        let (flat, deep) = (body("[[1]]"), body("[[[1]]]"));
+        assert_eq!(check_append(&config, Some("abc"), Some(&flat)), Ok(()));
+        assert_eq!(
+            check_append(&config, Some("abcd"), Some(&deep)),
+            Err(AppendLimit::TooDeep { max: 2 })
+        );
+        assert_eq!(
+            check_append(&config, Some("abcd"), Some(&flat)),
+            Err(AppendLimit::KeyTooLong { max: 3 })
+        );
+        // Without a body, only the key is checked.
+        assert_eq!(check_append(&config, None, None), Ok(()));
+        assert_eq!(
+            check_append(&config, Some("abcd"), None),
+            Err(AppendLimit::KeyTooLong { max: 3 })
+        );
+    }
 }
