@@ -3,9 +3,18 @@
 //! The reason decides the close code the client sees and is counted in
 //! metrics by name (the nats-server `ClosedState` policy). The gateway (for
 //! a handshake that fails after the upgrade) and the session both close
-//! through it; it imports neither, nor metrics.
+//! through it: [`close_frame`] and [`close_and_linger`] are the one close
+//! handshake of a WebSocket. It imports neither, nor metrics.
 
+use std::time::Duration;
+
+use futures_util::StreamExt;
 use protocol::close::{self, CloseCode};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tracing::debug;
 
 /// Why a session ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -117,4 +126,55 @@ pub fn close_reason_text(name: &str, detail: &str) -> String {
         text.truncate(cut);
     }
     text
+}
+
+/// The close frame for `code`: its name, then `detail` when not empty.
+pub fn close_frame(code: CloseCode, detail: &str) -> CloseFrame {
+    CloseFrame {
+        code: code.code.into(),
+        reason: Utf8Bytes::from(close_reason_text(code.name, detail)),
+    }
+}
+
+/// Bytes read at a time when discarding input after a close.
+const DRAIN_CHUNK: usize = 1024;
+
+/// Writes `frame` (within `write_timeout`), then waits up to `linger` for
+/// the peer's close reply, reading off what it still sends, so that the
+/// socket ends with FIN rather than a reset that could destroy the close
+/// frame in flight.
+pub async fn close_and_linger<S>(
+    ws: &mut WebSocketStream<S>,
+    frame: CloseFrame,
+    write_timeout: Duration,
+    linger: Duration,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    match tokio::time::timeout(write_timeout, ws.close(Some(frame))).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            debug!(error = %e, "close frame not written");
+            return;
+        }
+        Err(_) => {
+            debug!("close frame not written in time");
+            return;
+        }
+    }
+    let lingering = async {
+        loop {
+            match ws.next().await {
+                Some(Ok(msg)) if msg.is_close() => return,
+                Some(Ok(_)) => {}
+                // The codec stopped (after an oversized or invalid frame, it
+                // reads no further): discard the rest raw.
+                Some(Err(_)) | None => break,
+            }
+        }
+        let mut buf = vec![0u8; DRAIN_CHUNK];
+        let raw = ws.get_mut();
+        while matches!(raw.read(&mut buf).await, Ok(n) if n > 0) {}
+    };
+    let _ = tokio::time::timeout(linger, lingering).await;
 }

@@ -27,17 +27,16 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::StatusCode;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, debug_span, warn};
 
 use crate::auth::{AuthError, Principal};
-use crate::close::{CloseReason, close_reason_text};
+use crate::close::{CloseReason, close_and_linger, close_frame};
 use crate::demo::{Peeked, Route};
 use crate::limits::{ConnGuard, Slots};
 use crate::session::{Identity, Session};
@@ -559,20 +558,16 @@ pub(crate) async fn close_with<S>(
     let Some(code) = reason.code() else {
         return;
     };
-    let frame = CloseFrame {
-        code: code.code.into(),
-        reason: Utf8Bytes::from(close_reason_text(code.name, detail)),
-    };
-    let close = async {
-        ws.close(Some(frame)).await?;
-        while let Some(msg) = ws.next().await {
-            if msg?.is_close() {
-                break;
-            }
-        }
-        Ok::<(), tokio_tungstenite::tungstenite::Error>(())
-    };
-    let _ = tokio::time::timeout(state.config.close_linger(), close).await;
+    // The write is bounded by the linger too: a connection that never
+    // became a session holds its slots no longer than that per step.
+    let linger = state.config.close_linger();
+    close_and_linger(ws, close_frame(code, detail), linger, linger).await;
+}
+
+/// Sends what the TCP socket under `stream` held back: the session calls it
+/// once `welcome` is written, so the 101 and `welcome` leave together.
+fn uncork<S: crate::net::Tcp>(stream: &S) {
+    crate::net::cork(stream, false);
 }
 
 /// Starts the session of a connection that passed every check, as a
@@ -597,6 +592,14 @@ fn spawn_session<S>(
     // it in their own fields instead.
     let span = debug_span!("session", id = format_args!("{id:016x}"), user = %identity.principal.user, remote = %identity.remote);
     state.metrics.connections_open.inc();
-    let session = Session::new(ws, id, identity, slots, state.clone(), shutdown);
+    let session = Session::new(
+        ws,
+        id,
+        identity,
+        slots,
+        state.clone(),
+        shutdown,
+        uncork::<S>,
+    );
     tracker.spawn(session.run(joins).instrument(span));
 }

@@ -304,6 +304,35 @@ impl SessionLimits {
     }
 }
 
+/// An append over one of the limits that apply to every append, whoever
+/// makes it (a client's `send`, an operator's publish).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppendLimit {
+    /// The body nests deeper than `max_body_depth`.
+    TooDeep { max: usize },
+    /// The idempotency key is longer than `max_key_bytes`.
+    KeyTooLong { max: usize },
+}
+
+/// Checks an append's idempotency key and, when given, its body against
+/// the config; the body's nesting first. A caller whose decoder already
+/// measured the body's depth passes `None` rather than scan it again.
+pub fn check_append(
+    config: &Config,
+    key: Option<&str>,
+    body: Option<&serde_json::value::RawValue>,
+) -> Result<(), AppendLimit> {
+    let max = config.max_body_depth;
+    if body.is_some_and(|b| protocol::nesting_depth(b.get()) > max) {
+        return Err(AppendLimit::TooDeep { max });
+    }
+    let max = config.max_key_bytes;
+    if key.is_some_and(|k| k.len() > max) {
+        return Err(AppendLimit::KeyTooLong { max });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -355,5 +384,31 @@ mod tests {
             let _ = k.take(&i);
         }
         assert!(k.len() < PRUNE_AT + 10);
+    }
+
+    #[test]
+    fn check_append_refuses_a_deep_body_first_then_a_long_key() {
+        let config = Config {
+            max_body_depth: 2,
+            max_key_bytes: 3,
+            ..Config::default()
+        };
+        let body = |json: &str| serde_json::value::RawValue::from_string(json.into()).unwrap();
+        let (flat, deep) = (body("[[1]]"), body("[[[1]]]"));
+        assert_eq!(check_append(&config, Some("abc"), Some(&flat)), Ok(()));
+        assert_eq!(
+            check_append(&config, Some("abcd"), Some(&deep)),
+            Err(AppendLimit::TooDeep { max: 2 })
+        );
+        assert_eq!(
+            check_append(&config, Some("abcd"), Some(&flat)),
+            Err(AppendLimit::KeyTooLong { max: 3 })
+        );
+        // Without a body, only the key is checked.
+        assert_eq!(check_append(&config, None, None), Ok(()));
+        assert_eq!(
+            check_append(&config, Some("abcd"), None),
+            Err(AppendLimit::KeyTooLong { max: 3 })
+        );
     }
 }

@@ -2,8 +2,9 @@
 //!
 //! It owns the API's request and reply shapes (documented in
 //! `docs/openapi.yaml`) and the audit entry of each action. It steers the
-//! server only through the hub (kicks), the store (publish, export, erase)
-//! and metrics; it must not reach into sessions, and it never logs a
+//! server only through the hub (kicks), the store (publish, export, erase),
+//! metrics and, in cluster mode, the control plane (the other nodes'
+//! sessions); it must not reach into sessions, and it never logs a
 //! message body.
 
 use std::collections::HashMap;
@@ -25,8 +26,10 @@ use super::auth::Caller;
 use super::error::ApiError;
 use super::{AdminState, health, now_ms, rfc3339};
 use crate::close::CloseReason;
+use crate::cluster::control::{self, NodeSession};
 use crate::history::Store as _;
 use crate::hub::SessionInfo;
+use crate::limits::{AppendLimit, check_append};
 use crate::store::{Append, StoreClosed};
 
 /// The user that system messages come from.
@@ -135,21 +138,96 @@ pub(super) struct Connection {
     messages_in: u64,
     messages_out: u64,
     queue_bytes: usize,
+    /// The cluster node holding it; absent when the server runs alone.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    node: Option<String>,
 }
 
 impl From<SessionInfo> for Connection {
     fn from(s: SessionInfo) -> Connection {
+        Connection::from(NodeSession::from(s))
+    }
+}
+
+impl From<NodeSession> for Connection {
+    fn from(s: NodeSession) -> Connection {
         Connection {
             id: format!("{:016x}", s.id),
             user: s.user,
-            remote: s.remote.to_string(),
+            remote: s.remote,
             rooms: s.rooms,
             connected_since: rfc3339(s.connected_at_ms),
             connected_since_ms: s.connected_at_ms,
             messages_in: s.messages_in,
             messages_out: s.messages_out,
             queue_bytes: s.queued_bytes,
+            node: None,
         }
+    }
+}
+
+/// This node's sessions, then (in cluster mode) every other live node's,
+/// each with its node.
+async fn all_sessions(state: &AdminState) -> Vec<Connection> {
+    let local = state
+        .server
+        .hub
+        .sessions()
+        .into_iter()
+        .map(Connection::from);
+    let Some(node) = &state.server.cluster else {
+        return local.collect();
+    };
+    let mut out: Vec<Connection> = local
+        .map(|c| Connection {
+            node: Some(node.id.clone()),
+            ..c
+        })
+        .collect();
+    for reply in ask_others(state, &control::Request::Sessions).await {
+        out.extend(reply.sessions.into_iter().map(|s| Connection {
+            node: Some(reply.node.clone()),
+            ..Connection::from(s)
+        }));
+    }
+    out
+}
+
+/// Asks every other live node of the cluster; none when alone. A node that
+/// cannot be asked (NATS unreachable) is left out and logged.
+async fn ask_others(state: &AdminState, request: &control::Request) -> Vec<control::Reply> {
+    let Some(node) = &state.server.cluster else {
+        return Vec::new();
+    };
+    let others = node
+        .bus
+        .nodes()
+        .iter()
+        .filter(|n| n.alive && !n.this_node)
+        .count();
+    match node.control.gather(request, others).await {
+        Ok(replies) => replies,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot reach the other nodes");
+            Vec::new()
+        }
+    }
+}
+
+/// `GET /admin/api/nodes`: the nodes of the cluster, this one first; alone,
+/// just this one.
+pub(super) async fn nodes(State(state): State<Arc<AdminState>>) -> Json<serde_json::Value> {
+    match &state.server.cluster {
+        Some(node) => Json(json!({ "cluster": true, "nodes": node.bus.nodes() })),
+        None => Json(json!({
+            "cluster": false,
+            "nodes": [{
+                "id": "standalone",
+                "this_node": true,
+                "alive": true,
+                "connections": state.server.hub.sessions().len(),
+            }],
+        })),
     }
 }
 
@@ -166,20 +244,14 @@ pub(super) async fn list_connections(
     Query(filter): Query<ConnectionFilter>,
 ) -> Json<serde_json::Value> {
     let limit = page_limit(&state, filter.limit);
-    let matching: Vec<SessionInfo> = state
-        .server
-        .hub
-        .sessions()
+    let matching: Vec<Connection> = all_sessions(&state)
+        .await
         .into_iter()
         .filter(|s| filter.user.as_ref().is_none_or(|u| &s.user == u))
         .filter(|s| filter.room.as_ref().is_none_or(|r| s.rooms.contains(r)))
         .collect();
     let total = matching.len();
-    let connections: Vec<Connection> = matching
-        .into_iter()
-        .take(limit)
-        .map(Connection::from)
-        .collect();
+    let connections: Vec<Connection> = matching.into_iter().take(limit).collect();
     Json(json!({ "total": total, "connections": connections }))
 }
 
@@ -189,14 +261,13 @@ pub(super) async fn get_connection(
     Path(id): Path<String>,
 ) -> ApiResult<Json<Connection>> {
     let id = session_id(&id)?;
-    state
-        .server
-        .hub
-        .sessions()
+    let hex = format!("{id:016x}");
+    all_sessions(&state)
+        .await
         .into_iter()
-        .find(|s| s.id == id)
-        .map(|s| Json(Connection::from(s)))
-        .ok_or_else(|| ApiError::NotFound(format!("no live session {id:016x}")))
+        .find(|s| s.id == hex)
+        .map(Json)
+        .ok_or_else(|| ApiError::NotFound(format!("no live session {hex}")))
 }
 
 /// `POST /admin/api/connections/{id}/kick`: closes it with 4009.
@@ -208,8 +279,17 @@ pub(super) async fn kick_connection(
     let sid = session_id(&id)?;
     let id = format!("{sid:016x}");
     audit(&state, &caller, "kick_session", json!({ "session": id })).await?;
-    if state.server.hub.close_session(sid, CloseReason::Kicked) {
-        Ok(Json(json!({ "kicked": 1 })))
+    let mut kicked = usize::from(state.server.hub.close_session(sid, CloseReason::Kicked));
+    if kicked == 0 {
+        let ask = control::Request::KickSession { session: sid };
+        kicked = ask_others(&state, &ask)
+            .await
+            .iter()
+            .map(|r| r.kicked)
+            .sum();
+    }
+    if kicked > 0 {
+        Ok(Json(json!({ "kicked": kicked })))
     } else {
         Err(ApiError::NotFound(format!("no live session {id}")))
     }
@@ -223,7 +303,13 @@ pub(super) async fn kick_user(
 ) -> ApiResult<Json<serde_json::Value>> {
     valid_user(&user)?;
     audit(&state, &caller, "kick_user", json!({ "user": user })).await?;
-    let kicked = state.server.hub.close_user(&user, CloseReason::Kicked);
+    let mut kicked = state.server.hub.close_user(&user, CloseReason::Kicked);
+    let ask = control::Request::KickUser { user };
+    kicked += ask_others(&state, &ask)
+        .await
+        .iter()
+        .map(|r| r.kicked)
+        .sum::<usize>();
     Ok(Json(json!({ "kicked": kicked })))
 }
 
@@ -329,27 +415,27 @@ pub(super) async fn publish(
         .trim();
     let body = RawValue::from_string(text.to_owned())
         .map_err(|e| ApiError::BadRequest(format!("the body is not one JSON value: {e}")))?;
-    if protocol::nesting_depth(body.get()) > config.max_body_depth {
-        let max = config.max_body_depth;
-        return Err(ApiError::BadRequest(format!(
-            "the body nests deeper than {max}"
-        )));
-    }
     let key = match headers.get("idempotency-key") {
-        Some(v) => {
-            let k = v
-                .to_str()
-                .map_err(|_| ApiError::BadRequest("Idempotency-Key must be ASCII".into()))?;
-            if k.len() > config.max_key_bytes {
-                let max = config.max_key_bytes;
-                return Err(ApiError::BadRequest(format!(
-                    "Idempotency-Key is longer than {max} bytes"
-                )));
-            }
-            Some(k.to_owned())
-        }
+        Some(v) => Some(
+            v.to_str()
+                .map_err(|_| ApiError::BadRequest("Idempotency-Key must be ASCII".into()))?
+                .to_owned(),
+        ),
         None => None,
     };
+    match check_append(config, key.as_deref(), Some(&body)) {
+        Ok(()) => {}
+        Err(AppendLimit::TooDeep { max }) => {
+            return Err(ApiError::BadRequest(format!(
+                "the body nests deeper than {max}"
+            )));
+        }
+        Err(AppendLimit::KeyTooLong { max }) => {
+            return Err(ApiError::BadRequest(format!(
+                "Idempotency-Key is longer than {max} bytes"
+            )));
+        }
+    }
     audit(
         &state,
         &caller,

@@ -69,6 +69,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/admin/api/audit"),
     ("POST", "/admin/api/backup"),
     ("POST", "/admin/api/drain"),
+    ("GET", "/admin/api/nodes"),
 ];
 
 /// What every admin handler shares.
@@ -158,6 +159,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/audit", get(api::audit_log))
         .route("/backup", post(api::backup))
         .route("/drain", post(api::drain))
+        .route("/nodes", get(api::nodes))
         .fallback(api::not_found)
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::from_fn_with_state(

@@ -344,3 +344,140 @@ async fn with_nats_gone_sends_are_unavailable_and_the_node_recovers_by_itself() 
     assert_eq!(http(admin, "GET", "/readyz", &[], None).await.status, 200);
     let _ = frame_id;
 }
+
+#[tokio::test]
+async fn operators_see_and_act_on_every_node_from_any_node() {
+    let nats = Nats::start().await;
+    let nodes = three_nodes(&nats, &[]).await;
+    let mut clients = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        let mut c = node.connect("mallory").await;
+        c.join("r").await;
+        c.say("r", &format!("{i}")).await;
+        clients.push(c);
+    }
+    let mut bystander = nodes[1].connect("bob").await;
+    bystander.join("r").await;
+    let admin = nodes[0].process.admin;
+
+    // Every node, this one first.
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let listed = crate::admin::get(admin, "/admin/api/nodes").await.json();
+        let ids: Vec<&str> = listed["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|n| n["alive"] == true)
+            .map(|n| n["id"].as_str().unwrap())
+            .collect();
+        if ids.len() == 3 {
+            assert_eq!(ids[0], nodes[0].id);
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "nodes: {listed}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Connections of every node, each with its node.
+    let conns = crate::admin::get(admin, "/admin/api/connections?user=mallory")
+        .await
+        .json();
+    let mut on: Vec<String> = conns["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["node"].as_str().unwrap().to_owned())
+        .collect();
+    on.sort();
+    assert_eq!(on, ["n1", "n2", "n3"], "{conns}");
+    // Metrics carry the node.
+    let metrics = http(admin, "GET", "/metrics", &[], None).await.body;
+    assert!(
+        metrics.contains("node=\"n1\""),
+        "metrics lack the node label"
+    );
+
+    // A kick on n1 closes the user's sessions on all three nodes.
+    let kicked = crate::admin::call(admin, "POST", "/admin/api/users/mallory/kick", None)
+        .await
+        .json();
+    assert_eq!(kicked["kicked"], 3, "{kicked}");
+    for c in &mut clients {
+        let close = c.expect_close().await.expect("close frame");
+        assert_eq!(u16::from(close.code), 4009);
+    }
+    // Erasure from n3 reaches the shared history, read on n2.
+    let erased = crate::admin::call(
+        nodes[2].process.admin,
+        "DELETE",
+        "/admin/api/users/mallory/messages",
+        None,
+    )
+    .await
+    .json();
+    assert_eq!(erased["erased"], 3, "{erased}");
+    let page = bystander
+        .request(ClientRequest::History {
+            room: "r".into(),
+            before: None,
+            after: None,
+            limit: Some(10),
+        })
+        .await;
+    let ServerFrame::History { messages, .. } = page else {
+        panic!("{page:?}")
+    };
+    assert_eq!(messages.len(), 3, "erased seqs stay in place");
+    assert!(messages.iter().all(|m| m.body.is_none()), "{messages:?}");
+}
+
+#[tokio::test]
+async fn presence_is_per_user_across_nodes_and_a_dead_nodes_users_leave() {
+    let nats = Nats::start().await;
+    let mut nodes = three_nodes(&nats, &[]).await;
+    let mut watcher = nodes[2].connect("watcher").await;
+    watcher.join("p").await;
+    // One user on two nodes is one member.
+    let mut a1 = nodes[0].connect("amy").await;
+    a1.join("p").await;
+    let mut a2 = nodes[1].connect("amy").await;
+    a2.join("p").await;
+    let count = |f: &ServerFrame| match f {
+        ServerFrame::Members { count, users, .. } => (*count, users.clone()),
+        other => panic!("{other:?}"),
+    };
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let reply = watcher
+            .request(ClientRequest::Presence {
+                room: "p".into(),
+                after: None,
+                limit: None,
+            })
+            .await;
+        let (n, users) = count(&reply);
+        if n == 2 {
+            assert_eq!(users, ["amy", "watcher"]);
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{users:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // n1 dies: amy is still on n2, so she stays.
+    let dead = nodes.remove(0);
+    dead.process.kill().await;
+    drop(a1);
+    // n2 dies too: amy leaves within the node timeout (5 s default).
+    let dead = nodes.remove(0);
+    dead.process.kill().await;
+    drop(a2);
+    let left = watcher
+        .recv_where(
+            |f| matches!(f, ServerFrame::Presence { left, .. } if left.iter().any(|u| u == "amy")),
+        )
+        .await;
+    match left {
+        ServerFrame::Presence { count, .. } => assert_eq!(count, 1),
+        other => panic!("{other:?}"),
+    }
+}

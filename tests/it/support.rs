@@ -429,6 +429,7 @@ pub fn frame_id(f: &ServerFrame) -> Option<u64> {
         | ServerFrame::Left { id, .. }
         | ServerFrame::Ack { id, .. }
         | ServerFrame::History { id, .. }
+        | ServerFrame::Members { id, .. }
         | ServerFrame::Pong { id }
         | ServerFrame::Refreshed { id, .. }
         | ServerFrame::Error { id, .. } => *id,
