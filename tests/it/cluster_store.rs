@@ -592,3 +592,81 @@ async fn three_nats_servers_r3_keep_seqs_dense_while_one_dies() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_answers_every_queued_append_and_the_writer_exits() {
+    let nats = Nats::start().await;
+    let a = node(&nats.url()).await;
+    let mut rxs = Vec::new();
+    for i in 0..50 {
+        let room = if i % 2 == 0 { "x" } else { "y" };
+        rxs.push(queue(&a.store, room, "u", &format!("m{i}"), None).await);
+    }
+    let store = a.store.clone();
+    a.shutdown().await;
+    for rx in rxs {
+        let r = rx.await.expect("every queued append is answered");
+        assert!(r.is_ok(), "{r:?}");
+    }
+    assert_eq!(store.latest_seq("x").await.unwrap(), 25);
+    assert_eq!(store.latest_seq("y").await.unwrap(), 25);
+    let (reply, _rx) = oneshot::channel();
+    let late = store
+        .append(Append {
+            room: Arc::from("x"),
+            from: Arc::from("u"),
+            body: body("late"),
+            key: None,
+            reply,
+        })
+        .await;
+    assert!(late.is_err(), "the store takes no append after stop");
+}
+
+/// Sends with `key` until the answer is not `Unavailable`.
+async fn send_keyed_until_answered(store: &JetStreamStore, text: &str, key: &str) -> Appended {
+    let start = Instant::now();
+    loop {
+        match send(store, "r", "u", text, Some(key)).await {
+            Ok(a) => return a,
+            Err(AppendError::Unavailable { .. }) if start.elapsed() < DEADLINE => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_reserved_by_a_dead_node_is_taken_over_once_stale() {
+    use switchboard::cluster::store::idempotency_bucket_key;
+    let nats = Nats::start().await;
+    let a = node(&nats.url()).await;
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let kv = js.get_key_value("SBTEST_KEYS").await.unwrap();
+
+    // A node reserved k1 and died before publishing: the key is busy, then
+    // taken over and stored once.
+    kv.put(idempotency_bucket_key("r", "u", "k1"), "p 0".into())
+        .await
+        .unwrap();
+    let busy = send(&a.store, "r", "u", "one", Some("k1")).await;
+    assert!(
+        matches!(busy, Err(AppendError::Unavailable { .. })),
+        "{busy:?}"
+    );
+    let stored = send_keyed_until_answered(&a.store, "one", "k1").await;
+    assert_eq!((stored.seq, stored.duplicate), (1, false));
+
+    // A node published k2's message and died before recording it: the
+    // resend finds the message instead of storing it again.
+    let first = send(&a.store, "r", "u", "two", Some("k2")).await.unwrap();
+    assert_eq!(first.seq, 2);
+    kv.put(idempotency_bucket_key("r", "u", "k2"), "p 0".into())
+        .await
+        .unwrap();
+    let again = send_keyed_until_answered(&a.store, "two", "k2").await;
+    assert_eq!((again.seq, again.ts, again.duplicate), (2, first.ts, true));
+    assert_eq!(a.store.latest_seq("r").await.unwrap(), 2);
+    a.shutdown().await;
+}

@@ -62,12 +62,17 @@ use crate::store::{
     StoredMessage, TryAppendError,
 };
 
+pub use keys::bucket_key as idempotency_bucket_key;
 pub use wire::GetError;
 
 /// JetStream's de-duplication window of the stream: long enough for any
 /// retry of a publish whose ack was lost (the writer retries within
 /// seconds), short enough to bound the server's memory of message ids.
 const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+
+/// The most messages nats-server takes in one atomic batch (its default
+/// limit): a larger `cluster.max_batch` is cut to it.
+const ATOMIC_BATCH_MAX: usize = 1000;
 
 /// Messages one batched direct get asks for while scanning the stream.
 const SCAN_BATCH: usize = 256;
@@ -155,14 +160,16 @@ impl Shared {
         let got = tokio::time::timeout(self.timeout, get)
             .await
             .map_err(|_| GetError::TimedOut)?;
-        Ok(wire::found(got)?.map(|m| {
-            let seq = m
-                .headers
-                .get(wire::SEQ)
-                .and_then(|v| v.as_str().parse().ok())
-                .unwrap_or(0);
-            (seq, m.sequence)
-        }))
+        let Some(m) = wire::found(got)? else {
+            return Ok(None);
+        };
+        // A message without a seq is not ours: never number from it.
+        let seq = m
+            .headers
+            .get(wire::SEQ)
+            .and_then(|v| v.as_str().parse().ok())
+            .ok_or(GetError::Foreign(m.sequence))?;
+        Ok(Some((seq, m.sequence)))
     }
 
     /// The room's tail: its latest seq (erased ones included) and the stream
@@ -347,7 +354,7 @@ impl JetStreamStore {
             duplicate_window: DUPLICATE_WINDOW,
             ..Default::default()
         };
-        let mut created = js
+        let created = js
             .get_or_create_stream(stream_config)
             .await
             .map_err(|source| ClusterStoreError::Stream {
@@ -358,7 +365,6 @@ impl JetStreamStore {
         if !info.config.allow_atomic_publish {
             return Err(ClusterStoreError::NoAtomicPublish(name));
         }
-        let _ = created.info().await;
         let epoch = format!("{name}-{:x}", info.created.unix_timestamp_nanos());
         let bucket = subjects::keys_bucket(&name);
         let kv = match js.get_key_value(&bucket).await {
@@ -397,7 +403,7 @@ impl JetStreamStore {
             sink,
             timeout,
             retry: opts.retry_interval,
-            max_batch: config.max_batch.max(1),
+            max_batch: config.max_batch.clamp(1, ATOMIC_BATCH_MAX),
             batches: Semaphore::new(config.atomic_batches_in_flight.max(1)),
             healthy: AtomicBool::new(true),
             commits: AtomicU64::new(0),
