@@ -8,7 +8,11 @@
 //! reserved: the message, if stored, lies after it) and `c <seq> <ts>`
 //! once stored. A reservation whose owner is gone (its node died between
 //! reserving and recording) is taken over after it is `stale`: the taker
-//! first looks for the message in the room after that stream seq.
+//! first looks for the message in the room after that stream seq. One
+//! window stays: an owner whose publish is still in doubt when its
+//! reservation turns stale (NATS unreachable for longer than `stale`) and
+//! that then finds it not stored publishes it again, while the taker may
+//! have stored the resend: the message is then stored twice.
 //!
 //! It must not publish messages: the writer does, in the order it chose.
 

@@ -35,8 +35,9 @@
 //! `<subject>.e` holding only its seq, so a room whose newest messages are
 //! erased keeps its latest seq (a new message never reuses an erased seq).
 //! A read returns an erased seq with body `None`, an empty sender and time
-//! 0: they go with the body. Erasure and export scan the whole stream:
-//! O(stream), in batched direct gets.
+//! 0: they go with the body. An export lists stored messages only.
+//! Erasure and export scan the whole stream: O(stream), in batched direct
+//! gets.
 //!
 //! The epoch is the stream name and its creation time: the same on every
 //! node, new when the stream is deleted and made again.
@@ -108,6 +109,9 @@ struct Shared {
     timeout: Duration,
     retry: Duration,
     max_batch: usize,
+    /// Most rooms whose tail the writer remembers while they are idle (the
+    /// append queue's capacity).
+    max_rooms: usize,
     /// Atomic batches this node has in flight (nats-server bounds them per
     /// stream, for every node together).
     batches: Semaphore,
@@ -404,6 +408,7 @@ impl JetStreamStore {
             timeout,
             retry: opts.retry_interval,
             max_batch: config.max_batch.clamp(1, ATOMIC_BATCH_MAX),
+            max_rooms: opts.queue_capacity.max(1),
             batches: Semaphore::new(config.atomic_batches_in_flight.max(1)),
             healthy: AtomicBool::new(true),
             commits: AtomicU64::new(0),

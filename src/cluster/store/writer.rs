@@ -140,6 +140,10 @@ impl Dispatcher {
                         r.tail = tail;
                     }
                     busy += self.launch(&room, &done_tx);
+                    if self.rooms.len() > self.shared.max_rooms {
+                        // Idle rooms' tails are read again when they send.
+                        self.rooms.retain(|_, r| r.busy || !r.queue.is_empty());
+                    }
                 }
                 append = rx.recv(), if receiving => match append {
                     Some(a) => {
@@ -332,6 +336,7 @@ impl<'a> Group<'a> {
                     body: bytes::Bytes::copy_from_slice(i.body.get().as_bytes()),
                 })
                 .collect();
+            let started = std::time::Instant::now();
             let outcome = if msgs.len() > 1 {
                 let Ok(_permit) = self.shared.batches.acquire().await else {
                     self.fail(AppendError::Closed).await;
@@ -398,6 +403,9 @@ impl<'a> Group<'a> {
             match stored {
                 Some(stream_seq) => {
                     let seq = tail.seq + msgs.len() as u64;
+                    self.shared
+                        .sink
+                        .batch_committed(msgs.len(), started.elapsed());
                     self.committed(tail.seq + 1).await;
                     return stream_seq.map(|stream_seq| Tail {
                         seq,
@@ -406,8 +414,8 @@ impl<'a> Group<'a> {
                     });
                 }
                 None => {
-                    // Another node wrote first: number again from the tail.
-                    self.shared.failed_commits.fetch_add(1, Ordering::Relaxed);
+                    // Another node wrote first (a lost race, not a
+                    // failure): number again from the tail.
                     match self.shared.tail(self.room).await {
                         Ok(t) => tail = t,
                         Err(e) => {
