@@ -176,6 +176,16 @@ impl Keys {
             .map_err(|e| e.to_string())
     }
 
+    /// Whether JetStream takes writes: a put of `probe` (a key of its own,
+    /// expiring with the bucket's TTL). It needs the bucket's quorum, as a
+    /// message needs the stream's.
+    pub async fn probe(&self, probe: &str) -> bool {
+        self.kv
+            .put(probe, Bytes::from_static(b"probe"))
+            .await
+            .is_ok()
+    }
+
     /// Gives a reservation up: its message is certainly not stored.
     pub async fn release(&self, key: &str) {
         if let Err(e) = self.kv.delete(key).await {

@@ -134,6 +134,11 @@ impl Shared {
         format!("{}-{n:x}", self.id_prefix)
     }
 
+    /// Connected, and no publish failed since the stream last answered.
+    fn writable(&self) -> bool {
+        self.connected() && self.healthy.load(Ordering::Relaxed)
+    }
+
     fn connected(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
     }
@@ -479,7 +484,7 @@ impl JetStreamStore {
     pub fn writable(&self) -> Result<(), NotWritable> {
         if self.tx.is_closed() {
             Err(NotWritable::WriterStopped)
-        } else if !self.shared.connected() || !self.shared.healthy.load(Ordering::Relaxed) {
+        } else if !self.shared.writable() {
             Err(NotWritable::ClusterUnavailable)
         } else {
             Ok(())

@@ -24,7 +24,9 @@
 //!
 //! Appends that certainly did not reach JetStream (NATS disconnected before
 //! the publish, JetStream refused it) are answered
-//! `AppendError::Unavailable`, retryable.
+//! `AppendError::Unavailable`, retryable; so is every append that arrives
+//! while the store is marked down (after a failed or unknown publish, until
+//! the health probe gets an answer from the stream again).
 //!
 //! It must not read or write anything but its rooms' subjects and the key
 //! bucket.
@@ -57,8 +59,9 @@ pub struct Tail {
 }
 
 /// How many times a publish JetStream refused for a passing reason (too
-/// many batches in flight, an incomplete batch) is tried again before its
-/// appends are answered `Unavailable`.
+/// many batches in flight, an incomplete batch, a stream between leaders)
+/// is tried again, spread over one request timeout, before its appends are
+/// answered `Unavailable`.
 const REFUSED_RETRIES: u32 = 3;
 
 type Reply = oneshot::Sender<Result<Appended, AppendError>>;
@@ -89,9 +92,11 @@ pub fn start(
     tracker.spawn(probe_health(probe, probe_stop));
 }
 
-/// While publishes fail, asks JetStream for the stream's info every retry
-/// interval, and marks the store writable again once it answers.
+/// While publishes fail, writes a probe key every retry interval, and marks
+/// the store writable again once JetStream takes it (a read would be
+/// answered by a stream leader that has lost its quorum).
 async fn probe_health(shared: Arc<Shared>, stop: CancellationToken) {
+    let probe_key = format!("probe-{}", shared.id_prefix);
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
@@ -100,8 +105,8 @@ async fn probe_health(shared: Arc<Shared>, stop: CancellationToken) {
         if shared.healthy.load(Ordering::Relaxed) || !shared.connected() {
             continue;
         }
-        let info = shared.stream.get_info();
-        if let Ok(Ok(_)) = tokio::time::timeout(shared.timeout, info).await {
+        let probe = shared.keys.probe(&probe_key);
+        if let Ok(true) = tokio::time::timeout(shared.timeout, probe).await {
             shared.healthy.store(true, Ordering::Relaxed);
         }
     }
@@ -146,6 +151,15 @@ impl Dispatcher {
                     }
                 }
                 append = rx.recv(), if receiving => match append {
+                    Some(a) if !self.shared.writable() => {
+                        // Refused at once while NATS or JetStream is down
+                        // (the health probe says when it is back).
+                        let cost = queued_cost(&a, self.shared.queue_bytes_total);
+                        let _ = a.reply.send(Err(AppendError::Unavailable {
+                            retry_after: self.shared.retry,
+                        }));
+                        self.shared.queue_bytes.add_permits(cost as usize);
+                    }
                     Some(a) => {
                         let room = a.room.clone();
                         self.rooms.entry(room.clone()).or_default().queue.push_back(a);
@@ -299,8 +313,8 @@ impl<'a> Group<'a> {
 
     /// Publishes the group; returns the room's tail after it, if known.
     async fn run(mut self, tail: Option<Tail>) -> Option<Tail> {
-        if !self.shared.connected() {
-            self.mark_down();
+        if !self.shared.writable() {
+            self.shared.failed_commits.fetch_add(1, Ordering::Relaxed);
             self.fail(self.unavailable()).await;
             return tail;
         }
@@ -358,7 +372,7 @@ impl<'a> Group<'a> {
                         self.fail(self.unavailable()).await;
                         return None;
                     }
-                    tokio::time::sleep(self.shared.retry).await;
+                    tokio::time::sleep(self.shared.timeout / (REFUSED_RETRIES + 1)).await;
                     continue;
                 }
                 Outcome::NotSent(why) if !uncertain => {
