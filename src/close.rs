@@ -35,11 +35,13 @@ pub enum CloseReason {
     RateLimited,
     /// The user is at its connection limit (found after a first-frame `auth`).
     TooManyConnections,
+    /// The node is draining: reconnect at once, to another node.
+    Draining,
 }
 
 impl CloseReason {
     /// Every reason, for metrics that list them all.
-    pub const ALL: [CloseReason; 12] = [
+    pub const ALL: [CloseReason; 13] = [
         CloseReason::ClientClosed,
         CloseReason::ServerShutdown,
         CloseReason::SlowConsumer,
@@ -52,6 +54,7 @@ impl CloseReason {
         CloseReason::Unauthorized,
         CloseReason::RateLimited,
         CloseReason::TooManyConnections,
+        CloseReason::Draining,
     ];
 
     /// The close code to send, or `None` when the socket is already gone.
@@ -68,6 +71,7 @@ impl CloseReason {
             CloseReason::Unauthorized => Some(close::UNAUTHORIZED),
             CloseReason::RateLimited => Some(close::RATE_LIMITED),
             CloseReason::TooManyConnections => Some(close::TRY_AGAIN_LATER),
+            CloseReason::Draining => Some(close::RECONNECT),
         }
     }
 
@@ -86,6 +90,7 @@ impl CloseReason {
             CloseReason::Unauthorized => "unauthorized",
             CloseReason::RateLimited => "rate_limited",
             CloseReason::TooManyConnections => "too_many_connections",
+            CloseReason::Draining => "draining",
         }
     }
 

@@ -163,6 +163,11 @@ pub struct Config {
     pub purge_on_start: bool,
     /// Time allowed, at shutdown, for sessions to close and commits to finish. Default 10 000 ms.
     pub shutdown_grace_ms: u64,
+    /// A drain (`POST /admin/api/drain`, or SIGTERM in cluster mode) stops
+    /// taking connections, fails readiness, and closes the sessions spread
+    /// over this window with close code 4200 (reconnect at once,
+    /// elsewhere), so the other nodes see no thundering herd. Default 10 000 ms.
+    pub drain_window_ms: u64,
     /// Address of the internal HTTP listener (`/healthz`, `/readyz`, `/metrics`,
     /// the admin API and `/dashboard`); never the client port. Plain HTTP: keep
     /// it on loopback or a private interface. Default `127.0.0.1:9090`.
@@ -275,9 +280,10 @@ pub struct ClusterConfig {
     /// How long a node waits for a missing seq of a room it delivers
     /// before it reads the gap from JetStream. Default 250 ms.
     pub gap_timeout_ms: u64,
-    /// A drain (SIGTERM or `POST /admin/api/drain`) closes this node's
-    /// sessions spread over this window, with close code 4012. Default 10 000 ms.
-    pub drain_window_ms: u64,
+    /// Most messages of one room a node holds ahead of a missing seq; past
+    /// it, the newest are dropped and read from history with the gap.
+    /// Default 4 096.
+    pub reorder_max: usize,
 }
 
 impl Default for ClusterConfig {
@@ -295,7 +301,7 @@ impl Default for ClusterConfig {
             heartbeat_interval_ms: 1_000,
             node_timeout_ms: 5_000,
             gap_timeout_ms: 250,
-            drain_window_ms: 10_000,
+            reorder_max: 4_096,
         }
     }
 }
@@ -335,7 +341,7 @@ impl ClusterConfig {
             ),
             ("cluster.heartbeat_interval_ms", self.heartbeat_interval_ms),
             ("cluster.gap_timeout_ms", self.gap_timeout_ms),
-            ("cluster.drain_window_ms", self.drain_window_ms),
+            ("cluster.reorder_max", self.reorder_max as u64),
         ] {
             if value < 1 {
                 return Err(ConfigError::TooSmall { field, min: 1 });
@@ -493,6 +499,7 @@ impl Default for Config {
             rate_limit_strikes: 20,
             rate_limit_window_ms: 10_000,
             demo_page: None,
+            drain_window_ms: 10_000,
             log_level: "info".to_owned(),
             log_format: LogFormat::Pretty,
             cluster: None,
@@ -628,6 +635,7 @@ impl Config {
         at_least("admin_page_max", self.admin_page_max as u64, 1)?;
         at_least("retention_interval_ms", self.retention_interval_ms, 1)?;
         at_least("retention_batch", self.retention_batch, 1)?;
+        at_least("drain_window_ms", self.drain_window_ms, 1)?;
         at_least(
             "backup_cache_bytes",
             self.backup_cache_bytes as u64,
@@ -798,6 +806,10 @@ impl Config {
 
     pub fn close_linger(&self) -> Duration {
         Duration::from_millis(self.close_linger_ms)
+    }
+
+    pub fn drain_window(&self) -> Duration {
+        Duration::from_millis(self.drain_window_ms)
     }
 
     pub fn shutdown_grace(&self) -> Duration {

@@ -60,6 +60,8 @@ pub async fn accept_loop(
     loop {
         let accepted = tokio::select! {
             () = shutdown.cancelled() => return,
+            // A draining node takes no new connections (`drain`).
+            () = state.drain.requested() => return,
             r = listener.accept() => r,
         };
         match accepted {

@@ -11,7 +11,9 @@
 //! - A message is encoded once into shared bytes; each recipient gets a
 //!   reference-counted handle, never a copy.
 //! - A room's members see its messages in commit order, which is seq order,
-//!   because only the single store writer thread calls [`CommitSink::committed`].
+//!   because only the single store writer thread calls [`CommitSink::committed`]
+//!   (in a cluster, the bus's one delivery task, which puts each room's
+//!   messages from every node in seq order: `cluster::bus`).
 //! - A join or leave costs the same whatever the room's size: members are
 //!   found through a map of slots once a room has more than [`SCAN_MAX`]
 //!   (below, a scan of a few members), the users' counts are a sorted
@@ -28,6 +30,18 @@
 //!   and [`Hub::flush_typing`], every `typing_interval_ms`, sends each room
 //!   where someone typed one `typing` event with the typers' count and at
 //!   most `typing_list_max` names.
+//! - In a cluster, the hub tells the other nodes through [`Peers`] (set
+//!   once, never in single-node mode) when a room gets its first local
+//!   member or loses its last (`interest`), when a user's first local
+//!   session joins or last leaves a room, and when a local user types;
+//!   the calls push to a queue and never call back into the hub. What other
+//!   nodes report comes in through [`Hub::remote_typing`],
+//!   [`Hub::remote_presence`], [`Hub::remote_members`] and
+//!   [`Hub::node_gone`]: a room's presence is the union of its local users
+//!   and the users other nodes have in it (a user on two nodes counts
+//!   once), kept only while the room has local members, with the same
+//!   batched events. A remote call costs the same as a local join or leave;
+//!   a node's departure costs one pass over the rooms.
 //! - A room's events are also bounded in deliveries: after an event to N
 //!   sessions, a room waits out N / (`event_fanout_per_sec`'s share of a
 //!   flush) flushes, so a 20,000-member room filling up gets one presence
@@ -37,7 +51,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use dashmap::DashMap;
 use protocol::ServerFrame;
@@ -58,6 +72,18 @@ pub struct Member {
     pub session: SessionId,
     pub user: Arc<str>,
     pub outbox: Outbox,
+}
+
+/// What the hub tells the other nodes of a cluster. Calls happen under a
+/// room's guard, so an implementation only records or queues them: it
+/// must not block and must not call back into the hub.
+pub trait Peers: std::fmt::Debug + Send + Sync + 'static {
+    /// `room` got its first local member (`on`) or lost its last.
+    fn interest(&self, room: &str, on: bool);
+    /// A local `user` typed in `room` (at most once per typing flush).
+    fn typing(&self, room: &str, user: &str);
+    /// `user`'s first local session joined `room`, or its last left.
+    fn presence(&self, room: &str, user: &str, joined: bool);
 }
 
 /// The hub's share of the configuration: what bounds presence and typing.
@@ -133,8 +159,11 @@ struct Room {
     /// member; empty otherwise (see [`Room::position`]).
     slots: FxHashMap<SessionId, usize>,
     /// Sorted, so that a join lists the first ones and a `presence` request
-    /// pages from a name without sorting.
+    /// pages from a name without sorting. Each user's count is its local
+    /// sessions plus the other nodes it is on (see `remote`).
     users: BTreeMap<Arc<str>, u32>,
+    /// The room's users on other nodes of a cluster; `None` without any.
+    remote: Option<Box<Remote>>,
     /// Whether this room sends `presence` events (see `presence_events_off`).
     presence_events: bool,
     /// The changes for the next presence flush; `Some` exactly while the
@@ -162,6 +191,15 @@ struct Changes {
     users: FxHashSet<Arc<str>>,
     /// Whether users beyond `users` arrived or went too.
     truncated: bool,
+}
+
+/// A room's users on other nodes.
+#[derive(Debug, Default)]
+struct Remote {
+    /// Each node's users in the room.
+    nodes: FxHashMap<Arc<str>, FxHashSet<Arc<str>>>,
+    /// On how many of those nodes each user is.
+    users: FxHashMap<Arc<str>, u32>,
 }
 
 /// An empty JSON array.
@@ -193,6 +231,7 @@ impl Room {
             members: Vec::new(),
             slots: FxHashMap::default(),
             users: BTreeMap::new(),
+            remote: None,
             presence_events: options.presence_events(name),
             changes: None,
             typers: None,
@@ -239,6 +278,28 @@ impl Room {
             }
         }
         member
+    }
+
+    /// On how many other nodes `user` is in this room.
+    fn remote_of(&self, user: &str) -> u32 {
+        self.remote
+            .as_ref()
+            .and_then(|r| r.users.get(user).copied())
+            .unwrap_or(0)
+    }
+
+    /// Takes one from `user`'s count; returns whether the user is gone.
+    fn drop_user(&mut self, user: &str) -> bool {
+        match self.users.get_mut(user) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            _ => {
+                self.users.remove(user);
+                true
+            }
+        }
     }
 
     /// The number of distinct users, as the wire counts them.
@@ -413,6 +474,8 @@ pub struct Hub {
     presence_flushes: AtomicU64,
     typing_flushes: AtomicU64,
     options: HubOptions,
+    /// The other nodes of a cluster; unset in single-node mode.
+    peers: OnceLock<Arc<dyn Peers>>,
 }
 
 /// Locks a dirty list; a panic elsewhere cannot leave it inconsistent.
@@ -435,7 +498,14 @@ impl Hub {
             presence_flushes: AtomicU64::new(0),
             typing_flushes: AtomicU64::new(0),
             options,
+            peers: OnceLock::new(),
         }
+    }
+
+    /// Sets the other nodes the hub tells of its rooms (cluster mode), once;
+    /// returns false when they were set already.
+    pub fn set_peers(&self, peers: Arc<dyn Peers>) -> bool {
+        self.peers.set(peers).is_ok()
     }
 
     /// Records that `user`'s presence in `r` changed; lists the room for
@@ -537,11 +607,22 @@ impl Hub {
             .or_insert_with(|| Room::new(room, &self.options));
         let r = entry.value_mut();
         if r.position(member.session).is_none() {
+            let remote = r.remote_of(&member.user);
             let count = r.users.entry(member.user.clone()).or_insert(0);
             *count += 1;
             let first = *count == 1;
+            let first_local = *count == remote + 1;
+            let was_empty = r.members.is_empty();
             let user = member.user.clone();
             r.push_member(member);
+            if let Some(peers) = self.peers.get() {
+                if was_empty {
+                    peers.interest(room, true);
+                }
+                if first_local {
+                    peers.presence(room, &user, true);
+                }
+            }
             if first {
                 self.presence_changed(r, user);
             }
@@ -575,20 +656,22 @@ impl Hub {
             return false;
         };
         let member = r.remove_member(pos);
-        let gone = match r.users.get_mut(&member.user) {
-            Some(n) if *n > 1 => {
-                *n -= 1;
-                false
+        let remote = r.remote_of(&member.user);
+        let gone = r.drop_user(&member.user);
+        let empty = r.members.is_empty();
+        if let Some(peers) = self.peers.get() {
+            if gone || r.users.get(&member.user) == Some(&remote) {
+                peers.presence(room, &member.user, false);
             }
-            _ => {
-                r.users.remove(&member.user);
-                true
+            if empty {
+                // Under the guard, so a join that refills the room is
+                // queued after it.
+                peers.interest(room, false);
             }
-        };
+        }
         if gone {
             self.presence_changed(r, member.user.clone());
         }
-        let empty = r.members.is_empty();
         drop(entry);
         if empty {
             self.rooms.remove_if(room, |_, r| r.members.is_empty());
@@ -597,18 +680,154 @@ impl Hub {
     }
 
     /// Records that `user` typed in `room`; the room's members hear of it
-    /// in its next coalesced `typing` event.
+    /// in its next coalesced `typing` event, and so do the other nodes' (once
+    /// per user and flush).
     pub fn typing(&self, room: &str, user: &Arc<str>) {
-        if let Some(mut entry) = self.rooms.get_mut(room) {
-            let r = entry.value_mut();
-            let typers = r.typers.get_or_insert_with(|| {
-                lock(&self.typing_dirty).push(r.name.clone());
-                Box::default()
-            });
-            if !typers.contains(user) {
-                typers.insert(user.clone());
+        if self.record_typing(room, user) {
+            if let Some(peers) = self.peers.get() {
+                peers.typing(room, user);
             }
         }
+    }
+
+    /// Records that `user`, on another node, typed in `room`: as
+    /// [`Hub::typing`], but not told to the other nodes again.
+    pub fn remote_typing(&self, room: &str, user: &str) {
+        self.record_typing(room, &Arc::from(user));
+    }
+
+    /// Adds `user` to the room's typers; returns whether it was not there.
+    fn record_typing(&self, room: &str, user: &Arc<str>) -> bool {
+        let Some(mut entry) = self.rooms.get_mut(room) else {
+            return false;
+        };
+        let r = entry.value_mut();
+        let typers = r.typers.get_or_insert_with(|| {
+            lock(&self.typing_dirty).push(r.name.clone());
+            Box::default()
+        });
+        if typers.contains(user) {
+            return false;
+        }
+        typers.insert(user.clone());
+        true
+    }
+
+    /// Records that `user` is (`joined`) or is no longer in `room` on
+    /// another node, `node`. Only rooms with local members keep other
+    /// nodes' users (the cluster's bus sends a room's users when its first
+    /// local member joins); a user new to the room, or gone from it on
+    /// every node, makes a `presence` change as a local one does.
+    /// Repeating a report changes nothing.
+    pub fn remote_presence(&self, room: &str, node: &str, user: &str, joined: bool) {
+        let Some(mut entry) = self.rooms.get_mut(room) else {
+            return;
+        };
+        let r = entry.value_mut();
+        if joined {
+            self.remote_add(r, node, user);
+        } else {
+            self.remote_remove(r, node, user);
+        }
+    }
+
+    /// Sets the users `node` has in `room` to `users`: those not listed
+    /// leave, those listed join (see [`Hub::remote_presence`]).
+    pub fn remote_members(&self, room: &str, node: &str, users: &[String]) {
+        let Some(mut entry) = self.rooms.get_mut(room) else {
+            return;
+        };
+        let r = entry.value_mut();
+        let listed: FxHashSet<&str> = users.iter().map(|u| u.as_str()).collect();
+        let stale: Vec<Arc<str>> = (r.remote.as_ref())
+            .and_then(|rem| rem.nodes.get(node))
+            .map(|set| {
+                set.iter()
+                    .filter(|u| !listed.contains(&***u))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        for user in stale {
+            self.remote_remove(r, node, &user);
+        }
+        for user in listed {
+            self.remote_add(r, node, user);
+        }
+    }
+
+    /// `node` is gone: its users leave every room.
+    pub fn node_gone(&self, node: &str) {
+        for mut entry in self.rooms.iter_mut() {
+            let r = entry.value_mut();
+            let users: Vec<Arc<str>> = (r.remote.as_ref())
+                .and_then(|rem| rem.nodes.get(node))
+                .map(|set| set.iter().cloned().collect())
+                .unwrap_or_default();
+            for user in users {
+                self.remote_remove(r, node, &user);
+            }
+        }
+    }
+
+    fn remote_add(&self, r: &mut Room, node: &str, user: &str) {
+        let rem = r.remote.get_or_insert_with(Box::default);
+        let user: Arc<str> = Arc::from(user);
+        if !(rem.nodes.entry(Arc::from(node)).or_default()).insert(user.clone()) {
+            return;
+        }
+        *rem.users.entry(user.clone()).or_insert(0) += 1;
+        let count = r.users.entry(user.clone()).or_insert(0);
+        *count += 1;
+        if *count == 1 {
+            self.presence_changed(r, user);
+        }
+    }
+
+    fn remote_remove(&self, r: &mut Room, node: &str, user: &str) {
+        let Some(rem) = r.remote.as_mut() else {
+            return;
+        };
+        let Some(set) = rem.nodes.get_mut(node) else {
+            return;
+        };
+        let Some(user) = set.take(user) else {
+            return;
+        };
+        if set.is_empty() {
+            rem.nodes.remove(node);
+        }
+        match rem.users.get_mut(&user) {
+            Some(n) if *n > 1 => *n -= 1,
+            _ => {
+                rem.users.remove(&user);
+            }
+        }
+        if rem.nodes.is_empty() {
+            r.remote = None;
+        }
+        if r.drop_user(&user) {
+            self.presence_changed(r, user);
+        }
+    }
+
+    /// The room's latest seq as the hub knows it (from its fan-out or a
+    /// join's store read); `None` for a room without members or not seen.
+    pub fn latest(&self, room: &str) -> Option<u64> {
+        let r = self.rooms.get(room)?;
+        let latest = r.latest.load(Ordering::Acquire);
+        (latest != UNKNOWN).then_some(latest)
+    }
+
+    /// The users with a session of this node in `room`, sorted.
+    pub fn local_users(&self, room: &str) -> Vec<String> {
+        let Some(r) = self.rooms.get(room) else {
+            return Vec::new();
+        };
+        (r.users.iter())
+            .filter(|(u, n)| **n > r.remote_of(u))
+            .map(|(u, _)| u.to_string())
+            .collect()
     }
 
     /// One page of `room`'s users, sorted by name: those after `after`, at
@@ -1126,6 +1345,186 @@ mod tests {
                 Outgoing::Message(_) => panic!("no messages were sent"),
             })
             .collect()
+    }
+
+    /// Records what the hub tells its peers, as text.
+    #[derive(Debug, Default)]
+    struct Recorder(Mutex<Vec<String>>);
+
+    impl Recorder {
+        fn take(&self) -> Vec<String> {
+            std::mem::take(&mut *self.0.lock().unwrap())
+        }
+    }
+
+    impl Peers for Recorder {
+        fn interest(&self, room: &str, on: bool) {
+            self.0.lock().unwrap().push(format!("interest {room} {on}"));
+        }
+        fn typing(&self, room: &str, user: &str) {
+            self.0.lock().unwrap().push(format!("typing {room} {user}"));
+        }
+        fn presence(&self, room: &str, user: &str, joined: bool) {
+            (self.0.lock().unwrap()).push(format!("presence {room} {user} {joined}"));
+        }
+    }
+
+    fn hub_with_peers() -> (Hub, Arc<Recorder>) {
+        let hub = Hub::new();
+        let peers = Arc::new(Recorder::default());
+        assert!(hub.set_peers(peers.clone()));
+        assert!(!hub.set_peers(Arc::new(Recorder::default())), "set once");
+        (hub, peers)
+    }
+
+    #[test]
+    fn peers_hear_of_interest_first_and_last_local_sessions_and_typing_once() {
+        let (hub, peers) = hub_with_peers();
+        let (_, _a1) = member_in(&hub, "r", 1, "a");
+        let (_, _a2) = member_in(&hub, "r", 2, "a");
+        let (_, _b) = member_in(&hub, "r", 3, "b");
+        assert_eq!(
+            peers.take(),
+            ["interest r true", "presence r a true", "presence r b true"]
+        );
+        for _ in 0..3 {
+            hub.typing("r", &Arc::from("a"));
+        }
+        assert_eq!(peers.take(), ["typing r a"], "once per flush");
+        hub.flush_typing();
+        hub.typing("r", &Arc::from("a"));
+        assert_eq!(peers.take(), ["typing r a"], "again after a flush");
+        assert!(hub.leave("r", 1));
+        assert!(peers.take().is_empty(), "a has a session left");
+        assert!(hub.leave("r", 2));
+        assert!(hub.leave("r", 3));
+        assert_eq!(
+            peers.take(),
+            [
+                "presence r a false",
+                "presence r b false",
+                "interest r false"
+            ]
+        );
+        let (_, _c) = member_in(&hub, "r", 4, "c");
+        assert_eq!(peers.take(), ["interest r true", "presence r c true"]);
+        // Remote typing reaches the members but not the peers again.
+        hub.remote_typing("r", "far");
+        assert!(peers.take().is_empty());
+    }
+
+    #[test]
+    fn users_on_other_nodes_count_once_and_leave_with_their_node() {
+        let (hub, peers) = hub_with_peers();
+        let (_, mut watcher) = member_in(&hub, "r", 1, "w");
+        let (_, _u) = member_in(&hub, "r", 2, "u");
+        hub.flush_presence();
+        frames(&mut watcher);
+        peers.take();
+        // u is also on node b; v only there, on two nodes.
+        hub.remote_presence("r", "b", "u", true);
+        hub.remote_presence("r", "b", "v", true);
+        hub.remote_presence("r", "c", "v", true);
+        hub.remote_presence("r", "c", "v", true);
+        assert_eq!(hub.members("r", None, 10).users, names(&["u", "v", "w"]));
+        assert_eq!(hub.local_users("r"), names(&["u", "w"]));
+        assert_eq!(hub.flush_presence(), 1);
+        assert_eq!(
+            frames(&mut watcher),
+            vec![ServerFrame::Presence {
+                room: "r".into(),
+                count: 3,
+                joined: names(&["v"]),
+                left: vec![],
+                truncated: false,
+            }]
+        );
+        // u's last local session leaves: the peers hear it, u stays present.
+        assert!(hub.leave("r", 2));
+        assert_eq!(peers.take(), ["presence r u false"]);
+        assert_eq!(hub.flush_presence(), 0);
+        assert_eq!(hub.members("r", None, 10).count, 3);
+        assert_eq!(hub.local_users("r"), names(&["w"]));
+        // u back on this node: a first local session, no presence change.
+        let (_, _u) = member_in(&hub, "r", 3, "u");
+        assert_eq!(peers.take(), ["presence r u true"]);
+        assert_eq!(hub.flush_presence(), 0);
+        // Node b is gone: v stays through c, u through its local session.
+        hub.node_gone("b");
+        assert_eq!(hub.flush_presence(), 0);
+        assert_eq!(hub.members("r", None, 10).count, 3);
+        hub.node_gone("c");
+        assert_eq!(hub.flush_presence(), 1);
+        assert_eq!(
+            frames(&mut watcher),
+            vec![ServerFrame::Presence {
+                room: "r".into(),
+                count: 2,
+                joined: vec![],
+                left: names(&["v"]),
+                truncated: false,
+            }]
+        );
+        assert!(hub.leave("r", 3));
+        assert_consistent(&hub, "r");
+        // Reports for rooms without local members are not kept.
+        hub.remote_presence("elsewhere", "b", "x", true);
+        assert_eq!(hub.members("elsewhere", None, 10).count, 0);
+    }
+
+    #[test]
+    fn a_nodes_member_list_replaces_what_it_had() {
+        let hub = Hub::new();
+        let (_, mut watcher) = member_in(&hub, "r", 1, "w");
+        hub.remote_members("r", "b", &names(&["x", "y"]));
+        hub.flush_presence();
+        frames(&mut watcher);
+        hub.remote_members("r", "b", &names(&["y", "z"]));
+        assert_eq!(hub.flush_presence(), 1);
+        assert_eq!(
+            frames(&mut watcher),
+            vec![ServerFrame::Presence {
+                room: "r".into(),
+                count: 3,
+                joined: names(&["z"]),
+                left: names(&["x"]),
+                truncated: false,
+            }]
+        );
+        hub.remote_members("r", "b", &[]);
+        assert_eq!(hub.members("r", None, 10).users, names(&["w"]));
+        assert!(hub.rooms.get("r").unwrap().remote.is_none(), "freed");
+    }
+
+    #[test]
+    fn remote_typing_is_coalesced_with_local_typing() {
+        let hub = hub_with(100, &[], 5);
+        let (_, mut watcher) = member_in(&hub, "r", 1, "w");
+        let (_, _t) = member_in(&hub, "r", 2, "t");
+        hub.flush_presence();
+        frames(&mut watcher);
+        hub.typing("r", &Arc::from("t"));
+        hub.remote_typing("r", "far");
+        hub.remote_typing("r", "far");
+        assert_eq!(hub.flush_typing(), 1);
+        assert_eq!(
+            frames(&mut watcher),
+            vec![ServerFrame::Typing {
+                room: "r".into(),
+                count: 2,
+                users: names(&["far", "t"]),
+            }]
+        );
+    }
+
+    #[test]
+    fn latest_is_known_once_noted() {
+        let hub = Hub::new();
+        let (_, _m) = member_in(&hub, "r", 1, "u");
+        assert_eq!(hub.latest("r"), None);
+        hub.note_latest("r", 7);
+        assert_eq!(hub.latest("r"), Some(7));
+        assert_eq!(hub.latest("nowhere"), None);
     }
 
     #[test]

@@ -4,12 +4,14 @@
 //! - [`config`]: every limit, with defaults; merged from file, env and flags.
 //! - [`server`]: [`server::run`], the server's lifetime (start, drain, stop).
 //! - [`gateway`]: TCP accept, TLS, HTTP upgrade, connection limits.
+//! - [`drain`]: draining a node: readiness off, sessions closed spread over a window.
 //! - [`demo`]: the demo chat page on the client port (`GET /`).
 //! - [`session`]: one task per client: requests, replies, writes.
 //! - [`state`]: [`state::ServerState`], the handles every connection shares.
 //! - [`close`]: why a session ended, as a close code and a metrics label.
 //! - [`delivery`]: pre-framed frames and the per-session outbox they travel in.
 //! - [`hub`]: rooms, presence and fan-out of committed messages.
+//! - [`history`]: the [`history::Store`] trait, the seam to where history lives.
 //! - [`store`]: redb history with a group-committing writer thread.
 //! - [`cluster`]: cluster mode: history in NATS JetStream, fan-out between nodes.
 //! - [`tls`]: rustls configuration and development certificates.
@@ -28,8 +30,10 @@ pub mod cluster;
 pub mod config;
 pub mod delivery;
 pub mod demo;
+pub mod drain;
 pub mod gateway;
 pub mod glob;
+pub mod history;
 pub mod hub;
 pub mod limits;
 pub mod metrics;

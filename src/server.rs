@@ -21,8 +21,11 @@ use tracing::{info, warn};
 
 use crate::admin;
 use crate::auth::{AuthSetupError, Verifier};
+use crate::cluster;
 use crate::config::{Config, ConfigError};
+use crate::drain::{self, Drain};
 use crate::gateway;
+use crate::history::History;
 use crate::hub::{Hub, HubOptions};
 use crate::limits::Limits;
 use crate::metrics::Metrics;
@@ -53,6 +56,8 @@ pub enum ServerError {
     Auth(#[from] AuthSetupError),
     #[error("cannot open the history store")]
     Store(#[from] OpenError),
+    #[error("cannot join the cluster")]
+    Cluster(#[from] cluster::StartError),
     #[error("the store did not shut down cleanly")]
     StoreShutdown(#[source] crate::store::ShutdownError),
     #[error("a startup task failed")]
@@ -77,10 +82,17 @@ pub async fn run(
 /// nothing is accepted until [`Server::serve`].
 pub struct Server {
     state: Arc<ServerState>,
-    store: Store,
+    backend: Backend,
     listeners: Listeners,
     tls: Option<Arc<rustls::ServerConfig>>,
     certs: Option<Arc<tls::CertStore>>,
+}
+
+/// What holds the history, for the shutdown: the embedded store (its
+/// writer thread), or the cluster node's tasks.
+enum Backend {
+    Local(Store),
+    Cluster(cluster::Started),
 }
 
 impl Server {
@@ -105,26 +117,61 @@ impl Server {
         let verifier = Verifier::from_config(&config)?.map(Arc::new);
         let metrics = Arc::new(Metrics::default());
         let hub = Arc::new(Hub::with_options(HubOptions::from_config(&config)));
-        let store = {
-            let path = config.db_path();
-            let opts = config.store_options();
-            // Records each commit's duration and size, then fans out through the hub.
-            let sink = Arc::new(ObservedSink::new(hub.clone(), metrics.clone()));
-            tokio::task::spawn_blocking(move || Store::open(&path, opts, sink)).await??
+        let permits = Arc::new(Semaphore::new(config.max_connections));
+        let (backend, store, node) = match &config.cluster {
+            None => {
+                let path = config.db_path();
+                let opts = config.store_options();
+                // Records each commit's duration and size, then fans out through the hub.
+                let sink = Arc::new(ObservedSink::new(hub.clone(), metrics.clone()));
+                let store =
+                    tokio::task::spawn_blocking(move || Store::open(&path, opts, sink)).await??;
+                let handle = History::Local(store.handle());
+                (Backend::Local(store), handle, None)
+            }
+            Some(cluster) => {
+                let connections: cluster::bus::ConnectionCount = {
+                    let permits = permits.clone();
+                    let max = config.max_connections;
+                    Arc::new(move || (max - permits.available_permits()) as u64)
+                };
+                let metrics = metrics.clone();
+                // The JetStream store's commits go to the bus (to the other
+                // nodes, and in seq order to this node's hub), timed on the way.
+                let started = cluster::start(
+                    cluster,
+                    &config.store_options(),
+                    hub.clone(),
+                    connections,
+                    move |bus| Arc::new(ObservedSink::new(bus, metrics)),
+                )
+                .await?;
+                let handle = History::Cluster(started.store.clone());
+                let node = started.node.clone();
+                (Backend::Cluster(started), handle, Some(node))
+            }
+        };
+        // Session ids name sessions to operators across the cluster: a
+        // node's start at a random high half keeps two nodes' apart.
+        let first_session = match node {
+            Some(_) => (u64::from(rand::random::<u32>()) << 32) | 1,
+            None => 1,
         };
         let state = Arc::new(ServerState {
-            connection_permits: Arc::new(Semaphore::new(config.max_connections)),
+            connection_permits: permits,
             hub,
-            store: store.handle(),
+            store,
             metrics,
-            next_session: AtomicU64::new(1),
+            next_session: AtomicU64::new(first_session),
             verifier,
             limits: Limits::new(&config),
+            drain: Drain::default(),
+            cluster: node,
             config,
         });
         Ok(Server {
             state,
-            store,
+            backend,
             listeners: Listeners::default(),
             tls,
             certs,
@@ -152,7 +199,7 @@ impl Server {
     pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
         let Server {
             state,
-            store,
+            backend,
             listeners,
             tls,
             certs: _,
@@ -179,13 +226,15 @@ impl Server {
             ));
         }
         tracker.spawn(presence_flusher(state.clone(), token.clone()));
-        tracker.spawn(crate::store::retention::run(
-            state.store.clone(),
-            state.config.retention.clone().into(),
-            std::time::Duration::from_millis(state.config.retention_interval_ms),
-            state.config.retention_batch,
-            token.clone(),
-        ));
+        if let Backend::Local(store) = &backend {
+            tracker.spawn(crate::store::retention::run(
+                store.handle(),
+                state.config.retention.clone().into(),
+                std::time::Duration::from_millis(state.config.retention_interval_ms),
+                state.config.retention_batch,
+                token.clone(),
+            ));
+        }
         // The admin listener has its own tracker and stop token: it keeps
         // answering while sessions drain (`/readyz` then says 503, because
         // `token` is cancelled) and stops only after them.
@@ -201,7 +250,39 @@ impl Server {
         }
         admin_tracker.close();
 
-        shutdown.await;
+        // A drain is asked for by the admin API, or (in cluster mode, where
+        // other nodes take the clients over) by the shutdown signal itself.
+        let mut draining = None;
+        let spread = |state: &Arc<ServerState>| {
+            let window = state.config.drain_window();
+            info!(
+                ?window,
+                "draining: readiness off, closing sessions spread over the window"
+            );
+            tracker.spawn(drain::close_spread(
+                state.hub.clone(),
+                window,
+                token.clone(),
+            ))
+        };
+        tokio::pin!(shutdown);
+        tokio::select! {
+            () = &mut shutdown => {}
+            () = state.drain.requested() => {
+                draining = Some(spread(&state));
+                shutdown.await;
+            }
+        }
+        if draining.is_none() && state.config.cluster.is_some() {
+            state.drain.request();
+            draining = Some(spread(&state));
+        }
+        if let Some(task) = draining {
+            let bound = state.config.drain_window() + state.config.shutdown_grace();
+            if tokio::time::timeout(bound, task).await.is_err() {
+                warn!(?bound, "the drain did not finish in time");
+            }
+        }
         info!("shutting down: closing sessions");
         token.cancel();
         tracker.close();
@@ -219,11 +300,15 @@ impl Server {
                 "admin requests did not finish within the grace period"
             );
         }
+        let grace = state.config.shutdown_grace();
         drop(state);
         info!("committing queued appends");
-        tokio::task::spawn_blocking(move || store.shutdown())
-            .await?
-            .map_err(ServerError::StoreShutdown)?;
+        match backend {
+            Backend::Local(store) => tokio::task::spawn_blocking(move || store.shutdown())
+                .await?
+                .map_err(ServerError::StoreShutdown)?,
+            Backend::Cluster(started) => started.stop(grace).await,
+        }
         info!("stopped");
         Ok(())
     }

@@ -25,6 +25,7 @@ use super::auth::Caller;
 use super::error::ApiError;
 use super::{AdminState, health, now_ms, rfc3339};
 use crate::close::CloseReason;
+use crate::history::Store as _;
 use crate::hub::SessionInfo;
 use crate::store::{Append, StoreClosed};
 
@@ -226,6 +227,24 @@ pub(super) async fn kick_user(
     Ok(Json(json!({ "kicked": kicked })))
 }
 
+/// `POST /admin/api/drain`: the node stops taking connections, `/readyz`
+/// answers 503, and its sessions are closed with 4200 spread over
+/// `drain_window_ms` (see `drain`). The process keeps running until it is
+/// stopped; a second call changes nothing.
+pub(super) async fn drain(
+    State(state): State<Arc<AdminState>>,
+    Extension(caller): Extension<Caller>,
+) -> ApiResult<Json<serde_json::Value>> {
+    audit(&state, &caller, "drain", json!({})).await?;
+    let started = state.server.drain.request();
+    Ok(Json(json!({
+        "draining": true,
+        "started": started,
+        "window_ms": state.server.config.drain_window_ms,
+        "sessions": state.server.hub.sessions().len(),
+    })))
+}
+
 /// One room in the list.
 #[derive(Debug, Serialize)]
 pub(super) struct RoomSummary {
@@ -425,9 +444,14 @@ pub(super) async fn backup(
 ) -> ApiResult<Response> {
     audit(&state, &caller, "backup", json!({})).await?;
     let started = std::time::Instant::now();
-    let snapshot = state
-        .server
-        .store
+    let Some(local) = state.server.store.local() else {
+        return Err(ApiError::Conflict(
+            "cluster mode keeps history in NATS JetStream: back up its stream with NATS's tools \
+             (docs/cluster.md)"
+                .to_owned(),
+        ));
+    };
+    let snapshot = local
         .backup(
             &state.server.config.data_dir,
             state.server.config.backup_cache_bytes,

@@ -20,6 +20,9 @@ pub(crate) enum ApiError {
     NotFound(String),
     #[error("{0}")]
     BadRequest(String),
+    /// The request cannot be served in this server's mode.
+    #[error("{0}")]
+    Conflict(String),
     #[error("the audit log cannot be written, so the action was not performed")]
     Audit(#[source] AuditError),
     #[error("the audit log cannot be read")]
@@ -40,6 +43,7 @@ impl ApiError {
             ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             ApiError::Write(AppendError::Unavailable { .. }) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
             }

@@ -20,6 +20,7 @@ use serde_json::json;
 use tracing::warn;
 
 use super::AdminState;
+use crate::history::Store as _;
 use crate::state::ServerState;
 
 /// The OpenMetrics text content type that Prometheus negotiates.
@@ -33,7 +34,7 @@ pub(super) async fn healthz() -> Json<serde_json::Value> {
 /// `GET /readyz`: 200 while the listeners serve and the store accepts
 /// writes; 503 while draining at shutdown or when the store cannot write.
 pub(super) async fn readyz(State(state): State<Arc<AdminState>>) -> Response {
-    if state.draining.is_cancelled() {
+    if state.draining.is_cancelled() || state.server.drain.is_requested() {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({ "status": "draining" })),

@@ -68,6 +68,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/admin/api/rooms/{room}/messages"),
     ("GET", "/admin/api/audit"),
     ("POST", "/admin/api/backup"),
+    ("POST", "/admin/api/drain"),
 ];
 
 /// What every admin handler shares.
@@ -108,7 +109,18 @@ pub async fn serve(
 }
 
 fn state(server: Arc<ServerState>, draining: CancellationToken) -> Arc<AdminState> {
-    let mut registry = Registry::default();
+    // In a cluster every series carries the node's id, so one Prometheus
+    // scraping every node can tell them apart.
+    let mut registry = match &server.config.cluster {
+        Some(cluster) => Registry::with_labels(
+            [(
+                std::borrow::Cow::Borrowed("node"),
+                std::borrow::Cow::Owned(cluster.node_id()),
+            )]
+            .into_iter(),
+        ),
+        None => Registry::default(),
+    };
     server.metrics.register(&mut registry);
     registry.register_collector(Box::new(health::ScrapeCollector::new(server.clone())));
     let token = server
@@ -145,6 +157,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/rooms/{room}/messages", post(api::publish))
         .route("/audit", get(api::audit_log))
         .route("/backup", post(api::backup))
+        .route("/drain", post(api::drain))
         .fallback(api::not_found)
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::from_fn_with_state(

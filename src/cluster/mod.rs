@@ -7,12 +7,30 @@
 //! here runs. It must not reach into sessions: it talks to the rest of the
 //! server only through the store's interface and the hub's.
 
+pub mod bus;
+pub mod control;
 pub mod store;
 pub mod subjects;
 
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
 use crate::config::ClusterConfig;
+use crate::hub::Hub;
+use crate::store::{CommitSink, ReadError};
+
+/// What the rest of the server holds of cluster mode: the node's id, its
+/// bus (nodes, rooms) and its control plane (operators' requests to the
+/// other nodes).
+#[derive(Debug, Clone)]
+pub struct Node {
+    pub id: String,
+    pub bus: Arc<bus::ClusterBus>,
+    pub control: control::Control,
+}
 
 /// Why the node could not connect to NATS.
 #[derive(Debug, thiserror::Error)]
@@ -58,4 +76,108 @@ pub async fn connect(config: &ClusterConfig) -> Result<async_nats::Client, Conne
         .connect(urls.as_str())
         .await
         .map_err(|source| ConnectError::Connect { urls, source })
+}
+
+/// Why the node could not join its cluster.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("cannot start the cluster bus")]
+    Bus(#[from] bus::BusError),
+    #[error("cannot open the cluster's history in JetStream")]
+    Store(#[from] store::ClusterStoreError),
+}
+
+/// A started cluster node: its handles, its history and the tasks behind
+/// them (stopped by [`Started::stop`]).
+pub struct Started {
+    pub node: Node,
+    pub store: store::JetStreamStore,
+    tracker: TaskTracker,
+    token: CancellationToken,
+}
+
+impl Started {
+    /// Stops the node's cluster tasks: the store's writer answers every
+    /// append already queued first. Waits at most `grace`.
+    pub async fn stop(self, grace: Duration) {
+        self.token.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(?grace, "cluster tasks did not stop within the grace period");
+        }
+    }
+}
+
+/// Joins the cluster: connects to NATS, starts the bus (set as the hub's
+/// peers), opens the history in JetStream with `sink(bus)` as its commit
+/// sink, and starts answering the other nodes' requests. `connections`
+/// counts this node's clients for its heartbeats.
+pub async fn start(
+    config: &ClusterConfig,
+    store_options: &crate::store::StoreOptions,
+    hub: Arc<Hub>,
+    connections: bus::ConnectionCount,
+    sink: impl FnOnce(Arc<bus::ClusterBus>) -> Arc<dyn CommitSink>,
+) -> Result<Started, StartError> {
+    let client = connect(config).await?;
+    let tracker = TaskTracker::new();
+    let token = CancellationToken::new();
+    // The bus reads gaps from the store, and the store hands its commits
+    // to the bus: the reader finds the store once it is open.
+    let opened: Arc<OnceLock<store::JetStreamStore>> = Arc::new(OnceLock::new());
+    let reader: bus::HistoryReader = {
+        let opened = opened.clone();
+        Arc::new(move |room: String, after: u64, limit: usize| {
+            let store = opened.get().cloned();
+            Box::pin(async move {
+                match store {
+                    Some(s) => s.read_after(&room, after, limit).await,
+                    None => Err(ReadError::Cluster(
+                        "the cluster's history is not open yet".into(),
+                    )),
+                }
+            })
+        })
+    };
+    let bus = bus::ClusterBus::start(
+        client.clone(),
+        config,
+        hub.clone(),
+        reader,
+        connections,
+        &tracker,
+        token.clone(),
+    )
+    .await?;
+    let store = store::JetStreamStore::open(
+        client.clone(),
+        config,
+        store_options,
+        sink(bus.clone()),
+        &tracker,
+        token.clone(),
+    )
+    .await?;
+    let _ = opened.set(store.clone());
+    let id = config.node_id();
+    let control = control::Control::start(
+        client,
+        &config.stream,
+        &id,
+        Duration::from_millis(config.request_timeout_ms),
+        hub,
+        &tracker,
+        token.clone(),
+    );
+    Ok(Started {
+        node: Node { id, bus, control },
+        store,
+        tracker,
+        token,
+    })
 }

@@ -54,6 +54,7 @@ pub use crate::delivery::{
 };
 
 use crate::auth::{Access, AuthError, Principal};
+use crate::history::Store as _;
 use crate::hub::{Member, SessionEntry, SessionId, SessionStats};
 use crate::limits::{Action, SessionLimits, Slots};
 use crate::state::ServerState;

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use switchboard::history::Store as _;
 
 use protocol::{ClientRequest, ServerFrame};
 use switchboard::config::Secret;

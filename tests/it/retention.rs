@@ -3,6 +3,7 @@
 
 use std::io::Read;
 use std::time::Duration;
+use switchboard::history::Store as _;
 
 use protocol::{ClientRequest, ServerFrame};
 use switchboard::store::retention::RetentionRule;
@@ -233,6 +234,8 @@ async fn erased_and_expired_bodies_leave_the_file_and_backups() {
     let snapshot = server
         .state
         .store
+        .local()
+        .expect("single-node store")
         .backup(
             &server.fixture.path().join("data"),
             server.state.config.backup_cache_bytes,

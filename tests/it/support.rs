@@ -442,6 +442,8 @@ pub fn frame_id(f: &ServerFrame) -> Option<u64> {
 pub struct Process {
     pub child: Child,
     pub addr: SocketAddr,
+    /// The admin listener (health, metrics, admin API).
+    pub admin: SocketAddr,
 }
 
 impl Process {
@@ -484,14 +486,25 @@ impl Process {
         let mut child = command.spawn().expect("spawn switchboard");
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = BufReader::new(stdout).lines();
-        // The server prints its bound address once it listens.
-        let addr = tokio::time::timeout(DEADLINE, async {
+        // The server prints its bound addresses once it listens, the
+        // admin listener's last.
+        let (addr, admin) = tokio::time::timeout(DEADLINE, async {
+            let mut addr = None;
             while let Some(line) = lines.next_line().await.expect("read stdout") {
                 if let Some(rest) = line.strip_prefix("listening on wss://") {
-                    return rest
-                        .trim_end_matches("/ws")
-                        .parse::<SocketAddr>()
-                        .expect("addr");
+                    addr = Some(
+                        rest.trim_end_matches("/ws")
+                            .parse::<SocketAddr>()
+                            .expect("addr"),
+                    );
+                }
+                if let Some(rest) = line.strip_prefix("admin on http://") {
+                    let admin = rest
+                        .split_whitespace()
+                        .next()
+                        .and_then(|a| a.parse::<SocketAddr>().ok())
+                        .expect("admin addr");
+                    return (addr.expect("the TLS listener is printed first"), admin);
                 }
             }
             panic!("server exited before listening");
@@ -500,7 +513,7 @@ impl Process {
         .expect("server listens within the deadline");
         // Keep draining stdout so the child never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Process { child, addr }
+        Process { child, addr, admin }
     }
 
     /// Waits for the process to exit and returns whether it succeeded.
