@@ -19,8 +19,9 @@
 //! duplicate if the first arrives meanwhile). While NATS cannot be reached
 //! the task keeps trying, and the appends stay unanswered; a client sees
 //! its ack late, never a false "not stored". At `stop` such appends are
-//! answered `Closed` (outcome unknown; a resend with the same idempotency
-//! key finds the message if it was stored).
+//! dropped unanswered (their reply channels close: the outcome is unknown;
+//! a resend with the same idempotency key finds the message if it was
+//! stored).
 //!
 //! Appends that certainly did not reach JetStream (NATS disconnected before
 //! the publish, JetStream refused it) are answered
@@ -403,12 +404,10 @@ impl<'a> Group<'a> {
                             continue;
                         }
                         Resolved::Stopped => {
-                            for item in self.items.drain(..) {
-                                for r in item.same_key {
-                                    let _ = r.send(Err(AppendError::Closed));
-                                }
-                                let _ = item.reply.send(Err(AppendError::Closed));
-                            }
+                            // Outcome unknown: the replies are dropped
+                            // unanswered ("the store stopped"), never
+                            // answered with an error that says "not stored".
+                            self.items.clear();
                             return None;
                         }
                     }
