@@ -531,32 +531,33 @@ async fn a_nats_kill_during_sends_loses_and_duplicates_nothing() {
     a.shutdown().await;
 }
 
+/// A node of an R3 stream, connected to the one server at `url`.
+async fn r3_node(url: &str) -> Node {
+    let mut config = cluster_config(url);
+    config.replicas = 3;
+    let client = switchboard::cluster::connect(&config).await.unwrap();
+    let mut opts = Config::default().store_options();
+    opts.retry_interval = Duration::from_millis(100);
+    let sink = Arc::new(Recorder::default());
+    let tracker = TaskTracker::new();
+    let stop = CancellationToken::new();
+    let store = JetStreamStore::open(client, &config, &opts, sink.clone(), &tracker, stop.clone())
+        .await
+        .unwrap();
+    Node {
+        store,
+        sink,
+        tracker,
+        stop,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nats_servers_r3_keep_seqs_dense_while_one_dies() {
     let mut servers = Nats::cluster(3).await;
     let urls: Vec<String> = servers.iter().map(Nats::url).collect();
-    let open = |url: String| async move {
-        let mut config = cluster_config(&url);
-        config.urls = vec![url];
-        config.replicas = 3;
-        let client = switchboard::cluster::connect(&config).await.unwrap();
-        let opts = Config::default().store_options();
-        let sink = Arc::new(Recorder::default());
-        let tracker = TaskTracker::new();
-        let stop = CancellationToken::new();
-        let store =
-            JetStreamStore::open(client, &config, &opts, sink.clone(), &tracker, stop.clone())
-                .await
-                .unwrap();
-        Node {
-            store,
-            sink,
-            tracker,
-            stop,
-        }
-    };
     // Two nodes on the two servers that stay up.
-    let (a, b) = (open(urls[0].clone()).await, open(urls[1].clone()).await);
+    let (a, b) = (r3_node(&urls[0]).await, r3_node(&urls[1]).await);
     const EACH: usize = 100;
     let sender = |store: JetStreamStore, who: &'static str| {
         tokio::spawn(async move {
@@ -591,4 +592,136 @@ async fn three_nats_servers_r3_keep_seqs_dense_while_one_dies() {
     assert_history_is(&b.store, "r", &acked).await;
     a.shutdown().await;
     b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_answers_every_queued_append_and_the_writer_exits() {
+    let nats = Nats::start().await;
+    let a = node(&nats.url()).await;
+    let mut rxs = Vec::new();
+    for i in 0..50 {
+        let room = if i % 2 == 0 { "x" } else { "y" };
+        rxs.push(queue(&a.store, room, "u", &format!("m{i}"), None).await);
+    }
+    let store = a.store.clone();
+    a.shutdown().await;
+    for rx in rxs {
+        let r = rx.await.expect("every queued append is answered");
+        assert!(r.is_ok(), "{r:?}");
+    }
+    assert_eq!(store.latest_seq("x").await.unwrap(), 25);
+    assert_eq!(store.latest_seq("y").await.unwrap(), 25);
+    let (reply, _rx) = oneshot::channel();
+    let late = store
+        .append(Append {
+            room: Arc::from("x"),
+            from: Arc::from("u"),
+            body: body("late"),
+            key: None,
+            reply,
+        })
+        .await;
+    assert!(late.is_err(), "the store takes no append after stop");
+}
+
+/// Sends with `key` until the answer is not `Unavailable`.
+async fn send_keyed_until_answered(store: &JetStreamStore, text: &str, key: &str) -> Appended {
+    let start = Instant::now();
+    loop {
+        match send(store, "r", "u", text, Some(key)).await {
+            Ok(a) => return a,
+            Err(AppendError::Unavailable { .. }) if start.elapsed() < DEADLINE => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_reserved_by_a_dead_node_is_taken_over_once_stale() {
+    use switchboard::cluster::store::idempotency_bucket_key;
+    let nats = Nats::start().await;
+    let a = node(&nats.url()).await;
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let kv = js.get_key_value("SBTEST_KEYS").await.unwrap();
+
+    // A node reserved k1 and died before publishing: the key is busy, then
+    // taken over and stored once.
+    kv.put(idempotency_bucket_key("r", "u", "k1"), "p 0".into())
+        .await
+        .unwrap();
+    let busy = send(&a.store, "r", "u", "one", Some("k1")).await;
+    assert!(
+        matches!(busy, Err(AppendError::Unavailable { .. })),
+        "{busy:?}"
+    );
+    let stored = send_keyed_until_answered(&a.store, "one", "k1").await;
+    assert_eq!((stored.seq, stored.duplicate), (1, false));
+
+    // A node published k2's message and died before recording it: the
+    // resend finds the message instead of storing it again.
+    let first = send(&a.store, "r", "u", "two", Some("k2")).await.unwrap();
+    assert_eq!(first.seq, 2);
+    kv.put(idempotency_bucket_key("r", "u", "k2"), "p 0".into())
+        .await
+        .unwrap();
+    let again = send_keyed_until_answered(&a.store, "two", "k2").await;
+    assert_eq!((again.seq, again.ts, again.duplicate), (2, first.ts, true));
+    assert_eq!(a.store.latest_seq("r").await.unwrap(), 2);
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_quorum_a_send_in_doubt_waits_and_new_sends_are_refused() {
+    let mut servers = Nats::cluster(3).await;
+    let a = r3_node(&servers[0].url()).await;
+    for i in 1..=3 {
+        assert_eq!(
+            send(&a.store, "r", "u", &format!("m{i}"), None)
+                .await
+                .unwrap()
+                .seq,
+            i
+        );
+    }
+    servers[1].kill().await;
+    servers[2].kill().await;
+    // The first send after the loss is refused (JetStream answered it) or
+    // stays unanswered (its outcome unknown to the node) until quorum is
+    // back; it is never answered "not stored" while it might be stored.
+    let first = queue(&a.store, "r", "u", "m4", None).await;
+    let start = Instant::now();
+    while a.store.writable().is_ok() {
+        assert!(start.elapsed() < DEADLINE, "still writable without quorum");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Later sends are refused at once.
+    let asked = Instant::now();
+    let refused = send(&a.store, "r", "u", "refused", None).await;
+    assert!(
+        matches!(refused, Err(AppendError::Unavailable { .. })),
+        "{refused:?}"
+    );
+    assert!(asked.elapsed() < Duration::from_millis(TIMEOUT_MS));
+    servers[1].restart().await;
+    servers[2].restart().await;
+    let first = tokio::time::timeout(3 * DEADLINE, first)
+        .await
+        .expect("the first send is answered once quorum is back")
+        .unwrap();
+    let mut acked: BTreeMap<String, u64> = (1..=3).map(|i| (format!("m{i}"), i)).collect();
+    match first {
+        Ok(x) => {
+            assert_eq!(x.seq, 4);
+            acked.insert("m4".into(), 4);
+        }
+        Err(AppendError::Unavailable { .. }) => {}
+        Err(e) => panic!("{e:?}"),
+    }
+    let next = acked.len() as u64 + 1;
+    assert_eq!(send_until_stored(&a.store, "r", "u", "m5").await, next);
+    acked.insert("m5".into(), next);
+    assert_history_is(&a.store, "r", &acked).await;
+    a.shutdown().await;
 }

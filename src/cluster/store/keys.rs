@@ -8,7 +8,11 @@
 //! reserved: the message, if stored, lies after it) and `c <seq> <ts>`
 //! once stored. A reservation whose owner is gone (its node died between
 //! reserving and recording) is taken over after it is `stale`: the taker
-//! first looks for the message in the room after that stream seq.
+//! first looks for the message in the room after that stream seq. One
+//! window stays: an owner whose publish is still in doubt when its
+//! reservation turns stale (NATS unreachable for longer than `stale`) and
+//! that then finds it not stored publishes it again, while the taker may
+//! have stored the resend: the message is then stored twice.
 //!
 //! It must not publish messages: the writer does, in the order it chose.
 
@@ -170,6 +174,16 @@ impl Keys {
             .await
             .map(|_| ())
             .map_err(|e| e.to_string())
+    }
+
+    /// Whether JetStream takes writes: a put of `probe` (a key of its own,
+    /// expiring with the bucket's TTL). It needs the bucket's quorum, as a
+    /// message needs the stream's.
+    pub async fn probe(&self, probe: &str) -> bool {
+        self.kv
+            .put(probe, Bytes::from_static(b"probe"))
+            .await
+            .is_ok()
     }
 
     /// Gives a reservation up: its message is certainly not stored.

@@ -35,8 +35,9 @@
 //! `<subject>.e` holding only its seq, so a room whose newest messages are
 //! erased keeps its latest seq (a new message never reuses an erased seq).
 //! A read returns an erased seq with body `None`, an empty sender and time
-//! 0: they go with the body. Erasure and export scan the whole stream:
-//! O(stream), in batched direct gets.
+//! 0: they go with the body. An export lists stored messages only.
+//! Erasure and export scan the whole stream: O(stream), in batched direct
+//! gets.
 //!
 //! The epoch is the stream name and its creation time: the same on every
 //! node, new when the stream is deleted and made again.
@@ -62,12 +63,17 @@ use crate::store::{
     StoredMessage, TryAppendError,
 };
 
+pub use keys::bucket_key as idempotency_bucket_key;
 pub use wire::GetError;
 
 /// JetStream's de-duplication window of the stream: long enough for any
 /// retry of a publish whose ack was lost (the writer retries within
 /// seconds), short enough to bound the server's memory of message ids.
 const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+
+/// The most messages nats-server takes in one atomic batch (its default
+/// limit): a larger `cluster.max_batch` is cut to it.
+const ATOMIC_BATCH_MAX: usize = 1000;
 
 /// Messages one batched direct get asks for while scanning the stream.
 const SCAN_BATCH: usize = 256;
@@ -103,6 +109,9 @@ struct Shared {
     timeout: Duration,
     retry: Duration,
     max_batch: usize,
+    /// Most rooms whose tail the writer remembers while they are idle (the
+    /// append queue's capacity).
+    max_rooms: usize,
     /// Atomic batches this node has in flight (nats-server bounds them per
     /// stream, for every node together).
     batches: Semaphore,
@@ -123,6 +132,11 @@ impl Shared {
     fn next_id(&self) -> String {
         let n = self.ids.fetch_add(1, Ordering::Relaxed);
         format!("{}-{n:x}", self.id_prefix)
+    }
+
+    /// Connected, and no publish failed since the stream last answered.
+    fn writable(&self) -> bool {
+        self.connected() && self.healthy.load(Ordering::Relaxed)
     }
 
     fn connected(&self) -> bool {
@@ -155,14 +169,16 @@ impl Shared {
         let got = tokio::time::timeout(self.timeout, get)
             .await
             .map_err(|_| GetError::TimedOut)?;
-        Ok(wire::found(got)?.map(|m| {
-            let seq = m
-                .headers
-                .get(wire::SEQ)
-                .and_then(|v| v.as_str().parse().ok())
-                .unwrap_or(0);
-            (seq, m.sequence)
-        }))
+        let Some(m) = wire::found(got)? else {
+            return Ok(None);
+        };
+        // A message without a seq is not ours: never number from it.
+        let seq = m
+            .headers
+            .get(wire::SEQ)
+            .and_then(|v| v.as_str().parse().ok())
+            .ok_or(GetError::Foreign(m.sequence))?;
+        Ok(Some((seq, m.sequence)))
     }
 
     /// The room's tail: its latest seq (erased ones included) and the stream
@@ -347,7 +363,7 @@ impl JetStreamStore {
             duplicate_window: DUPLICATE_WINDOW,
             ..Default::default()
         };
-        let mut created = js
+        let created = js
             .get_or_create_stream(stream_config)
             .await
             .map_err(|source| ClusterStoreError::Stream {
@@ -358,7 +374,6 @@ impl JetStreamStore {
         if !info.config.allow_atomic_publish {
             return Err(ClusterStoreError::NoAtomicPublish(name));
         }
-        let _ = created.info().await;
         let epoch = format!("{name}-{:x}", info.created.unix_timestamp_nanos());
         let bucket = subjects::keys_bucket(&name);
         let kv = match js.get_key_value(&bucket).await {
@@ -397,7 +412,8 @@ impl JetStreamStore {
             sink,
             timeout,
             retry: opts.retry_interval,
-            max_batch: config.max_batch.max(1),
+            max_batch: config.max_batch.clamp(1, ATOMIC_BATCH_MAX),
+            max_rooms: opts.queue_capacity.max(1),
             batches: Semaphore::new(config.atomic_batches_in_flight.max(1)),
             healthy: AtomicBool::new(true),
             commits: AtomicU64::new(0),
@@ -468,7 +484,7 @@ impl JetStreamStore {
     pub fn writable(&self) -> Result<(), NotWritable> {
         if self.tx.is_closed() {
             Err(NotWritable::WriterStopped)
-        } else if !self.shared.connected() || !self.shared.healthy.load(Ordering::Relaxed) {
+        } else if !self.shared.writable() {
             Err(NotWritable::ClusterUnavailable)
         } else {
             Ok(())

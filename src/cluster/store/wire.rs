@@ -47,7 +47,11 @@ mod code {
 /// One message of a publish.
 #[derive(Debug, Clone)]
 pub struct Outgoing {
-    /// Unique per append, kept across retries: JetStream de-duplicates it.
+    /// The `Nats-Msg-Id`: unique per append, kept across retries (and
+    /// renumberings), so JetStream stores a retried publish once. It is not
+    /// derived from the room seq: JetStream checks the id before the
+    /// expected last sequence, so an id of room and seq would make another
+    /// node's message with that seq look like our own earlier attempt.
     pub msg_id: String,
     pub seq: u64,
     pub from: String,

@@ -19,12 +19,15 @@
 //! duplicate if the first arrives meanwhile). While NATS cannot be reached
 //! the task keeps trying, and the appends stay unanswered; a client sees
 //! its ack late, never a false "not stored". At `stop` such appends are
-//! answered `Closed` (outcome unknown; a resend with the same idempotency
-//! key finds the message if it was stored).
+//! dropped unanswered (their reply channels close: the outcome is unknown;
+//! a resend with the same idempotency key finds the message if it was
+//! stored).
 //!
 //! Appends that certainly did not reach JetStream (NATS disconnected before
 //! the publish, JetStream refused it) are answered
-//! `AppendError::Unavailable`, retryable.
+//! `AppendError::Unavailable`, retryable; so is every append that arrives
+//! while the store is marked down (after a failed or unknown publish, until
+//! the health probe gets an answer from the stream again).
 //!
 //! It must not read or write anything but its rooms' subjects and the key
 //! bucket.
@@ -57,8 +60,9 @@ pub struct Tail {
 }
 
 /// How many times a publish JetStream refused for a passing reason (too
-/// many batches in flight, an incomplete batch) is tried again before its
-/// appends are answered `Unavailable`.
+/// many batches in flight, an incomplete batch, a stream between leaders)
+/// is tried again, spread over one request timeout, before its appends are
+/// answered `Unavailable`.
 const REFUSED_RETRIES: u32 = 3;
 
 type Reply = oneshot::Sender<Result<Appended, AppendError>>;
@@ -89,9 +93,11 @@ pub fn start(
     tracker.spawn(probe_health(probe, probe_stop));
 }
 
-/// While publishes fail, asks JetStream for the stream's info every retry
-/// interval, and marks the store writable again once it answers.
+/// While publishes fail, writes a probe key every retry interval, and marks
+/// the store writable again once JetStream takes it (a read would be
+/// answered by a stream leader that has lost its quorum).
 async fn probe_health(shared: Arc<Shared>, stop: CancellationToken) {
+    let probe_key = format!("probe-{}", shared.id_prefix);
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
@@ -100,8 +106,8 @@ async fn probe_health(shared: Arc<Shared>, stop: CancellationToken) {
         if shared.healthy.load(Ordering::Relaxed) || !shared.connected() {
             continue;
         }
-        let info = shared.stream.get_info();
-        if let Ok(Ok(_)) = tokio::time::timeout(shared.timeout, info).await {
+        let probe = shared.keys.probe(&probe_key);
+        if let Ok(true) = tokio::time::timeout(shared.timeout, probe).await {
             shared.healthy.store(true, Ordering::Relaxed);
         }
     }
@@ -140,8 +146,21 @@ impl Dispatcher {
                         r.tail = tail;
                     }
                     busy += self.launch(&room, &done_tx);
+                    if self.rooms.len() > self.shared.max_rooms {
+                        // Idle rooms' tails are read again when they send.
+                        self.rooms.retain(|_, r| r.busy || !r.queue.is_empty());
+                    }
                 }
                 append = rx.recv(), if receiving => match append {
+                    Some(a) if !self.shared.writable() => {
+                        // Refused at once while NATS or JetStream is down
+                        // (the health probe says when it is back).
+                        let cost = queued_cost(&a, self.shared.queue_bytes_total);
+                        let _ = a.reply.send(Err(AppendError::Unavailable {
+                            retry_after: self.shared.retry,
+                        }));
+                        self.shared.queue_bytes.add_permits(cost as usize);
+                    }
                     Some(a) => {
                         let room = a.room.clone();
                         self.rooms.entry(room.clone()).or_default().queue.push_back(a);
@@ -295,8 +314,8 @@ impl<'a> Group<'a> {
 
     /// Publishes the group; returns the room's tail after it, if known.
     async fn run(mut self, tail: Option<Tail>) -> Option<Tail> {
-        if !self.shared.connected() {
-            self.mark_down();
+        if !self.shared.writable() {
+            self.shared.failed_commits.fetch_add(1, Ordering::Relaxed);
             self.fail(self.unavailable()).await;
             return tail;
         }
@@ -332,6 +351,7 @@ impl<'a> Group<'a> {
                     body: bytes::Bytes::copy_from_slice(i.body.get().as_bytes()),
                 })
                 .collect();
+            let started = std::time::Instant::now();
             let outcome = if msgs.len() > 1 {
                 let Ok(_permit) = self.shared.batches.acquire().await else {
                     self.fail(AppendError::Closed).await;
@@ -353,7 +373,7 @@ impl<'a> Group<'a> {
                         self.fail(self.unavailable()).await;
                         return None;
                     }
-                    tokio::time::sleep(self.shared.retry).await;
+                    tokio::time::sleep(self.shared.timeout / (REFUSED_RETRIES + 1)).await;
                     continue;
                 }
                 Outcome::NotSent(why) if !uncertain => {
@@ -384,12 +404,10 @@ impl<'a> Group<'a> {
                             continue;
                         }
                         Resolved::Stopped => {
-                            for item in self.items.drain(..) {
-                                for r in item.same_key {
-                                    let _ = r.send(Err(AppendError::Closed));
-                                }
-                                let _ = item.reply.send(Err(AppendError::Closed));
-                            }
+                            // Outcome unknown: the replies are dropped
+                            // unanswered ("the store stopped"), never
+                            // answered with an error that says "not stored".
+                            self.items.clear();
                             return None;
                         }
                     }
@@ -398,6 +416,9 @@ impl<'a> Group<'a> {
             match stored {
                 Some(stream_seq) => {
                     let seq = tail.seq + msgs.len() as u64;
+                    self.shared
+                        .sink
+                        .batch_committed(msgs.len(), started.elapsed());
                     self.committed(tail.seq + 1).await;
                     return stream_seq.map(|stream_seq| Tail {
                         seq,
@@ -406,8 +427,8 @@ impl<'a> Group<'a> {
                     });
                 }
                 None => {
-                    // Another node wrote first: number again from the tail.
-                    self.shared.failed_commits.fetch_add(1, Ordering::Relaxed);
+                    // Another node wrote first (a lost race, not a
+                    // failure): number again from the tail.
                     match self.shared.tail(self.room).await {
                         Ok(t) => tail = t,
                         Err(e) => {
