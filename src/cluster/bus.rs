@@ -326,7 +326,7 @@ struct Shared {
     queue: Arc<Queue>,
     deliver: mpsc::UnboundedSender<Input>,
     nodes: Mutex<HashMap<String, Node>>,
-    /// The rooms subscribed to, with the generation of their task.
+    /// The rooms whose subscriptions are live, with their task's round.
     subscribed: Mutex<HashMap<String, u64>>,
     counters: Counters,
     tracker: TaskTracker,
@@ -378,7 +378,6 @@ impl ClusterBus {
     /// Starts the bus's tasks on `tracker` (they end with `token`) and sets
     /// it as the hub's peers. `reader` fills gaps from history;
     /// `connections` counts this node's clients for its heartbeats.
-    #[allow(clippy::too_many_arguments)]
     pub async fn start(
         client: async_nats::Client,
         config: &ClusterConfig,
@@ -461,7 +460,8 @@ impl ClusterBus {
         out
     }
 
-    /// The rooms this node is subscribed to, sorted.
+    /// The rooms this node is subscribed to (the subscriptions live:
+    /// the node's ask came back, or `request_timeout_ms` passed), sorted.
     pub fn rooms(&self) -> Vec<String> {
         let mut rooms: Vec<String> = lock(&self.shared.subscribed).keys().cloned().collect();
         rooms.sort_unstable();
@@ -793,7 +793,7 @@ fn read_done(
 fn step(shared: &Arc<Shared>, room: &str, o: &mut Order) {
     if o.next.is_none() {
         if let Some(latest) = shared.hub.latest(room) {
-            o.next = Some(latest + 1);
+            o.next = Some(latest.saturating_add(1));
         } else if o.began.elapsed() >= shared.timing.request_timeout {
             o.next = o.pending.keys().next().copied();
         }
@@ -852,7 +852,11 @@ fn step(shared: &Arc<Shared>, room: &str, o: &mut Order) {
             .counters
             .history_reads
             .fetch_add(1, Ordering::Relaxed);
-        let read = (shared.reader)(room.to_owned(), next - 1, shared.timing.read_page);
+        let read = (shared.reader)(
+            room.to_owned(),
+            next.saturating_sub(1),
+            shared.timing.read_page,
+        );
         let (tx, token) = (shared.deliver.clone(), o.token.clone());
         let (room, round) = (room.to_owned(), o.round);
         shared.tracker.spawn(async move {
@@ -884,7 +888,6 @@ async fn room_task(shared: Arc<Shared>, room: String, round: u64, token: Cancell
         }
     };
     let (mut deliveries, mut events) = (deliveries.fuse(), events.fuse());
-    lock(&shared.subscribed).insert(room.clone(), round);
     // Our users, and a request for everyone else's; its echo says the
     // subscriptions are live.
     shared.queue.with(|o| {
@@ -896,6 +899,7 @@ async fn room_task(shared: Arc<Shared>, room: String, round: u64, token: Cancell
     let mark_ready = |ready: &mut bool| {
         if !*ready {
             *ready = true;
+            lock(&shared.subscribed).insert(room.clone(), round);
             let _ = shared.deliver.send(Input::Ready {
                 room: room.clone(),
                 round,

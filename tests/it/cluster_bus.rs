@@ -51,21 +51,28 @@ impl Drop for Node {
     }
 }
 
-/// Short timings, so that gaps and silent nodes show within a test.
-fn config(nats: &Nats, id: &str) -> ClusterConfig {
+/// Short timings, so that gaps show within a test; a silent node is gone
+/// after `node_timeout_ms`.
+fn config(nats: &Nats, id: &str, node_timeout_ms: u64) -> ClusterConfig {
     ClusterConfig {
         urls: vec![nats.url()],
         node_id: Some(id.to_owned()),
         heartbeat_interval_ms: 100,
-        node_timeout_ms: 500,
+        node_timeout_ms,
         gap_timeout_ms: 100,
         request_timeout_ms: 1_000,
         ..ClusterConfig::default()
     }
 }
 
+/// A node that finds others gone only after a long silence, so that a
+/// busy test machine does not make one seem gone.
 async fn node(nats: &Nats, id: &str, history: &History) -> Node {
-    let config = config(nats, id);
+    node_with(nats, id, history, 30_000).await
+}
+
+async fn node_with(nats: &Nats, id: &str, history: &History, node_timeout_ms: u64) -> Node {
+    let config = config(nats, id, node_timeout_ms);
     let client = switchboard::cluster::connect(&config).await.unwrap();
     let hub = Arc::new(Hub::new());
     let tracker = TaskTracker::new();
@@ -370,8 +377,8 @@ async fn the_members_of_a_silent_node_leave_within_the_node_timeout() {
     let nats = Nats::start().await;
     let history = History::default();
     let (a, b) = (
-        node(&nats, "a", &history).await,
-        node(&nats, "b", &history).await,
+        node_with(&nats, "a", &history, 500).await,
+        node_with(&nats, "b", &history, 500).await,
     );
     let _alice = a.join("r", 1, "alice");
     let mut w = b.join("r", 2, "w");
