@@ -82,6 +82,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::subjects;
+use order::{Limits, Order};
+
+mod order;
 use crate::config::ClusterConfig;
 use crate::hub::{Hub, Peers};
 use crate::store::{CommitSink, Committed, ReadError, StoredMessage};
@@ -308,10 +311,8 @@ struct Counters {
 struct Timing {
     heartbeat: Duration,
     node_timeout: Duration,
-    gap_timeout: Duration,
     request_timeout: Duration,
-    read_page: usize,
-    reorder_max: usize,
+    limits: Limits,
 }
 
 struct Shared {
@@ -403,10 +404,13 @@ impl ClusterBus {
             timing: Timing {
                 heartbeat: Duration::from_millis(config.heartbeat_interval_ms),
                 node_timeout: Duration::from_millis(config.node_timeout_ms),
-                gap_timeout: Duration::from_millis(config.gap_timeout_ms),
                 request_timeout: Duration::from_millis(config.request_timeout_ms),
-                read_page: config.max_batch.max(1),
-                reorder_max: config.reorder_max.max(1),
+                limits: Limits {
+                    gap_timeout: Duration::from_millis(config.gap_timeout_ms),
+                    request_timeout: Duration::from_millis(config.request_timeout_ms),
+                    read_page: config.max_batch.max(1),
+                    reorder_max: config.reorder_max.max(1),
+                },
             },
             client,
             hub,
@@ -614,27 +618,14 @@ async fn publish(shared: &Shared, subject: &str, payload: &impl Serialize) {
     }
 }
 
-/// A room's order of delivery on this node.
+/// A room the deliverer orders, in one interest period.
 #[derive(Debug)]
-struct Order {
+struct Room {
     /// Which interest period of the room this is: inputs of an earlier
     /// one (a task being cancelled, a read in flight) are dropped.
     round: u64,
     token: CancellationToken,
-    /// The next seq to hand the hub; `None` until the hub knows the room's latest.
-    next: Option<u64>,
-    /// Messages ahead of `next`; `None` for an erased one (skipped).
-    pending: BTreeMap<u64, Option<BusMessage>>,
-    /// Since when `next` has been missing while later messages wait.
-    gap_since: Option<Instant>,
-    began: Instant,
-    ready: bool,
-    /// Reads of history past `next` still to do once ready.
-    catch_up: u8,
-    reading: bool,
-    last_read: Option<Instant>,
-    /// Reads in a row that found nothing for a gap.
-    empty_reads: u8,
+    order: Order,
 }
 
 /// The one caller of the hub's fan-out: keeps every room's order (module doc).
@@ -643,33 +634,22 @@ async fn deliverer(
     mut inputs: mpsc::UnboundedReceiver<Input>,
     token: CancellationToken,
 ) {
-    let mut rooms: HashMap<String, Order> = HashMap::new();
+    let limits = &shared.timing.limits;
+    let mut rooms: HashMap<String, Room> = HashMap::new();
     let mut round = 0u64;
-    let mut tick =
-        tokio::time::interval((shared.timing.gap_timeout / 2).max(Duration::from_millis(1)));
+    let mut tick = tokio::time::interval((limits.gap_timeout / 2).max(Duration::from_millis(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             () = token.cancelled() => break,
             input = inputs.recv() => {
                 let Some(input) = input else { break };
-                let room = match input {
+                let name = match input {
                     Input::Interest { room, on: true } => {
                         round += 1;
                         let child = token.child_token();
-                        if let Some(old) = rooms.insert(room.clone(), Order {
-                            round,
-                            token: child.clone(),
-                            next: None,
-                            pending: BTreeMap::new(),
-                            gap_since: None,
-                            began: Instant::now(),
-                            ready: false,
-                            catch_up: 2,
-                            reading: false,
-                            last_read: None,
-                            empty_reads: 0,
-                        }) {
+                        let fresh = Room { round, token: child.clone(), order: Order::new(Instant::now()) };
+                        if let Some(old) = rooms.insert(room.clone(), fresh) {
                             old.token.cancel();
                         }
                         shared.tracker.spawn(room_task(shared.clone(), room.clone(), round, child));
@@ -682,145 +662,56 @@ async fn deliverer(
                         continue;
                     }
                     Input::Local { room, msgs } => {
-                        let Some(o) = rooms.get_mut(&room) else { continue };
-                        hold(o, msgs.iter().cloned().map(|m| (m.seq, Some(m))), shared.timing.reorder_max);
+                        let Some(r) = rooms.get_mut(&room) else { continue };
+                        r.order.hold(msgs.iter().cloned(), limits);
                         room
                     }
                     Input::Remote { room, round, msgs } => {
-                        let Some(o) = rooms.get_mut(&room).filter(|o| o.round == round) else { continue };
-                        hold(o, msgs.into_iter().map(|m| (m.seq, Some(m))), shared.timing.reorder_max);
+                        let Some(r) = rooms.get_mut(&room).filter(|r| r.round == round) else { continue };
+                        r.order.hold(msgs, limits);
                         room
                     }
                     Input::Ready { room, round } => {
-                        let Some(o) = rooms.get_mut(&room).filter(|o| o.round == round) else { continue };
-                        o.ready = true;
+                        let Some(r) = rooms.get_mut(&room).filter(|r| r.round == round) else { continue };
+                        r.order.ready();
                         room
                     }
                     Input::Read { room, round, result } => {
-                        let Some(o) = rooms.get_mut(&room).filter(|o| o.round == round) else { continue };
-                        read_done(&shared, &room, o, result);
+                        let Some(r) = rooms.get_mut(&room).filter(|r| r.round == round) else { continue };
+                        let msgs = result
+                            .inspect_err(|error| tracing::warn!(%error, room, "cannot read a room's history for its live delivery; retrying"))
+                            .ok();
+                        r.order.read_done(msgs, Instant::now(), limits);
                         room
                     }
                 };
-                if let Some(o) = rooms.get_mut(&room) {
-                    step(&shared, &room, o);
+                if let Some(r) = rooms.get_mut(&name) {
+                    step(&shared, &name, r);
                 }
             }
             _ = tick.tick() => {
-                for (room, o) in &mut rooms {
-                    step(&shared, room, o);
+                for (name, r) in &mut rooms {
+                    step(&shared, name, r);
                 }
             }
         }
     }
-    for o in rooms.values() {
-        o.token.cancel();
+    for r in rooms.values() {
+        r.token.cancel();
     }
 }
 
-/// Holds messages for the room's order; past `max` held, the newest go
-/// (history has them).
-fn hold(o: &mut Order, msgs: impl Iterator<Item = (u64, Option<BusMessage>)>, max: usize) {
-    for (seq, msg) in msgs {
-        if o.next.is_some_and(|next| seq < next) {
-            continue;
-        }
-        o.pending.entry(seq).or_insert(msg);
-    }
-    while o.pending.len() > max {
-        o.pending.pop_last();
-    }
-}
-
-/// Takes a history read's result into the room's order.
-fn read_done(
-    shared: &Shared,
-    room: &str,
-    o: &mut Order,
-    result: Result<Vec<StoredMessage>, ReadError>,
-) {
-    o.reading = false;
-    o.last_read = Some(Instant::now());
-    let msgs = match result {
-        Ok(msgs) => msgs,
-        Err(error) => {
-            tracing::warn!(%error, room, "cannot read a room's history for its live delivery; retrying");
-            return;
-        }
-    };
-    if msgs.len() >= shared.timing.read_page {
-        // A full page: more may follow at once.
-        o.catch_up = o.catch_up.saturating_add(1);
-        o.last_read = None;
-    }
-    let Some(next) = o.next else { return };
-    match msgs.first() {
-        // History no longer holds `next` (retention): start where it does.
-        Some(first) if first.seq > next => o.next = Some(first.seq),
-        None if o.pending.keys().next().is_some_and(|&p| p > next) => {
-            o.empty_reads += 1;
-            if o.empty_reads >= 2 {
-                if let Some(&p) = o.pending.keys().next() {
-                    tracing::warn!(
-                        room,
-                        from = next,
-                        to = p,
-                        "seqs missing from history; skipped"
-                    );
-                    o.next = Some(p);
-                }
-            }
-        }
-        _ => {}
-    }
-    let msgs = msgs.into_iter().map(|m| {
-        let body = m
-            .body
-            .and_then(|b| RawValue::from_string(b).ok())
-            .map(|body| BusMessage {
-                seq: m.seq,
-                from: m.from,
-                ts: m.ts,
-                body,
-            });
-        (m.seq, body)
-    });
-    hold(o, msgs, shared.timing.reorder_max);
-}
-
-/// Hands the hub what is next in the room's order, and reads history when
-/// a gap has waited long enough or a catch-up is due.
-fn step(shared: &Arc<Shared>, room: &str, o: &mut Order) {
-    if o.next.is_none() {
-        if let Some(latest) = shared.hub.latest(room) {
-            o.next = Some(latest.saturating_add(1));
-        } else if o.began.elapsed() >= shared.timing.request_timeout {
-            o.next = o.pending.keys().next().copied();
-        }
-        if let Some(next) = o.next {
-            o.pending = o.pending.split_off(&next);
-        }
-    }
-    let Some(mut next) = o.next else { return };
-    let mut run: Vec<BusMessage> = Vec::new();
-    while let Some(entry) = o.pending.first_entry() {
-        if *entry.key() != next {
-            break;
-        }
-        if let Some(m) = entry.remove() {
-            run.push(m);
-        }
-        next += 1;
-    }
-    if next != o.next.unwrap_or(next) || !run.is_empty() {
-        o.empty_reads = 0;
-    }
-    o.next = Some(next);
-    if !run.is_empty() {
-        let committed: Vec<Committed<'_>> = run
-            .iter()
+/// Hands the hub what is next in the room's order, and starts the history
+/// read it asks for.
+fn step(shared: &Arc<Shared>, name: &str, r: &mut Room) {
+    let limits = &shared.timing.limits;
+    let step = r
+        .order
+        .step(shared.hub.latest(name), Instant::now(), limits);
+    if !step.run.is_empty() {
+        let committed: Vec<Committed<'_>> = (step.run.iter())
             .map(|m| Committed {
-                room,
+                room: name,
                 seq: m.seq,
                 ts: m.ts,
                 from: &m.from,
@@ -828,37 +719,16 @@ fn step(shared: &Arc<Shared>, room: &str, o: &mut Order) {
             })
             .collect();
         shared.hub.committed(&committed);
-        (shared.counters.delivered).fetch_add(run.len() as u64, Ordering::Relaxed);
+        (shared.counters.delivered).fetch_add(step.run.len() as u64, Ordering::Relaxed);
     }
-    if o.reading {
-        return;
-    }
-    let gap_timeout = shared.timing.gap_timeout;
-    let rested = o.last_read.is_none_or(|t| t.elapsed() >= gap_timeout);
-    let read = if o.pending.is_empty() {
-        o.gap_since = None;
-        let due = o.ready && o.catch_up > 0 && rested;
-        if due {
-            o.catch_up -= 1;
-        }
-        due
-    } else {
-        let since = *o.gap_since.get_or_insert_with(Instant::now);
-        since.elapsed() >= gap_timeout && rested
-    };
-    if read {
-        o.reading = true;
+    if let Some(after) = step.read_after {
         shared
             .counters
             .history_reads
             .fetch_add(1, Ordering::Relaxed);
-        let read = (shared.reader)(
-            room.to_owned(),
-            next.saturating_sub(1),
-            shared.timing.read_page,
-        );
-        let (tx, token) = (shared.deliver.clone(), o.token.clone());
-        let (room, round) = (room.to_owned(), o.round);
+        let read = (shared.reader)(name.to_owned(), after, limits.read_page);
+        let (tx, token) = (shared.deliver.clone(), r.token.clone());
+        let (room, round) = (name.to_owned(), r.round);
         shared.tracker.spawn(async move {
             tokio::select! {
                 () = token.cancelled() => {}
