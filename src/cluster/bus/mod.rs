@@ -11,7 +11,7 @@
 //! - **Fan-out by interest.** The hub calls [`Peers::interest`] when a room
 //!   gets its first local member and when it loses its last; only between
 //!   the two is the node subscribed to the room's delivery and events
-//!   subjects (one tracked task per room, [`room_task`]). NATS routes a
+//!   subjects (one tracked task per room, `room_task`). NATS routes a
 //!   room's traffic only to the nodes with members in it.
 //! - **Committed messages.** The JetStream store calls this bus as its
 //!   [`CommitSink`] with the node's own acked appends. Each room's messages
@@ -19,13 +19,16 @@
 //!   messages' seq, sender, time and raw body, split under the server's
 //!   payload limit) and handed to the local reorder stage at once.
 //! - **Seq order on every node.** One task (the deliverer) is the only
-//!   caller of the hub's [`CommitSink::committed`]. Per room it keeps the
+//!   caller of the hub's [`CommitSink::committed`]. Per room (`order.rs`,
+//!   bookkeeping without I/O or clock) it keeps the
 //!   next seq to deliver and holds messages ahead of it (at most
 //!   `cluster.reorder_max`; the newest beyond are dropped and read back);
 //!   duplicates (a node's own message, local and echoed) are dropped by seq.
 //!   A hole not filled within `cluster.gap_timeout_ms` is read from history
-//!   through the [`HistoryReader`], a page of `cluster.max_batch` at a time;
-//!   an erased message (no body) is skipped.
+//!   through the [`HistoryReader`], a page of `cluster.max_batch` at a time
+//!   (the next at once after a full one); an erased message (no body) is
+//!   skipped, and seqs that history does not hold either (retention) are
+//!   passed over after two reads that find nothing.
 //! - **Where a room starts.** A session that joins a room new to the hub
 //!   reads the room's latest seq from the store and reports it to the hub,
 //!   which promises the session every later message. So the deliverer
@@ -63,6 +66,11 @@
 //!   by the hub's own state (one entry per room and user) plus the commits
 //!   not yet published (the store acks nothing while NATS is unreachable,
 //!   so that part waits only as long as one publish).
+//!
+//! Wiring: [`ClusterBus::start`] sets the bus as the hub's peers; the
+//! JetStream store takes it as its `CommitSink`; the reader is that
+//! store's `read_after` (a cell filled once the store is open breaks the
+//! store ↔ bus cycle). Nothing here runs in single-node mode.
 //!
 //! A lost NATS message (core NATS is at most once) is repaired for
 //! messages by the gap reads; for presence, by the next member exchange of
