@@ -319,7 +319,6 @@ struct Counters {
 struct Timing {
     heartbeat: Duration,
     node_timeout: Duration,
-    request_timeout: Duration,
     limits: Limits,
 }
 
@@ -396,6 +395,9 @@ impl ClusterBus {
         tracker: &TaskTracker,
         token: CancellationToken,
     ) -> Result<Arc<ClusterBus>, BusError> {
+        let heartbeats = client
+            .subscribe(subjects::nodes_wildcard(&config.stream))
+            .await?;
         let (deliver, inputs) = mpsc::unbounded_channel();
         let queue = Arc::new(Queue::default());
         let link = Arc::new(Link {
@@ -412,7 +414,6 @@ impl ClusterBus {
             timing: Timing {
                 heartbeat: Duration::from_millis(config.heartbeat_interval_ms),
                 node_timeout: Duration::from_millis(config.node_timeout_ms),
-                request_timeout: Duration::from_millis(config.request_timeout_ms),
                 limits: Limits {
                     gap_timeout: Duration::from_millis(config.gap_timeout_ms),
                     request_timeout: Duration::from_millis(config.request_timeout_ms),
@@ -431,9 +432,6 @@ impl ClusterBus {
             counters: Counters::default(),
             tracker: tracker.clone(),
         });
-        let heartbeats = (shared.client)
-            .subscribe(subjects::nodes_wildcard(&shared.stream))
-            .await?;
         tracker.spawn(deliverer(shared.clone(), inputs, token.clone()));
         tracker.spawn(publisher(shared.clone(), token.clone()));
         tracker.spawn(liveness(shared.clone(), heartbeats, token));
@@ -541,18 +539,19 @@ async fn publisher(shared: Arc<Shared>, token: CancellationToken) {
         }
         for (room, events) in out.events {
             let subject = subjects::events(&shared.stream, &room);
-            if !events.typing.is_empty() {
+            let typers: Vec<String> = events.typing.into_iter().collect();
+            for part in split(&typers, budget, |u| u.len() + 3) {
                 let event = Event::Typing {
-                    users: events.typing.into_iter().collect(),
+                    users: part.to_vec(),
                 };
                 send_event(&shared, &subject, event).await;
             }
-            if !events.presence.is_empty() {
-                let (joined, left): (Vec<_>, Vec<_>) =
-                    events.presence.into_iter().partition(|(_, j)| *j);
+            let changes: Vec<(String, bool)> = events.presence.into_iter().collect();
+            for part in split(&changes, budget, |(u, _)| u.len() + 3) {
+                let (joined, left): (Vec<_>, Vec<_>) = part.iter().partition(|(_, j)| *j);
                 let event = Event::Presence {
-                    joined: joined.into_iter().map(|(u, _)| u).collect(),
-                    left: left.into_iter().map(|(u, _)| u).collect(),
+                    joined: joined.into_iter().map(|(u, _)| u.clone()).collect(),
+                    left: left.into_iter().map(|(u, _)| u.clone()).collect(),
                 };
                 send_event(&shared, &subject, event).await;
             }
@@ -772,7 +771,7 @@ async fn room_task(shared: Arc<Shared>, room: String, round: u64, token: Cancell
         o.announce.insert(room.clone(), true);
     });
     let mut ready = false;
-    let ready_by = tokio::time::sleep(shared.timing.request_timeout);
+    let ready_by = tokio::time::sleep(shared.timing.limits.request_timeout);
     tokio::pin!(ready_by);
     let mark_ready = |ready: &mut bool| {
         if !*ready {
