@@ -101,6 +101,21 @@ impl Node {
     /// Joins session `id` of `user` to `room` as a session does: when the
     /// hub does not know the room's latest seq, it reads it and reports it.
     fn join(&self, room: &str, id: u64, user: &str) -> OutboxReceiver {
+        let (latest, rx) = self.join_unreported(room, id, user);
+        if latest.is_none() {
+            let latest = (self.history.lock().unwrap().iter())
+                .filter(|(r, _)| r == room)
+                .map(|(_, m)| m.seq)
+                .max()
+                .unwrap_or(0);
+            self.hub.note_latest(room, latest);
+        }
+        rx
+    }
+
+    /// Joins as [`Node::join`] up to the store read: returns the hub's
+    /// latest; the caller reports the read.
+    fn join_unreported(&self, room: &str, id: u64, user: &str) -> (Option<u64>, OutboxReceiver) {
         let (tx, rx) = outbox(
             1024,
             1 << 24,
@@ -116,15 +131,7 @@ impl Node {
                 outbox: tx,
             },
         );
-        if outcome.latest.is_none() {
-            let latest = (self.history.lock().unwrap().iter())
-                .filter(|(r, _)| r == room)
-                .map(|(_, m)| m.seq)
-                .max()
-                .unwrap_or(0);
-            self.hub.note_latest(room, latest);
-        }
-        rx
+        (outcome.latest, rx)
     }
 
     /// Stores `seqs` of `room` and tells this node's bus they were committed.
@@ -286,6 +293,30 @@ async fn a_message_committed_before_the_subscription_arrives_without_a_later_one
     let mut on_b = b.join("r", 1, "bob");
     a.commit("r", [3]);
     assert_eq!(seqs(&mut on_b, 1).await, vec![3]);
+}
+
+#[tokio::test]
+async fn two_first_joins_reporting_out_of_order_each_get_every_message_after_their_read() {
+    let nats = Nats::start().await;
+    let history = History::default();
+    let (a, b) = (
+        node(&nats, "a", &history).await,
+        node(&nats, "b", &history).await,
+    );
+    store(&history, "r", &(1..=10).collect::<Vec<_>>());
+    // Both join a room b's hub does not know: each reads the latest.
+    let (first, mut rx1) = b.join_unreported("r", 1, "one");
+    let (second, mut rx2) = b.join_unreported("r", 2, "two");
+    assert_eq!((first, second), (None, None));
+    // The first read 10; 11 and 12 are committed; the second reads 12 and
+    // reports first.
+    a.commit("r", [11, 12]);
+    b.hub.note_latest("r", 12);
+    a.commit("r", [13]);
+    b.hub.note_latest("r", 10);
+    assert_eq!(seqs(&mut rx1, 3).await, vec![11, 12, 13]);
+    // The second session gets them too; its floor (12) drops 11 and 12.
+    assert_eq!(seqs(&mut rx2, 3).await, vec![11, 12, 13]);
 }
 
 #[tokio::test]

@@ -32,17 +32,17 @@
 //! - **Where a room starts.** A session that joins a room new to the hub
 //!   reads the room's latest seq from the store and reports it to the hub,
 //!   which promises the session every later message. So the deliverer
-//!   starts a room at the hub's latest + 1: it waits for the hub to know it
-//!   (holding what arrives meanwhile), and once the subscriptions are live
-//!   it reads history after it twice, `gap_timeout_ms` apart, so a message
+//!   starts a room after `Hub::delivery_start`: once every such join has
+//!   reported, after the lowest report (holding what arrives meanwhile; a
+//!   session drops what it has already by its floor). Once the
+//!   subscriptions are live it reads history after that twice,
+//!   `gap_timeout_ms` apart, so a message
 //!   committed between the join and the subscription (or published before
 //!   the subscription reached every NATS server) arrives even in a room
-//!   that stays quiet. If the hub learns no latest within
-//!   `cluster.request_timeout_ms` (the session's read failed), the room
-//!   starts at the first message held. Known limit: two sessions that join
-//!   a room new to the hub at once and report different latest seqs in the
-//!   reverse order of their reads leave the earlier reader without the
-//!   messages between the two reads (it resumes by seq).
+//!   that stays quiet. A report missing after `cluster.request_timeout_ms`
+//!   (the session's read failed, or it ended) holds it back no longer: the
+//!   room starts after the hub's latest, or without one at the first
+//!   message held.
 //! - **Typing and presence** travel on `subjects::events`, coalesced per
 //!   room between two publishes (typers as a set, each user's last presence
 //!   change). A node ignores its own. When its subscription to a room
@@ -712,9 +712,16 @@ async fn deliverer(
 /// read it asks for.
 fn step(shared: &Arc<Shared>, name: &str, r: &mut Room) {
     let limits = &shared.timing.limits;
-    let step = r
-        .order
-        .step(shared.hub.latest(name), Instant::now(), limits);
+    let now = Instant::now();
+    // A join that never reports its read (it failed, the session ended)
+    // holds the start back only for a request timeout.
+    let start = shared.hub.delivery_start(name).or_else(|| {
+        r.order
+            .waited_out(now, limits)
+            .then(|| shared.hub.latest(name))
+            .flatten()
+    });
+    let step = r.order.step(start, now, limits);
     if !step.run.is_empty() {
         let committed: Vec<Committed<'_>> = (step.run.iter())
             .map(|m| Committed {

@@ -78,6 +78,11 @@ impl Order {
         }
     }
 
+    /// Whether the room has waited a request timeout for where to start.
+    pub fn waited_out(&self, now: Instant, limits: &Limits) -> bool {
+        self.next.is_none() && now.saturating_duration_since(self.began) >= limits.request_timeout
+    }
+
     /// The room's subscriptions are live.
     pub fn ready(&mut self) {
         self.ready = true;
@@ -150,13 +155,14 @@ impl Order {
 
     /// What is next: the run of messages from the next seq on, and whether
     /// to read history now (a hole older than the gap timeout, a catch-up
-    /// due, or the rest after a full page). `latest` is the hub's latest seq of the room.
+    /// due, or the rest after a full page). `latest` is the seq the
+    /// hub says the room's delivery starts after.
     pub fn step(&mut self, latest: Option<u64>, now: Instant, limits: &Limits) -> Step {
         let mut step = Step::default();
         if self.next.is_none() {
             if let Some(latest) = latest {
                 self.next = Some(latest.saturating_add(1));
-            } else if now.saturating_duration_since(self.began) >= limits.request_timeout {
+            } else if self.waited_out(now, limits) {
                 self.next = self.pending.keys().next().copied();
             }
             if let Some(next) = self.next {
