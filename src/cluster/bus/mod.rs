@@ -564,7 +564,7 @@ async fn publisher(shared: Arc<Shared>, token: CancellationToken) {
                 let event = Event::Members {
                     users: part.to_vec(),
                     first,
-                    ask,
+                    ask: ask && first,
                 };
                 first = false;
                 send_event(&shared, &subject, event).await;
@@ -697,7 +697,7 @@ async fn deliverer(
                 }
             }
             _ = tick.tick() => {
-                for (name, r) in &mut rooms {
+                for (name, r) in rooms.iter_mut().filter(|(_, r)| !r.order.idle()) {
                     step(&shared, name, r);
                 }
             }

@@ -78,6 +78,16 @@ impl Order {
         }
     }
 
+    /// Whether only a new message can give the room something to do: its
+    /// start is known, nothing is held or being read, no read is due.
+    pub fn idle(&self) -> bool {
+        self.next.is_some()
+            && self.pending.is_empty()
+            && !self.reading
+            && !self.more
+            && (self.catch_up == 0 || !self.ready)
+    }
+
     /// Whether the room has waited a request timeout for where to start.
     pub fn waited_out(&self, now: Instant, limits: &Limits) -> bool {
         self.next.is_none() && now.saturating_duration_since(self.began) >= limits.request_timeout
@@ -312,8 +322,12 @@ mod tests {
         o.read_done(Some(vec![]), t0, &l);
         assert_eq!(o.step(None, t0 + 50 * MS, &l).read_after, None);
         assert_eq!(o.step(None, t0 + 100 * MS, &l).read_after, Some(9));
+        assert!(!o.idle(), "a read is out");
         o.read_done(Some(vec![]), t0 + 100 * MS, &l);
         assert_eq!(o.step(None, t0 + 900 * MS, &l).read_after, None, "done");
+        assert!(o.idle(), "nothing to do until a message comes");
+        o.hold([msg(11)], &l);
+        assert!(!o.idle());
     }
 
     #[test]
