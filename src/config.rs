@@ -1070,6 +1070,16 @@ mod readme_table {
                     Some(v) => {
                         let parsed: Config = toml::from_str(&format!("{key} = {v}"))
                             .unwrap_or_else(|e| panic!("README row `{key}` = {v}: {e}"));
+                        // A `cluster.` key sets the `[cluster]` section.
+                        let defaults = if key.starts_with("cluster.") {
+                            let with_cluster = Config {
+                                cluster: Some(ClusterConfig::default()),
+                                ..Config::default()
+                            };
+                            format!("{with_cluster:?}")
+                        } else {
+                            defaults.clone()
+                        };
                         assert_eq!(
                             format!("{parsed:?}"),
                             defaults,

@@ -181,6 +181,11 @@ struct Room {
     /// set from each commit's fan-out, under the same guard as its pushes,
     /// so a join reads it consistently with what its outbox will get.
     latest: AtomicU64,
+    /// Joins told the latest was unknown that have not reported the store's
+    /// yet, and the lowest seq reported: where a cluster node's delivery
+    /// of the room must start (see [`Hub::delivery_start`]).
+    unnoted: u32,
+    noted_min: u64,
 }
 
 /// A room's presence changes since its last flush.
@@ -238,6 +243,8 @@ impl Room {
             presence_next: 0,
             typing_next: 0,
             latest: AtomicU64::new(UNKNOWN),
+            unnoted: 0,
+            noted_min: UNKNOWN,
         }
     }
 
@@ -628,6 +635,9 @@ impl Hub {
             }
         }
         let latest = r.latest.load(Ordering::Acquire);
+        if latest == UNKNOWN {
+            r.unnoted = r.unnoted.saturating_add(1);
+        }
         JoinOutcome {
             room: r.name.clone(),
             count: r.user_count(),
@@ -639,9 +649,22 @@ impl Hub {
     /// Records a room's latest seq as read from the store after a join
     /// registered. Seqs only grow, so the larger of the two stands.
     pub fn note_latest(&self, room: &str, seq: u64) {
-        if let Some(r) = self.rooms.get(room) {
+        if let Some(mut r) = self.rooms.get_mut(room) {
+            r.unnoted = r.unnoted.saturating_sub(1);
+            r.noted_min = r.noted_min.min(seq);
             r.raise_latest(seq);
         }
+    }
+
+    /// Where a cluster node's delivery of `room` may start (after the
+    /// returned seq): once every join told the latest was unknown has
+    /// reported the store's, the lowest of those reports (or the latest
+    /// seq, if lower), so that each of those sessions gets every message
+    /// after what it read. `None` while a report is missing.
+    pub fn delivery_start(&self, room: &str) -> Option<u64> {
+        let r = self.rooms.get(room)?;
+        let latest = r.latest.load(Ordering::Acquire);
+        (r.unnoted == 0 && latest != UNKNOWN).then(|| latest.min(r.noted_min))
     }
 
     /// Removes a session from a room. Returns whether it was a member. When
@@ -1515,6 +1538,23 @@ mod tests {
                 users: names(&["far", "t"]),
             }]
         );
+    }
+
+    #[test]
+    fn delivery_starts_after_every_unknown_join_reported_at_the_lowest_report() {
+        let hub = Hub::new();
+        let (first, _a) = member_in(&hub, "r", 1, "a");
+        let (second, _b) = member_in(&hub, "r", 2, "b");
+        assert_eq!((first.latest, second.latest), (None, None));
+        // b read 12 and reports first; a read 10 and is still on its way.
+        hub.note_latest("r", 12);
+        assert_eq!(hub.delivery_start("r"), None, "a has not reported");
+        let (third, _c) = member_in(&hub, "r", 3, "c");
+        assert_eq!(third.latest, Some(12), "known: c reports nothing");
+        hub.note_latest("r", 10);
+        assert_eq!(hub.delivery_start("r"), Some(10));
+        assert_eq!(hub.latest("r"), Some(12));
+        assert_eq!(hub.delivery_start("nowhere"), None);
     }
 
     #[test]

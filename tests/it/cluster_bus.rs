@@ -51,21 +51,28 @@ impl Drop for Node {
     }
 }
 
-/// Short timings, so that gaps and silent nodes show within a test.
-fn config(nats: &Nats, id: &str) -> ClusterConfig {
+/// Short timings, so that gaps show within a test; a silent node is gone
+/// after `node_timeout_ms`.
+fn config(nats: &Nats, id: &str, node_timeout_ms: u64) -> ClusterConfig {
     ClusterConfig {
         urls: vec![nats.url()],
         node_id: Some(id.to_owned()),
         heartbeat_interval_ms: 100,
-        node_timeout_ms: 500,
+        node_timeout_ms,
         gap_timeout_ms: 100,
         request_timeout_ms: 1_000,
         ..ClusterConfig::default()
     }
 }
 
+/// A node that finds others gone only after a long silence, so that a
+/// busy test machine does not make one seem gone.
 async fn node(nats: &Nats, id: &str, history: &History) -> Node {
-    let config = config(nats, id);
+    node_with(nats, id, history, 30_000).await
+}
+
+async fn node_with(nats: &Nats, id: &str, history: &History, node_timeout_ms: u64) -> Node {
+    let config = config(nats, id, node_timeout_ms);
     let client = switchboard::cluster::connect(&config).await.unwrap();
     let hub = Arc::new(Hub::new());
     let tracker = TaskTracker::new();
@@ -94,6 +101,21 @@ impl Node {
     /// Joins session `id` of `user` to `room` as a session does: when the
     /// hub does not know the room's latest seq, it reads it and reports it.
     fn join(&self, room: &str, id: u64, user: &str) -> OutboxReceiver {
+        let (latest, rx) = self.join_unreported(room, id, user);
+        if latest.is_none() {
+            let latest = (self.history.lock().unwrap().iter())
+                .filter(|(r, _)| r == room)
+                .map(|(_, m)| m.seq)
+                .max()
+                .unwrap_or(0);
+            self.hub.note_latest(room, latest);
+        }
+        rx
+    }
+
+    /// Joins as [`Node::join`] up to the store read: returns the hub's
+    /// latest; the caller reports the read.
+    fn join_unreported(&self, room: &str, id: u64, user: &str) -> (Option<u64>, OutboxReceiver) {
         let (tx, rx) = outbox(
             1024,
             1 << 24,
@@ -109,15 +131,7 @@ impl Node {
                 outbox: tx,
             },
         );
-        if outcome.latest.is_none() {
-            let latest = (self.history.lock().unwrap().iter())
-                .filter(|(r, _)| r == room)
-                .map(|(_, m)| m.seq)
-                .max()
-                .unwrap_or(0);
-            self.hub.note_latest(room, latest);
-        }
-        rx
+        (outcome.latest, rx)
     }
 
     /// Stores `seqs` of `room` and tells this node's bus they were committed.
@@ -282,6 +296,30 @@ async fn a_message_committed_before_the_subscription_arrives_without_a_later_one
 }
 
 #[tokio::test]
+async fn two_first_joins_reporting_out_of_order_each_get_every_message_after_their_read() {
+    let nats = Nats::start().await;
+    let history = History::default();
+    let (a, b) = (
+        node(&nats, "a", &history).await,
+        node(&nats, "b", &history).await,
+    );
+    store(&history, "r", &(1..=10).collect::<Vec<_>>());
+    // Both join a room b's hub does not know: each reads the latest.
+    let (first, mut rx1) = b.join_unreported("r", 1, "one");
+    let (second, mut rx2) = b.join_unreported("r", 2, "two");
+    assert_eq!((first, second), (None, None));
+    // The first read 10; 11 and 12 are committed; the second reads 12 and
+    // reports first.
+    a.commit("r", [11, 12]);
+    b.hub.note_latest("r", 12);
+    a.commit("r", [13]);
+    b.hub.note_latest("r", 10);
+    assert_eq!(seqs(&mut rx1, 3).await, vec![11, 12, 13]);
+    // The second session gets them too; its floor (12) drops 11 and 12.
+    assert_eq!(seqs(&mut rx2, 3).await, vec![11, 12, 13]);
+}
+
+#[tokio::test]
 async fn typing_on_one_node_reaches_the_others_members_coalesced() {
     let nats = Nats::start().await;
     let history = History::default();
@@ -370,8 +408,8 @@ async fn the_members_of_a_silent_node_leave_within_the_node_timeout() {
     let nats = Nats::start().await;
     let history = History::default();
     let (a, b) = (
-        node(&nats, "a", &history).await,
-        node(&nats, "b", &history).await,
+        node_with(&nats, "a", &history, 500).await,
+        node_with(&nats, "b", &history, 500).await,
     );
     let _alice = a.join("r", 1, "alice");
     let mut w = b.join("r", 2, "w");

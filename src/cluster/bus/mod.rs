@@ -11,7 +11,7 @@
 //! - **Fan-out by interest.** The hub calls [`Peers::interest`] when a room
 //!   gets its first local member and when it loses its last; only between
 //!   the two is the node subscribed to the room's delivery and events
-//!   subjects (one tracked task per room, [`room_task`]). NATS routes a
+//!   subjects (one tracked task per room, `room_task`). NATS routes a
 //!   room's traffic only to the nodes with members in it.
 //! - **Committed messages.** The JetStream store calls this bus as its
 //!   [`CommitSink`] with the node's own acked appends. Each room's messages
@@ -19,27 +19,30 @@
 //!   messages' seq, sender, time and raw body, split under the server's
 //!   payload limit) and handed to the local reorder stage at once.
 //! - **Seq order on every node.** One task (the deliverer) is the only
-//!   caller of the hub's [`CommitSink::committed`]. Per room it keeps the
+//!   caller of the hub's [`CommitSink::committed`]. Per room (`order.rs`,
+//!   bookkeeping without I/O or clock) it keeps the
 //!   next seq to deliver and holds messages ahead of it (at most
 //!   `cluster.reorder_max`; the newest beyond are dropped and read back);
 //!   duplicates (a node's own message, local and echoed) are dropped by seq.
 //!   A hole not filled within `cluster.gap_timeout_ms` is read from history
-//!   through the [`HistoryReader`], a page of `cluster.max_batch` at a time;
-//!   an erased message (no body) is skipped.
+//!   through the [`HistoryReader`], a page of `cluster.max_batch` at a time
+//!   (the next at once after a full one); an erased message (no body) is
+//!   skipped, and seqs that history does not hold either (retention) are
+//!   passed over after two reads that find nothing.
 //! - **Where a room starts.** A session that joins a room new to the hub
 //!   reads the room's latest seq from the store and reports it to the hub,
 //!   which promises the session every later message. So the deliverer
-//!   starts a room at the hub's latest + 1: it waits for the hub to know it
-//!   (holding what arrives meanwhile), and once the subscriptions are live
-//!   it reads history after it twice, `gap_timeout_ms` apart, so a message
+//!   starts a room after `Hub::delivery_start`: once every such join has
+//!   reported, after the lowest report (holding what arrives meanwhile; a
+//!   session drops what it has already by its floor). Once the
+//!   subscriptions are live it reads history after that twice,
+//!   `gap_timeout_ms` apart, so a message
 //!   committed between the join and the subscription (or published before
 //!   the subscription reached every NATS server) arrives even in a room
-//!   that stays quiet. If the hub learns no latest within
-//!   `cluster.request_timeout_ms` (the session's read failed), the room
-//!   starts at the first message held. Known limit: two sessions that join
-//!   a room new to the hub at once and report different latest seqs in the
-//!   reverse order of their reads leave the earlier reader without the
-//!   messages between the two reads (it resumes by seq).
+//!   that stays quiet. A report missing after `cluster.request_timeout_ms`
+//!   (the session's read failed, or it ended) holds it back no longer: the
+//!   room starts after the hub's latest, or without one at the first
+//!   message held.
 //! - **Typing and presence** travel on `subjects::events`, coalesced per
 //!   room between two publishes (typers as a set, each user's last presence
 //!   change). A node ignores its own. When its subscription to a room
@@ -64,6 +67,11 @@
 //!   not yet published (the store acks nothing while NATS is unreachable,
 //!   so that part waits only as long as one publish).
 //!
+//! Wiring: [`ClusterBus::start`] sets the bus as the hub's peers; the
+//! JetStream store takes it as its `CommitSink`; the reader is that
+//! store's `read_after` (a cell filled once the store is open breaks the
+//! store ↔ bus cycle). Nothing here runs in single-node mode.
+//!
 //! A lost NATS message (core NATS is at most once) is repaired for
 //! messages by the gap reads; for presence, by the next member exchange of
 //! the room (its next first member on a node, or a node heard again).
@@ -82,6 +90,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::subjects;
+use order::{Limits, Order};
+
+mod order;
 use crate::config::ClusterConfig;
 use crate::hub::{Hub, Peers};
 use crate::store::{CommitSink, Committed, ReadError, StoredMessage};
@@ -308,10 +319,7 @@ struct Counters {
 struct Timing {
     heartbeat: Duration,
     node_timeout: Duration,
-    gap_timeout: Duration,
-    request_timeout: Duration,
-    read_page: usize,
-    reorder_max: usize,
+    limits: Limits,
 }
 
 struct Shared {
@@ -326,7 +334,7 @@ struct Shared {
     queue: Arc<Queue>,
     deliver: mpsc::UnboundedSender<Input>,
     nodes: Mutex<HashMap<String, Node>>,
-    /// The rooms subscribed to, with the generation of their task.
+    /// The rooms whose subscriptions are live, with their task's round.
     subscribed: Mutex<HashMap<String, u64>>,
     counters: Counters,
     tracker: TaskTracker,
@@ -378,7 +386,6 @@ impl ClusterBus {
     /// Starts the bus's tasks on `tracker` (they end with `token`) and sets
     /// it as the hub's peers. `reader` fills gaps from history;
     /// `connections` counts this node's clients for its heartbeats.
-    #[allow(clippy::too_many_arguments)]
     pub async fn start(
         client: async_nats::Client,
         config: &ClusterConfig,
@@ -388,6 +395,9 @@ impl ClusterBus {
         tracker: &TaskTracker,
         token: CancellationToken,
     ) -> Result<Arc<ClusterBus>, BusError> {
+        let heartbeats = client
+            .subscribe(subjects::nodes_wildcard(&config.stream))
+            .await?;
         let (deliver, inputs) = mpsc::unbounded_channel();
         let queue = Arc::new(Queue::default());
         let link = Arc::new(Link {
@@ -404,10 +414,12 @@ impl ClusterBus {
             timing: Timing {
                 heartbeat: Duration::from_millis(config.heartbeat_interval_ms),
                 node_timeout: Duration::from_millis(config.node_timeout_ms),
-                gap_timeout: Duration::from_millis(config.gap_timeout_ms),
-                request_timeout: Duration::from_millis(config.request_timeout_ms),
-                read_page: config.max_batch.max(1),
-                reorder_max: config.reorder_max.max(1),
+                limits: Limits {
+                    gap_timeout: Duration::from_millis(config.gap_timeout_ms),
+                    request_timeout: Duration::from_millis(config.request_timeout_ms),
+                    read_page: config.max_batch.max(1),
+                    reorder_max: config.reorder_max.max(1),
+                },
             },
             client,
             hub,
@@ -420,9 +432,6 @@ impl ClusterBus {
             counters: Counters::default(),
             tracker: tracker.clone(),
         });
-        let heartbeats = (shared.client)
-            .subscribe(subjects::nodes_wildcard(&shared.stream))
-            .await?;
         tracker.spawn(deliverer(shared.clone(), inputs, token.clone()));
         tracker.spawn(publisher(shared.clone(), token.clone()));
         tracker.spawn(liveness(shared.clone(), heartbeats, token));
@@ -461,7 +470,8 @@ impl ClusterBus {
         out
     }
 
-    /// The rooms this node is subscribed to, sorted.
+    /// The rooms this node is subscribed to (the subscriptions live:
+    /// the node's ask came back, or `request_timeout_ms` passed), sorted.
     pub fn rooms(&self) -> Vec<String> {
         let mut rooms: Vec<String> = lock(&self.shared.subscribed).keys().cloned().collect();
         rooms.sort_unstable();
@@ -529,18 +539,19 @@ async fn publisher(shared: Arc<Shared>, token: CancellationToken) {
         }
         for (room, events) in out.events {
             let subject = subjects::events(&shared.stream, &room);
-            if !events.typing.is_empty() {
+            let typers: Vec<String> = events.typing.into_iter().collect();
+            for part in split(&typers, budget, |u| u.len() + 3) {
                 let event = Event::Typing {
-                    users: events.typing.into_iter().collect(),
+                    users: part.to_vec(),
                 };
                 send_event(&shared, &subject, event).await;
             }
-            if !events.presence.is_empty() {
-                let (joined, left): (Vec<_>, Vec<_>) =
-                    events.presence.into_iter().partition(|(_, j)| *j);
+            let changes: Vec<(String, bool)> = events.presence.into_iter().collect();
+            for part in split(&changes, budget, |(u, _)| u.len() + 3) {
+                let (joined, left): (Vec<_>, Vec<_>) = part.iter().partition(|(_, j)| *j);
                 let event = Event::Presence {
-                    joined: joined.into_iter().map(|(u, _)| u).collect(),
-                    left: left.into_iter().map(|(u, _)| u).collect(),
+                    joined: joined.into_iter().map(|(u, _)| u.clone()).collect(),
+                    left: left.into_iter().map(|(u, _)| u.clone()).collect(),
                 };
                 send_event(&shared, &subject, event).await;
             }
@@ -553,7 +564,7 @@ async fn publisher(shared: Arc<Shared>, token: CancellationToken) {
                 let event = Event::Members {
                     users: part.to_vec(),
                     first,
-                    ask,
+                    ask: ask && first,
                 };
                 first = false;
                 send_event(&shared, &subject, event).await;
@@ -614,27 +625,14 @@ async fn publish(shared: &Shared, subject: &str, payload: &impl Serialize) {
     }
 }
 
-/// A room's order of delivery on this node.
+/// A room the deliverer orders, in one interest period.
 #[derive(Debug)]
-struct Order {
+struct Room {
     /// Which interest period of the room this is: inputs of an earlier
     /// one (a task being cancelled, a read in flight) are dropped.
     round: u64,
     token: CancellationToken,
-    /// The next seq to hand the hub; `None` until the hub knows the room's latest.
-    next: Option<u64>,
-    /// Messages ahead of `next`; `None` for an erased one (skipped).
-    pending: BTreeMap<u64, Option<BusMessage>>,
-    /// Since when `next` has been missing while later messages wait.
-    gap_since: Option<Instant>,
-    began: Instant,
-    ready: bool,
-    /// Reads of history past `next` still to do once ready.
-    catch_up: u8,
-    reading: bool,
-    last_read: Option<Instant>,
-    /// Reads in a row that found nothing for a gap.
-    empty_reads: u8,
+    order: Order,
 }
 
 /// The one caller of the hub's fan-out: keeps every room's order (module doc).
@@ -643,33 +641,22 @@ async fn deliverer(
     mut inputs: mpsc::UnboundedReceiver<Input>,
     token: CancellationToken,
 ) {
-    let mut rooms: HashMap<String, Order> = HashMap::new();
+    let limits = &shared.timing.limits;
+    let mut rooms: HashMap<String, Room> = HashMap::new();
     let mut round = 0u64;
-    let mut tick =
-        tokio::time::interval((shared.timing.gap_timeout / 2).max(Duration::from_millis(1)));
+    let mut tick = tokio::time::interval((limits.gap_timeout / 2).max(Duration::from_millis(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             () = token.cancelled() => break,
             input = inputs.recv() => {
                 let Some(input) = input else { break };
-                let room = match input {
+                let name = match input {
                     Input::Interest { room, on: true } => {
                         round += 1;
                         let child = token.child_token();
-                        if let Some(old) = rooms.insert(room.clone(), Order {
-                            round,
-                            token: child.clone(),
-                            next: None,
-                            pending: BTreeMap::new(),
-                            gap_since: None,
-                            began: Instant::now(),
-                            ready: false,
-                            catch_up: 2,
-                            reading: false,
-                            last_read: None,
-                            empty_reads: 0,
-                        }) {
+                        let fresh = Room { round, token: child.clone(), order: Order::new(Instant::now()) };
+                        if let Some(old) = rooms.insert(room.clone(), fresh) {
                             old.token.cancel();
                         }
                         shared.tracker.spawn(room_task(shared.clone(), room.clone(), round, child));
@@ -682,145 +669,63 @@ async fn deliverer(
                         continue;
                     }
                     Input::Local { room, msgs } => {
-                        let Some(o) = rooms.get_mut(&room) else { continue };
-                        hold(o, msgs.iter().cloned().map(|m| (m.seq, Some(m))), shared.timing.reorder_max);
+                        let Some(r) = rooms.get_mut(&room) else { continue };
+                        r.order.hold(msgs.iter().cloned(), limits);
                         room
                     }
                     Input::Remote { room, round, msgs } => {
-                        let Some(o) = rooms.get_mut(&room).filter(|o| o.round == round) else { continue };
-                        hold(o, msgs.into_iter().map(|m| (m.seq, Some(m))), shared.timing.reorder_max);
+                        let Some(r) = rooms.get_mut(&room).filter(|r| r.round == round) else { continue };
+                        r.order.hold(msgs, limits);
                         room
                     }
                     Input::Ready { room, round } => {
-                        let Some(o) = rooms.get_mut(&room).filter(|o| o.round == round) else { continue };
-                        o.ready = true;
+                        let Some(r) = rooms.get_mut(&room).filter(|r| r.round == round) else { continue };
+                        r.order.ready();
                         room
                     }
                     Input::Read { room, round, result } => {
-                        let Some(o) = rooms.get_mut(&room).filter(|o| o.round == round) else { continue };
-                        read_done(&shared, &room, o, result);
+                        let Some(r) = rooms.get_mut(&room).filter(|r| r.round == round) else { continue };
+                        let msgs = result
+                            .inspect_err(|error| tracing::warn!(%error, room, "cannot read a room's history for its live delivery; retrying"))
+                            .ok();
+                        r.order.read_done(msgs, Instant::now(), limits);
                         room
                     }
                 };
-                if let Some(o) = rooms.get_mut(&room) {
-                    step(&shared, &room, o);
+                if let Some(r) = rooms.get_mut(&name) {
+                    step(&shared, &name, r);
                 }
             }
             _ = tick.tick() => {
-                for (room, o) in &mut rooms {
-                    step(&shared, room, o);
+                for (name, r) in rooms.iter_mut().filter(|(_, r)| !r.order.idle()) {
+                    step(&shared, name, r);
                 }
             }
         }
     }
-    for o in rooms.values() {
-        o.token.cancel();
+    for r in rooms.values() {
+        r.token.cancel();
     }
 }
 
-/// Holds messages for the room's order; past `max` held, the newest go
-/// (history has them).
-fn hold(o: &mut Order, msgs: impl Iterator<Item = (u64, Option<BusMessage>)>, max: usize) {
-    for (seq, msg) in msgs {
-        if o.next.is_some_and(|next| seq < next) {
-            continue;
-        }
-        o.pending.entry(seq).or_insert(msg);
-    }
-    while o.pending.len() > max {
-        o.pending.pop_last();
-    }
-}
-
-/// Takes a history read's result into the room's order.
-fn read_done(
-    shared: &Shared,
-    room: &str,
-    o: &mut Order,
-    result: Result<Vec<StoredMessage>, ReadError>,
-) {
-    o.reading = false;
-    o.last_read = Some(Instant::now());
-    let msgs = match result {
-        Ok(msgs) => msgs,
-        Err(error) => {
-            tracing::warn!(%error, room, "cannot read a room's history for its live delivery; retrying");
-            return;
-        }
-    };
-    if msgs.len() >= shared.timing.read_page {
-        // A full page: more may follow at once.
-        o.catch_up = o.catch_up.saturating_add(1);
-        o.last_read = None;
-    }
-    let Some(next) = o.next else { return };
-    match msgs.first() {
-        // History no longer holds `next` (retention): start where it does.
-        Some(first) if first.seq > next => o.next = Some(first.seq),
-        None if o.pending.keys().next().is_some_and(|&p| p > next) => {
-            o.empty_reads += 1;
-            if o.empty_reads >= 2 {
-                if let Some(&p) = o.pending.keys().next() {
-                    tracing::warn!(
-                        room,
-                        from = next,
-                        to = p,
-                        "seqs missing from history; skipped"
-                    );
-                    o.next = Some(p);
-                }
-            }
-        }
-        _ => {}
-    }
-    let msgs = msgs.into_iter().map(|m| {
-        let body = m
-            .body
-            .and_then(|b| RawValue::from_string(b).ok())
-            .map(|body| BusMessage {
-                seq: m.seq,
-                from: m.from,
-                ts: m.ts,
-                body,
-            });
-        (m.seq, body)
+/// Hands the hub what is next in the room's order, and starts the history
+/// read it asks for.
+fn step(shared: &Arc<Shared>, name: &str, r: &mut Room) {
+    let limits = &shared.timing.limits;
+    let now = Instant::now();
+    // A join that never reports its read (it failed, the session ended)
+    // holds the start back only for a request timeout.
+    let start = shared.hub.delivery_start(name).or_else(|| {
+        r.order
+            .waited_out(now, limits)
+            .then(|| shared.hub.latest(name))
+            .flatten()
     });
-    hold(o, msgs, shared.timing.reorder_max);
-}
-
-/// Hands the hub what is next in the room's order, and reads history when
-/// a gap has waited long enough or a catch-up is due.
-fn step(shared: &Arc<Shared>, room: &str, o: &mut Order) {
-    if o.next.is_none() {
-        if let Some(latest) = shared.hub.latest(room) {
-            o.next = Some(latest + 1);
-        } else if o.began.elapsed() >= shared.timing.request_timeout {
-            o.next = o.pending.keys().next().copied();
-        }
-        if let Some(next) = o.next {
-            o.pending = o.pending.split_off(&next);
-        }
-    }
-    let Some(mut next) = o.next else { return };
-    let mut run: Vec<BusMessage> = Vec::new();
-    while let Some(entry) = o.pending.first_entry() {
-        if *entry.key() != next {
-            break;
-        }
-        if let Some(m) = entry.remove() {
-            run.push(m);
-        }
-        next += 1;
-    }
-    if next != o.next.unwrap_or(next) || !run.is_empty() {
-        o.empty_reads = 0;
-    }
-    o.next = Some(next);
-    if !run.is_empty() {
-        let committed: Vec<Committed<'_>> = run
-            .iter()
+    let step = r.order.step(start, now, limits);
+    if !step.run.is_empty() {
+        let committed: Vec<Committed<'_>> = (step.run.iter())
             .map(|m| Committed {
-                room,
+                room: name,
                 seq: m.seq,
                 ts: m.ts,
                 from: &m.from,
@@ -828,33 +733,16 @@ fn step(shared: &Arc<Shared>, room: &str, o: &mut Order) {
             })
             .collect();
         shared.hub.committed(&committed);
-        (shared.counters.delivered).fetch_add(run.len() as u64, Ordering::Relaxed);
+        (shared.counters.delivered).fetch_add(step.run.len() as u64, Ordering::Relaxed);
     }
-    if o.reading {
-        return;
-    }
-    let gap_timeout = shared.timing.gap_timeout;
-    let rested = o.last_read.is_none_or(|t| t.elapsed() >= gap_timeout);
-    let read = if o.pending.is_empty() {
-        o.gap_since = None;
-        let due = o.ready && o.catch_up > 0 && rested;
-        if due {
-            o.catch_up -= 1;
-        }
-        due
-    } else {
-        let since = *o.gap_since.get_or_insert_with(Instant::now);
-        since.elapsed() >= gap_timeout && rested
-    };
-    if read {
-        o.reading = true;
+    if let Some(after) = step.read_after {
         shared
             .counters
             .history_reads
             .fetch_add(1, Ordering::Relaxed);
-        let read = (shared.reader)(room.to_owned(), next - 1, shared.timing.read_page);
-        let (tx, token) = (shared.deliver.clone(), o.token.clone());
-        let (room, round) = (room.to_owned(), o.round);
+        let read = (shared.reader)(name.to_owned(), after, limits.read_page);
+        let (tx, token) = (shared.deliver.clone(), r.token.clone());
+        let (room, round) = (name.to_owned(), r.round);
         shared.tracker.spawn(async move {
             tokio::select! {
                 () = token.cancelled() => {}
@@ -884,18 +772,18 @@ async fn room_task(shared: Arc<Shared>, room: String, round: u64, token: Cancell
         }
     };
     let (mut deliveries, mut events) = (deliveries.fuse(), events.fuse());
-    lock(&shared.subscribed).insert(room.clone(), round);
     // Our users, and a request for everyone else's; its echo says the
     // subscriptions are live.
     shared.queue.with(|o| {
         o.announce.insert(room.clone(), true);
     });
     let mut ready = false;
-    let ready_by = tokio::time::sleep(shared.timing.request_timeout);
+    let ready_by = tokio::time::sleep(shared.timing.limits.request_timeout);
     tokio::pin!(ready_by);
     let mark_ready = |ready: &mut bool| {
         if !*ready {
             *ready = true;
+            lock(&shared.subscribed).insert(room.clone(), round);
             let _ = shared.deliver.send(Input::Ready {
                 room: room.clone(),
                 round,
