@@ -1,0 +1,108 @@
+//! The load generator's reconnect: two real `switchboard` processes A and B
+//! (unrelated servers, not a cluster), the generator's fan-out spread over
+//! both URLs, and A killed with SIGKILL (by the PID this test started)
+//! mid-run. Every connection A held (its subscribers and the publisher)
+//! must reconnect to B, and the run must end with a report. Loss across
+//! two unrelated histories cannot be exact, so only the mechanism is
+//! asserted here; the loss and duplicate accounting around a resume is
+//! unit-tested in the crate (`conn::tests`).
+
+use clap::Parser;
+use loadtest::Cli;
+use protocol::ServerFrame;
+
+use crate::support::{DEADLINE, Fixture, Process};
+
+/// Subscribers: even ones go to A, odd ones to B; the publisher, numbered
+/// after them, goes to A.
+const CLIENTS: u32 = 20;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_reconnects_to_the_other_url_when_a_server_is_killed() {
+    let (fa, fb) = (Fixture::new(), Fixture::new());
+    let a = Process::start(&fa).await;
+    let b = Process::start(&fb).await;
+    let (url_a, url_b) = (
+        format!("wss://127.0.0.1:{}/ws", a.addr.port()),
+        format!("wss://127.0.0.1:{}/ws", b.addr.port()),
+    );
+    // A watcher on A sees the publisher's messages: the load is running.
+    let mut watcher = a.connect(&fa, "watcher").await;
+    watcher.join("fanout").await;
+    let urls = format!("{url_a},{url_b}");
+    let clients = CLIENTS.to_string();
+    let argv = [
+        "switchboard-loadtest",
+        "fanout",
+        "--url",
+        &urls,
+        "--insecure",
+        "--clients",
+        &clients,
+        "--rate",
+        "50",
+        "--warmup",
+        "0.3",
+        "--duration",
+        "4",
+        "--reconnect-backoff-ms",
+        "50",
+        "--quiet",
+    ];
+    let cli = Cli::try_parse_from(argv).expect("arguments parse");
+    let run = tokio::spawn(async move {
+        tokio::time::timeout(
+            std::time::Duration::from_secs(60),
+            loadtest::run(&cli.scenario),
+        )
+        .await
+    });
+    let mut seen = 0;
+    for _ in 0..1000 {
+        if let ServerFrame::Message { seq, .. } = watcher.next_message("fanout").await {
+            seen = seq;
+        }
+        if seen >= 10 {
+            break;
+        }
+    }
+    assert!(seen >= 10, "the publisher on A never got going");
+    drop(watcher);
+    a.kill().await;
+    let report = run
+        .await
+        .expect("the run's task")
+        .expect("the run ends within its bound")
+        .expect("the run ends with a report");
+    let c = &report.counts;
+    // A held 10 subscribers and the publisher: each reconnected once, to B.
+    let on_a = u64::from(CLIENTS / 2 + 1);
+    assert_eq!(c.reconnects, on_a, "{}", report.to_table());
+    assert_eq!(
+        report.connections_per_url.get(&url_a),
+        Some(&on_a),
+        "{}",
+        report.to_table()
+    );
+    assert_eq!(
+        report.connections_per_url.get(&url_b),
+        Some(&(u64::from(CLIENTS / 2) + on_a)),
+        "{}",
+        report.to_table()
+    );
+    let resume = report
+        .latency_ms
+        .get("resume")
+        .unwrap_or_else(|| panic!("no resume latency: {}", report.to_table()));
+    assert_eq!(resume.count, on_a, "{}", report.to_table());
+    assert!(resume.p50 <= resume.p99 && resume.p99 < DEADLINE.as_secs_f64() * 1000.0);
+    // The publisher carried on at B and every subscriber, moved or not,
+    // read on to its end marker there.
+    assert!(c.acked > 0 && c.delivered > 0, "{}", report.to_table());
+    assert!(
+        !report.errors.keys().any(|e| e.contains("no end marker")),
+        "{}",
+        report.to_table()
+    );
+    b.kill().await;
+}
