@@ -273,6 +273,11 @@ pub struct FanoutArgs {
     /// Rooms; subscribers are spread round robin, one publisher per room.
     #[arg(long, default_value_t = 1)]
     pub rooms: u32,
+    /// Publishers per room, each at `--rate` (or full speed), connections
+    /// numbered after the subscribers (so spread over the URLs); a
+    /// subscriber reads until every one's end marker.
+    #[arg(long, default_value_t = 1)]
+    pub publishers: u32,
     /// Room name prefix.
     #[arg(long, default_value = "fanout")]
     pub room: String,

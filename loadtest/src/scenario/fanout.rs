@@ -34,6 +34,10 @@ pub async fn run(a: &FanoutArgs, m: Arc<Metrics>) -> anyhow::Result<()> {
     if conn.raw && rooms > 1 {
         bail!("raw mode broadcasts to everyone: use one room");
     }
+    let publishers = a.publishers.max(1);
+    if conn.raw && publishers > 1 {
+        bail!("raw mode numbers one publisher's frames: use one publisher");
+    }
     let room_name = {
         let prefix = a.room.clone();
         move |r: u32| {
@@ -66,17 +70,22 @@ pub async fn run(a: &FanoutArgs, m: Arc<Metrics>) -> anyhow::Result<()> {
             room,
             m: m.clone(),
             clock,
+            ends: publishers,
         };
         tasks.spawn(sub.run(ws, joined));
     }
     if a.common.is_leader() {
-        for r in 0..rooms {
+        for (r, p) in (0..rooms).flat_map(|r| (0..publishers).map(move |p| (r, p))) {
             let (conn, m, room) = (conn.clone(), m.clone(), room_name(r));
             let (rate, window) = (a.rate, a.window.max(1) as usize);
             // Numbered after the subscribers, for the URL it goes to.
-            let who = a.clients as usize + r as usize;
+            let who = (a.clients + r * publishers + p) as usize;
+            let user = match p {
+                0 => format!("publisher-{room}"),
+                p => format!("publisher-{room}-{p}"),
+            };
             tasks.spawn(async move {
-                let r = publisher(&conn, &m, policy, who, &room, rate, window, clock).await;
+                let r = publisher(&conn, &m, policy, who, &user, &room, rate, window, clock).await;
                 if let Err(e) = &r {
                     m.error(&format!("publisher: {e}"));
                 }
@@ -104,6 +113,8 @@ struct Sub {
     room: String,
     m: Arc<Metrics>,
     clock: Clock,
+    /// The room's publishers: a reader stops after this many end markers.
+    ends: u32,
 }
 
 /// Why a subscriber's read loop ended.
@@ -129,12 +140,19 @@ impl Sub {
         // One timer for the whole read loop, not one per frame.
         let deadline = tokio::time::sleep_until(drain_by);
         tokio::pin!(deadline);
+        let mut markers = 0;
         let ended = loop {
             let end = self
                 .read(&mut ws, &mut seen, nats.as_mut(), deadline.as_mut())
                 .await;
             let code = match end {
-                End::Marker => break true,
+                End::Marker => {
+                    markers += 1;
+                    if markers >= self.ends {
+                        break true;
+                    }
+                    continue;
+                }
                 End::Stop => break false,
                 End::Lost(code) => code,
             };
@@ -353,14 +371,14 @@ async fn publisher(
     m: &Metrics,
     policy: Policy,
     who: usize,
+    user: &str,
     room: &str,
     rate: u32,
     window: usize,
     clock: Clock,
 ) -> anyhow::Result<()> {
-    let user = format!("publisher-{room}");
     let mut at = conn.target_of(who);
-    let (mut ws, _) = open_at(conn, m, who, at, &user, Some(room), None).await?;
+    let (mut ws, _) = open_at(conn, m, who, at, user, Some(room), None).await?;
     let stop = instant_at(clock.stop);
     let mut p = Publishing {
         raw: conn.raw,
@@ -396,7 +414,7 @@ async fn publisher(
         let lost_at = Instant::now();
         let deadline = p.deadline;
         match reconnect_room(
-            conn, m, policy, who, at, code, lost_at, &user, room, None, deadline,
+            conn, m, policy, who, at, code, lost_at, user, room, None, deadline,
         )
         .await
         {
