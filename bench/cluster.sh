@@ -208,7 +208,9 @@ all_urls() { (IFS=,; echo "${NODE_WS[*]}"); }
 
 # rss ADMIN: the node's resident memory in bytes, from its /metrics.
 rss() {
-    curl -fsS "$1/metrics" | awk '/^process_resident_memory_bytes/ {print $NF; exit}'
+    local metrics
+    metrics=$(curl -fsS "$1/metrics")
+    awk '/^process_resident_memory_bytes/ {print $NF; exit}' <<<"$metrics"
 }
 
 # lt NAME ARGS...: one generator run on LT_CPUS; JSON to $OUT/NAME.json.
