@@ -1,17 +1,21 @@
-//! The load generator's reconnect: two real `switchboard` processes A and B
-//! (unrelated servers, not a cluster), the generator's fan-out spread over
-//! both URLs, and A killed with SIGKILL (by the PID this test started)
-//! mid-run. Every connection A held (its subscribers and the publisher)
-//! must reconnect to B, and the run must end with a report. Loss across
+//! The load generator's reconnect: two real servers A and B (unrelated, not
+//! a cluster), the generator's fan-out spread over both URLs, and A lost
+//! mid-run: killed with SIGKILL (real processes, by the PID this test
+//! started: the sockets just die), or drained (`POST /admin/api/drain`:
+//! every session is closed with 4200 and A takes no new connection). Every
+//! connection A held (its subscribers and the publisher) must reconnect to
+//! B, and the run must end with a report. Loss across
 //! two unrelated histories cannot be exact, so only the mechanism is
 //! asserted here; the loss and duplicate accounting around a resume is
 //! unit-tested in the crate (`conn::tests`).
 
 use clap::Parser;
-use loadtest::Cli;
+use loadtest::{Cli, Report};
 use protocol::ServerFrame;
+use tokio::task::JoinHandle;
 
-use crate::support::{DEADLINE, Fixture, Process};
+use crate::admin::{self, admin_addr, call};
+use crate::support::{Client, DEADLINE, Fixture, Process, TestServer};
 
 /// Subscribers: even ones go to A, odd ones to B; the publisher, numbered
 /// after them, goes to A.
@@ -29,6 +33,45 @@ async fn fanout_reconnects_to_the_other_url_when_a_server_is_killed() {
     // A watcher on A sees the publisher's messages: the load is running.
     let mut watcher = a.connect(&fa, "watcher").await;
     watcher.join("fanout").await;
+    let run = start_fanout(&url_a, &url_b);
+    publisher_running(&mut watcher).await;
+    drop(watcher);
+    a.kill().await;
+    let report = finished(run).await;
+    assert_moved_to_b(&report, &url_a, &url_b);
+    b.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_reconnects_to_the_other_url_when_a_server_drains() {
+    let a = admin::start_with(|c| c.drain_window_ms = 200).await;
+    let b = TestServer::start().await;
+    let (url_a, url_b) = (
+        format!("wss://127.0.0.1:{}/ws", a.addr.port()),
+        format!("wss://127.0.0.1:{}/ws", b.addr.port()),
+    );
+    let mut watcher = a.connect("watcher").await;
+    watcher.join("fanout").await;
+    let run = start_fanout(&url_a, &url_b);
+    publisher_running(&mut watcher).await;
+    drop(watcher);
+    let reply = call(admin_addr(&a), "POST", "/admin/api/drain", None).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let report = finished(run).await;
+    assert_moved_to_b(&report, &url_a, &url_b);
+    let on_a = u64::from(CLIENTS / 2 + 1);
+    assert_eq!(
+        report.close_codes.get("4200"),
+        Some(&on_a),
+        "{}",
+        report.to_table()
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
+/// The fan-out over A and B, in a task bounded in time.
+fn start_fanout(url_a: &str, url_b: &str) -> JoinHandle<Report> {
     let urls = format!("{url_a},{url_b}");
     let clients = CLIENTS.to_string();
     let argv = [
@@ -50,13 +93,19 @@ async fn fanout_reconnects_to_the_other_url_when_a_server_is_killed() {
         "--quiet",
     ];
     let cli = Cli::try_parse_from(argv).expect("arguments parse");
-    let run = tokio::spawn(async move {
+    tokio::spawn(async move {
         tokio::time::timeout(
             std::time::Duration::from_secs(60),
             loadtest::run(&cli.scenario),
         )
         .await
-    });
+        .expect("the run ends within its bound")
+        .expect("the run ends with a report")
+    })
+}
+
+/// Returns once the watcher on A has seen the publisher's 10th message.
+async fn publisher_running(watcher: &mut Client) {
     let mut seen = 0;
     for _ in 0..1000 {
         if let ServerFrame::Message { seq, .. } = watcher.next_message("fanout").await {
@@ -67,25 +116,25 @@ async fn fanout_reconnects_to_the_other_url_when_a_server_is_killed() {
         }
     }
     assert!(seen >= 10, "the publisher on A never got going");
-    drop(watcher);
-    a.kill().await;
-    let report = run
-        .await
-        .expect("the run's task")
-        .expect("the run ends within its bound")
-        .expect("the run ends with a report");
+}
+
+async fn finished(run: JoinHandle<Report>) -> Report {
+    run.await.expect("the run's task")
+}
+
+fn assert_moved_to_b(report: &Report, url_a: &str, url_b: &str) {
     let c = &report.counts;
     // A held 10 subscribers and the publisher: each reconnected once, to B.
     let on_a = u64::from(CLIENTS / 2 + 1);
     assert_eq!(c.reconnects, on_a, "{}", report.to_table());
     assert_eq!(
-        report.connections_per_url.get(&url_a),
+        report.connections_per_url.get(url_a),
         Some(&on_a),
         "{}",
         report.to_table()
     );
     assert_eq!(
-        report.connections_per_url.get(&url_b),
+        report.connections_per_url.get(url_b),
         Some(&(u64::from(CLIENTS / 2) + on_a)),
         "{}",
         report.to_table()
@@ -104,5 +153,4 @@ async fn fanout_reconnects_to_the_other_url_when_a_server_is_killed() {
         "{}",
         report.to_table()
     );
-    b.kill().await;
 }
