@@ -3,8 +3,8 @@
 //! mid-run: killed with SIGKILL (real processes, by the PID this test
 //! started: the sockets just die), or drained (`POST /admin/api/drain`:
 //! every session is closed with 4200 and A takes no new connection). Every
-//! connection A held (its subscribers and the publisher) must reconnect to
-//! B, and the run must end with a report. Loss across
+//! connection A held (its subscribers and the publisher; in `chat`, its
+//! users) must reconnect to B, and the run must end with a report. Loss across
 //! two unrelated histories cannot be exact, so only the mechanism is
 //! asserted here; the loss and duplicate accounting around a resume is
 //! unit-tested in the crate (`conn::tests`).
@@ -153,4 +153,88 @@ fn assert_moved_to_b(report: &Report, url_a: &str, url_b: &str) {
         "{}",
         report.to_table()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_users_resume_on_the_other_url_when_a_server_is_killed() {
+    let (fa, fb) = (Fixture::new(), Fixture::new());
+    let a = Process::start(&fa).await;
+    let b = Process::start(&fb).await;
+    let (url_a, url_b) = (
+        format!("wss://127.0.0.1:{}/ws", a.addr.port()),
+        format!("wss://127.0.0.1:{}/ws", b.addr.port()),
+    );
+    // Every user is in the one room; half of them (the even ones) on A.
+    let mut watcher = a.connect(&fa, "watcher").await;
+    watcher.join("r0").await;
+    let urls = format!("{url_a},{url_b}");
+    let users = CLIENTS.to_string();
+    let argv = [
+        "switchboard-loadtest",
+        "chat",
+        "--url",
+        &urls,
+        "--insecure",
+        "--users",
+        &users,
+        "--rooms",
+        "1",
+        "--rooms-per-user",
+        "1",
+        "--rate",
+        "5",
+        "--churn-interval",
+        "0",
+        "--drop-share",
+        "0",
+        "--slow-share",
+        "0",
+        "--warmup",
+        "0.3",
+        "--duration",
+        "4",
+        "--reconnect-backoff-ms",
+        "50",
+        "--quiet",
+    ];
+    let cli = Cli::try_parse_from(argv).expect("arguments parse");
+    let run = tokio::spawn(async move {
+        tokio::time::timeout(
+            std::time::Duration::from_secs(60),
+            loadtest::run(&cli.scenario),
+        )
+        .await
+        .expect("the run ends within its bound")
+        .expect("the run ends with a report")
+    });
+    let mut seen = 0;
+    for _ in 0..1000 {
+        if let ServerFrame::Message { seq, .. } = watcher.next_message("r0").await {
+            seen = seq;
+        }
+        if seen >= 10 {
+            break;
+        }
+    }
+    assert!(seen >= 10, "the users on A never got going");
+    drop(watcher);
+    a.kill().await;
+    let report = finished(run).await;
+    let on_a = u64::from(CLIENTS / 2);
+    let c = &report.counts;
+    assert_eq!(c.reconnects, on_a, "{}", report.to_table());
+    assert_eq!(
+        report.connections_per_url.get(&url_b),
+        Some(&(2 * on_a)),
+        "{}",
+        report.to_table()
+    );
+    let resume = report
+        .latency_ms
+        .get("resume")
+        .unwrap_or_else(|| panic!("no resume latency: {}", report.to_table()));
+    assert_eq!(resume.count, on_a, "{}", report.to_table());
+    // The users that moved sent and were acked on B.
+    assert!(c.acked > 0, "{}", report.to_table());
+    b.kill().await;
 }
