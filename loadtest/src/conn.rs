@@ -1,6 +1,7 @@
-//! Opening connections (TCP, optional TLS, WebSocket upgrade) from one or
-//! several loopback source addresses, and reading the few fields of a server
-//! frame the generator needs without building a tree.
+//! Opening connections (TCP, optional TLS, WebSocket upgrade) to one of
+//! several URLs, from one or several loopback source addresses, and reading
+//! the few fields of a server frame the generator needs without building a
+//! tree.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;

@@ -825,6 +825,8 @@ mod tests {
             },
         );
         a.errors.insert("x".into(), 1);
+        a.per_url.insert("ws://127.0.0.1:1/ws".into(), 3);
+        a.hists.insert("resume".into(), h.clone());
         let wire = a.to_wire().unwrap_or_default();
         let b = Collected::from_wire(&wire).unwrap_or_default();
         assert_eq!(b.counts, a.counts);
@@ -835,6 +837,8 @@ mod tests {
         assert_eq!(m.hists.get("delivery").map(Histogram::len), Some(8));
         assert_eq!(m.timeline.get(&0).map(|i| i.latency.len()), Some(8));
         assert_eq!(m.errors.get("x"), Some(&2));
+        assert_eq!(m.per_url.get("ws://127.0.0.1:1/ws"), Some(&6));
+        assert_eq!(m.hists.get("resume").map(Histogram::len), Some(8));
         assert_eq!(m.hists.get("delivery").map(Histogram::max), Some(h.max()));
     }
 }
