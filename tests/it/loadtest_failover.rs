@@ -12,7 +12,6 @@
 use clap::Parser;
 use loadtest::{Cli, Report};
 use protocol::ServerFrame;
-use tokio::task::JoinHandle;
 
 use crate::admin::{self, admin_addr, call};
 use crate::support::{Client, DEADLINE, Fixture, Process, TestServer};
@@ -33,11 +32,11 @@ async fn fanout_reconnects_to_the_other_url_when_a_server_is_killed() {
     // A watcher on A sees the publisher's messages: the load is running.
     let mut watcher = a.connect(&fa, "watcher").await;
     watcher.join("fanout").await;
-    let run = start_fanout(&url_a, &url_b);
-    publisher_running(&mut watcher).await;
-    drop(watcher);
-    a.kill().await;
-    let report = finished(run).await;
+    let (report, ()) = tokio::join!(run(fanout_args(&url_a, &url_b)), async {
+        publisher_running(&mut watcher, "fanout").await;
+        drop(watcher);
+        a.kill().await;
+    });
     assert_moved_to_b(&report, &url_a, &url_b);
     b.kill().await;
 }
@@ -52,12 +51,12 @@ async fn fanout_reconnects_to_the_other_url_when_a_server_drains() {
     );
     let mut watcher = a.connect("watcher").await;
     watcher.join("fanout").await;
-    let run = start_fanout(&url_a, &url_b);
-    publisher_running(&mut watcher).await;
-    drop(watcher);
-    let reply = call(admin_addr(&a), "POST", "/admin/api/drain", None).await;
-    assert_eq!(reply.status, 200, "{}", reply.body);
-    let report = finished(run).await;
+    let (report, ()) = tokio::join!(run(fanout_args(&url_a, &url_b)), async {
+        publisher_running(&mut watcher, "fanout").await;
+        drop(watcher);
+        let reply = call(admin_addr(&a), "POST", "/admin/api/drain", None).await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+    });
     assert_moved_to_b(&report, &url_a, &url_b);
     let on_a = u64::from(CLIENTS / 2 + 1);
     assert_eq!(
@@ -70,56 +69,56 @@ async fn fanout_reconnects_to_the_other_url_when_a_server_drains() {
     b.stop().await;
 }
 
-/// The fan-out over A and B, in a task bounded in time.
-fn start_fanout(url_a: &str, url_b: &str) -> JoinHandle<Report> {
-    let urls = format!("{url_a},{url_b}");
-    let clients = CLIENTS.to_string();
-    let argv = [
-        "switchboard-loadtest",
-        "fanout",
-        "--url",
-        &urls,
-        "--insecure",
-        "--clients",
-        &clients,
-        "--rate",
-        "50",
-        "--warmup",
-        "0.3",
-        "--duration",
-        "4",
-        "--reconnect-backoff-ms",
-        "50",
-        "--quiet",
-    ];
-    let cli = Cli::try_parse_from(argv).expect("arguments parse");
-    tokio::spawn(async move {
-        tokio::time::timeout(
-            std::time::Duration::from_secs(60),
-            loadtest::run(&cli.scenario),
-        )
-        .await
-        .expect("the run ends within its bound")
-        .expect("the run ends with a report")
-    })
+/// The fan-out over A and B: 4 s of load at 50 msg/s.
+fn fanout_args(url_a: &str, url_b: &str) -> Vec<String> {
+    let mut argv: Vec<String> = ["fanout", "--url"].map(String::from).to_vec();
+    argv.push(format!("{url_a},{url_b}"));
+    argv.extend(["--clients".to_owned(), CLIENTS.to_string()]);
+    argv.extend(["--rate", "50"].map(String::from));
+    argv
 }
 
-/// Returns once the watcher on A has seen the publisher's 10th message.
-async fn publisher_running(watcher: &mut Client) {
+/// One generator run with `args` (and the options every run here shares),
+/// bounded in time.
+async fn run(args: Vec<String>) -> Report {
+    let mut argv = vec!["switchboard-loadtest".to_owned()];
+    argv.extend(args);
+    argv.extend(
+        [
+            "--insecure",
+            "--warmup",
+            "0.3",
+            "--duration",
+            "4",
+            "--reconnect-backoff-ms",
+            "50",
+            "--quiet",
+        ]
+        .map(String::from),
+    );
+    let cli = Cli::try_parse_from(&argv).expect("arguments parse");
+    tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        loadtest::run(&cli.scenario),
+    )
+    .await
+    .expect("the run ends within its bound")
+    .expect("the run ends with a report")
+}
+
+/// Returns once the watcher on A has seen the 10th message of `room`: the
+/// load is running.
+async fn publisher_running(watcher: &mut Client, room: &str) {
     let mut seen = 0;
     for _ in 0..1000 {
-        if let ServerFrame::Message { seq, .. } = watcher.next_message("fanout").await {
+        if let ServerFrame::Message { seq, .. } = watcher.next_message(room).await {
             seen = seq;
         }
         if seen >= 10 {
             break;
         }
     }
-    assert!(seen >= 10, "the publisher on A never got going");
-}
-
-async fn finished(run: JoinHandle<Report>) -> Report {
-    run.await.expect("the run's task")
+    assert!(seen >= 10, "the load on A never got going");
 }
 
 fn assert_moved_to_b(report: &Report, url_a: &str, url_b: &str) {
@@ -167,59 +166,31 @@ async fn chat_users_resume_on_the_other_url_when_a_server_is_killed() {
     // Every user is in the one room; half of them (the even ones) on A.
     let mut watcher = a.connect(&fa, "watcher").await;
     watcher.join("r0").await;
-    let urls = format!("{url_a},{url_b}");
-    let users = CLIENTS.to_string();
-    let argv = [
-        "switchboard-loadtest",
-        "chat",
-        "--url",
-        &urls,
-        "--insecure",
-        "--users",
-        &users,
-        "--rooms",
-        "1",
-        "--rooms-per-user",
-        "1",
-        "--rate",
-        "5",
-        "--churn-interval",
-        "0",
-        "--drop-share",
-        "0",
-        "--slow-share",
-        "0",
-        "--warmup",
-        "0.3",
-        "--duration",
-        "4",
-        "--reconnect-backoff-ms",
-        "50",
-        "--quiet",
-    ];
-    let cli = Cli::try_parse_from(argv).expect("arguments parse");
-    let run = tokio::spawn(async move {
-        tokio::time::timeout(
-            std::time::Duration::from_secs(60),
-            loadtest::run(&cli.scenario),
-        )
-        .await
-        .expect("the run ends within its bound")
-        .expect("the run ends with a report")
+    let mut args: Vec<String> = ["chat", "--url"].map(String::from).to_vec();
+    args.push(format!("{url_a},{url_b}"));
+    args.extend(["--users".to_owned(), CLIENTS.to_string()]);
+    args.extend(
+        [
+            "--rooms",
+            "1",
+            "--rooms-per-user",
+            "1",
+            "--rate",
+            "5",
+            "--churn-interval",
+            "0",
+            "--drop-share",
+            "0",
+            "--slow-share",
+            "0",
+        ]
+        .map(String::from),
+    );
+    let (report, ()) = tokio::join!(run(args), async {
+        publisher_running(&mut watcher, "r0").await;
+        drop(watcher);
+        a.kill().await;
     });
-    let mut seen = 0;
-    for _ in 0..1000 {
-        if let ServerFrame::Message { seq, .. } = watcher.next_message("r0").await {
-            seen = seq;
-        }
-        if seen >= 10 {
-            break;
-        }
-    }
-    assert!(seen >= 10, "the users on A never got going");
-    drop(watcher);
-    a.kill().await;
-    let report = finished(run).await;
     let on_a = u64::from(CLIENTS / 2);
     let c = &report.counts;
     assert_eq!(c.reconnects, on_a, "{}", report.to_table());

@@ -331,34 +331,44 @@ impl User {
             }
             if !self.finishing && now >= stop {
                 self.finishing = true;
-                self.final_sync(&mut ws).await?;
+                if self.final_sync(&mut ws).await.is_err() {
+                    ws = self.lost(ws, None, deadline).await?;
+                }
             }
             if self.finishing && self.rooms.iter().all(Room::caught_up) && self.in_flight.is_empty()
             {
                 break;
             }
             let running = !self.finishing;
-            tokio::select! {
+            // Every write goes to the socket: one that fails means the
+            // connection is gone (its server was killed) as surely as a read
+            // that ends.
+            let written: anyhow::Result<()> = tokio::select! {
                 msg = ws.next() => {
                     match msg {
                         Some(Ok(msg)) => {
                             let closing = matches!(msg, Message::Close(_));
                             let code = reconnect::close_code(&msg);
-                            self.on_message(&mut ws, msg, Some(clock)).await?;
-                            if !closing {
-                                if self.slow && running {
+                            let r = self.on_message(&mut ws, msg, Some(clock)).await;
+                            if closing {
+                                ws = self.lost(ws, code, deadline).await?;
+                                Ok(())
+                            } else {
+                                if r.is_ok() && self.slow && running {
                                     tokio::time::sleep(Duration::from_millis(self.a.slow_delay_ms)).await;
                                 }
-                                continue;
+                                r
                             }
-                            ws = self.lost(ws, code, deadline).await?;
                         }
-                        _ => ws = self.lost(ws, None, deadline).await?,
+                        _ => {
+                            ws = self.lost(ws, None, deadline).await?;
+                            Ok(())
+                        }
                     }
                 }
                 () = tokio::time::sleep_until(stop), if running => {
                     self.finishing = true;
-                    self.final_sync(&mut ws).await?;
+                    self.final_sync(&mut ws).await
                 }
                 () = tokio::time::sleep_until(deadline) => {
                     self.give_up();
@@ -366,17 +376,21 @@ impl User {
                 }
                 () = tokio::time::sleep_until(next_send), if running => {
                     next_send += exp_gap(&mut self.rng, rate);
-                    self.send(&mut ws).await?;
+                    self.send(&mut ws).await
                 }
                 () = tokio::time::sleep_until(next_churn), if running => {
                     next_churn += exp_gap(&mut self.rng, 1.0 / churn);
-                    self.churn(&mut ws).await?;
+                    self.churn(&mut ws).await
                 }
                 () = tokio::time::sleep_until(next_drop), if running => {
                     next_drop = TInstant::now() + exp_gap(&mut self.rng, drop_rate);
                     let pause = Duration::from_millis(self.rng.random_range(100..600));
                     ws = self.reconnect(ws, pause, Reconnect::AtOnce, deadline).await?;
+                    Ok(())
                 }
+            };
+            if written.is_err() {
+                ws = self.lost(ws, None, deadline).await?;
             }
         }
         self.m.disconnected();
