@@ -84,8 +84,24 @@ impl Scenario {
 #[derive(Args, Debug, Clone)]
 pub struct Common {
     /// Server URL, `wss://` or `ws://`, e.g. `ws://127.0.0.1:8080/ws`.
-    #[arg(long, default_value = "wss://127.0.0.1:8443/ws")]
-    pub url: String,
+    /// Several (comma-separated, or the flag repeated) spread the
+    /// connections round robin: connection i goes to URL i mod n, and a
+    /// lost connection reconnects to the next URL.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        num_args = 1,
+        default_value = "wss://127.0.0.1:8443/ws"
+    )]
+    pub url: Vec<String>,
+    /// Most attempts to reconnect a connection the server closed with a
+    /// reconnect code, or that died, each to the next URL; 0 = never.
+    #[arg(long, default_value_t = 10)]
+    pub reconnect_attempts: u32,
+    /// Pause before a reconnect attempt after a failed one (doubling, at
+    /// most 2 s), and before the first after a "reconnect with backoff" code.
+    #[arg(long, default_value_t = 100)]
+    pub reconnect_backoff_ms: u64,
     /// CA certificate (PEM) to trust for `wss://` [default: certs/ca.pem].
     #[arg(long)]
     pub ca: Option<PathBuf>,
@@ -171,6 +187,11 @@ impl Common {
         self.worker.is_none_or(|w| w == 0)
     }
 
+    /// The URLs as given, comma-separated (the one URL when alone).
+    pub fn urls(&self) -> String {
+        self.url.join(",")
+    }
+
     pub fn warmup_us(&self) -> u64 {
         secs_to_us(self.warmup)
     }
@@ -252,6 +273,11 @@ pub struct FanoutArgs {
     /// Rooms; subscribers are spread round robin, one publisher per room.
     #[arg(long, default_value_t = 1)]
     pub rooms: u32,
+    /// Publishers per room, each at `--rate` (or full speed), connections
+    /// numbered after the subscribers (so spread over the URLs); a
+    /// subscriber reads until every one's end marker.
+    #[arg(long, default_value_t = 1)]
+    pub publishers: u32,
     /// Room name prefix.
     #[arg(long, default_value = "fanout")]
     pub room: String,

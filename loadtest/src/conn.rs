@@ -1,6 +1,7 @@
-//! Opening connections (TCP, optional TLS, WebSocket upgrade) from one or
-//! several loopback source addresses, and reading the few fields of a server
-//! frame the generator needs without building a tree.
+//! Opening connections (TCP, optional TLS, WebSocket upgrade) to one of
+//! several URLs, from one or several loopback source addresses, and reading
+//! the few fields of a server frame the generator needs without building a
+//! tree.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
@@ -35,11 +36,49 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 /// A client WebSocket over plain TCP or TLS.
 pub type Ws = WebSocketStream<Box<dyn Io>>;
 
-/// Opens connections to the server named by a URL.
-pub struct Connector {
+/// One server the connections go to.
+struct Target {
+    url: String,
     addr: SocketAddr,
     host: String,
-    base: String,
+    tls: bool,
+}
+
+impl Target {
+    fn parse(url: &str) -> anyhow::Result<Target> {
+        let (scheme, rest) = url.split_once("://").context("URL needs a scheme")?;
+        let hostport = rest.split('/').next().unwrap_or(rest);
+        let (host, port) = hostport.rsplit_once(':').context("URL needs HOST:PORT")?;
+        let port: u16 = port.parse().context("bad port")?;
+        let ip: IpAddr = match host {
+            "localhost" => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            h => h
+                .trim_matches(['[', ']'])
+                .parse()
+                .with_context(|| format!("`{h}` is neither an IP nor localhost"))?,
+        };
+        let tls = match scheme {
+            "ws" => false,
+            "wss" => true,
+            other => bail!("unknown scheme {other}"),
+        };
+        Ok(Target {
+            url: url.to_owned(),
+            addr: SocketAddr::new(ip, port),
+            host: if host.parse::<IpAddr>().is_ok() {
+                "localhost".into()
+            } else {
+                host.into()
+            },
+            tls,
+        })
+    }
+}
+
+/// Opens connections to the servers named by the URLs: connection `i` to
+/// URL `i mod n` ([`Connector::target_of`]).
+pub struct Connector {
+    targets: Vec<Target>,
     tls: Option<tokio_rustls::TlsConnector>,
     sources: Vec<IpAddr>,
     next_source: AtomicUsize,
@@ -54,34 +93,27 @@ pub struct Connector {
 
 impl Connector {
     pub fn new(common: &Common) -> anyhow::Result<Connector> {
-        let (scheme, rest) = common.url.split_once("://").context("URL needs a scheme")?;
-        let hostport = rest.split('/').next().unwrap_or(rest);
-        let (host, port) = hostport.rsplit_once(':').context("URL needs HOST:PORT")?;
-        let port: u16 = port.parse().context("bad port")?;
-        let ip: IpAddr = match host {
-            "localhost" => IpAddr::V4(Ipv4Addr::LOCALHOST),
-            h => h
-                .trim_matches(['[', ']'])
-                .parse()
-                .with_context(|| format!("`{h}` is neither an IP nor localhost"))?,
-        };
-        let tls = match scheme {
-            "ws" => None,
-            "wss" => Some(tls_connector(common.ca.as_deref(), common.insecure)?),
-            other => bail!("unknown scheme {other}"),
+        let targets = common
+            .url
+            .iter()
+            .map(|u| u.trim())
+            .filter(|u| !u.is_empty())
+            .map(|u| Target::parse(u).with_context(|| format!("URL `{u}`")))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        if targets.is_empty() {
+            bail!("no URL");
+        }
+        let tls = if targets.iter().any(|t| t.tls) {
+            Some(tls_connector(common.ca.as_deref(), common.insecure)?)
+        } else {
+            None
         };
         let sources = match &common.source_ips {
             Some(spec) => parse_ip_range(spec)?,
             None => Vec::new(),
         };
         Ok(Connector {
-            addr: SocketAddr::new(ip, port),
-            host: if host.parse::<IpAddr>().is_ok() {
-                "localhost".into()
-            } else {
-                host.into()
-            },
-            base: common.url.clone(),
+            targets,
             tls,
             next_source: AtomicUsize::new(common.worker.map_or(0, |w| w as usize)),
             sources,
@@ -91,15 +123,39 @@ impl Connector {
         })
     }
 
-    /// TCP connect (from the next source address), TLS, WebSocket upgrade.
-    pub async fn connect(&self, user: &str) -> anyhow::Result<Ws> {
-        self.connect_joining(user, None).await
+    /// How many URLs the connections are spread over.
+    pub fn targets(&self) -> usize {
+        self.targets.len()
+    }
+
+    /// The URL connection `i` goes to first: `i mod n`.
+    pub fn target_of(&self, i: usize) -> usize {
+        i % self.targets.len().max(1)
+    }
+
+    /// The URL of target `t` (taken mod n).
+    pub fn url(&self, t: usize) -> &str {
+        self.targets
+            .get(self.target_of(t))
+            .map_or("", |x| x.url.as_str())
+    }
+
+    /// TCP connect (from the next source address), TLS, WebSocket upgrade,
+    /// to target `t` (taken mod n).
+    pub async fn connect(&self, t: usize, user: &str) -> anyhow::Result<Ws> {
+        self.connect_joining(t, user, None).await
     }
 
     /// As [`Connector::connect`], asking the server to join `room` as the
     /// session starts (`?join=`).
-    pub async fn connect_joining(&self, user: &str, room: Option<&str>) -> anyhow::Result<Ws> {
-        let socket = match self.addr {
+    pub async fn connect_joining(
+        &self,
+        t: usize,
+        user: &str,
+        room: Option<&str>,
+    ) -> anyhow::Result<Ws> {
+        let target = self.targets.get(self.target_of(t)).context("no URL")?;
+        let socket = match target.addr {
             SocketAddr::V4(_) => TcpSocket::new_v4()?,
             SocketAddr::V6(_) => TcpSocket::new_v6()?,
         };
@@ -109,16 +165,16 @@ impl Connector {
                 .bind(SocketAddr::new(self.sources[i], 0))
                 .with_context(|| format!("binding to {}", self.sources[i]))?;
         }
-        let tcp = socket.connect(self.addr).await?;
+        let tcp = socket.connect(target.addr).await?;
         tcp.set_nodelay(true)?;
-        let stream: Box<dyn Io> = match &self.tls {
-            Some(tls) => {
-                let name = ServerName::try_from(self.host.clone())?;
+        let stream: Box<dyn Io> = match (&self.tls, target.tls) {
+            (Some(tls), true) => {
+                let name = ServerName::try_from(target.host.clone())?;
                 Box::new(tls.connect(name, tcp).await?)
             }
-            None => Box::new(tcp),
+            _ => Box::new(tcp),
         };
-        let mut url = format!("{}?user={user}", self.base);
+        let mut url = format!("{}?user={user}", target.url);
         if let Some(room) = room {
             url.push_str("&join=");
             url.extend(form_urlencoded::byte_serialize(room.as_bytes()));
@@ -494,6 +550,21 @@ impl Continuity {
             self.last = seq;
         }
     }
+
+    /// The `joined` of a resume with `since` (the last seq seen before the
+    /// connection was lost) answering the room's `seq`. Recovered, the
+    /// replay of `(since, seq]` follows and is counted as it comes: a seq it
+    /// skips is lost, one it repeats duplicated. Not recovered, nothing
+    /// fills `(since, seq]`: that is lost, and counting goes on after
+    /// `seq` (another epoch numbers afresh, so `seq` may be below `since`).
+    pub fn resumed(&mut self, since: u64, seq: u64, recovered: bool) {
+        if recovered {
+            self.last = since;
+        } else {
+            self.lost += seq.saturating_sub(since);
+            self.last = seq;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -507,6 +578,45 @@ mod tests {
             c.see(seq);
         }
         assert_eq!((c.last, c.lost, c.duplicated), (16, 2, 2));
+    }
+
+    #[test]
+    fn a_resume_counts_what_its_replay_does_not_fill() {
+        // Live up to 5, the connection dies, the resume replays 6..=8.
+        let mut c = Continuity::starting_at(0);
+        for seq in 1..=5 {
+            c.see(seq);
+        }
+        c.resumed(5, 8, true);
+        for seq in [6, 7, 8, 9, 10] {
+            c.see(seq);
+        }
+        assert_eq!((c.last, c.lost, c.duplicated), (10, 0, 0));
+        // A replay that skips 12 and repeats 11, then live again.
+        c.resumed(10, 13, true);
+        for seq in [11, 11, 13, 14] {
+            c.see(seq);
+        }
+        assert_eq!((c.last, c.lost, c.duplicated), (14, 1, 1));
+        // A live message already seen before the loss arrives again.
+        c.resumed(14, 14, true);
+        for seq in [14, 15] {
+            c.see(seq);
+        }
+        assert_eq!((c.last, c.lost, c.duplicated), (15, 1, 2));
+        // Not recovered: (15, 20] is lost, counting goes on after 20.
+        c.resumed(15, 20, false);
+        for seq in [21, 22] {
+            c.see(seq);
+        }
+        assert_eq!((c.last, c.lost, c.duplicated), (22, 6, 2));
+        // Not recovered in another epoch that is behind: nothing to call
+        // lost, and its seqs are not duplicates of the old ones.
+        c.resumed(22, 3, false);
+        for seq in [4, 5] {
+            c.see(seq);
+        }
+        assert_eq!((c.last, c.lost, c.duplicated), (5, 6, 2));
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod conn;
 pub mod metrics;
 pub mod nats;
 pub mod plot;
+pub mod reconnect;
 pub mod report;
 pub mod scan;
 pub mod scenario;

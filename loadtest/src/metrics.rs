@@ -198,6 +198,12 @@ pub struct Metrics {
     pub handshake: Recorder,
     /// History request to reply.
     pub history: Recorder,
+    /// A connection lost by the server's doing (a close asking for a
+    /// reconnect, or a dead socket) to its rooms re-joined: reconnect and
+    /// resume.
+    pub resume: Recorder,
+    /// Connections established per URL, when there are several.
+    per_url: Mutex<BTreeMap<String, u64>>,
     errors: Mutex<BTreeMap<String, u64>>,
     closes: Mutex<BTreeMap<String, u64>>,
     /// Per room, the highest seq its publisher got acked (raw: sent), for
@@ -223,6 +229,8 @@ impl Metrics {
             ack: Recorder::new(),
             handshake: Recorder::new(),
             history: Recorder::new(),
+            resume: Recorder::new(),
+            per_url: Mutex::new(BTreeMap::new()),
             errors: Mutex::new(BTreeMap::new()),
             closes: Mutex::new(BTreeMap::new()),
             published: Mutex::new(BTreeMap::new()),
@@ -366,6 +374,21 @@ impl Metrics {
         add(&self.c.open, 1);
         let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
         self.handshake.record(who, us, true);
+    }
+
+    /// A connection established to `url` (one of several).
+    pub fn connected_to(&self, url: &str) {
+        *lock(&self.per_url).entry(url.to_owned()).or_default() += 1;
+    }
+
+    pub fn per_url(&self) -> BTreeMap<String, u64> {
+        lock(&self.per_url).clone()
+    }
+
+    /// A lost connection resumed, `took` after the loss.
+    pub fn resumed(&self, who: usize, took: Duration) {
+        let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        self.resume.record(who, us, true);
     }
 
     pub fn disconnected(&self) {

@@ -68,6 +68,8 @@ pub struct Collected {
     pub timeline: BTreeMap<i64, Interval>,
     pub errors: BTreeMap<String, u64>,
     pub closes: BTreeMap<String, u64>,
+    /// Connections established per URL, when there are several.
+    pub per_url: BTreeMap<String, u64>,
     pub loadgen_cpu_seconds: f64,
     pub extra: BTreeMap<String, f64>,
     /// A soak's samples and judgement (one process only).
@@ -103,6 +105,7 @@ impl Collected {
             ("ack", &m.ack),
             ("handshake", &m.handshake),
             ("history", &m.history),
+            ("resume", &m.resume),
         ] {
             let h = r.total();
             if !h.is_empty() {
@@ -115,6 +118,7 @@ impl Collected {
             timeline: m.timeline(),
             errors: m.errors(),
             closes: m.closes(),
+            per_url: m.per_url(),
             loadgen_cpu_seconds,
             extra: BTreeMap::new(),
             soak: crate::metrics::lock(&m.soak).clone(),
@@ -145,6 +149,9 @@ impl Collected {
         }
         for (k, n) in o.closes {
             *self.closes.entry(k).or_default() += n;
+        }
+        for (k, n) in o.per_url {
+            *self.per_url.entry(k).or_default() += n;
         }
         for (k, v) in o.extra {
             *self.extra.entry(k).or_default() += v;
@@ -178,6 +185,7 @@ impl Collected {
             timeline,
             errors: self.errors.clone(),
             closes: self.closes.clone(),
+            per_url: self.per_url.clone(),
             loadgen_cpu_seconds: self.loadgen_cpu_seconds,
             extra: self.extra.clone(),
         };
@@ -209,6 +217,7 @@ impl Collected {
             timeline,
             errors: w.errors,
             closes: w.closes,
+            per_url: w.per_url,
             loadgen_cpu_seconds: w.loadgen_cpu_seconds,
             extra: w.extra,
             soak: None,
@@ -223,6 +232,8 @@ struct Wire {
     timeline: Vec<(i64, u64, u64, u64, u64, String)>,
     errors: BTreeMap<String, u64>,
     closes: BTreeMap<String, u64>,
+    #[serde(default)]
+    per_url: BTreeMap<String, u64>,
     loadgen_cpu_seconds: f64,
     extra: BTreeMap<String, f64>,
 }
@@ -342,6 +353,10 @@ pub struct Report {
     pub latency_ms: BTreeMap<String, Percentiles>,
     pub errors: BTreeMap<String, u64>,
     pub close_codes: BTreeMap<String, u64>,
+    /// Connections established per URL (reconnects included), when the
+    /// run was given several.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub connections_per_url: BTreeMap<String, u64>,
     pub server: Option<ServerUsage>,
     /// The generator's CPU seconds over the measured window, all processes.
     pub loadgen_cpu_seconds: f64,
@@ -402,7 +417,7 @@ impl Report {
                 "switchboard"
             }
             .to_owned(),
-            url: common.url.clone(),
+            url: common.urls(),
             clients,
             processes: common.workers.max(1),
             warmup_seconds: common.warmup,
@@ -421,6 +436,11 @@ impl Report {
                 .collect(),
             errors: c.errors.clone(),
             close_codes: c.closes.clone(),
+            connections_per_url: if common.url.len() > 1 {
+                c.per_url.clone()
+            } else {
+                BTreeMap::new()
+            },
             server,
             loadgen_cpu_seconds: c.loadgen_cpu_seconds,
             loadgen_cores: loadgen_cores(common),
@@ -552,6 +572,9 @@ impl Report {
             let _ = write!(o, "; {:.1} per second", self.rates.connections_per_s);
         }
         let _ = writeln!(o);
+        for (url, n) in &self.connections_per_url {
+            let _ = writeln!(o, "    {n:>10} established to {url}");
+        }
         let _ = writeln!(o, "  {:<22} {:>14} {:>14}", "", "measured", "per second");
         for (name, n, rate) in [
             ("sent", c.sent, self.rates.sent_per_s),
@@ -802,6 +825,8 @@ mod tests {
             },
         );
         a.errors.insert("x".into(), 1);
+        a.per_url.insert("ws://127.0.0.1:1/ws".into(), 3);
+        a.hists.insert("resume".into(), h.clone());
         let wire = a.to_wire().unwrap_or_default();
         let b = Collected::from_wire(&wire).unwrap_or_default();
         assert_eq!(b.counts, a.counts);
@@ -812,6 +837,8 @@ mod tests {
         assert_eq!(m.hists.get("delivery").map(Histogram::len), Some(8));
         assert_eq!(m.timeline.get(&0).map(|i| i.latency.len()), Some(8));
         assert_eq!(m.errors.get("x"), Some(&2));
+        assert_eq!(m.per_url.get("ws://127.0.0.1:1/ws"), Some(&6));
+        assert_eq!(m.hists.get("resume").map(Histogram::len), Some(8));
         assert_eq!(m.hists.get("delivery").map(Histogram::max), Some(h.max()));
     }
 }

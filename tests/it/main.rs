@@ -24,6 +24,7 @@ mod drain;
 mod fuzz_corpus;
 mod gateway;
 mod loadtest;
+mod loadtest_failover;
 mod logs;
 mod module_graph;
 mod natsd;

@@ -4,6 +4,11 @@
 //! resume with `join {since, epoch}`; a share of slow readers, who only
 //! read, pausing after every frame (their latency is kept apart).
 //!
+//! A connection the server closes with a reconnect code, or whose socket
+//! dies (its node was killed), reconnects to the next URL within
+//! `--reconnect-attempts` and resumes every room the same way; the time
+//! from the loss to the last room re-joined is the `resume` latency.
+//!
 //! Every user checks per-room seq continuity. A gap filled by a replay
 //! (`recovered: true`) or by paging history (`recovered: false`) counts as
 //! recovered, not lost. At the stop every user re-joins its rooms (which
@@ -27,6 +32,8 @@ use super::{DRAIN, count_close, start_clock};
 use crate::cli::ChatArgs;
 use crate::conn::{Connector, Frame, STEP_TIMEOUT, Ws, history_seqs, instant_at, now_us, request};
 use crate::metrics::{Clock, Metrics, add, get, short_error};
+use crate::reconnect::{self, Policy};
+use protocol::close::Reconnect;
 
 /// Room popularity: P(room r) proportional to 1 / (r + 1)^s.
 #[derive(Debug, Clone)]
@@ -192,6 +199,12 @@ struct User {
     dropper: bool,
     finishing: bool,
     seqs: Vec<u64>,
+    /// The URL this user is connected to.
+    target: usize,
+    policy: Policy,
+    /// When the server lost this user's connection, until every room is
+    /// re-joined.
+    resume_from: Option<Instant>,
 }
 
 impl User {
@@ -224,6 +237,9 @@ impl User {
             dropper,
             finishing: false,
             seqs: Vec::new(),
+            target: i as usize,
+            policy: Policy::of(&a.common),
+            resume_from: None,
         }
     }
 
@@ -232,10 +248,10 @@ impl User {
         self.next_id
     }
 
-    async fn connect(&mut self) -> anyhow::Result<Ws> {
+    async fn connect(&mut self, target: usize) -> anyhow::Result<Ws> {
         let t = Instant::now();
         let r = tokio::time::timeout(STEP_TIMEOUT, async {
-            let mut ws = self.conn.connect(&self.name).await?;
+            let mut ws = self.conn.connect(target, &self.name).await?;
             // The first frame is `welcome`.
             match ws.next().await {
                 Some(Ok(Message::Text(_))) => anyhow::Ok(ws),
@@ -247,6 +263,10 @@ impl User {
         match r {
             Ok(ws) => {
                 self.m.connected(self.who, t.elapsed());
+                if self.conn.targets() > 1 {
+                    self.m.connected_to(self.conn.url(target));
+                }
+                self.target = target;
                 Ok(ws)
             }
             Err(e) => {
@@ -257,7 +277,7 @@ impl User {
     }
 
     async fn run(mut self) -> anyhow::Result<()> {
-        let mut ws = self.connect().await?;
+        let mut ws = self.connect(self.target).await?;
         let k = self.a.rooms_per_user;
         for r in self.zipf.distinct(k, &mut self.rng) {
             let id = self.id();
@@ -311,33 +331,44 @@ impl User {
             }
             if !self.finishing && now >= stop {
                 self.finishing = true;
-                self.final_sync(&mut ws).await?;
+                if self.final_sync(&mut ws).await.is_err() {
+                    ws = self.lost(ws, None, deadline).await?;
+                }
             }
             if self.finishing && self.rooms.iter().all(Room::caught_up) && self.in_flight.is_empty()
             {
                 break;
             }
             let running = !self.finishing;
-            tokio::select! {
+            // Every write goes to the socket: one that fails means the
+            // connection is gone (its server was killed) as surely as a read
+            // that ends.
+            let written: anyhow::Result<()> = tokio::select! {
                 msg = ws.next() => {
                     match msg {
                         Some(Ok(msg)) => {
                             let closing = matches!(msg, Message::Close(_));
-                            self.on_message(&mut ws, msg, Some(clock)).await?;
-                            if !closing {
-                                if self.slow && running {
+                            let code = reconnect::close_code(&msg);
+                            let r = self.on_message(&mut ws, msg, Some(clock)).await;
+                            if closing {
+                                ws = self.lost(ws, code, deadline).await?;
+                                Ok(())
+                            } else {
+                                if r.is_ok() && self.slow && running {
                                     tokio::time::sleep(Duration::from_millis(self.a.slow_delay_ms)).await;
                                 }
-                                continue;
+                                r
                             }
-                            ws = self.reconnect(ws, Duration::from_millis(500), deadline).await?;
                         }
-                        _ => ws = self.reconnect(ws, Duration::from_millis(500), deadline).await?,
+                        _ => {
+                            ws = self.lost(ws, None, deadline).await?;
+                            Ok(())
+                        }
                     }
                 }
                 () = tokio::time::sleep_until(stop), if running => {
                     self.finishing = true;
-                    self.final_sync(&mut ws).await?;
+                    self.final_sync(&mut ws).await
                 }
                 () = tokio::time::sleep_until(deadline) => {
                     self.give_up();
@@ -345,17 +376,21 @@ impl User {
                 }
                 () = tokio::time::sleep_until(next_send), if running => {
                     next_send += exp_gap(&mut self.rng, rate);
-                    self.send(&mut ws).await?;
+                    self.send(&mut ws).await
                 }
                 () = tokio::time::sleep_until(next_churn), if running => {
                     next_churn += exp_gap(&mut self.rng, 1.0 / churn);
-                    self.churn(&mut ws).await?;
+                    self.churn(&mut ws).await
                 }
                 () = tokio::time::sleep_until(next_drop), if running => {
                     next_drop = TInstant::now() + exp_gap(&mut self.rng, drop_rate);
                     let pause = Duration::from_millis(self.rng.random_range(100..600));
-                    ws = self.reconnect(ws, pause, deadline).await?;
+                    ws = self.reconnect(ws, pause, Reconnect::AtOnce, deadline).await?;
+                    Ok(())
                 }
+            };
+            if written.is_err() {
+                ws = self.lost(ws, None, deadline).await?;
             }
         }
         self.m.disconnected();
@@ -363,11 +398,29 @@ impl User {
         Ok(())
     }
 
-    /// Drops the connection, waits `pause`, reconnects and resumes every room.
+    /// The server closed the connection with `code`, or it died (`None`):
+    /// reconnect and resume if the close table says so, else end this user.
+    async fn lost(&mut self, ws: Ws, code: Option<u16>, deadline: TInstant) -> anyhow::Result<Ws> {
+        let how = reconnect::after(code);
+        if how == Reconnect::Never || !self.policy.enabled() {
+            drop(ws);
+            self.m.disconnected();
+            add(&self.m.c.unacked_at_close, self.in_flight.len() as u64);
+            self.in_flight.clear();
+            self.give_up();
+            bail!("closed ({}) with no reconnect", code.unwrap_or(0));
+        }
+        self.resume_from = Some(Instant::now());
+        self.reconnect(ws, Duration::ZERO, how, deadline).await
+    }
+
+    /// Drops the connection, waits `pause`, reconnects (to the next URL,
+    /// within the policy's attempts) and resumes every room.
     async fn reconnect(
         &mut self,
         ws: Ws,
         pause: Duration,
+        how: Reconnect,
         deadline: TInstant,
     ) -> anyhow::Result<Ws> {
         drop(ws);
@@ -375,14 +428,24 @@ impl User {
         add(&self.m.c.unacked_at_close, self.in_flight.len() as u64);
         self.in_flight.clear();
         tokio::time::sleep(pause).await;
-        let mut ws = loop {
-            match self.connect().await {
-                Ok(ws) => break ws,
-                Err(_) if TInstant::now() + Duration::from_secs(1) < deadline => {
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-                Err(e) => return Err(e),
+        let from = self.target;
+        let mut connected = None;
+        // A deliberate drop reconnects even with `--reconnect-attempts 0`.
+        for k in 0..self.policy.attempts.max(1) {
+            let wait = self.policy.pause(k, how);
+            if TInstant::now() + wait >= deadline {
+                break;
             }
+            tokio::time::sleep(wait).await;
+            let target = self.policy.target(from, k, self.conn.targets());
+            if let Ok(ws) = self.connect(target).await {
+                connected = Some(ws);
+                break;
+            }
+        }
+        let Some(mut ws) = connected else {
+            self.give_up();
+            bail!("reconnect: attempts exhausted");
         };
         add(&self.m.c.reconnects, 1);
         for i in 0..self.rooms.len() {
@@ -411,7 +474,22 @@ impl User {
         if self.finishing {
             self.final_sync(&mut ws).await?;
         }
+        self.check_resumed();
         Ok(ws)
+    }
+
+    /// Once no room is still being re-joined after a loss, the resume is
+    /// done: its time is recorded.
+    fn check_resumed(&mut self) {
+        if let Some(at) = self.resume_from
+            && !self
+                .rooms
+                .iter()
+                .any(|r| matches!(r.phase, Phase::Joining { .. }))
+        {
+            self.m.resumed(self.who, at.elapsed());
+            self.resume_from = None;
+        }
     }
 
     /// Re-joins every room: the reply's seq is the latest at the stop.
@@ -557,6 +635,7 @@ impl User {
                         r.phase = Phase::Left;
                     }
                 }
+                self.check_resumed();
             }
             _ => {}
         }
@@ -638,6 +717,7 @@ impl User {
                 }
             }
         }
+        self.check_resumed();
         Ok(())
     }
 

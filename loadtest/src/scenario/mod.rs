@@ -18,7 +18,9 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::cli::{Common, Scenario};
 use crate::conn::{Connector, Frame, STEP_TIMEOUT, Ws, instant_at, now_us, send_join};
-use crate::metrics::{Clock, Metrics};
+use crate::metrics::{Clock, Metrics, add};
+use crate::reconnect::{self, Policy};
+use protocol::close::Reconnect;
 
 /// After the load stops, how long readers may take to drain before the
 /// run gives up on them.
@@ -37,7 +39,7 @@ pub async fn run(s: &Scenario, m: Arc<Metrics>) -> anyhow::Result<()> {
 
 /// Connects as `user`, reads `welcome` and joins `room` (neither in raw
 /// mode). The whole handshake is timed and counted. Returns the room's seq
-/// at the join (0 without one).
+/// at the join (0 without one). Connection `who` goes to URL `who mod n`.
 pub async fn open(
     conn: &Connector,
     m: &Metrics,
@@ -45,11 +47,35 @@ pub async fn open(
     user: &str,
     room: Option<&str>,
 ) -> anyhow::Result<(Ws, u64)> {
+    let (ws, joined) = open_at(conn, m, who, conn.target_of(who), user, room, None).await?;
+    Ok((ws, joined.seq))
+}
+
+/// What a `joined` said.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Joined {
+    pub seq: u64,
+    pub epoch: Option<String>,
+    pub recovered: Option<bool>,
+}
+
+/// As [`open`], to URL `target` (mod n), resuming `room` after
+/// `resume = (since, epoch)` when given.
+pub async fn open_at(
+    conn: &Connector,
+    m: &Metrics,
+    who: usize,
+    target: usize,
+    user: &str,
+    room: Option<&str>,
+    resume: Option<(u64, &str)>,
+) -> anyhow::Result<(Ws, Joined)> {
     let t = Instant::now();
     let r = tokio::time::timeout(STEP_TIMEOUT, async {
-        let in_url = room.filter(|_| conn.join_in_url);
-        let mut ws = conn.connect_joining(user, in_url).await?;
-        let mut seq = 0;
+        // `?join=` carries no `since`: a resume joins with a frame.
+        let in_url = room.filter(|_| conn.join_in_url && resume.is_none());
+        let mut ws = conn.connect_joining(target, user, in_url).await?;
+        let mut joined = Joined::default();
         if conn.nats {
             crate::nats::handshake(&mut ws, user, room).await?;
         } else if !conn.raw {
@@ -58,20 +84,24 @@ pub async fn open(
             // §2), and a reconnecting client saves a round trip. Joined in
             // the URL, it needs no frame at all.
             if let (Some(room), None) = (room, in_url) {
-                send_join(&mut ws, 1, room, None, None).await?;
+                let (since, epoch) = resume.map_or((None, None), |(s, e)| (Some(s), Some(e)));
+                send_join(&mut ws, 1, room, since, epoch).await?;
             }
             expect(&mut ws, "welcome").await?;
             if room.is_some() {
-                seq = expect(&mut ws, "joined").await?;
+                joined = expect(&mut ws, "joined").await?;
             }
         }
-        anyhow::Ok((ws, seq))
+        anyhow::Ok((ws, joined))
     })
     .await
     .unwrap_or_else(|_| Err(anyhow::anyhow!("handshake timed out")));
     match r {
         Ok(x) => {
             m.connected(who, t.elapsed());
+            if conn.targets() > 1 {
+                m.connected_to(conn.url(target));
+            }
             Ok(x)
         }
         Err(e) => {
@@ -81,15 +111,61 @@ pub async fn open(
     }
 }
 
-/// Reads until a frame of `kind` and returns its `seq` (0 if none).
-async fn expect(ws: &mut Ws, kind: &str) -> anyhow::Result<u64> {
+/// Reconnects a connection that was on URL `from` and ended with close
+/// code `code` (`None`: the socket died), re-joining `room` after `since`
+/// in `epoch` when both are known: up to `policy.attempts` attempts, each
+/// to the next URL, paused as the policy says. Counts the reconnect and
+/// the time from `lost_at` to the `joined`. Returns the connection, the
+/// `joined` and the URL it is on; `None` when the close says not to
+/// reconnect, the attempts ran out, or `deadline` passed.
+#[allow(clippy::too_many_arguments)]
+pub async fn reconnect_room(
+    conn: &Connector,
+    m: &Metrics,
+    policy: Policy,
+    who: usize,
+    from: usize,
+    code: Option<u16>,
+    lost_at: Instant,
+    user: &str,
+    room: &str,
+    resume: Option<(u64, &str)>,
+    deadline: tokio::time::Instant,
+) -> Option<(Ws, Joined, usize)> {
+    let how = reconnect::after(code);
+    if !policy.enabled() || how == Reconnect::Never {
+        return None;
+    }
+    for k in 0..policy.attempts {
+        let pause = policy.pause(k, how);
+        if tokio::time::Instant::now() + pause >= deadline {
+            break;
+        }
+        tokio::time::sleep(pause).await;
+        let target = policy.target(from, k, conn.targets());
+        if let Ok((ws, joined)) = open_at(conn, m, who, target, user, Some(room), resume).await {
+            add(&m.c.reconnects, 1);
+            m.resumed(who, lost_at.elapsed());
+            return Some((ws, joined, target));
+        }
+    }
+    m.error("reconnect: attempts exhausted");
+    None
+}
+
+/// Reads until a frame of `kind` and returns what it said.
+async fn expect(ws: &mut Ws, kind: &str) -> anyhow::Result<Joined> {
     loop {
         let msg = ws.next().await.context("closed during the handshake")??;
         match msg {
             Message::Text(t) => {
                 let f = Frame::parse(t.as_str());
                 if f.kind == kind {
-                    return Ok(f.seq.unwrap_or(0));
+                    return Ok(Joined {
+                        seq: f.seq.unwrap_or(0),
+                        epoch: f.epoch.map(str::to_owned),
+                        recovered: f.recovered,
+                    });
                 }
                 if f.kind == "error" {
                     bail!("{kind} refused: {}", f.code.unwrap_or("?"));
