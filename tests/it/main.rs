@@ -14,6 +14,7 @@ mod client;
 mod closing;
 mod cluster;
 mod cluster_bus;
+mod cluster_failover;
 mod cluster_store;
 mod config_refusals;
 mod dashboard;
