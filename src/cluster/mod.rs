@@ -71,11 +71,15 @@ pub async fn connect(config: &ClusterConfig) -> Result<async_nats::Client, Conne
     if let Some(ca) = &config.tls_ca {
         options = options.add_root_certificates(ca.clone()).require_tls(true);
     }
-    let urls = config.urls.join(",");
+    // One address per URL: async-nats reads a single string as one URL,
+    // commas and all.
     options
-        .connect(urls.as_str())
+        .connect(config.urls.as_slice())
         .await
-        .map_err(|source| ConnectError::Connect { urls, source })
+        .map_err(|source| ConnectError::Connect {
+            urls: config.urls.join(","),
+            source,
+        })
 }
 
 /// Why the node could not join its cluster.

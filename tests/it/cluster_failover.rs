@@ -326,7 +326,7 @@ impl Sim {
         let sent = self
             .ws
             .try_send(ClientRequest::Send {
-                room: room.clone().into(),
+                room: room.clone(),
                 body: json(&format!("\"{key}\"")),
                 key: Some(key.clone()),
             })
@@ -598,4 +598,118 @@ async fn a_node_killed_under_load_loses_no_acked_message_and_its_clients_resume(
         }
     }
     check(&sims, &nodes[0]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_server_killed_under_load_at_r3_loses_no_acked_message() {
+    let mut servers = Nats::cluster(3).await;
+    let urls: Vec<String> = servers.iter().map(Nats::url).collect();
+    let (_dir, config) = config_file("[cluster]\nreplicas = 3\n");
+    let config = config.to_str().expect("a UTF-8 path");
+    let nodes = nodes(3, &urls, &["--config", config]).await;
+    // The stream is at R3; the server that leads it is the one to kill,
+    // so writes go on only after an election.
+    let leader = {
+        let js = async_nats::jetstream::new(async_nats::connect(&urls[0]).await.expect("connect"));
+        let mut stream = js.get_stream("SWITCHBOARD").await.expect("the stream");
+        let info = stream.info().await.expect("stream info");
+        assert_eq!(info.config.num_replicas, 3, "the stream is at R3");
+        info.cluster
+            .as_ref()
+            .and_then(|c| c.leader.clone())
+            .expect("a stream leader")
+    };
+    let victim = servers
+        .iter()
+        .position(|s| s.name == leader)
+        .expect("the leader is one of the test's servers");
+    let sims = sims(&nodes).await;
+    let shared = Shared::new(sims.len());
+    let total = sims.len() * SENDS;
+    let sims = under_load(sims, &shared, async {
+        shared.acked(total / 3).await;
+        servers[victim].kill().await;
+    })
+    .await;
+    for s in &sims {
+        assert_eq!(s.reconnects, 0, "no session ends: {}", s.state());
+        assert_eq!(s.replayed, 0, "a live stream: {}", s.state());
+    }
+    check(&sims, &nodes[0]).await;
+}
+
+/// The drain window of the drain test: short, so the drained node's
+/// clients all move while the others still send.
+const DRAIN_WINDOW_MS: u64 = 300;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_drained_under_load_moves_its_clients_without_a_loss() {
+    let nats = Nats::start().await;
+    let (_dir, config) = config_file(&format!("drain_window_ms = {DRAIN_WINDOW_MS}\n"));
+    let config = config.to_str().expect("a UTF-8 path");
+    let nodes = nodes(3, &[nats.url()], &["--config", config]).await;
+    let admin: Vec<SocketAddr> = nodes.iter().map(|n| n.process.admin).collect();
+    let sims = sims(&nodes).await;
+    let shared = Shared::new(sims.len());
+    let total = sims.len() * SENDS;
+    let sims = under_load(sims, &shared, async {
+        shared.acked(total / 6).await;
+        let reply = call(admin[0], "POST", "/admin/api/drain", None).await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        assert_eq!(
+            http(admin[0], "GET", "/readyz", &[], None).await.status,
+            503
+        );
+        for a in &admin[1..] {
+            assert_eq!(http(*a, "GET", "/readyz", &[], None).await.status, 200);
+        }
+    })
+    .await;
+    for s in &sims {
+        if s.idx < PER_NODE {
+            assert_eq!(s.closes, [Some(4200)], "closed to reconnect: {}", s.state());
+            assert_eq!(s.reconnects, 1, "moved once: {}", s.state());
+            assert_ne!(s.at, 0);
+            assert!(s.replayed > 0, "resumed with a replay: {}", s.state());
+        } else {
+            assert_eq!(s.reconnects, 0, "stayed: {}", s.state());
+            assert_eq!(s.replayed, 0, "a live stream: {}", s.state());
+        }
+    }
+    assert_eq!(
+        http(admin[0], "GET", "/readyz", &[], None).await.status,
+        503
+    );
+    assert!(
+        open(&Target::of(&nodes[0]), "late").await.is_none(),
+        "a drained node takes no new connection"
+    );
+    check(&sims, &nodes[1]).await;
+}
+
+#[tokio::test]
+async fn typing_on_one_node_reaches_a_member_on_another() {
+    let nats = Nats::start().await;
+    let nodes = nodes(2, &[nats.url()], &[]).await;
+    let mut bob = nodes[1].connect("bob").await;
+    bob.join("t").await;
+    let mut alice = nodes[0].connect("alice").await;
+    alice.join("t").await;
+    // Alice's arrival reaches Bob over the room's events: his node hears them.
+    bob.recv_where(
+        |f| matches!(f, ServerFrame::Presence { joined, .. } if joined.iter().any(|u| u == "alice")),
+    )
+    .await;
+    alice.send(ClientRequest::Typing { room: "t".into() }).await;
+    let typing = bob
+        .recv_where(|f| matches!(f, ServerFrame::Typing { .. }))
+        .await;
+    assert_eq!(
+        typing,
+        ServerFrame::Typing {
+            room: "t".into(),
+            count: 1,
+            users: vec!["alice".into()],
+        }
+    );
 }
