@@ -112,7 +112,15 @@ impl<S: Transport> Session<S> {
             _ => (None, Vec::new()),
         };
         if !already {
-            self.rooms.insert(outcome.room.clone(), latest);
+            // A resumed client has every seq up to `since`. This node may
+            // not have heard of the newest of them yet (stored by a node
+            // that died before announcing them); when it reads them to fill
+            // its gap they must not reach the client again.
+            let floor = match (since, recovered) {
+                (Some(since), Some(true)) => latest.max(since),
+                _ => latest,
+            };
+            self.rooms.insert(outcome.room.clone(), floor);
         }
         let joined = protocol::JoinedRef::new(
             id,

@@ -713,3 +713,112 @@ async fn typing_on_one_node_reaches_a_member_on_another() {
         }
     );
 }
+
+/// A commit sink that tells no one: a node that stores a message and dies
+/// before announcing it.
+struct Silent;
+
+impl switchboard::store::CommitSink for Silent {
+    fn committed(&self, _: &[switchboard::store::Committed<'_>]) {}
+}
+
+/// Stores one message in `room` of the cluster over `url` without any
+/// node hearing of it, and returns its seq.
+async fn store_silently(url: &str, room: &str, body: &str) -> u64 {
+    use switchboard::cluster::store::JetStreamStore;
+    let config = switchboard::config::ClusterConfig {
+        urls: vec![url.to_owned()],
+        node_id: Some("silent".to_owned()),
+        ..Default::default()
+    };
+    let client = switchboard::cluster::connect(&config)
+        .await
+        .expect("connect");
+    let opts = switchboard::Config::default().store_options();
+    let tracker = tokio_util::task::TaskTracker::new();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let store = JetStreamStore::open(
+        client,
+        &config,
+        &opts,
+        std::sync::Arc::new(Silent),
+        &tracker,
+        stop.clone(),
+    )
+    .await
+    .expect("open the stream");
+    let (reply, rx) = tokio::sync::oneshot::channel();
+    store
+        .append(switchboard::store::Append {
+            room: room.into(),
+            from: "ghost".into(),
+            body: serde_json::value::RawValue::from_string(body.to_owned()).expect("json"),
+            key: None,
+            reply,
+        })
+        .await
+        .expect("the store takes the append");
+    let seq = tokio::time::timeout(DEADLINE, rx)
+        .await
+        .expect("an answer")
+        .expect("a reply")
+        .expect("stored")
+        .seq;
+    stop.cancel();
+    tracker.close();
+    tokio::time::timeout(DEADLINE, tracker.wait())
+        .await
+        .expect("the store stops");
+    seq
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_past_what_the_node_has_heard_gets_no_message_twice() {
+    // The node reads a room's history twice, gap_timeout_ms apart, once
+    // it subscribes to the room: short, so that both reads are over before
+    // the silent message is stored.
+    let nats = Nats::start().await;
+    let (_dir, config) = config_file("[cluster]\ngap_timeout_ms = 20\n");
+    let config = config.to_str().expect("a UTF-8 path");
+    let nodes = nodes(1, &[nats.url()], &["--config", config]).await;
+    let mut writer = nodes[0].connect("writer").await;
+    let (_, epoch) = match writer.join("q").await {
+        ServerFrame::Joined { seq, epoch, .. } => (seq, epoch),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(writer.say("q", "1").await, 1);
+    assert!(matches!(
+        writer.next_message("q").await,
+        ServerFrame::Message { seq: 1, .. }
+    ));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Seq 2 is stored by a node that dies before announcing it; a client of
+    // that node saw it and resumes here.
+    assert_eq!(store_silently(&nats.url(), "q", "2").await, 2);
+    let mut reader = nodes[0].connect("reader").await;
+    let joined = reader
+        .request(ClientRequest::Join {
+            room: "q".into(),
+            since: Some(2),
+            epoch: Some(epoch),
+        })
+        .await;
+    match joined {
+        ServerFrame::Joined { seq, recovered, .. } => {
+            assert_eq!(seq, 1, "the node has not heard of seq 2 (the setup holds)");
+            assert_eq!(recovered, Some(true));
+        }
+        other => panic!("{other:?}"),
+    }
+    // The next message makes the node read seq 2 to fill its gap: the
+    // reader has it already.
+    assert_eq!(writer.say("q", "3").await, 3);
+    match writer.next_message("q").await {
+        ServerFrame::Message { seq, .. } => assert_eq!(seq, 2, "the writer gets the gap"),
+        other => panic!("{other:?}"),
+    }
+    match reader.next_message("q").await {
+        ServerFrame::Message { seq, .. } => assert_eq!(seq, 3, "seq 2 again"),
+        other => panic!("{other:?}"),
+    }
+}
