@@ -73,8 +73,10 @@
 //! store ↔ bus cycle). Nothing here runs in single-node mode.
 //!
 //! A lost NATS message (core NATS is at most once) is repaired for
-//! messages by the gap reads; for presence, by the next member exchange of
-//! the room (its next first member on a node, or a node heard again).
+//! messages by the gap reads; for presence, by each node sending every
+//! room's member list again once per `cluster.node_timeout_ms` (a share of
+//! its rooms at each heartbeat), so the bytes per heartbeat stay a share
+//! of the node's presence.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -876,6 +878,12 @@ async fn liveness(
     let mut tick = tokio::time::interval(shared.timing.heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let subject = subjects::node(&shared.stream, &shared.node);
+    // Each room's member list is sent again once every `refresh` ticks, a
+    // share of the rooms per tick.
+    let refresh = (shared.timing.node_timeout.as_millis()
+        / shared.timing.heartbeat.as_millis().max(1))
+    .max(1);
+    let mut ticks: u128 = 0;
     loop {
         tokio::select! {
             () = token.cancelled() => return,
@@ -886,6 +894,8 @@ async fn liveness(
                     connections: (shared.connections)(),
                 };
                 publish(&shared, &subject, &beat).await;
+                ticks += 1;
+                refresh_share(&shared, ticks % refresh, refresh);
                 let gone: Vec<String> = lock(&shared.nodes)
                     .iter_mut()
                     .filter(|(_, n)| n.alive && n.last_seen.elapsed() >= shared.timing.node_timeout)
@@ -909,6 +919,31 @@ async fn liveness(
             }
         }
     }
+}
+
+/// Queues the member lists of this tick's share of the rooms (those whose
+/// name hashes to `share` of `shares`), so that a lost presence event is
+/// repaired within `node_timeout_ms` (the first part of a list replaces).
+fn refresh_share(shared: &Shared, share: u128, shares: u128) {
+    use std::hash::{BuildHasher, Hash, Hasher};
+    let hasher = rustc_hash::FxBuildHasher;
+    let rooms: Vec<String> = lock(&shared.subscribed)
+        .keys()
+        .filter(|room| {
+            let mut h = hasher.build_hasher();
+            room.hash(&mut h);
+            u128::from(h.finish()) % shares == share
+        })
+        .cloned()
+        .collect();
+    if rooms.is_empty() {
+        return;
+    }
+    shared.queue.with(|o| {
+        for room in rooms {
+            o.announce.entry(room).or_insert(false);
+        }
+    });
 }
 
 /// Records a heartbeat. A node heard again after it was found gone, or
