@@ -925,15 +925,11 @@ async fn liveness(
 /// name hashes to `share` of `shares`), so that a lost presence event is
 /// repaired within `node_timeout_ms` (the first part of a list replaces).
 fn refresh_share(shared: &Shared, share: u128, shares: u128) {
-    use std::hash::{BuildHasher, Hash, Hasher};
+    use std::hash::BuildHasher;
     let hasher = rustc_hash::FxBuildHasher;
     let rooms: Vec<String> = lock(&shared.subscribed)
         .keys()
-        .filter(|room| {
-            let mut h = hasher.build_hasher();
-            room.hash(&mut h);
-            u128::from(h.finish()) % shares == share
-        })
+        .filter(|room| u128::from(hasher.hash_one(room)) % shares == share)
         .cloned()
         .collect();
     if rooms.is_empty() {
