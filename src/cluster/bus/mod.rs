@@ -20,10 +20,10 @@
 //!   payload limit) and handed to the local reorder stage at once.
 //! - **Seq order on every node.** One task (the deliverer) is the only
 //!   caller of the hub's [`CommitSink::committed`]. Per room (`order.rs`,
-//!   bookkeeping without I/O or clock) it keeps the
-//!   next seq to deliver and holds messages ahead of it (at most
-//!   `cluster.reorder_max`; the newest beyond are dropped and read back);
-//!   duplicates (a node's own message, local and echoed) are dropped by seq.
+//!   bookkeeping without I/O or clock) it keeps the next seq to deliver
+//!   and holds messages ahead of it (at most `cluster.reorder_max`; the
+//!   newest beyond are dropped and read back); duplicates (a node's own
+//!   message, local and echoed) are dropped by seq.
 //!   A hole not filled within `cluster.gap_timeout_ms` is read from history
 //!   through the [`HistoryReader`], a page of `cluster.max_batch` at a time
 //!   (the next at once after a full one); an erased message (no body) is
@@ -36,10 +36,9 @@
 //!   reported, after the lowest report (holding what arrives meanwhile; a
 //!   session drops what it has already by its floor). Once the
 //!   subscriptions are live it reads history after that twice,
-//!   `gap_timeout_ms` apart, so a message
-//!   committed between the join and the subscription (or published before
-//!   the subscription reached every NATS server) arrives even in a room
-//!   that stays quiet. A report missing after `cluster.request_timeout_ms`
+//!   `gap_timeout_ms` apart, so a message committed between the join and
+//!   the subscription (or published before the subscription reached every
+//!   NATS server) arrives even in a room that stays quiet. A report missing after `cluster.request_timeout_ms`
 //!   (the session's read failed, or it ended) holds it back no longer: the
 //!   room starts after the hub's latest, or without one at the first
 //!   message held.
@@ -73,7 +72,8 @@
 //! store ↔ bus cycle). Nothing here runs in single-node mode.
 //!
 //! A lost NATS message (core NATS is at most once) is repaired for
-//! messages by the gap reads; for presence, by each node sending every
+//! messages by the gap reads (so a lost last message of a quiet room
+//! arrives with the room's next one); for presence, by each node sending every
 //! room's member list again once per `cluster.node_timeout_ms` (a share of
 //! its rooms at each heartbeat), so the bytes per heartbeat stay a share
 //! of the node's presence.
