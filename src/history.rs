@@ -88,97 +88,73 @@ pub trait Store: Send + Sync {
     fn erase_user(&self, user: &str) -> impl Future<Output = Result<u64, AppendError>> + Send;
 }
 
-impl Store for StoreHandle {
-    fn append(&self, append: Append) -> impl Future<Output = Result<(), StoreClosed>> + Send {
-        StoreHandle::append(self, append)
-    }
-    fn try_append(&self, append: Append) -> Result<(), TryAppendError> {
-        StoreHandle::try_append(self, append)
-    }
-    fn epoch(&self) -> &str {
-        StoreHandle::epoch(self)
-    }
-    fn writable(&self) -> Result<(), NotWritable> {
-        StoreHandle::writable(self)
-    }
-    fn commits(&self) -> u64 {
-        StoreHandle::commits(self)
-    }
-    fn failed_commits(&self) -> u64 {
-        StoreHandle::failed_commits(self)
-    }
-    fn latest_seq(&self, room: &str) -> impl Future<Output = Result<u64, ReadError>> + Send {
-        StoreHandle::latest_seq(self, room)
-    }
-    fn history(
-        &self,
-        room: &str,
-        before: Option<u64>,
-        after: Option<u64>,
-        limit: usize,
-    ) -> impl Future<Output = Result<Page, ReadError>> + Send {
-        StoreHandle::history(self, room, before, after, limit)
-    }
-    fn messages_by_user(
-        &self,
-        user: &str,
-    ) -> impl Future<Output = Result<Vec<(String, StoredMessage)>, ReadError>> + Send {
-        StoreHandle::messages_by_user(self, user)
-    }
-    fn erase_user(&self, user: &str) -> impl Future<Output = Result<u64, AppendError>> + Send {
-        StoreHandle::erase_user(self, user)
-    }
+/// Implements [`Store`] for a backend whose inherent methods have the
+/// trait's names and signatures (both backends are written so).
+macro_rules! backend {
+    ($t:ty) => {
+        impl Store for $t {
+            fn append(
+                &self,
+                append: Append,
+            ) -> impl Future<Output = Result<(), StoreClosed>> + Send {
+                <$t>::append(self, append)
+            }
+            fn try_append(&self, append: Append) -> Result<(), TryAppendError> {
+                <$t>::try_append(self, append)
+            }
+            fn epoch(&self) -> &str {
+                <$t>::epoch(self)
+            }
+            fn writable(&self) -> Result<(), NotWritable> {
+                <$t>::writable(self)
+            }
+            fn commits(&self) -> u64 {
+                <$t>::commits(self)
+            }
+            fn failed_commits(&self) -> u64 {
+                <$t>::failed_commits(self)
+            }
+            fn latest_seq(
+                &self,
+                room: &str,
+            ) -> impl Future<Output = Result<u64, ReadError>> + Send {
+                <$t>::latest_seq(self, room)
+            }
+            fn history(
+                &self,
+                room: &str,
+                before: Option<u64>,
+                after: Option<u64>,
+                limit: usize,
+            ) -> impl Future<Output = Result<Page, ReadError>> + Send {
+                <$t>::history(self, room, before, after, limit)
+            }
+            fn read_after(
+                &self,
+                room: &str,
+                after: u64,
+                limit: usize,
+            ) -> impl Future<Output = Result<Vec<StoredMessage>, ReadError>> + Send {
+                <$t>::read_after(self, room, after, limit)
+            }
+            fn messages_by_user(
+                &self,
+                user: &str,
+            ) -> impl Future<Output = Result<Vec<(String, StoredMessage)>, ReadError>> + Send {
+                <$t>::messages_by_user(self, user)
+            }
+            fn erase_user(
+                &self,
+                user: &str,
+            ) -> impl Future<Output = Result<u64, AppendError>> + Send {
+                <$t>::erase_user(self, user)
+            }
+        }
+    };
 }
 
-impl Store for JetStreamStore {
-    fn append(&self, append: Append) -> impl Future<Output = Result<(), StoreClosed>> + Send {
-        JetStreamStore::append(self, append)
-    }
-    fn try_append(&self, append: Append) -> Result<(), TryAppendError> {
-        JetStreamStore::try_append(self, append)
-    }
-    fn epoch(&self) -> &str {
-        JetStreamStore::epoch(self)
-    }
-    fn writable(&self) -> Result<(), NotWritable> {
-        JetStreamStore::writable(self)
-    }
-    fn commits(&self) -> u64 {
-        JetStreamStore::commits(self)
-    }
-    fn failed_commits(&self) -> u64 {
-        JetStreamStore::failed_commits(self)
-    }
-    fn latest_seq(&self, room: &str) -> impl Future<Output = Result<u64, ReadError>> + Send {
-        JetStreamStore::latest_seq(self, room)
-    }
-    fn history(
-        &self,
-        room: &str,
-        before: Option<u64>,
-        after: Option<u64>,
-        limit: usize,
-    ) -> impl Future<Output = Result<Page, ReadError>> + Send {
-        JetStreamStore::history(self, room, before, after, limit)
-    }
-    fn read_after(
-        &self,
-        room: &str,
-        after: u64,
-        limit: usize,
-    ) -> impl Future<Output = Result<Vec<StoredMessage>, ReadError>> + Send {
-        JetStreamStore::read_after(self, room, after, limit)
-    }
-    fn messages_by_user(
-        &self,
-        user: &str,
-    ) -> impl Future<Output = Result<Vec<(String, StoredMessage)>, ReadError>> + Send {
-        JetStreamStore::messages_by_user(self, user)
-    }
-    fn erase_user(&self, user: &str) -> impl Future<Output = Result<u64, AppendError>> + Send {
-        JetStreamStore::erase_user(self, user)
-    }
-}
+backend!(StoreHandle);
+backend!(JetStreamStore);
 
 /// This node's history: one enum rather than a trait object, so the hot
 /// path (an append per message) costs a match, not a boxed future.

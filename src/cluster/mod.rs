@@ -41,6 +41,12 @@ pub enum ConnectError {
         #[source]
         source: std::io::Error,
     },
+    #[error("invalid NATS URL in {urls}")]
+    Url {
+        urls: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot connect to NATS at {urls}")]
     Connect {
         urls: String,
@@ -71,15 +77,26 @@ pub async fn connect(config: &ClusterConfig) -> Result<async_nats::Client, Conne
     if let Some(ca) = &config.tls_ca {
         options = options.add_root_certificates(ca.clone()).require_tls(true);
     }
-    // One address per URL: async-nats reads a single string as one URL,
-    // commas and all.
+    let urls = config.urls.join(",");
+    let addrs = server_addrs(&config.urls).map_err(|source| ConnectError::Url {
+        urls: urls.clone(),
+        source,
+    })?;
     options
-        .connect(config.urls.as_slice())
+        .connect(addrs)
         .await
-        .map_err(|source| ConnectError::Connect {
-            urls: config.urls.join(","),
-            source,
-        })
+        .map_err(|source| ConnectError::Connect { urls, source })
+}
+
+/// Every server of `urls`, each of which may itself be a comma-separated
+/// list (as `--cluster a,b` and `SWITCHBOARD_CLUSTER` give them).
+fn server_addrs(urls: &[String]) -> Result<Vec<async_nats::ServerAddr>, std::io::Error> {
+    urls.iter()
+        .flat_map(|u| u.split(','))
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(str::parse)
+        .collect()
 }
 
 /// Why the node could not join its cluster.
@@ -184,4 +201,22 @@ pub async fn start(
         tracker,
         token,
     })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_url_of_a_list_is_a_server() {
+        let one = vec!["nats://127.0.0.1:4222,nats://127.0.0.1:4223".to_owned()];
+        assert_eq!(server_addrs(&one).unwrap().len(), 2);
+        let many = vec![
+            "nats://127.0.0.1:4222".to_owned(),
+            " nats://127.0.0.1:4223 ".to_owned(),
+        ];
+        assert_eq!(server_addrs(&many).unwrap().len(), 2);
+        assert!(server_addrs(&["nats://x:notaport".to_owned()]).is_err());
+    }
 }

@@ -28,6 +28,7 @@ use super::pending::oldest_ack;
 use super::token::{TokenTimer, token_alarm};
 use super::{CloseReason, Flow, Outbox, OutboxReceiver, Outgoing, Session, Transport};
 use crate::hub::SessionEntry;
+use crate::store::ReadError;
 
 impl<S: Transport> Session<S> {
     /// Runs the session to its end and returns why it ended, first joining
@@ -286,6 +287,23 @@ impl<S: Transport> Session<S> {
     }
 
     /// Answers with an `error` frame (cold path, see [`Self::send_error_frame`]).
+    /// The reply to a read of history that failed: `unavailable` with a
+    /// retry time when the cluster's stream cannot be reached now (it
+    /// comes back by itself), `internal` otherwise.
+    pub(super) async fn read_failed(&mut self, id: Option<RequestId>, e: &ReadError) -> Flow {
+        let retry_after_ms = match e {
+            ReadError::Cluster(_) => Some(self.state.config.store_retry_ms.max(1)),
+            _ => None,
+        };
+        self.send_error_frame(ServerFrame::Error {
+            id,
+            code: retry_after_ms.map_or(ErrorCode::Internal, |_| ErrorCode::Unavailable),
+            message: "history is unavailable".into(),
+            retry_after_ms,
+        })
+        .await
+    }
+
     pub(super) async fn send_error(
         &mut self,
         id: Option<RequestId>,

@@ -3,7 +3,7 @@
 //! It reads the store only through `state.store.history` and must not
 //! touch the session's rooms or floors: history is not delivery.
 
-use protocol::{Body, ErrorCode, HistoryMessage, RequestId, ServerFrame};
+use protocol::{Body, HistoryMessage, RequestId, ServerFrame};
 use tracing::warn;
 
 use super::admission::{Membership, Needs};
@@ -39,9 +39,7 @@ impl<S: Transport> Session<S> {
             Ok(page) => page,
             Err(e) => {
                 warn!(session = %self.log_id(), error = %e, "history read failed");
-                return self
-                    .send_error(id, ErrorCode::Internal, "history is unavailable".into())
-                    .await;
+                return self.read_failed(id, &e).await;
             }
         };
         let messages = page

@@ -93,9 +93,7 @@ impl<S: Transport> Session<S> {
                 if !already {
                     state.hub.leave(&room, self.id);
                 }
-                return self
-                    .send_error(id, ErrorCode::Internal, "history is unavailable".into())
-                    .await;
+                return self.read_failed(id, &e).await;
             }
         };
         let store_epoch = state.store.epoch().to_owned();

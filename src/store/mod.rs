@@ -25,6 +25,7 @@
 
 mod backup;
 mod error;
+mod queue;
 pub mod retention;
 mod schema;
 mod slot;
@@ -49,6 +50,7 @@ pub use error::{
     AppendError, NotWritable, OpenError, ReadError, ShutdownError, StoreClosed, TryAppendError,
     WriteError,
 };
+pub use queue::{enqueue, queued_cost, try_enqueue};
 use tables::{
     Chunk, EPOCH_KEY, KEY_EXPIRY, KEYS, LOG, LogBatch, LogEntry, MESSAGES, META, RETAINED_FROM,
     ROOMS_BY_USER, Record, insert_chunks,
@@ -298,14 +300,6 @@ impl Drop for Store {
     }
 }
 
-/// The bytes an append holds while it waits for the writer: its body and
-/// key (its room and sender names are shared). At most `total`, so that
-/// one append larger than the bound still goes, alone.
-pub(super) fn queued_cost(a: &Append, total: usize) -> u32 {
-    let bytes = a.body.get().len() + a.key.as_ref().map_or(0, String::len);
-    u32::try_from(bytes.min(total)).unwrap_or(u32::MAX)
-}
-
 /// Creates every table and the epoch on first open, and indexes what the
 /// last run left in the log; returns the epoch.
 fn init(db: &Database) -> Result<String, WriteError> {
@@ -452,37 +446,14 @@ impl StoreHandle {
     /// Queues an append, waiting for room in the queue; the result arrives
     /// on `append.reply` after the commit.
     pub async fn append(&self, append: Append) -> Result<(), StoreClosed> {
-        let cost = queued_cost(&append, self.queue_bytes_total);
-        let bytes = self
-            .queue_bytes
-            .acquire_many(cost)
-            .await
-            .map_err(|_| StoreClosed)?;
-        self.tx
-            .send(Op::Append(append))
-            .await
-            .map_err(|_| StoreClosed)?;
-        // The writer gives the bytes back once it has dealt with the append.
-        bytes.forget();
-        Ok(())
+        let (bytes, total) = (&self.queue_bytes, self.queue_bytes_total);
+        enqueue(bytes, total, &self.tx, append, Op::Append).await
     }
 
     /// Queues an append if there is room now.
     pub fn try_append(&self, append: Append) -> Result<(), TryAppendError> {
-        let cost = queued_cost(&append, self.queue_bytes_total);
-        let bytes = self
-            .queue_bytes
-            .try_acquire_many(cost)
-            .map_err(|e| match e {
-                tokio::sync::TryAcquireError::NoPermits => TryAppendError::Full,
-                tokio::sync::TryAcquireError::Closed => TryAppendError::Closed,
-            })?;
-        self.tx.try_send(Op::Append(append)).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => TryAppendError::Full,
-            mpsc::error::TrySendError::Closed(_) => TryAppendError::Closed,
-        })?;
-        bytes.forget();
-        Ok(())
+        let (bytes, total) = (&self.queue_bytes, self.queue_bytes_total);
+        try_enqueue(bytes, total, &self.tx, append, Op::Append)
     }
 
     /// The store's epoch: made when the file was created, never changed.

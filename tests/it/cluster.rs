@@ -317,6 +317,26 @@ async fn with_nats_gone_sends_are_unavailable_and_the_node_recovers_by_itself() 
         other => panic!("expected unavailable, got {other:?}"),
     }
     assert_eq!(http(admin, "GET", "/readyz", &[], None).await.status, 503);
+    // Reads of the stream are refused the same retryable way.
+    let read = c
+        .request(ClientRequest::History {
+            room: "r".into(),
+            before: None,
+            after: None,
+            limit: Some(10),
+        })
+        .await;
+    assert!(
+        matches!(
+            read,
+            ServerFrame::Error {
+                code: ErrorCode::Unavailable,
+                retry_after_ms: Some(_),
+                ..
+            }
+        ),
+        "{read:?}"
+    );
 
     nats.restart().await;
     // The client retries as told until the node is back (bounded).

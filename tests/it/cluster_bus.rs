@@ -456,3 +456,29 @@ async fn the_members_of_a_silent_node_leave_within_the_node_timeout() {
     assert!(b.bus.nodes().iter().any(|n| n.id == "a" && !n.alive));
     assert_eq!(a.hub.members("r", None, 10).users, names(&["alice", "w"]));
 }
+
+#[tokio::test]
+async fn a_lost_presence_event_is_repaired_by_a_later_member_list() {
+    let nats = Nats::start().await;
+    let history = History::default();
+    let (a, b) = (
+        node_with(&nats, "a", &history, 500).await,
+        node_with(&nats, "b", &history, 500).await,
+    );
+    let _alice = a.join("r", 1, "alice");
+    let _w = b.join("r", 2, "w");
+    until("b sees alice", || {
+        b.hub.members("r", None, 10).users == names(&["alice", "w"])
+    })
+    .await;
+    // As if b had missed a's event that `ghost` left.
+    b.hub.remote_presence("r", "a", "ghost", true);
+    assert_eq!(
+        b.hub.members("r", None, 10).users,
+        names(&["alice", "ghost", "w"])
+    );
+    until("a's next member list of r drops ghost", || {
+        b.hub.members("r", None, 10).users == names(&["alice", "w"])
+    })
+    .await;
+}

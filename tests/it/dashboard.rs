@@ -324,6 +324,14 @@ async fn dashboard_shows_a_connection_and_kicks_it() {
         )
         .await;
 
+    // The nodes table: alone, one node, this one.
+    browser
+        .wait_for(
+            "the nodes table",
+            "return !!document.querySelector('tr[data-node=\"standalone\"]')",
+        )
+        .await;
+
     let png = browser.screenshot().await;
     assert!(png.starts_with(b"\x89PNG"), "a PNG screenshot");
     let artifact = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("dashboard-test.png");

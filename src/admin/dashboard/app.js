@@ -197,9 +197,23 @@
       kick.textContent = "Kick";
       const td = document.createElement("td");
       td.append(kick);
-      tr.append(cell(c.id, "mono"), cell(c.user), cell(c.remote, "mono"), cell(c.rooms.join(", ")),
+      tr.append(cell(c.id, "mono"), cell(c.node || "–"), cell(c.user), cell(c.remote, "mono"), cell(c.rooms.join(", ")),
         cell(fmtTime(c.connected_since_ms)), cell(fmtInt(c.messages_in), "num"),
         cell(fmtInt(c.messages_out), "num"), cell(fmtBytes(c.queue_bytes), "num"), td);
+      return tr;
+    }));
+  }
+
+  // One row per node of the cluster (one, `standalone`, when alone).
+  function showNodes(list) {
+    $("nodes-mode").textContent = list.cluster ? "(cluster of " + list.nodes.length + ")" : "(standalone)";
+    const body = $("nodes-body");
+    body.replaceChildren(...list.nodes.map((n) => {
+      const tr = document.createElement("tr");
+      tr.dataset.node = n.id;
+      const state = (n.alive ? "alive" : "gone") + (n.this_node ? " · this node" : "");
+      tr.append(cell(n.id, "mono"), cell(state, n.alive ? "" : "error"), cell(fmtInt(n.connections), "num"),
+        cell(n.started_ms ? fmtTime(n.started_ms) : "–"), cell(n.last_seen_ms ? fmtTime(n.last_seen_ms) : "–"));
       return tr;
     }));
   }
@@ -207,9 +221,11 @@
   async function refreshTables() {
     const user = $("conn-filter").value.trim();
     const query = "?limit=" + CONNECTIONS_SHOWN + (user ? "&user=" + encodeURIComponent(user) : "");
-    const [rooms, conns] = await Promise.all([api("/rooms?limit=50"), api("/connections" + query)]);
+    const [rooms, conns, nodes] = await Promise.all([
+      api("/rooms?limit=50"), api("/connections" + query), api("/nodes")]);
     showRooms(rooms, Date.now());
     showConnections(conns);
+    showNodes(nodes);
   }
 
   // ---- polling and login -----------------------------------------------------

@@ -20,10 +20,10 @@
 //!   payload limit) and handed to the local reorder stage at once.
 //! - **Seq order on every node.** One task (the deliverer) is the only
 //!   caller of the hub's [`CommitSink::committed`]. Per room (`order.rs`,
-//!   bookkeeping without I/O or clock) it keeps the
-//!   next seq to deliver and holds messages ahead of it (at most
-//!   `cluster.reorder_max`; the newest beyond are dropped and read back);
-//!   duplicates (a node's own message, local and echoed) are dropped by seq.
+//!   bookkeeping without I/O or clock) it keeps the next seq to deliver
+//!   and holds messages ahead of it (at most `cluster.reorder_max`; the
+//!   newest beyond are dropped and read back); duplicates (a node's own
+//!   message, local and echoed) are dropped by seq.
 //!   A hole not filled within `cluster.gap_timeout_ms` is read from history
 //!   through the [`HistoryReader`], a page of `cluster.max_batch` at a time
 //!   (the next at once after a full one); an erased message (no body) is
@@ -36,10 +36,9 @@
 //!   reported, after the lowest report (holding what arrives meanwhile; a
 //!   session drops what it has already by its floor). Once the
 //!   subscriptions are live it reads history after that twice,
-//!   `gap_timeout_ms` apart, so a message
-//!   committed between the join and the subscription (or published before
-//!   the subscription reached every NATS server) arrives even in a room
-//!   that stays quiet. A report missing after `cluster.request_timeout_ms`
+//!   `gap_timeout_ms` apart, so a message committed between the join and
+//!   the subscription (or published before the subscription reached every
+//!   NATS server) arrives even in a room that stays quiet. A report missing after `cluster.request_timeout_ms`
 //!   (the session's read failed, or it ended) holds it back no longer: the
 //!   room starts after the hub's latest, or without one at the first
 //!   message held.
@@ -73,8 +72,11 @@
 //! store ↔ bus cycle). Nothing here runs in single-node mode.
 //!
 //! A lost NATS message (core NATS is at most once) is repaired for
-//! messages by the gap reads; for presence, by the next member exchange of
-//! the room (its next first member on a node, or a node heard again).
+//! messages by the gap reads (so a lost last message of a quiet room
+//! arrives with the room's next one); for presence, by each node sending every
+//! room's member list again once per `cluster.node_timeout_ms` (a share of
+//! its rooms at each heartbeat), so the bytes per heartbeat stay a share
+//! of the node's presence.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -876,6 +878,12 @@ async fn liveness(
     let mut tick = tokio::time::interval(shared.timing.heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let subject = subjects::node(&shared.stream, &shared.node);
+    // Each room's member list is sent again once every `refresh` ticks, a
+    // share of the rooms per tick.
+    let refresh = (shared.timing.node_timeout.as_millis()
+        / shared.timing.heartbeat.as_millis().max(1))
+    .max(1);
+    let mut ticks: u128 = 0;
     loop {
         tokio::select! {
             () = token.cancelled() => return,
@@ -886,6 +894,8 @@ async fn liveness(
                     connections: (shared.connections)(),
                 };
                 publish(&shared, &subject, &beat).await;
+                ticks += 1;
+                refresh_share(&shared, ticks % refresh, refresh);
                 let gone: Vec<String> = lock(&shared.nodes)
                     .iter_mut()
                     .filter(|(_, n)| n.alive && n.last_seen.elapsed() >= shared.timing.node_timeout)
@@ -909,6 +919,27 @@ async fn liveness(
             }
         }
     }
+}
+
+/// Queues the member lists of this tick's share of the rooms (those whose
+/// name hashes to `share` of `shares`), so that a lost presence event is
+/// repaired within `node_timeout_ms` (the first part of a list replaces).
+fn refresh_share(shared: &Shared, share: u128, shares: u128) {
+    use std::hash::BuildHasher;
+    let hasher = rustc_hash::FxBuildHasher;
+    let rooms: Vec<String> = lock(&shared.subscribed)
+        .keys()
+        .filter(|room| u128::from(hasher.hash_one(room)) % shares == share)
+        .cloned()
+        .collect();
+    if rooms.is_empty() {
+        return;
+    }
+    shared.queue.with(|o| {
+        for room in rooms {
+            o.announce.entry(room).or_insert(false);
+        }
+    });
 }
 
 /// Records a heartbeat. A node heard again after it was found gone, or

@@ -60,7 +60,7 @@ use crate::cluster::subjects;
 use crate::config::ClusterConfig;
 use crate::store::{
     Append, AppendError, CommitSink, NotWritable, Page, ReadError, StoreClosed, StoreOptions,
-    StoredMessage, TryAppendError,
+    StoredMessage, TryAppendError, enqueue, try_enqueue,
 };
 
 pub use keys::bucket_key as idempotency_bucket_key;
@@ -325,14 +325,6 @@ impl std::fmt::Debug for JetStreamStore {
     }
 }
 
-/// The bytes an append holds while it waits for the writer (as the redb
-/// store counts them): its body and key, at most `total` so that one append
-/// larger than the bound still goes, alone.
-fn queued_cost(a: &Append, total: usize) -> u32 {
-    let bytes = a.body.get().len() + a.key.as_ref().map_or(0, String::len);
-    u32::try_from(bytes.min(total)).unwrap_or(u32::MAX)
-}
-
 fn cluster(e: impl std::error::Error + Send + Sync + 'static) -> ReadError {
     ReadError::Cluster(Box::new(e))
 }
@@ -442,36 +434,14 @@ impl JetStreamStore {
     /// Queues an append, waiting for room in the queue; the result arrives
     /// on `append.reply` after JetStream's ack.
     pub async fn append(&self, append: Append) -> Result<(), StoreClosed> {
-        let cost = queued_cost(&append, self.shared.queue_bytes_total);
-        let bytes = self
-            .shared
-            .queue_bytes
-            .acquire_many(cost)
-            .await
-            .map_err(|_| StoreClosed)?;
-        self.tx.send(append).await.map_err(|_| StoreClosed)?;
-        // The writer gives the bytes back once it has answered the append.
-        bytes.forget();
-        Ok(())
+        let (bytes, total) = (&self.shared.queue_bytes, self.shared.queue_bytes_total);
+        enqueue(bytes, total, &self.tx, append, |a| a).await
     }
 
     /// Queues an append if there is room now.
     pub fn try_append(&self, append: Append) -> Result<(), TryAppendError> {
-        let cost = queued_cost(&append, self.shared.queue_bytes_total);
-        let bytes = self
-            .shared
-            .queue_bytes
-            .try_acquire_many(cost)
-            .map_err(|e| match e {
-                tokio::sync::TryAcquireError::NoPermits => TryAppendError::Full,
-                tokio::sync::TryAcquireError::Closed => TryAppendError::Closed,
-            })?;
-        self.tx.try_send(append).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => TryAppendError::Full,
-            mpsc::error::TrySendError::Closed(_) => TryAppendError::Closed,
-        })?;
-        bytes.forget();
-        Ok(())
+        let (bytes, total) = (&self.shared.queue_bytes, self.shared.queue_bytes_total);
+        try_enqueue(bytes, total, &self.tx, append, |a| a)
     }
 
     /// The stream's lifetime: its name and creation time.

@@ -42,9 +42,10 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::Shared;
 use super::keys::Reserve;
 use super::wire::{self, Outcome, Outgoing};
-use super::{Shared, queued_cost};
+use crate::store::queued_cost;
 use crate::store::{Append, AppendError, Appended, Committed};
 
 /// A room's tail as the writer and readers see it.
