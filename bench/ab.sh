@@ -14,7 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
-: "${BEFORE_BIN:?BEFORE_BIN names the before build's switchboard binary}"
+: "${BEFORE_BIN:?BEFORE_BIN names the switchboard binary of the before build}"
 AFTER_BIN=${AFTER_BIN:-$ROOT/target/release/switchboard}
 REPEAT=${REPEAT:-3}
 OUT=${OUT:-$(mktemp -d /tmp/switchboard-ab.XXXXXX)}
@@ -24,7 +24,8 @@ echo "results in $OUT" >&2
 for i in $(seq 1 "$REPEAT"); do
     for build in before after; do
         bin=$([ $build = before ] && echo "$BEFORE_BIN" || echo "$AFTER_BIN")
-        echo "== pass $i: $build ($bin); load average $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+        read -r l1 l5 l15 _ </proc/loadavg
+        echo "== pass $i: $build, $bin; load average $l1 $l5 $l15" >&2
         OUT="$OUT/$build-$i" SB_BIN="$bin" SERVERS=switchboard SKIP_BUILD=1 REPEAT=1 \
             bench/run.sh $FIGURES >"$OUT/$build-$i.table" 2>"$OUT/$build-$i.log" || true
     done

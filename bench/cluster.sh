@@ -43,7 +43,8 @@
 # (default 0), LT_CPUS (default 1), FANOUT_CLIENTS (10000), FANOUT_SECONDS
 # (30), DURABLE_WINDOW (16), DURABLE_SECONDS (10), CEILING_MESSAGES
 # (200000), FAILOVER_USERS (3000), FAILOVER_SECONDS (60), CONNS (100000),
-# CONNS_NODES (6), CONNS_SECONDS (60), CONNS_PER_PROCESS (15000). The defaults are the figures; smaller
+# CONNS_NODES (6), CONNS_SECONDS (60), CONNS_PER_PROCESS (15000),
+# CONNS_HEARTBEAT_MS (60000: the nodes' ping interval in that figure). The defaults are the figures; smaller
 # values make a quick check of the script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -72,6 +73,7 @@ CONNS_NODES=${CONNS_NODES:-6}
 CONNS_SECONDS=${CONNS_SECONDS:-60}
 # Connections per generator process: under its 20,000 descriptors.
 PER_PROCESS=${CONNS_PER_PROCESS:-15000}
+CONNS_HEARTBEAT_MS=${CONNS_HEARTBEAT_MS:-60000}
 
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
     cargo build --release --locked -p switchboard -p loadtest -p js-ceiling >&2
@@ -92,6 +94,8 @@ NATS_URLS=""
 NODE_PIDS=()
 NODE_WS=()
 NODE_ADMIN=()
+# Extra `serve` options of the nodes `cluster` starts.
+NODE_EXTRA=()
 
 # A free loopback port (nats-server needs its ports before it starts).
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
@@ -220,7 +224,7 @@ cluster() {
     start_nats "$NATS_N"
     local i
     for i in $(seq 1 "$1"); do
-        start_node "n$i" cluster
+        start_node "n$i" cluster "${NODE_EXTRA[@]}"
     done
     echo "nodes: ${NODE_WS[*]}" >&2
 }
@@ -335,7 +339,13 @@ for fig in $FIGURES; do
         stop_all
         ;;
     conns)
+        # The generator reads a held connection only once every connection
+        # is open, so a connection opened early in the ramp answers no ping
+        # until it ends; the nodes' heartbeat limit (two intervals) must
+        # outlast the ramp (CONNS / 2000 s), or they close those with 4102.
+        NODE_EXTRA=(--heartbeat-interval-ms "$CONNS_HEARTBEAT_MS")
         cluster "$CONNS_NODES"
+        NODE_EXTRA=()
         before=()
         for a in "${NODE_ADMIN[@]}"; do before+=("$(rss "$a")"); done
         workers=$(((CONNS + PER_PROCESS - 1) / PER_PROCESS))
@@ -406,13 +416,14 @@ if f:
 n = load("cluster-conns")
 if n:
     k = n["counts"]
-    line = (f"{k['connections_established']} connections held over {len(n.get('connections_per_url', {})) or 1} nodes "
-            f"by {n['processes']} processes, {k['connections_failed']} failed")
+    closed = sum((n.get("close_codes") or {}).values())
+    line = (f"{k['connections_established']} connections opened over {len(n.get('connections_per_url', {})) or 1} nodes "
+            f"by {n['processes']} processes, {k['connections_failed']} failed, {closed} closed by a node while held")
     try:
         before = [int(float(x)) for x in open(os.path.join(out, "cluster-conns.rss-before")).read().split()]
         held = [int(float(x)) for x in open(os.path.join(out, "cluster-conns.rss-held")).read().split()]
         if before and len(before) == len(held) and k["connections_established"]:
-            per = sum(h - b for b, h in zip(before, held)) / k["connections_established"]
+            per = sum(h - b for b, h in zip(before, held)) / (k["connections_established"] - closed)
             line += f"; {per:.0f} bytes per connection (node RSS)"
     except OSError:
         line += "; node RSS not read"

@@ -164,10 +164,7 @@ async fn run(
                 seqs[subject] += 1;
                 let publish = message(&args.stream, subject, seqs[subject], m);
                 let subject = format!("{}.m.{}", args.stream, room_token(subject));
-                let ack = js
-                    .send_publish(subject, publish)
-                    .await
-                    .context("publish")?;
+                let ack = js.send_publish(subject, publish).await.context("publish")?;
                 acks.push(ack.into_future());
                 m += n;
             }
