@@ -73,7 +73,7 @@ pub async fn connect(config: &ClusterConfig) -> Result<async_nats::Client, Conne
     }
     let urls = config.urls.join(",");
     options
-        .connect(urls.as_str())
+        .connect(config.urls.as_slice())
         .await
         .map_err(|source| ConnectError::Connect { urls, source })
 }
@@ -180,4 +180,23 @@ pub async fn start(
         tracker,
         token,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every URL of `cluster.urls` is a seed of the one client: a list of
+    /// several connects (async-nats reads a single string as one URL).
+    #[tokio::test]
+    async fn several_urls_make_one_client() {
+        // Nothing listens on these ports; the client retries in the
+        // background, so this checks the list, not a connection.
+        let config = ClusterConfig {
+            urls: vec!["nats://127.0.0.1:1".into(), "nats://127.0.0.1:2".into()],
+            ..Default::default()
+        };
+        let client = connect(&config).await;
+        assert!(client.is_ok(), "{:?}", client.err());
+    }
 }
