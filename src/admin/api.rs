@@ -338,6 +338,16 @@ pub(super) struct RoomSummary {
     sessions: usize,
     users: usize,
     latest_seq: u64,
+    /// In cluster mode, the nodes with members in it and their sessions.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    nodes: Vec<RoomOnNode>,
+}
+
+/// A room's sessions on one node of the cluster.
+#[derive(Debug, Serialize)]
+pub(super) struct RoomOnNode {
+    node: String,
+    sessions: usize,
 }
 
 /// `GET /admin/api/rooms?limit=`: rooms with members, busiest (most
@@ -347,7 +357,46 @@ pub(super) async fn list_rooms(
     Query(page): Query<Page>,
 ) -> ApiResult<Json<serde_json::Value>> {
     let limit = page_limit(&state, page.limit);
-    let mut rooms = state.server.hub.rooms();
+    let here = state.server.cluster.as_ref().map(|n| n.id.clone());
+    let local = state
+        .server
+        .hub
+        .rooms()
+        .into_iter()
+        .map(|r| control::NodeRoom {
+            name: r.name,
+            sessions: r.sessions,
+            users: r.users.len(),
+        });
+    // Per room: its sessions on every node, its users as the nodes count
+    // them (each counts the whole room), and where it has members.
+    let mut merged: HashMap<String, RoomSummary> = HashMap::new();
+    let mut add = |node: Option<String>, r: control::NodeRoom| {
+        let e = merged.entry(r.name.clone()).or_insert_with(|| RoomSummary {
+            name: r.name,
+            sessions: 0,
+            users: 0,
+            latest_seq: 0,
+            nodes: Vec::new(),
+        });
+        e.sessions += r.sessions;
+        e.users = e.users.max(r.users);
+        if let Some(node) = node {
+            e.nodes.push(RoomOnNode {
+                node,
+                sessions: r.sessions,
+            });
+        }
+    };
+    for r in local {
+        add(here.clone(), r);
+    }
+    for reply in ask_others(&state, &control::Request::Rooms).await {
+        for r in reply.rooms {
+            add(Some(reply.node.clone()), r);
+        }
+    }
+    let mut rooms: Vec<RoomSummary> = merged.into_values().collect();
     let total = rooms.len();
     rooms.sort_unstable_by(|a, b| {
         b.sessions
@@ -356,14 +405,10 @@ pub(super) async fn list_rooms(
     });
     rooms.truncate(limit);
     let mut out = Vec::with_capacity(rooms.len());
-    for r in rooms {
-        let latest_seq = latest_seq(&state, &r.name).await?;
-        out.push(RoomSummary {
-            sessions: r.sessions,
-            users: r.users.len(),
-            name: r.name,
-            latest_seq,
-        });
+    for mut r in rooms {
+        r.latest_seq = latest_seq(&state, &r.name).await?;
+        r.nodes.sort_by(|a, b| a.node.cmp(&b.node));
+        out.push(r);
     }
     Ok(Json(json!({ "total": total, "rooms": out })))
 }

@@ -2,7 +2,7 @@
 //! reaches the sessions of every node.
 //!
 //! Each node answers requests on `<stream>.ctl.all` (see `subjects`): list
-//! your sessions, kick a user, kick a session. The asking node publishes
+//! your sessions or rooms, kick a user, kick a session. The asking node publishes
 //! one request with a reply inbox and gathers one answer per other live
 //! node, until it has them all or `request_timeout_ms` passes: a node that
 //! does not answer in time is left out of the answer, never waited for. It
@@ -28,6 +28,8 @@ use crate::hub::{Hub, SessionId, SessionInfo};
 pub enum Request {
     /// List your sessions.
     Sessions,
+    /// List the rooms you have members in.
+    Rooms,
     /// Close every session of `user` with 4009.
     KickUser { user: String },
     /// Close session `session` with 4009, if it is yours.
@@ -44,6 +46,18 @@ pub struct Reply {
     /// The node's sessions (`Sessions`).
     #[serde(default)]
     pub sessions: Vec<NodeSession>,
+    /// The node's rooms (`Rooms`).
+    #[serde(default)]
+    pub rooms: Vec<NodeRoom>,
+}
+
+/// A room as another node reports it: its sessions there, and the room's
+/// users as that node counts them (its own and the other nodes').
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeRoom {
+    pub name: String,
+    pub sessions: usize,
+    pub users: usize,
 }
 
 /// A session as another node reports it.
@@ -169,10 +183,20 @@ impl Control {
             node: self.node.to_string(),
             kicked: 0,
             sessions: Vec::new(),
+            rooms: Vec::new(),
         };
         match request {
             Request::Sessions => {
                 reply.sessions = hub.sessions().into_iter().map(NodeSession::from).collect();
+            }
+            Request::Rooms => {
+                reply.rooms = (hub.rooms().into_iter())
+                    .map(|r| NodeRoom {
+                        name: r.name,
+                        sessions: r.sessions,
+                        users: r.users.len(),
+                    })
+                    .collect();
             }
             Request::KickUser { user } => {
                 reply.kicked = hub.close_user(&user, CloseReason::Kicked);

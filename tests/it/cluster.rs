@@ -410,6 +410,36 @@ async fn operators_see_and_act_on_every_node_from_any_node() {
         .collect();
     on.sort();
     assert_eq!(on, ["n1", "n2", "n3"], "{conns}");
+    // Rooms of every node, with their sessions per node.
+    let rooms = crate::admin::get(admin, "/admin/api/rooms").await.json();
+    let r = rooms["rooms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "r")
+        .unwrap_or_else(|| panic!("{rooms}"));
+    assert_eq!(r["sessions"], 4, "{r}");
+    assert_eq!(r["users"], 2, "{r}");
+    let per_node: Vec<(String, u64)> = r["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            (
+                n["node"].as_str().unwrap().to_owned(),
+                n["sessions"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        per_node,
+        [
+            ("n1".to_owned(), 1),
+            ("n2".to_owned(), 2),
+            ("n3".to_owned(), 1)
+        ],
+        "{r}"
+    );
     // Metrics carry the node.
     let metrics = http(admin, "GET", "/metrics", &[], None).await.body;
     assert!(
