@@ -265,6 +265,10 @@ pub struct ClusterConfig {
     pub tls_ca: Option<PathBuf>,
     /// Timeout of one JetStream request (a publish ack, a read). Default 2 000 ms.
     pub request_timeout_ms: u64,
+    /// How long a starting node keeps asking for its stream while JetStream
+    /// is not ready (NATS still electing its leader) before it gives up and
+    /// exits. Default 30 000 ms.
+    pub start_timeout_ms: u64,
     /// Most messages of one room one publish to JetStream carries (an
     /// atomic batch). Default 256.
     pub max_batch: usize,
@@ -296,6 +300,7 @@ impl Default for ClusterConfig {
             credentials: None,
             tls_ca: None,
             request_timeout_ms: 2_000,
+            start_timeout_ms: 30_000,
             max_batch: 256,
             atomic_batches_in_flight: 16,
             heartbeat_interval_ms: 1_000,

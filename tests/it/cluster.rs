@@ -531,3 +531,29 @@ async fn presence_is_per_user_across_nodes_and_a_dead_nodes_users_leave() {
         other => panic!("{other:?}"),
     }
 }
+
+#[tokio::test]
+async fn a_node_started_before_nats_is_ready_waits_for_it() {
+    let port = crate::natsd::free_port();
+    let url = format!("nats://127.0.0.1:{port}");
+    let fixture = Fixture::new();
+    // The node starts first (as in a compose or Kubernetes start) and asks
+    // for its stream until JetStream answers.
+    let node = tokio::spawn(async move {
+        let process = Process::start_with(&fixture, |c| {
+            c.args(["--cluster", &url, "--node-id", "early"]);
+        })
+        .await;
+        (fixture, process)
+    });
+    // NATS comes up a moment later: the wait is the point of the test.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let _nats = Nats::start_on(port).await;
+    let (fixture, process) = tokio::time::timeout(DEADLINE, node)
+        .await
+        .expect("the node starts once NATS is up")
+        .expect("node task");
+    let mut c = process.connect(&fixture, "u").await;
+    c.join("r").await;
+    assert_eq!(c.say("r", "1").await, 1);
+}

@@ -53,9 +53,14 @@ pub struct Nats {
 impl Nats {
     /// One standalone server on a free port.
     pub async fn start() -> Nats {
+        Nats::start_on(free_port()).await
+    }
+
+    /// One standalone server on `port`.
+    pub async fn start_on(port: u16) -> Nats {
         let mut n = Nats {
             name: "n0".to_owned(),
-            port: free_port(),
+            port,
             cluster_port: None,
             routes: Vec::new(),
             store: tempfile::tempdir().expect("nats store dir"),

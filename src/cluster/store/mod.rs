@@ -355,13 +355,24 @@ impl JetStreamStore {
             duplicate_window: DUPLICATE_WINDOW,
             ..Default::default()
         };
-        let created = js
-            .get_or_create_stream(stream_config)
-            .await
-            .map_err(|source| ClusterStoreError::Stream {
-                stream: name.clone(),
-                source,
-            })?;
+        // NATS may still be electing its JetStream leader when nodes start
+        // (a compose or Kubernetes start): ask again until `start_timeout_ms`.
+        let give_up = tokio::time::Instant::now() + Duration::from_millis(config.start_timeout_ms);
+        let created = loop {
+            match js.get_or_create_stream(stream_config.clone()).await {
+                Ok(created) => break created,
+                Err(source) if tokio::time::Instant::now() < give_up => {
+                    tracing::warn!(error = %source, stream = %name, "JetStream not ready; asking again");
+                    tokio::time::sleep(opts.retry_interval).await;
+                }
+                Err(source) => {
+                    return Err(ClusterStoreError::Stream {
+                        stream: name.clone(),
+                        source,
+                    });
+                }
+            }
+        };
         let info = created.cached_info().clone();
         if !info.config.allow_atomic_publish {
             return Err(ClusterStoreError::NoAtomicPublish(name));
