@@ -422,25 +422,56 @@ async fn latest_seq(state: &AdminState, room: &str) -> ApiResult<u64> {
         .map_err(ApiError::from)
 }
 
-/// `GET /admin/api/rooms/{room}`: members and presence. A room without
+/// `GET /admin/api/rooms/{room}`: members and presence, of every node in
+/// cluster mode (with `nodes`, its sessions per node). A room without
 /// members but with history answers with `sessions: 0`.
 pub(super) async fn get_room(
     State(state): State<Arc<AdminState>>,
     Path(room): Path<String>,
 ) -> ApiResult<Json<serde_json::Value>> {
     valid_room(&room)?;
-    let info = state.server.hub.room(&room);
+    let here = state.server.cluster.as_ref().map(|n| n.id.clone());
+    let mut members: Vec<(Option<String>, control::NodeRoomMembers)> = Vec::new();
+    if let Some(r) = state.server.hub.room(&room) {
+        let local = control::NodeRoomMembers {
+            sessions: r.sessions,
+            users: r.users,
+        };
+        members.push((here, local));
+    }
+    let ask = control::Request::Room { room: room.clone() };
+    for reply in ask_others(&state, &ask).await {
+        if let Some(r) = reply.room {
+            members.push((Some(reply.node), r));
+        }
+    }
     let latest_seq = latest_seq(&state, &room).await?;
-    if info.is_none() && latest_seq == 0 {
+    if members.is_empty() && latest_seq == 0 {
         return Err(ApiError::NotFound(format!("no room `{room}`")));
     }
-    let (sessions, presence) = info.map_or((0, Vec::new()), |r| (r.sessions, r.users));
-    Ok(Json(json!({
+    let sessions: usize = members.iter().map(|(_, r)| r.sessions).sum();
+    let presence: std::collections::BTreeSet<&str> = (members.iter())
+        .flat_map(|(_, r)| r.users.iter().map(String::as_str))
+        .collect();
+    let mut nodes: Vec<RoomOnNode> = (members.iter())
+        .filter_map(|(node, r)| {
+            node.clone().map(|node| RoomOnNode {
+                node,
+                sessions: r.sessions,
+            })
+        })
+        .collect();
+    nodes.sort_by(|a, b| a.node.cmp(&b.node));
+    let mut out = json!({
         "name": room,
         "sessions": sessions,
         "presence": presence,
         "latest_seq": latest_seq,
-    })))
+    });
+    if !nodes.is_empty() {
+        out["nodes"] = json!(nodes);
+    }
+    Ok(Json(out))
 }
 
 /// `POST /admin/api/rooms/{room}/messages`: the request body (any JSON

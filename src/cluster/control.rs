@@ -30,6 +30,8 @@ pub enum Request {
     Sessions,
     /// List the rooms you have members in.
     Rooms,
+    /// Your sessions and users in `room`.
+    Room { room: String },
     /// Close every session of `user` with 4009.
     KickUser { user: String },
     /// Close session `session` with 4009, if it is yours.
@@ -49,6 +51,17 @@ pub struct Reply {
     /// The node's rooms (`Rooms`).
     #[serde(default)]
     pub rooms: Vec<NodeRoom>,
+    /// The room asked for (`Room`), if the node has members in it.
+    #[serde(default)]
+    pub room: Option<NodeRoomMembers>,
+}
+
+/// A room's members on another node: its sessions there, and the room's
+/// users as that node sees them (its own and the other nodes').
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeRoomMembers {
+    pub sessions: usize,
+    pub users: Vec<String>,
 }
 
 /// A room as another node reports it: its sessions there, and the room's
@@ -184,6 +197,7 @@ impl Control {
             kicked: 0,
             sessions: Vec::new(),
             rooms: Vec::new(),
+            room: None,
         };
         match request {
             Request::Sessions => {
@@ -197,6 +211,12 @@ impl Control {
                         users: r.users.len(),
                     })
                     .collect();
+            }
+            Request::Room { room } => {
+                reply.room = hub.room(&room).map(|r| NodeRoomMembers {
+                    sessions: r.sessions,
+                    users: r.users,
+                });
             }
             Request::KickUser { user } => {
                 reply.kicked = hub.close_user(&user, CloseReason::Kicked);

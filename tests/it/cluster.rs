@@ -440,6 +440,19 @@ async fn operators_see_and_act_on_every_node_from_any_node() {
         ],
         "{r}"
     );
+    // One room, from a node with one of its members, and from a node
+    // with none.
+    let room = crate::admin::get(admin, "/admin/api/rooms/r").await.json();
+    assert_eq!(room["sessions"], 4, "{room}");
+    assert_eq!(room["presence"], serde_json::json!(["bob", "mallory"]));
+    assert_eq!(room["nodes"][1]["sessions"], 2, "{room}");
+    bystander.join("only-on-n2").await;
+    let room = crate::admin::get(admin, "/admin/api/rooms/only-on-n2")
+        .await
+        .json();
+    assert_eq!(room["sessions"], 1, "{room}");
+    assert_eq!(room["presence"], serde_json::json!(["bob"]));
+    assert_eq!(room["nodes"][0]["node"], "n2", "{room}");
     // Metrics carry the node.
     let metrics = http(admin, "GET", "/metrics", &[], None).await.body;
     assert!(

@@ -675,6 +675,38 @@ async fn a_key_reserved_by_a_dead_node_is_taken_over_once_stale() {
     a.shutdown().await;
 }
 
+/// The end of the window in which a key's reservation was taken over
+/// while its owner's publish was in doubt: the other node stored the
+/// resend, and the owner's publish lost the position. Here node A holds the
+/// key (its entry was deleted, so A's reservation succeeds) and numbers
+/// from a tail it cached before B stored the keyed message: A's publish
+/// loses, and A must find B's message rather than store a second one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_that_loses_its_position_finds_its_key_stored_by_another_node() {
+    use switchboard::cluster::store::idempotency_bucket_key;
+    let nats = Nats::start().await;
+    let (a, b) = (node(&nats.url()).await, node(&nats.url()).await);
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let kv = js.get_key_value("SBTEST_KEYS").await.unwrap();
+
+    // A caches the room's tail.
+    assert_eq!(send(&a.store, "r", "u", "zero", None).await.unwrap().seq, 1);
+    let stored = send(&b.store, "r", "u", "one", Some("k")).await.unwrap();
+    assert_eq!((stored.seq, stored.duplicate), (2, false));
+    kv.purge(idempotency_bucket_key("r", "u", "k"))
+        .await
+        .unwrap();
+
+    let again = send(&a.store, "r", "u", "one", Some("k")).await.unwrap();
+    assert_eq!((again.seq, again.ts, again.duplicate), (2, stored.ts, true));
+    assert_eq!(b.store.latest_seq("r").await.unwrap(), 2, "stored once");
+    // A's group still stores its unkeyed messages.
+    let next = send(&a.store, "r", "u", "two", None).await.unwrap();
+    assert_eq!(next.seq, 3);
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_quorum_a_send_in_doubt_waits_and_new_sends_are_refused() {
     let mut servers = Nats::cluster(3).await;

@@ -8,11 +8,10 @@
 //! reserved: the message, if stored, lies after it) and `c <seq> <ts>`
 //! once stored. A reservation whose owner is gone (its node died between
 //! reserving and recording) is taken over after it is `stale`: the taker
-//! first looks for the message in the room after that stream seq. One
-//! window stays: an owner whose publish is still in doubt when its
-//! reservation turns stale (NATS unreachable for longer than `stale`) and
-//! that then finds it not stored publishes it again, while the taker may
-//! have stored the resend: the message is then stored twice.
+//! first looks for the message in the room after that stream seq. An
+//! owner whose publish was in doubt meanwhile (NATS unreachable for longer
+//! than `stale`) learns of the taker's message when its publish loses the
+//! position: the writer scans what landed before it numbers again.
 //!
 //! It must not publish messages: the writer does, in the order it chose.
 

@@ -430,6 +430,7 @@ impl<'a> Group<'a> {
                 None => {
                     // Another node wrote first (a lost race, not a
                     // failure): number again from the tail.
+                    let landed = tail.stream_seq.saturating_add(1);
                     match self.shared.tail(self.room).await {
                         Ok(t) => tail = t,
                         Err(e) => {
@@ -438,6 +439,15 @@ impl<'a> Group<'a> {
                             self.fail(self.unavailable()).await;
                             return None;
                         }
+                    }
+                    if let Err(e) = self.answer_stored_keys(landed).await {
+                        tracing::warn!(error = %e, "cannot read what another node stored");
+                        self.mark_down();
+                        self.fail(self.unavailable()).await;
+                        return None;
+                    }
+                    if self.items.is_empty() {
+                        return Some(tail);
                     }
                 }
             }
@@ -542,6 +552,60 @@ impl<'a> Group<'a> {
         } else {
             Some(Err(self.unavailable()))
         }
+    }
+
+    /// Answers, as duplicates, the items whose key a message stored from
+    /// stream seq `from` on carries, and drops them from the group.
+    ///
+    /// Another writer may have taken such a key's reservation over (it
+    /// turned stale while this group's publish was in doubt) and stored
+    /// the resend. Every renumbering scans what landed since the position
+    /// the lost publish expected, and the next publish expects the tail read
+    /// before the scan: so no keyed message is published after one with
+    /// its key was stored, whoever stored it.
+    async fn answer_stored_keys(&mut self, from: u64) -> Result<(), super::GetError> {
+        if self.items.iter().all(|i| i.key.is_none()) {
+            return Ok(());
+        }
+        let mut found: Vec<(String, Appended)> = Vec::new();
+        let items = &self.items;
+        self.shared
+            .scan(&self.subject, from, usize::MAX, |m| {
+                let key = m.headers.get(wire::KEY).map(|v| v.as_str().to_owned());
+                if let Some(k) = key
+                    && items.iter().any(|i| i.key.as_deref() == Some(k.as_str()))
+                    && let Ok(f) = wire::decode(m)
+                {
+                    let (seq, ts) = (f.message.seq, f.message.ts);
+                    found.push((
+                        k,
+                        Appended {
+                            seq,
+                            ts,
+                            duplicate: true,
+                        },
+                    ));
+                }
+                true
+            })
+            .await?;
+        for (key, appended) in found {
+            let Some(pos) = self
+                .items
+                .iter()
+                .position(|i| i.key.as_deref() == Some(key.as_str()))
+            else {
+                continue;
+            };
+            // The key is the other writer's now: this group neither records
+            // nor releases it.
+            let item = self.items.remove(pos);
+            for r in item.same_key {
+                let _ = r.send(Ok(appended));
+            }
+            let _ = item.reply.send(Ok(appended));
+        }
+        Ok(())
     }
 
     /// Reads the room's message after `expected_last` until it is known
