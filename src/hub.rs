@@ -156,8 +156,9 @@ struct Room {
     /// Each member's index in `members`, so that a leave finds its member
     /// without a scan (it swaps the last member into the gap). Kept only
     /// while the room has more than [`SCAN_MAX`] members, and then for every
-    /// member; empty otherwise (see [`Room::position`]).
-    slots: FxHashMap<SessionId, usize>,
+    /// member; `None` otherwise (see [`Room::position`]). Boxed: most rooms
+    /// are small, and every room carries the field.
+    slots: Option<Box<FxHashMap<SessionId, usize>>>,
     /// Sorted, so that a join lists the first ones and a `presence` request
     /// pages from a name without sorting. Each user's count is its local
     /// sessions plus the other nodes it is on (see `remote`).
@@ -234,7 +235,7 @@ impl Room {
         Room {
             name: Arc::from(name),
             members: Vec::new(),
-            slots: FxHashMap::default(),
+            slots: None,
             users: BTreeMap::new(),
             remote: None,
             presence_events: options.presence_events(name),
@@ -250,38 +251,39 @@ impl Room {
 
     /// Where `session` is in `members`.
     fn position(&self, session: SessionId) -> Option<usize> {
-        if self.slots.is_empty() {
-            self.members.iter().position(|m| m.session == session)
-        } else {
-            self.slots.get(&session).copied()
+        match &self.slots {
+            None => self.members.iter().position(|m| m.session == session),
+            Some(slots) => slots.get(&session).copied(),
         }
     }
 
     /// Adds a member that is not in the room yet.
     fn push_member(&mut self, member: Member) {
-        if !self.slots.is_empty() {
-            self.slots.insert(member.session, self.members.len());
+        if let Some(slots) = &mut self.slots {
+            slots.insert(member.session, self.members.len());
         }
         self.members.push(member);
-        if self.members.len() == SCAN_MAX + 1 && self.slots.is_empty() {
-            self.slots = (self.members.iter().enumerate())
-                .map(|(i, m)| (m.session, i))
-                .collect();
+        if self.members.len() == SCAN_MAX + 1 && self.slots.is_none() {
+            self.slots = Some(Box::new(
+                (self.members.iter().enumerate())
+                    .map(|(i, m)| (m.session, i))
+                    .collect(),
+            ));
         }
     }
 
     /// Removes the member at `pos`; the last member moves into the gap.
     fn remove_member(&mut self, pos: usize) -> Member {
         let member = self.members.swap_remove(pos);
-        if !self.slots.is_empty() {
-            self.slots.remove(&member.session);
+        if let Some(slots) = &mut self.slots {
+            slots.remove(&member.session);
             if let Some(moved) = self.members.get(pos) {
-                self.slots.insert(moved.session, pos);
+                slots.insert(moved.session, pos);
             }
             // Half the threshold, so a room at the edge does not rebuild
             // its map on every join and leave.
             if self.members.len() <= SCAN_MAX / 2 {
-                self.slots = FxHashMap::default();
+                self.slots = None;
             }
         }
         member
@@ -1079,20 +1081,34 @@ mod tests {
         list.iter().map(|s| s.to_string()).collect()
     }
 
+    /// A room of one member is a connection's share in a one-room-per-
+    /// connection load (figure 4 of BENCHMARKS.md): this bounds it at its
+    /// size before the cluster fields were added (144 bytes), with the
+    /// slots boxed.
+    #[test]
+    fn a_room_is_no_bigger_than_before_the_cluster() {
+        assert!(
+            std::mem::size_of::<Room>() <= 144,
+            "Room is {} bytes",
+            std::mem::size_of::<Room>()
+        );
+    }
+
     /// Checks that every member's slot points at it and that the users'
     /// session counts match the members.
     fn assert_consistent(hub: &Hub, room: &str) {
         let r = hub.rooms.get(room).unwrap();
         let mapped = r.members.len() > SCAN_MAX;
+        let slots = r.slots.as_ref().map(|s| s.len());
         assert!(
-            r.slots.is_empty() || r.slots.len() == r.members.len(),
+            slots.is_none_or(|n| n == r.members.len()),
             "slots are kept for every member or for none"
         );
         if mapped {
-            assert_eq!(r.slots.len(), r.members.len(), "a big room keeps slots");
+            assert_eq!(slots, Some(r.members.len()), "a big room keeps slots");
         }
         if r.members.len() <= SCAN_MAX / 2 {
-            assert!(r.slots.is_empty(), "a small room keeps no slots");
+            assert!(slots.is_none(), "a small room keeps no slots");
         }
         let mut per_user: BTreeMap<Arc<str>, u32> = BTreeMap::new();
         for (i, m) in r.members.iter().enumerate() {
