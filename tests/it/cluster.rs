@@ -54,28 +54,9 @@ async fn three_nodes(nats: &Nats, extra: &[&str]) -> Vec<Node> {
 
 /// Every seq of `room` read through `c`'s `history`, paging forward.
 async fn all_seqs(c: &mut Client, room: &str) -> Vec<(u64, String)> {
-    let mut out = Vec::new();
-    let mut after = 0;
-    loop {
-        let reply = c
-            .request(ClientRequest::History {
-                room: room.into(),
-                before: None,
-                after: Some(after),
-                limit: Some(200),
-            })
-            .await;
-        let ServerFrame::History { messages, more, .. } = reply else {
-            panic!("history failed: {reply:?}");
-        };
-        for m in &messages {
-            out.push((m.seq, m.from.clone()));
-            after = m.seq;
-        }
-        if !more {
-            return out;
-        }
-    }
+    (c.history_all(room).await.into_iter())
+        .map(|m| (m.seq, m.from))
+        .collect()
 }
 
 fn joined_epoch(f: &ServerFrame) -> (u64, String) {

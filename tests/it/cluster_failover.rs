@@ -18,7 +18,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use protocol::{ClientRequest, ErrorCode, HistoryMessage, ServerFrame};
+use protocol::{ClientRequest, ErrorCode, ServerFrame};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
@@ -501,31 +501,6 @@ async fn under_load(sims: Vec<Sim>, shared: &Shared, fault: impl Future<Output =
 }
 
 /// Every message of `room` through `c`'s `history`, paging forward.
-async fn history(c: &mut Client, room: &str) -> Vec<HistoryMessage> {
-    let mut out = Vec::new();
-    let mut after = 0;
-    loop {
-        let reply = c
-            .request(ClientRequest::History {
-                room: room.into(),
-                before: None,
-                after: Some(after),
-                limit: Some(200),
-            })
-            .await;
-        let ServerFrame::History { messages, more, .. } = reply else {
-            panic!("history failed: {reply:?}");
-        };
-        if let Some(m) = messages.last() {
-            after = m.seq;
-        }
-        out.extend(messages);
-        if !more {
-            return out;
-        }
-    }
-}
-
 /// Nothing acked lost, nothing stored twice, seqs dense, every client saw
 /// every seq once: checked against the history read on `node`.
 async fn check(sims: &[Sim], node: &Node) {
@@ -544,7 +519,7 @@ async fn check(sims: &[Sim], node: &Node) {
     let mut reader = node.connect("auditor").await;
     for room in ROOMS {
         reader.join(room).await;
-        let stored = history(&mut reader, room).await;
+        let stored = reader.history_all(room).await;
         let seqs: Vec<u64> = stored.iter().map(|m| m.seq).collect();
         let dense: Vec<u64> = (1..=stored.len() as u64).collect();
         assert_eq!(seqs, dense, "{room}: seqs dense from 1");

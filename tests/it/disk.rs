@@ -120,29 +120,12 @@ async fn send(client: &mut Client, i: u64) -> ServerFrame {
 /// Every message of the room, paged forward: seq -> the body's `i`.
 async fn all_history(client: &mut Client) -> BTreeMap<u64, u64> {
     let mut out = BTreeMap::new();
-    let mut after = 0;
-    loop {
-        let reply = client
-            .request(ClientRequest::History {
-                room: "disk".into(),
-                before: None,
-                after: Some(after),
-                limit: Some(200),
-            })
-            .await;
-        let ServerFrame::History { messages, more, .. } = reply else {
-            panic!("history failed: {reply:?}");
-        };
-        for m in &messages {
-            let v: serde_json::Value =
-                serde_json::from_str(m.body.as_ref().expect("body").get()).expect("json");
-            out.insert(m.seq, v["i"].as_u64().expect("i"));
-            after = m.seq;
-        }
-        if !more || messages.is_empty() {
-            return out;
-        }
+    for m in client.history_all("disk").await {
+        let v: serde_json::Value =
+            serde_json::from_str(m.body.as_ref().expect("body").get()).expect("json");
+        out.insert(m.seq, v["i"].as_u64().expect("i"));
     }
+    out
 }
 
 fn sample(text: &str, series: &str) -> f64 {

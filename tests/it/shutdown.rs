@@ -64,26 +64,10 @@ async fn check_history(server: &TestServer, acked: &Acked) {
     let mut reader = server.connect("auditor").await;
     let mut seen: BTreeMap<u64, String> = BTreeMap::new();
     let mut after = 0;
-    loop {
-        let page = reader
-            .request(ClientRequest::History {
-                room: "crash".into(),
-                before: None,
-                after: Some(after),
-                limit: Some(200),
-            })
-            .await;
-        let ServerFrame::History { messages, more, .. } = page else {
-            panic!("{page:?}")
-        };
-        for m in messages {
-            assert_eq!(m.seq, after + 1, "gap in seqs");
-            after = m.seq;
-            seen.insert(m.seq, m.body.expect("body").get().to_owned());
-        }
-        if !more {
-            break;
-        }
+    for m in reader.history_all("crash").await {
+        assert_eq!(m.seq, after + 1, "gap in seqs");
+        after = m.seq;
+        seen.insert(m.seq, m.body.expect("body").get().to_owned());
     }
     let mut bodies = HashSet::new();
     for body in seen.values() {

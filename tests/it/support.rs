@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use protocol::{Body, ClientRequest, Request, ServerFrame};
+use protocol::{Body, ClientRequest, HistoryMessage, Request, ServerFrame};
 use switchboard::{Config, Listeners};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
@@ -339,6 +339,30 @@ impl Client {
                 return f;
             }
             self.buffered.push_back(f);
+        }
+    }
+
+    /// Every message of `room`, paged forward from the start.
+    pub async fn history_all(&mut self, room: &str) -> Vec<HistoryMessage> {
+        let mut out: Vec<HistoryMessage> = Vec::new();
+        loop {
+            let after = out.last().map_or(0, |m| m.seq);
+            let reply = self
+                .request(ClientRequest::History {
+                    room: room.into(),
+                    before: None,
+                    after: Some(after),
+                    limit: Some(200),
+                })
+                .await;
+            let ServerFrame::History { messages, more, .. } = reply else {
+                panic!("history failed: {reply:?}");
+            };
+            let empty = messages.is_empty();
+            out.extend(messages);
+            if !more || empty {
+                return out;
+            }
         }
     }
 
