@@ -5,7 +5,7 @@
 # table. Figures are the ones of
 # BENCHMARKS.md (issue 5).
 #
-#   bench/run.sh [FIGURE...]     # figures: 1 2 3 4 5 6 7 (default: all)
+#   bench/run.sh [FIGURE...]     # figures: 1 2 3 4 5 6 7 8 (default: all)
 #
 # The server runs pinned to CPU 0, the load generator to CPU 1 (taskset).
 # Every server gets a fresh data dir, listens on port 0 (the address is read
@@ -188,10 +188,20 @@ for fig in $FIGURES; do
     case $fig in
     1 | 2)
         rate=$([ "$fig" = 1 ] && echo 0 || echo 200)
+        # Figure 2 also runs Switchboard without fsync (switchboard-none,
+        # `--durability none`): what the disk costs of its latency.
+        servers=$SERVERS
+        if [ "$fig" = 2 ] && [[ " $SERVERS " == *" switchboard "* ]]; then
+            servers="$SERVERS switchboard-none"
+        fi
         for i in $(seq 1 "$REPEAT"); do
-            for srv in $SERVERS; do
-                start_server $srv
-                lt "f$fig-$srv-$i" fanout $(raw_for $srv) --url "$WS" --clients 1000 --rate "$rate" \
+            for srv in $servers; do
+                if [ "$srv" = switchboard-none ]; then
+                    start_server switchboard --durability none
+                else
+                    start_server $srv
+                fi
+                lt "f$fig-$srv-$i" fanout $(raw_for ${srv%-none}) --url "$WS" --clients 1000 --rate "$rate" \
                     --window 64 --warmup 2 --duration 10 --server-pid "$PID"
                 stop_server
             done
@@ -269,6 +279,41 @@ for fig in $FIGURES; do
         lt "f7-chat" chat --url "$WS" --users 10000 --rooms 100 --rooms-per-user 3 --rate 0.003 \
             --ramp-up 1000 --warmup 5 --duration 60 --server-pid "$PID" --plot "$OUT/chat-10k.svg"
         stop_server
+        ;;
+    8)
+        # Big rooms (issue 13, point 1), plain connections, many source
+        # addresses (see figure 4).
+        # 8a: memory per idle connection, BIG_SIZE connections all in one
+        #     room against each in a room of its own (Switchboard only).
+        # 8b: 10,000 connections opened at 20,000/s (all started within
+        #     0.5 s) into one room: the latency of each handshake(+join),
+        #     whose p99 and highest show whether joining slows as the room
+        #     grows. The references subscribe each connection to their one
+        #     broadcast.
+        # 8c: one room of BIG_SIZE members fanned out at 10 msg/s.
+        big=${BIG_SIZE:-19800}
+        srcs="--source-ips 127.0.0.2-127.0.0.60"
+        for i in $(seq 1 "$REPEAT"); do
+            for rooms in own one; do
+                start_server switchboard
+                lt "f8a-$rooms-$i" idle --url "$WS" --clients "$big" \
+                    --rooms "$([ $rooms = own ] && echo "$big" || echo 1)" \
+                    --ramp-up 2000 --warmup 3 --duration 3 --server-pid "$PID" $srcs
+                stop_server
+            done
+            for srv in $SERVERS; do
+                start_server $srv
+                lt "f8b-$srv-$i" idle $(raw_for $srv) --url "$WS" --clients 10000 --rooms 1 \
+                    --ramp-up 20000 --warmup 1 --duration 1 --server-pid "$PID" $srcs
+                stop_server
+            done
+            for srv in $SERVERS; do
+                start_server $srv
+                lt "f8c-$srv-$i" fanout $(raw_for $srv) --url "$WS" --clients "$big" --rate 10 \
+                    --ramp-up 2000 --warmup 2 --duration 20 --server-pid "$PID" $srcs
+                stop_server
+            done
+        done
         ;;
     esac
 done

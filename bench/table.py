@@ -12,7 +12,7 @@ import sys
 out = sys.argv[1] if len(sys.argv) > 1 else "."
 runs = {}
 for f in sorted(os.listdir(out)):
-    m = re.match(r"(f\d+[ab]?)-(.+?)(?:-(\d+))?\.json$", f)
+    m = re.match(r"(f\d+[abc]?)-(.+?)(?:-(\d+))?\.json$", f)
     if not m:
         continue
     with open(os.path.join(out, f)) as fh:
@@ -74,7 +74,7 @@ SERVERS = ["switchboard", "tokio", "node", "nats"]
 for srv in SERVERS:
     row("1 fan-out 1x1000 full speed", srv, "deliveries/s", ("f1", srv), lambda r: r["rates"]["delivered_per_s"])
     row("1 fan-out 1x1000 full speed", srv, "deliveries/server CPU-s", ("f1", srv), dpc)
-for srv in SERVERS:
+for srv in SERVERS + ["switchboard-none"]:
     for q in ("p50", "p99", "p999"):
         row("2 fan-out 1x1000 @200/s", srv, f"{q} ms", ("f2", srv), lambda r, q=q: lat(r, "delivery", q))
 for srv in SERVERS:
@@ -94,6 +94,14 @@ for mode in ("group", "single", "group-w16", "group-w64"):
     row("6 durable sends x1000", mode, "ack p99 ms", ("f6", mode), lambda r: lat(r, "ack", "p99"))
 row("7 chat 10k users 60 s", "switchboard", "delivered/s", ("f7", "chat"), lambda r: r["rates"]["delivered_per_s"])
 row("7 chat 10k users 60 s", "switchboard", "delivery p99 ms", ("f7", "chat"), lambda r: lat(r, "delivery", "p99"))
+for rooms in ("own", "one"):
+    row("8a big room idle", f"switchboard {rooms}", "bytes/conn", ("f8a", rooms), per_conn)
+for srv in SERVERS:
+    row("8b 10k into one room", srv, "join p99 ms", ("f8b", srv), lambda r: lat(r, "handshake", "p99"))
+    row("8b 10k into one room", srv, "join max ms", ("f8b", srv), lambda r: lat(r, "handshake", "max"))
+for srv in SERVERS:
+    for q in ("p50", "p99"):
+        row("8c big room @10/s", srv, f"{q} ms", ("f8c", srv), lambda r, q=q: lat(r, "delivery", q))
 
 print(f"{'figure':<28} {'server':<18} {'metric':<24} {'median':>10} {'runs':>4} {'lost':>5}")
 for fig, srv, what, v, n, lost in rows:
@@ -110,13 +118,20 @@ print("ratios to the tokio-tungstenite reference (same run):")
 for name, nk, dk, fn in [
     ("fan-out efficiency (target >= 0.8)", ("f1", "switchboard"), ("f1", "tokio"), dpc),
     ("p99 @200k/s (target <= 1.5)", ("f2", "switchboard"), ("f2", "tokio"), lambda r: lat(r, "delivery", "p99")),
+    ("  durability none (target <= 1.2)", ("f2", "switchboard-none"), ("f2", "tokio"), lambda r: lat(r, "delivery", "p99")),
     ("connect rate plain (target >= 0.9)", ("f5", "switchboard-plain"), ("f5", "tokio-plain"), conn_rate),
     ("connect rate TLS (target >= 0.9)", ("f5", "switchboard-tls"), ("f5", "tokio-tls"), conn_rate),
     ("  joined in the URL, plain", ("f5", "switchboard-url-plain"), ("f5", "tokio-plain"), conn_rate),
     ("  joined in the URL, TLS", ("f5", "switchboard-url-tls"), ("f5", "tokio-tls"), conn_rate),
+    ("10k into one room, join p99 (target <= 1.5)", ("f8b", "switchboard"), ("f8b", "tokio"), lambda r: lat(r, "handshake", "p99")),
+    ("10k into one room, last join", ("f8b", "switchboard"), ("f8b", "tokio"), lambda r: lat(r, "handshake", "max")),
+    ("big room fan-out p99 (target <= 1.5)", ("f8c", "switchboard"), ("f8c", "tokio"), lambda r: lat(r, "delivery", "p99")),
 ]:
     r = ratio(nk, dk, fn)
     print(f"  {name:<40} {'-' if r is None else f'{r:.2f}'}")
+
+r = ratio(("f8a", "one"), ("f8a", "own"), per_conn)
+print(f"  {'big room bytes, one room / own rooms (<= 1.25)':<40} {'-' if r is None else f'{r:.2f}'}")
 
 print()
 print("ratios to nats-server's WebSocket listener (same run):")
