@@ -23,7 +23,7 @@ cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 OUT=${OUT:-$(mktemp -d /tmp/switchboard-bench.XXXXXX)}
 REPEAT=${REPEAT:-1}
-FIGURES=${*:-1 2 3 4 5 6 7}
+FIGURES=${*:-1 2 3 4 5 6 7 8}
 mkdir -p "$OUT"
 
 SB=${SB_BIN:-$ROOT/target/release/switchboard}

@@ -67,7 +67,10 @@ fn cluster_config(url: &str) -> ClusterConfig {
 }
 
 async fn node(url: &str) -> Node {
-    let config = cluster_config(url);
+    node_with(cluster_config(url)).await
+}
+
+async fn node_with(config: ClusterConfig) -> Node {
     let client = switchboard::cluster::connect(&config).await.unwrap();
     let mut opts = Config::default().store_options();
     opts.retry_interval = Duration::from_millis(100);
@@ -538,21 +541,7 @@ async fn a_nats_kill_during_sends_loses_and_duplicates_nothing() {
 async fn r3_node(url: &str) -> Node {
     let mut config = cluster_config(url);
     config.replicas = 3;
-    let client = switchboard::cluster::connect(&config).await.unwrap();
-    let mut opts = Config::default().store_options();
-    opts.retry_interval = Duration::from_millis(100);
-    let sink = Arc::new(Recorder::default());
-    let tracker = TaskTracker::new();
-    let stop = CancellationToken::new();
-    let store = JetStreamStore::open(client, &config, &opts, sink.clone(), &tracker, stop.clone())
-        .await
-        .unwrap();
-    Node {
-        store,
-        sink,
-        tracker,
-        stop,
-    }
+    node_with(config).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
