@@ -537,6 +537,38 @@ async fn a_nats_kill_during_sends_loses_and_duplicates_nothing() {
     a.shutdown().await;
 }
 
+/// A publish that JetStream stored but whose ack never came (the server
+/// stalled while it was in flight) is read back and answered with the seq
+/// it is stored under; it is never numbered again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_publish_whose_ack_was_lost_is_answered_with_its_seq() {
+    let nats = Nats::start().await;
+    let a = node(&nats.url()).await;
+    assert_eq!(send(&a.store, "r", "u", "m1", None).await.unwrap().seq, 1);
+    nats.pause();
+    let m2 = queue(&a.store, "r", "u", "m2", None).await;
+    // The publish waits in the stalled server's socket until its ack is
+    // given up on.
+    let start = Instant::now();
+    while a.store.writable().is_ok() {
+        assert!(start.elapsed() < DEADLINE, "the lost ack goes unnoticed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    nats.resume();
+    let m2 = tokio::time::timeout(DEADLINE, m2)
+        .await
+        .expect("answered once the server is back")
+        .unwrap()
+        .unwrap();
+    assert_eq!(m2.seq, 2);
+    assert!(!m2.duplicate);
+    let m3 = send_until_stored(&a.store, "r", "u", "m3").await;
+    assert_eq!(m3, 3);
+    let acked = BTreeMap::from([("m1".into(), 1), ("m2".into(), 2), ("m3".into(), 3)]);
+    assert_history_is(&a.store, "r", &acked).await;
+    a.shutdown().await;
+}
+
 /// A node of an R3 stream, connected to the one server at `url`.
 async fn r3_node(url: &str) -> Node {
     let mut config = cluster_config(url);

@@ -153,6 +153,28 @@ impl Nats {
         }
     }
 
+    /// SIGSTOP: the server keeps its sockets open but answers nothing, as
+    /// a stalled machine does; what reaches it meanwhile waits in its
+    /// socket buffers.
+    pub fn pause(&self) {
+        self.signal(rustix::process::Signal::STOP);
+    }
+
+    /// SIGCONT after `pause`.
+    pub fn resume(&self) {
+        self.signal(rustix::process::Signal::CONT);
+    }
+
+    fn signal(&self, signal: rustix::process::Signal) {
+        let pid = self
+            .child
+            .as_ref()
+            .and_then(tokio::process::Child::id)
+            .and_then(|id| rustix::process::Pid::from_raw(id as i32))
+            .expect("nats-server runs");
+        rustix::process::kill_process(pid, signal).expect("signal nats-server");
+    }
+
     /// Starts the server again on the same ports and store.
     pub async fn restart(&mut self) {
         self.kill().await;

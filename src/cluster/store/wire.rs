@@ -25,7 +25,10 @@ pub const FROM: &str = "Sb-From";
 pub const TS: &str = "Sb-Ts";
 /// The idempotency key's bucket key, when it was sent with one.
 pub const KEY: &str = "Sb-Key";
-const MSG_ID: &str = "Nats-Msg-Id";
+/// JetStream's de-duplication id. Read back only through async-nats's
+/// constant: a header parsed off the wire is its standard variant, which a
+/// `&str` key (always a custom name) never finds.
+const MSG_ID: async_nats::HeaderName = async_nats::header::NATS_MESSAGE_ID;
 const EXPECTED_LAST_SUBJECT_SEQ: &str = "Nats-Expected-Last-Subject-Sequence";
 const BATCH_ID: &str = "Nats-Batch-Id";
 const BATCH_SEQ: &str = "Nats-Batch-Sequence";

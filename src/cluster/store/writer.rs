@@ -622,7 +622,13 @@ impl<'a> Group<'a> {
                     .await
                 {
                     Ok(Some(f)) if f.msg_id.as_deref() == Some(first_id) => return Resolved::Ours,
-                    Ok(Some(_)) => return Resolved::Other,
+                    Ok(Some(f)) => {
+                        tracing::debug!(
+                            stream_seq = f.stream_seq,
+                            "another message took the position"
+                        );
+                        return Resolved::Other;
+                    }
                     Ok(None) => return Resolved::NotYet,
                     Err(e) => tracing::debug!(error = %e, "cannot read a room back yet"),
                 }
