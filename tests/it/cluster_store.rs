@@ -545,7 +545,7 @@ async fn a_stored_publish_whose_ack_was_lost_is_answered_with_its_seq() {
     let nats = Nats::start().await;
     let a = node(&nats.url()).await;
     assert_eq!(send(&a.store, "r", "u", "m1", None).await.unwrap().seq, 1);
-    nats.pause();
+    nats.pause().await;
     let m2 = queue(&a.store, "r", "u", "m2", None).await;
     // The publish waits in the stalled server's socket until its ack is
     // given up on.

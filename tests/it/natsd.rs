@@ -31,13 +31,34 @@ pub fn nats_bin() -> PathBuf {
     bin
 }
 
-/// A free loopback port: bound and released (nats-server needs its route
-/// ports before it starts, to be named in its peers' routes).
+/// Where nats-server ports are taken from: below Linux's ephemeral range
+/// (32768 and up by default), which every outgoing connection and every
+/// bind to port 0 draws from.
+const PORTS: std::ops::Range<u16> = 10_000..32_000;
+
+/// A free loopback port for a nats-server (it needs its route ports before
+/// it starts, to be named in its peers' routes), never handed out twice in
+/// one run of the tests.
+///
+/// A port bound to 0 and released could be handed to another test's
+/// server meanwhile, or while a test has its server killed and about to
+/// restart on the same port; the restarted test then talks to the other
+/// test's server. Ports from outside the ephemeral range, each given once,
+/// are taken by no one else. The start depends on the process id, so two
+/// test runs at once keep apart too.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let span = u32::from(PORTS.end - PORTS.start);
+    let start = std::process::id().wrapping_mul(7_919) % span;
+    for _ in 0..span {
+        let offset = (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        let port = PORTS.start + offset as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {PORTS:?}");
 }
 
 /// One nats-server with JetStream.
@@ -156,16 +177,39 @@ impl Nats {
     /// SIGSTOP: the server keeps its sockets open but answers nothing, as
     /// a stalled machine does; what reaches it meanwhile waits in its
     /// socket buffers.
-    pub fn pause(&self) {
-        self.signal(rustix::process::Signal::STOP);
+    /// Returns once every thread of it is stopped: a signal is only queued
+    /// by `kill`, and a thread running on another core may still answer
+    /// a request meanwhile.
+    pub async fn pause(&self) {
+        let pid = self.signal(rustix::process::Signal::STOP);
+        let tasks = format!("/proc/{pid}/task");
+        let all_stopped = || {
+            std::fs::read_dir(&tasks)
+                .expect("nats-server's threads")
+                .all(|t| {
+                    let stat = t
+                        .and_then(|t| std::fs::read_to_string(t.path().join("stat")))
+                        .unwrap_or_default();
+                    // The state follows the command name, which is in parentheses.
+                    let state = stat.rsplit_once(") ").map(|(_, rest)| rest.chars().next());
+                    matches!(state, Some(Some('T' | 't')))
+                })
+        };
+        tokio::time::timeout(DEADLINE, async {
+            while !all_stopped() {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await
+        .expect("nats-server stops");
     }
 
     /// SIGCONT after `pause`.
     pub fn resume(&self) {
-        self.signal(rustix::process::Signal::CONT);
+        let _ = self.signal(rustix::process::Signal::CONT);
     }
 
-    fn signal(&self, signal: rustix::process::Signal) {
+    fn signal(&self, signal: rustix::process::Signal) -> rustix::process::Pid {
         let pid = self
             .child
             .as_ref()
@@ -173,6 +217,7 @@ impl Nats {
             .and_then(|id| rustix::process::Pid::from_raw(id as i32))
             .expect("nats-server runs");
         rustix::process::kill_process(pid, signal).expect("signal nats-server");
+        pid
     }
 
     /// Starts the server again on the same ports and store.
