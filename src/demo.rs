@@ -9,11 +9,10 @@
 //! untouched. It must not hold any user data or serve anything else.
 
 use std::io;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::net::Peeked;
 
 const PAGE: &str = include_str!("demo/index.html");
 const SCRIPT: &str = include_str!("demo/app.js");
@@ -121,81 +120,6 @@ where
     Ok(())
 }
 
-/// A stream that first yields the bytes already read from it.
-pub struct Peeked<S> {
-    inner: S,
-    prefix: Vec<u8>,
-    at: usize,
-}
-
-impl<S> Peeked<S> {
-    fn new(inner: S, prefix: Vec<u8>) -> Peeked<S> {
-        Peeked {
-            inner,
-            prefix,
-            at: 0,
-        }
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Peeked<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        if this.at < this.prefix.len() {
-            let n = buf.remaining().min(this.prefix.len() - this.at);
-            buf.put_slice(&this.prefix[this.at..this.at + n]);
-            this.at += n;
-            if this.at == this.prefix.len() {
-                // Freed: a long-lived connection keeps nothing of it.
-                this.prefix = Vec::new();
-                this.at = 0;
-            }
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.inner).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Peeked<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
-impl<S: crate::net::Tcp> crate::net::Tcp for Peeked<S> {
-    fn tcp(&self) -> &TcpStream {
-        self.inner.tcp()
-    }
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
@@ -234,7 +158,7 @@ mod tests {
         let Route::Upgrade(mut peeked) = route(server, true).await.unwrap() else {
             panic!("an upgrade is not a page");
         };
-        assert!(!peeked.prefix.is_empty(), "the request line was read");
+        assert!(peeked.peeked_len() > 0, "the request line was read");
         let mut got = Vec::new();
         peeked.read_to_end(&mut got).await.unwrap();
         assert_eq!(got, REQUEST);
@@ -265,7 +189,7 @@ mod tests {
         let Route::Upgrade(mut peeked) = route(server, false).await.unwrap() else {
             panic!("disabled: no page");
         };
-        assert!(peeked.prefix.is_empty());
+        assert_eq!(peeked.peeked_len(), 0);
         let mut got = vec![0u8; 5];
         peeked.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"GET /");

@@ -37,8 +37,9 @@ use tracing::{Instrument, debug, debug_span, warn};
 
 use crate::auth::{AuthError, Principal};
 use crate::close::{CloseReason, close_and_linger, close_frame};
-use crate::demo::{Peeked, Route};
+use crate::demo::Route;
 use crate::limits::{ConnGuard, Slots};
+use crate::net::Peeked;
 use crate::session::{Identity, Session};
 use crate::state::ServerState;
 
@@ -146,8 +147,6 @@ async fn connection(
         Some(acceptor) => {
             let upgrading = async {
                 let stream = acceptor.accept(stream).await.map_err(HandshakeError::Tls)?;
-                // Corked after the TLS handshake, whose flights must not wait.
-                crate::net::cork(&stream, true);
                 upgrade(stream, remote, admission, &state).await
             };
             let handshaking = Box::pin(handshake(upgrading, deadline, &state));
@@ -156,7 +155,6 @@ async fn connection(
                 .map(|ready| spawn_session(ready, &state, &tracker, shutdown))
         }
         None => {
-            crate::net::cork(&stream, true);
             let upgrading = upgrade(stream, remote, admission, &state);
             let handshaking = Box::pin(handshake(upgrading, deadline, &state));
             handshaking
@@ -179,12 +177,12 @@ async fn connection(
 /// A combinator rather than an `async fn`: an `async fn` would hold
 /// `upgrading` twice, as its argument and inside the timeout it awaits.
 fn handshake<'a, S>(
-    upgrading: impl Future<Output = Result<Upgraded<S>, HandshakeError>> + 'a,
+    upgrading: impl Future<Output = Result<Upgraded<Peeked<S>>, HandshakeError>> + 'a,
     deadline: tokio::time::Instant,
     state: &'a Arc<ServerState>,
-) -> impl Future<Output = Result<Ready<S>, HandshakeError>> + 'a
+) -> impl Future<Output = Result<Ready<Peeked<S>>, HandshakeError>> + 'a
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + crate::net::Tcp + 'a,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'a,
 {
     tokio::time::timeout_at(deadline, upgrading).then(move |upgraded| async move {
         match upgraded {
@@ -430,12 +428,12 @@ struct Ready<S> {
 
 /// Completes authentication (a first `auth` frame where needed).
 async fn authenticate<S>(
-    upgraded: Upgraded<S>,
+    upgraded: Upgraded<Peeked<S>>,
     deadline: tokio::time::Instant,
     state: &Arc<ServerState>,
-) -> Result<Ready<S>, HandshakeError>
+) -> Result<Ready<Peeked<S>>, HandshakeError>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + crate::net::Tcp,
+    S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let Upgraded {
         mut ws,
@@ -448,7 +446,10 @@ where
         Who::Known(principal, guard) => (principal, guard),
         Who::AwaitingAuthFrame => {
             // The client waits for the 101 before it sends `auth`.
-            crate::net::cork(ws.get_ref(), false);
+            ws.get_mut().release();
+            if let Err(e) = futures_util::SinkExt::flush(&mut ws).await {
+                return Err(HandshakeError::Upgrade(e));
+            }
             let principal = match auth_frame(&mut ws, deadline, state).await {
                 Ok(p) => p,
                 Err(e) => {
@@ -564,21 +565,21 @@ pub(crate) async fn close_with<S>(
     close_and_linger(ws, close_frame(code, detail), linger, linger).await;
 }
 
-/// Sends what the TCP socket under `stream` held back: the session calls it
-/// once `welcome` is written, so the 101 and `welcome` leave together.
-fn uncork<S: crate::net::Tcp>(stream: &S) {
-    crate::net::cork(stream, false);
+/// Lets the held 101 go: the session calls it once `welcome` is queued, so
+/// the 101 and `welcome` leave in one write.
+fn release<S>(stream: &mut Peeked<S>) {
+    stream.release();
 }
 
 /// Starts the session of a connection that passed every check, as a
 /// tracked task of its own.
 fn spawn_session<S>(
-    ready: Ready<S>,
+    ready: Ready<Peeked<S>>,
     state: &Arc<ServerState>,
     tracker: &TaskTracker,
     shutdown: CancellationToken,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin + Send + crate::net::Tcp + 'static,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let Ready {
         ws,
@@ -599,7 +600,7 @@ fn spawn_session<S>(
         slots,
         state.clone(),
         shutdown,
-        uncork::<S>,
+        release::<S>,
     );
     tracker.spawn(session.run(joins).instrument(span));
 }

@@ -1,37 +1,177 @@
-//! The TCP socket under a connection's stream, for its socket options.
+//! The stream the gateway layers over a connection's TCP or TLS stream.
 //!
-//! This module owns one option, `TCP_CORK`, used to send a connection's
-//! first replies (the HTTP 101 and `welcome`) in one segment. It must not do
-//! any I/O of its own: a failed option only costs a segment, so it is logged
-//! and ignored.
+//! [`Peeked`] owns two things about the first bytes of a connection: it
+//! yields first what was read before the upgrade (the request line the demo
+//! page's router looked at), and it holds the HTTP 101 back until the
+//! session releases it, so that the 101 and `welcome` leave in one write
+//! (one TLS record, one segment) rather than one each. It must not do any
+//! other I/O of its own, and holds nothing once the handshake is over.
 
-use socket2::SockRef;
-use tokio::net::TcpStream;
-use tracing::debug;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
 
-/// A stream with a TCP socket under it (plain or TLS).
-pub trait Tcp {
-    fn tcp(&self) -> &TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// How the start of an accepted upgrade's response begins.
+const SWITCHING: &[u8] = b"HTTP/1.1 101";
+
+/// A stream that first yields the bytes already read from it, and holds an
+/// accepted upgrade's 101 until [`Peeked::release`].
+///
+/// Only a 101 is held: a refusal (401, 429, …) is written through at once,
+/// since the upgrade ends with it. Writes that come while the 101 is held
+/// join it; a flush does not send them until the release.
+pub struct Peeked<S> {
+    inner: S,
+    prefix: Vec<u8>,
+    at: usize,
+    hold: Hold,
 }
 
-impl Tcp for TcpStream {
-    fn tcp(&self) -> &TcpStream {
-        self
+enum Hold {
+    /// No write yet: the first one says whether to hold.
+    Watching,
+    /// Held, and after the release still being written.
+    Held(Box<Held>),
+    /// Writes go straight through.
+    Off,
+}
+
+struct Held {
+    bytes: Vec<u8>,
+    written: usize,
+    released: bool,
+}
+
+impl<S> Peeked<S> {
+    pub(crate) fn new(inner: S, prefix: Vec<u8>) -> Peeked<S> {
+        Peeked {
+            inner,
+            prefix,
+            at: 0,
+            hold: Hold::Watching,
+        }
+    }
+
+    /// Lets the held 101 (and what joined it) go with the next write or
+    /// flush.
+    pub fn release(&mut self) {
+        match &mut self.hold {
+            Hold::Held(h) => h.released = true,
+            Hold::Watching => self.hold = Hold::Off,
+            Hold::Off => {}
+        }
+    }
+
+    /// How many bytes read before the upgrade are still to be yielded.
+    #[cfg(test)]
+    pub(crate) fn peeked_len(&self) -> usize {
+        self.prefix.len() - self.at
     }
 }
 
-impl Tcp for tokio_rustls::server::TlsStream<TcpStream> {
-    fn tcp(&self) -> &TcpStream {
-        self.get_ref().0
+impl<S: AsyncWrite + Unpin> Peeked<S> {
+    /// Writes what is held, once released; then writes go straight
+    /// through.
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let Hold::Held(h) = &mut self.hold else {
+            return Poll::Ready(Ok(()));
+        };
+        if !h.released {
+            return Poll::Ready(Ok(()));
+        }
+        while h.written < h.bytes.len() {
+            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &h.bytes[h.written..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            h.written += n;
+        }
+        self.hold = Hold::Off;
+        Poll::Ready(Ok(()))
     }
 }
 
-/// Holds partial segments back while `on` (`TCP_CORK`); turning it off
-/// sends what was held at once. The kernel sends held data after 200 ms
-/// regardless, so a cork left on costs latency, never data.
-pub fn cork(stream: &impl Tcp, on: bool) {
-    if let Err(e) = SockRef::from(stream.tcp()).set_tcp_cork(on) {
-        debug!(error = %e, on, "TCP_CORK not set");
+impl<S: AsyncRead + Unpin> AsyncRead for Peeked<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.at < this.prefix.len() {
+            let n = buf.remaining().min(this.prefix.len() - this.at);
+            buf.put_slice(&this.prefix[this.at..this.at + n]);
+            this.at += n;
+            if this.at == this.prefix.len() {
+                // Freed: a long-lived connection keeps nothing of it.
+                this.prefix = Vec::new();
+                this.at = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Peeked<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        match &mut this.hold {
+            Hold::Off => return Pin::new(&mut this.inner).poll_write(cx, buf),
+            Hold::Watching if !buf.starts_with(SWITCHING) => {
+                this.hold = Hold::Off;
+                return Pin::new(&mut this.inner).poll_write(cx, buf);
+            }
+            Hold::Watching => {
+                this.hold = Hold::Held(Box::new(Held {
+                    bytes: buf.to_vec(),
+                    written: 0,
+                    released: false,
+                }));
+                return Poll::Ready(Ok(buf.len()));
+            }
+            Hold::Held(h) => h.bytes.extend_from_slice(buf),
+        }
+        // Taken whole: once released, as much as the socket takes goes now
+        // and the rest with the flush that follows.
+        match this.poll_drain(cx) {
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            _ => Poll::Ready(Ok(buf.len())),
+        }
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        if matches!(self.hold, Hold::Off) {
+            return Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        }
+        let first = bufs.iter().find(|b| !b.is_empty()).map_or(&[][..], |b| b);
+        self.poll_write(cx, first)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.poll_drain(cx))?;
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // A shutdown ends the hold: what is held is owed to the peer.
+        self.release();
+        ready!(self.poll_drain(cx))?;
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -39,18 +179,69 @@ pub fn cork(stream: &impl Tcp, on: bool) {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Reads what has arrived at `client` by now, without waiting.
+    async fn arrived(client: &mut tokio::io::DuplexStream) -> Vec<u8> {
+        let mut got = vec![0u8; 1024];
+        match tokio::time::timeout(std::time::Duration::from_millis(50), client.read(&mut got))
+            .await
+        {
+            Ok(n) => {
+                got.truncate(n.unwrap());
+                got
+            }
+            Err(_) => Vec::new(),
+        }
+    }
 
     #[tokio::test]
-    async fn cork_turns_on_and_off() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = TcpStream::connect(listener.local_addr().unwrap())
+    async fn a_101_waits_for_the_release_and_leaves_with_what_joined_it() {
+        let (mut client, server) = tokio::io::duplex(1024);
+        let mut s = Peeked::new(server, Vec::new());
+        s.write_all(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
             .await
             .unwrap();
-        let corked = || SockRef::from(&client).tcp_cork().unwrap();
-        assert!(!corked());
-        cork(&client, true);
-        assert!(corked());
-        cork(&client, false);
-        assert!(!corked());
+        s.flush().await.unwrap();
+        s.write_all(b"welcome").await.unwrap();
+        s.flush().await.unwrap();
+        assert!(arrived(&mut client).await.is_empty(), "held until released");
+        s.release();
+        s.flush().await.unwrap();
+        assert_eq!(
+            arrived(&mut client).await,
+            b"HTTP/1.1 101 Switching Protocols\r\n\r\nwelcome"
+        );
+        assert!(matches!(s.hold, Hold::Off), "nothing is kept after");
+        s.write_all(b"next").await.unwrap();
+        s.flush().await.unwrap();
+        assert_eq!(arrived(&mut client).await, b"next");
+    }
+
+    #[tokio::test]
+    async fn a_refusal_is_written_at_once() {
+        let (mut client, server) = tokio::io::duplex(1024);
+        let mut s = Peeked::new(server, Vec::new());
+        s.write_all(b"HTTP/1.1 401 Unauthorized\r\n\r\n")
+            .await
+            .unwrap();
+        s.flush().await.unwrap();
+        assert_eq!(
+            arrived(&mut client).await,
+            b"HTTP/1.1 401 Unauthorized\r\n\r\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_shutdown_sends_what_is_held() {
+        let (mut client, server) = tokio::io::duplex(1024);
+        let mut s = Peeked::new(server, Vec::new());
+        s.write_all(b"HTTP/1.1 101 Switching Protocols\r\n\r\nbye")
+            .await
+            .unwrap();
+        s.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"HTTP/1.1 101 Switching Protocols\r\n\r\nbye");
     }
 }

@@ -84,11 +84,15 @@ impl<S: Transport> Session<S> {
             for room in joins {
                 self.on_join(None, room, None, None).await?;
             }
-            self.flush().await
+            Ok(())
         });
-        let flow = sending.await;
-        (self.welcomed)(self.ws.get_ref());
-        flow
+        let queued = sending.await;
+        // Released after the replies are queued and before the flush, so
+        // that the 101, `welcome` and `joined` leave in one write; on a
+        // failure too, so that the close that follows is not held.
+        (self.welcomed)(self.ws.get_mut());
+        queued?;
+        self.flush().await
     }
 
     async fn main_loop(&mut self) -> CloseReason {

@@ -120,17 +120,17 @@ pub struct Session<S> {
     /// (see [`crate::delivery::wire`]); kept between batches so that it
     /// allocates once.
     unsent: crate::delivery::wire::Unsent,
-    /// Called once `welcome` is written: the gateway's transport uncorks
-    /// the TCP socket under it; a stream without one does nothing.
-    welcomed: fn(&S),
+    /// Called once `welcome` is queued, before it is flushed: the gateway's
+    /// transport releases the HTTP 101 it held, to leave with it.
+    welcomed: fn(&mut S),
     /// Held for the session's life: dropping the session frees its slots.
     _slots: Slots,
 }
 
 impl<S: Transport> Session<S> {
     /// A session over `ws`, an upgraded WebSocket on any byte stream.
-    /// `welcomed` runs once the welcome is written (the gateway uncorks the
-    /// socket there; pass `|_| {}` for a stream with nothing to uncork).
+    /// `welcomed` runs once the welcome is queued (the gateway releases the
+    /// held 101 there; pass `|_| {}` for a stream that holds nothing).
     pub fn new(
         ws: WebSocketStream<S>,
         id: SessionId,
@@ -138,7 +138,7 @@ impl<S: Transport> Session<S> {
         slots: Slots,
         state: Arc<ServerState>,
         shutdown: CancellationToken,
-        welcomed: fn(&S),
+        welcomed: fn(&mut S),
     ) -> Self {
         let kill = CancellationToken::new();
         let config = &state.config;

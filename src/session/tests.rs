@@ -471,8 +471,8 @@ where
 /// x86_64); a change that makes the future larger must say why here.
 #[test]
 fn the_session_future_is_no_larger_than_before_the_split() {
-    type Plain = crate::demo::Peeked<tokio::net::TcpStream>;
-    type Tls = crate::demo::Peeked<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>;
+    type Plain = crate::net::Peeked<tokio::net::TcpStream>;
+    type Tls = crate::net::Peeked<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>;
     let plain = returned_size(&Session::<Plain>::run);
     let tls = returned_size(&Session::<Tls>::run);
     assert!(plain <= 2296, "a plain session's future is {plain} bytes");
