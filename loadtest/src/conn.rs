@@ -213,7 +213,15 @@ pub fn parse_ip_range(spec: &str) -> anyhow::Result<Vec<IpAddr>> {
 
 fn tls_connector(ca: Option<&Path>, insecure: bool) -> anyhow::Result<tokio_rustls::TlsConnector> {
     use rustls::pki_types::pem::PemObject;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut provider = rustls::crypto::ring::default_provider();
+    // Offered in browsers' order (Chrome, Firefox and Safari put AES-128-GCM
+    // first): a server that follows the client's order, as rustls and Go
+    // do by default, then runs the handshake's key schedule on SHA-256, as
+    // it does for a browser, rather than on SHA-384.
+    provider
+        .cipher_suites
+        .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    let provider = Arc::new(provider);
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()?;
     let config = if insecure {
