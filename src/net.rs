@@ -24,6 +24,14 @@ const SWITCHING: &[u8] = b"HTTP/1.1 101";
 /// join it; a flush does not send them until the release.
 pub struct Peeked<S> {
     inner: S,
+    /// What the handshake needs, boxed and dropped once done: every idle
+    /// connection keeps this struct for its whole life, so it costs one
+    /// pointer then.
+    start: Option<Box<Start>>,
+}
+
+struct Start {
+    /// Bytes read before the upgrade; `at` of them yielded.
     prefix: Vec<u8>,
     at: usize,
     hold: Hold,
@@ -33,41 +41,63 @@ enum Hold {
     /// No write yet: the first one says whether to hold.
     Watching,
     /// Held, and after the release still being written.
-    Held(Box<Held>),
+    Held {
+        bytes: Vec<u8>,
+        written: usize,
+        released: bool,
+    },
     /// Writes go straight through.
     Off,
-}
-
-struct Held {
-    bytes: Vec<u8>,
-    written: usize,
-    released: bool,
 }
 
 impl<S> Peeked<S> {
     pub(crate) fn new(inner: S, prefix: Vec<u8>) -> Peeked<S> {
         Peeked {
             inner,
-            prefix,
-            at: 0,
-            hold: Hold::Watching,
+            start: Some(Box::new(Start {
+                prefix,
+                at: 0,
+                hold: Hold::Watching,
+            })),
         }
     }
 
     /// Lets the held 101 (and what joined it) go with the next write or
     /// flush.
     pub fn release(&mut self) {
-        match &mut self.hold {
-            Hold::Held(h) => h.released = true,
-            Hold::Watching => self.hold = Hold::Off,
-            Hold::Off => {}
+        if let Some(s) = &mut self.start {
+            match &mut s.hold {
+                Hold::Held { released, .. } => *released = true,
+                Hold::Watching => s.hold = Hold::Off,
+                Hold::Off => {}
+            }
         }
+        self.tidy();
+    }
+
+    /// Drops the handshake's state once the prefix is yielded and nothing
+    /// is held.
+    fn tidy(&mut self) {
+        if self
+            .start
+            .as_ref()
+            .is_some_and(|s| s.at >= s.prefix.len() && matches!(s.hold, Hold::Off))
+        {
+            self.start = None;
+        }
+    }
+
+    /// Whether writes go straight through.
+    fn passing(&self) -> bool {
+        self.start
+            .as_ref()
+            .is_none_or(|s| matches!(s.hold, Hold::Off))
     }
 
     /// How many bytes read before the upgrade are still to be yielded.
     #[cfg(test)]
     pub(crate) fn peeked_len(&self) -> usize {
-        self.prefix.len() - self.at
+        self.start.as_ref().map_or(0, |s| s.prefix.len() - s.at)
     }
 }
 
@@ -75,20 +105,29 @@ impl<S: AsyncWrite + Unpin> Peeked<S> {
     /// Writes what is held, once released; then writes go straight
     /// through.
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let Hold::Held(h) = &mut self.hold else {
+        let Some(s) = &mut self.start else {
             return Poll::Ready(Ok(()));
         };
-        if !h.released {
+        let Hold::Held {
+            bytes,
+            written,
+            released,
+        } = &mut s.hold
+        else {
+            return Poll::Ready(Ok(()));
+        };
+        if !*released {
             return Poll::Ready(Ok(()));
         }
-        while h.written < h.bytes.len() {
-            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &h.bytes[h.written..]))?;
+        while *written < bytes.len() {
+            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &bytes[*written..]))?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
-            h.written += n;
+            *written += n;
         }
-        self.hold = Hold::Off;
+        s.hold = Hold::Off;
+        self.tidy();
         Poll::Ready(Ok(()))
     }
 }
@@ -100,14 +139,17 @@ impl<S: AsyncRead + Unpin> AsyncRead for Peeked<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        if this.at < this.prefix.len() {
-            let n = buf.remaining().min(this.prefix.len() - this.at);
-            buf.put_slice(&this.prefix[this.at..this.at + n]);
-            this.at += n;
-            if this.at == this.prefix.len() {
+        if let Some(s) = &mut this.start
+            && s.at < s.prefix.len()
+        {
+            let n = buf.remaining().min(s.prefix.len() - s.at);
+            buf.put_slice(&s.prefix[s.at..s.at + n]);
+            s.at += n;
+            if s.at == s.prefix.len() {
                 // Freed: a long-lived connection keeps nothing of it.
-                this.prefix = Vec::new();
-                this.at = 0;
+                s.prefix = Vec::new();
+                s.at = 0;
+                this.tidy();
             }
             return Poll::Ready(Ok(()));
         }
@@ -122,21 +164,25 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Peeked<S> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
-        match &mut this.hold {
+        let Some(s) = &mut this.start else {
+            return Pin::new(&mut this.inner).poll_write(cx, buf);
+        };
+        match &mut s.hold {
             Hold::Off => return Pin::new(&mut this.inner).poll_write(cx, buf),
             Hold::Watching if !buf.starts_with(SWITCHING) => {
-                this.hold = Hold::Off;
+                s.hold = Hold::Off;
+                this.tidy();
                 return Pin::new(&mut this.inner).poll_write(cx, buf);
             }
             Hold::Watching => {
-                this.hold = Hold::Held(Box::new(Held {
+                s.hold = Hold::Held {
                     bytes: buf.to_vec(),
                     written: 0,
                     released: false,
-                }));
+                };
                 return Poll::Ready(Ok(buf.len()));
             }
-            Hold::Held(h) => h.bytes.extend_from_slice(buf),
+            Hold::Held { bytes, .. } => bytes.extend_from_slice(buf),
         }
         // Taken whole: once released, as much as the socket takes goes now
         // and the rest with the flush that follows.
@@ -151,7 +197,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Peeked<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        if matches!(self.hold, Hold::Off) {
+        if self.passing() {
             return Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         }
         let first = bufs.iter().find(|b| !b.is_empty()).map_or(&[][..], |b| b);
@@ -212,7 +258,7 @@ mod tests {
             arrived(&mut client).await,
             b"HTTP/1.1 101 Switching Protocols\r\n\r\nwelcome"
         );
-        assert!(matches!(s.hold, Hold::Off), "nothing is kept after");
+        assert!(s.start.is_none(), "nothing is kept after");
         s.write_all(b"next").await.unwrap();
         s.flush().await.unwrap();
         assert_eq!(arrived(&mut client).await, b"next");

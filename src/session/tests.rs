@@ -466,15 +466,18 @@ where
 }
 
 /// Every idle connection holds one session future for its whole life, so
-/// its size is memory per connection. The numbers are the sizes measured
-/// before the session was split into modules (2296 and 3480 bytes on
-/// x86_64); a change that makes the future larger must say why here.
+/// its size is memory per connection, and a few bytes can cost hundreds:
+/// the task is allocated in jemalloc's size classes (…, 3072, 3584, 4096),
+/// so 16 bytes more can move every idle TLS connection's task up a class
+/// (about 620 bytes each, as `bench/idle-rss.sh` shows). The bounds are
+/// the sizes on x86_64 (2232 and 3416 bytes); a change that makes the
+/// future larger must say why here.
 #[test]
-fn the_session_future_is_no_larger_than_before_the_split() {
+fn the_session_future_is_no_larger_than_before() {
     type Plain = crate::net::Peeked<tokio::net::TcpStream>;
     type Tls = crate::net::Peeked<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>;
     let plain = returned_size(&Session::<Plain>::run);
     let tls = returned_size(&Session::<Tls>::run);
-    assert!(plain <= 2296, "a plain session's future is {plain} bytes");
-    assert!(tls <= 3480, "a TLS session's future is {tls} bytes");
+    assert!(plain <= 2232, "a plain session's future is {plain} bytes");
+    assert!(tls <= 3416, "a TLS session's future is {tls} bytes");
 }
