@@ -20,66 +20,31 @@ REF=${REF_BIN:-target/release/tokio-broadcast}
 LT=${LT_BIN:-target/release/switchboard-loadtest}
 OUT=${OUT:-$(mktemp -d /tmp/switchboard-pairs.XXXXXX)}
 N=$([ "$MODE" = plain ] && echo 20000 || echo 8000)
-mkdir -p "$OUT/certs"
+mkdir -p "$OUT"
 ulimit -n "$(ulimit -Hn)"
 echo "results in $OUT" >&2
 
-PID=""
-URL=""
-stop() {
-    if [ -n "$PID" ]; then
-        kill -TERM "$PID" 2>/dev/null || true
-        wait "$PID" 2>/dev/null || true
-        PID=""
-    fi
-}
-trap stop EXIT
-
-# start NAME: starts the server on CPU 0; sets PID and URL (for MODE).
-start() {
-    local log="$OUT/server-$1-$RANDOM.log"
-    if [ "$1" = switchboard ]; then
-        taskset -c 0 "$SB" serve --listen 127.0.0.1:0 --plain-listen 127.0.0.1:0 \
-            --admin-listen 127.0.0.1:0 --data-dir "$(mktemp -d "$OUT/data.XXXXXX")" \
-            --tls-cert "$OUT/certs/server.pem" --tls-key "$OUT/certs/server.key" \
-            --max-connections 20000 >"$log" 2>&1 &
-    else
-        taskset -c 0 "$REF" --listen 127.0.0.1:0 --tls-listen 127.0.0.1:0 \
-            --cert "$OUT/certs/server.pem" --key "$OUT/certs/server.key" >"$log" 2>&1 &
-    fi
-    PID=$!
-    # "ws://" is not a substring of "wss://".
-    local pattern=$([ "$MODE" = plain ] && echo 'ws://[0-9.:]*/ws' || echo 'wss://[0-9.:]*/ws')
-    for _ in $(seq 1 200); do
-        URL=$(grep -o "$pattern" "$log" | head -1 || true)
-        if [ -n "$URL" ]; then
-            return 0
-        fi
-        sleep 0.05
-    done
-    echo "the $1 server did not start; see $log" >&2
-    exit 1
-}
-
-# Switchboard writes the development certificates the first time.
-start switchboard
-stop
+NATS=""
+# shellcheck source=bench/lib.sh
+source bench/lib.sh
+ensure_certs
 
 for i in $(seq 1 "$PAIRS"); do
     for srv in switchboard tokio; do
-        start $srv
+        start_server $srv
+        url=$([ "$MODE" = plain ] && echo "$WS" || echo "$WSS")
         extra=$([ $srv = switchboard ] && echo "--join-in-url" || echo "--raw")
-        taskset -c 1 "$LT" connect $extra --url "$URL" --ca "$OUT/certs/ca.pem" --clients "$N" \
+        taskset -c 1 "$LT" connect $extra --url "$url" --ca "$OUT/certs/ca.pem" --clients "$N" \
             --concurrency 64 --duration 60 --source-ips 127.0.0.2-127.0.0.60 \
             --server-pid "$PID" --quiet >"$OUT/$srv-$i.txt" 2>&1 || true
-        stop
+        stop_server
     done
 done
 
 python3 - "$OUT" "$PAIRS" "$N" <<'EOF'
 import re, statistics, sys
 out, pairs, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-rows = {}
+rows, each = {}, {}
 for srv in ("switchboard", "tokio"):
     rates, cpus, gens = [], [], []
     for i in range(1, pairs + 1):
@@ -88,9 +53,16 @@ for srv in ("switchboard", "tokio"):
         cpus.append(float(re.search(r"server pid \d+:\s+([\d.]+) CPU-s", t).group(1)) * 1e6 / n)
         gens.append(int(re.search(r"load generator: [\d.]+ CPU-s \((\d+)%", t).group(1)))
     rows[srv] = (statistics.median(rates), statistics.median(cpus))
+    each[srv] = (rates, cpus)
     print(f"{srv:12} connections/s median {rows[srv][0]:8.0f} ({min(rates):.0f}-{max(rates):.0f})"
           f"   server µs/connection median {rows[srv][1]:5.0f} ({min(cpus):.0f}-{max(cpus):.0f})"
           f"   generator {min(gens)}-{max(gens)} % of its core")
 r, c = rows["switchboard"][0] / rows["tokio"][0], rows["tokio"][1] / rows["switchboard"][1]
 print(f"switchboard / tokio: {r:.2f} by rate, {c:.2f} by server CPU per connection (as a rate)")
+(sr, sc), (tr, tc) = each["switchboard"], each["tokio"]
+pair_rates = [a / b for a, b in zip(sr, tr)]
+pair_cpus = [b / a for a, b in zip(sc, tc)]
+print(f"pairs: median of the pairs' ratios {statistics.median(pair_rates):.2f} by rate, "
+      f"{statistics.median(pair_cpus):.2f} by server CPU; "
+      f"{sum(x >= 0.95 for x in pair_rates)} of {pairs} pairs at >= 0.95 by rate")
 EOF
