@@ -177,6 +177,7 @@ impl Nats {
     /// SIGSTOP: the server keeps its sockets open but answers nothing, as
     /// a stalled machine does; what reaches it meanwhile waits in its
     /// socket buffers.
+    ///
     /// Returns once every thread of it is stopped: a signal is only queued
     /// by `kill`, and a thread running on another core may still answer
     /// a request meanwhile.
