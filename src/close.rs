@@ -28,7 +28,7 @@ pub enum CloseReason {
     SlowConsumer,
     /// An operator kicked the session.
     Kicked,
-    /// Nothing arrived for two heartbeat intervals.
+    /// Nothing arrived in the heartbeat interval after a ping.
     HeartbeatTimeout,
     /// A frame was larger than `max_message_bytes`.
     TooBig,

@@ -72,7 +72,9 @@ pub struct Config {
     pub close_linger_ms: u64,
     /// Most un-acknowledged sends per session; past it the session stops reading. Default 256.
     pub max_inflight_sends: usize,
-    /// Server ping interval; a session silent for two intervals is closed with 4102. Default 25 000 ms.
+    /// Server ping interval (the first ping comes at a random point of the
+    /// interval's second half); a session that sends nothing in the interval
+    /// after a ping is closed with 4102. Default 25 000 ms.
     pub heartbeat_interval_ms: u64,
     /// How often each room's presence changes go out, batched into one
     /// `presence` event per room. Default 100 ms.
@@ -132,6 +134,9 @@ pub struct Config {
     /// The same bound in bytes of the waiting appends' bodies and keys.
     /// Default 67 108 864 (64 MiB).
     pub store_queue_bytes: usize,
+    /// Commits whose messages wait for the fan-out task; past it the
+    /// store writer waits for the fan-out before committing more. Default 256.
+    pub fanout_queue_commits: usize,
     /// redb's page cache, in bytes: the store's largest use of memory
     /// besides the unindexed log. Default 67 108 864 (64 MiB).
     pub store_cache_bytes: usize,
@@ -471,6 +476,7 @@ impl Default for Config {
             index_batch_bytes: 32 << 20,
             store_queue_capacity: 65_536,
             store_queue_bytes: 64 << 20,
+            fanout_queue_commits: 256,
             store_cache_bytes: 64 << 20,
             store_retry_ms: 1000,
             idempotency_ttl_secs: 86_400,
@@ -637,6 +643,7 @@ impl Config {
         at_least("store_queue_capacity", self.store_queue_capacity as u64, 1)?;
         at_least("store_retry_ms", self.store_retry_ms, 1)?;
         at_least("store_queue_bytes", self.store_queue_bytes as u64, 1)?;
+        at_least("fanout_queue_commits", self.fanout_queue_commits as u64, 1)?;
         at_least("admin_page_max", self.admin_page_max as u64, 1)?;
         at_least("retention_interval_ms", self.retention_interval_ms, 1)?;
         at_least("retention_batch", self.retention_batch, 1)?;

@@ -1,8 +1,8 @@
 //! Rooms, their members and presence, and fan-out of committed messages.
 //!
 //! The hub owns the room registry (a `DashMap` from room name to [`Room`]).
-//! It is called from session tasks (join, leave, typing) and from the store
-//! writer thread (every committed message, in seq order per room).
+//! It is called from session tasks (join, leave, typing) and from one
+//! delivering task (every committed message, in seq order per room).
 //!
 //! Invariants:
 //! - The hub never awaits. It never holds a map guard across an `.await`,
@@ -11,9 +11,10 @@
 //! - A message is encoded once into shared bytes; each recipient gets a
 //!   reference-counted handle, never a copy.
 //! - A room's members see its messages in commit order, which is seq order,
-//!   because only the single store writer thread calls [`CommitSink::committed`]
-//!   (in a cluster, the bus's one delivery task, which puts each room's
-//!   messages from every node in seq order: `cluster::bus`).
+//!   because one task at a time calls [`Hub::deliver`]: the fan-out task,
+//!   fed by the store writer in commit order (`fanout`), or in a cluster
+//!   the bus's one delivery task, which puts each room's messages from
+//!   every node in seq order (`cluster::bus`).
 //! - A join or leave costs the same whatever the room's size: members are
 //!   found through a map of slots once a room has more than [`SCAN_MAX`]
 //!   (below, a scan of a few members), the users' counts are a sorted
@@ -52,6 +53,7 @@ use std::net::SocketAddr;
 use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
 
 use dashmap::DashMap;
 use protocol::ServerFrame;
@@ -969,34 +971,61 @@ impl Hub {
     }
 }
 
-impl CommitSink for Hub {
-    /// Fans a commit's messages out: per room, one encoding per message, one
-    /// shared delivery of all of them, and one non-blocking push per member.
-    fn committed(&self, msgs: &[Committed<'_>]) {
-        // Group by room, keeping each room's seq order. Most commits hold
-        // few rooms; the map is per commit, never per recipient.
-        let mut rooms: FxHashMap<&str, Vec<Encoded>> = FxHashMap::default();
-        let mut order: Vec<&str> = Vec::new();
+/// A commit's new messages, each encoded once, grouped by room in commit
+/// order: what [`Hub::deliver`] fans out. Encoding is per message, so it
+/// can be done away from the fan-out (on the store writer thread).
+#[derive(Debug)]
+pub struct Fanout {
+    /// Per room, its messages in strictly increasing seq.
+    rooms: Vec<(Box<str>, Vec<Encoded>)>,
+    /// When the messages were encoded: the start of the fan-out latency
+    /// their deliveries report.
+    encoded: Instant,
+}
+
+impl Fanout {
+    /// Encodes `msgs` (one commit's, in commit order) and groups them by room.
+    pub fn encode(msgs: &[Committed<'_>]) -> Fanout {
+        // Most commits hold few rooms; the map is per commit, never per
+        // recipient.
+        let mut rooms: Vec<(Box<str>, Vec<Encoded>)> = Vec::new();
+        let mut index: FxHashMap<&str, usize> = FxHashMap::default();
         for msg in msgs {
             let message = protocol::MessageRef::new(msg.room, msg.seq, msg.from, msg.ts, msg.body);
             let encoded = Encoded {
                 seq: msg.seq,
                 frame: WireFrame::json(&message),
             };
-            rooms
-                .entry(msg.room)
-                .or_insert_with(|| {
-                    order.push(msg.room);
-                    Vec::new()
-                })
-                .push(encoded);
+            let i = *index.entry(msg.room).or_insert_with(|| {
+                rooms.push((Box::from(msg.room), Vec::new()));
+                rooms.len() - 1
+            });
+            if let Some((_, list)) = rooms.get_mut(i) {
+                list.push(encoded);
+            }
         }
-        for room in order {
-            let (Some(r), Some(messages)) = (self.rooms.get(room), rooms.remove(room)) else {
+        Fanout {
+            rooms,
+            encoded: Instant::now(),
+        }
+    }
+}
+
+impl Hub {
+    /// Fans encoded messages out: per room, one shared delivery of all of
+    /// them and one non-blocking push per member. Fan-outs must come in
+    /// commit order (one caller at a time), as members see them in it.
+    pub fn deliver(&self, fanout: Fanout) {
+        for (room, messages) in fanout.rooms {
+            let Some(r) = self.rooms.get(&*room) else {
                 continue;
             };
             let last = messages.last().map(|m| m.seq);
-            let delivery = Arc::new(Delivery::new(r.name.clone(), messages));
+            let delivery = Arc::new(Delivery::encoded_at(
+                r.name.clone(),
+                messages,
+                fanout.encoded,
+            ));
             for m in &r.members {
                 m.outbox.push_message(&delivery);
             }
@@ -1005,6 +1034,14 @@ impl CommitSink for Hub {
                 r.raise_latest(seq);
             }
         }
+    }
+}
+
+impl CommitSink for Hub {
+    /// Encodes a commit's messages and fans them out at once, on the
+    /// caller's thread (in a cluster, the bus's delivery task).
+    fn committed(&self, msgs: &[Committed<'_>]) {
+        self.deliver(Fanout::encode(msgs));
     }
 }
 

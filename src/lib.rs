@@ -11,11 +11,12 @@
 //! - [`close`]: why a session ended, as a close code and a metrics label.
 //! - [`delivery`]: pre-framed frames and the per-session outbox they travel in.
 //! - [`hub`]: rooms, presence and fan-out of committed messages.
+//! - [`fanout`]: the store writer's commits handed to the fan-out task on the runtime.
 //! - [`history`]: the [`history::Store`] trait, the seam to where history lives.
 //! - [`store`]: redb history with a group-committing writer thread.
 //! - [`cluster`]: cluster mode: history in NATS JetStream, fan-out between nodes.
 //! - [`tls`]: rustls configuration and development certificates.
-//! - [`net`]: the TCP socket under a stream (`TCP_CORK` for the first replies).
+//! - [`net`]: the stream under a session, holding the upgrade's reply until the first frames join it.
 //! - [`glob`]: the room-name glob of grants and retention rules.
 //! - [`metrics`]: lock-free counters, gauges and histograms, with their Prometheus names.
 //! - [`admin`]: the internal HTTP listener: health, `/metrics`, admin API, dashboard.
@@ -31,6 +32,7 @@ pub mod config;
 pub mod delivery;
 pub mod demo;
 pub mod drain;
+pub mod fanout;
 pub mod gateway;
 pub mod glob;
 pub mod history;

@@ -145,7 +145,7 @@ struct ServeArgs {
     /// Write deadline in ms; a slower write closes the session as a slow consumer [default: 10000].
     #[arg(long, env = "SWITCHBOARD_WRITE_TIMEOUT_MS")]
     write_timeout_ms: Option<u64>,
-    /// Server ping interval in ms; silent for two closes with 4102 [default: 25000].
+    /// Server ping interval in ms; nothing in the interval after a ping closes with 4102 [default: 25000].
     #[arg(long, env = "SWITCHBOARD_HEARTBEAT_INTERVAL_MS")]
     heartbeat_interval_ms: Option<u64>,
     /// Most messages replayed on resume; more answers recovered:false [default: 1000].

@@ -24,12 +24,13 @@ use crate::auth::{AuthSetupError, Verifier};
 use crate::cluster;
 use crate::config::{Config, ConfigError};
 use crate::drain::{self, Drain};
+use crate::fanout;
 use crate::gateway;
 use crate::history::History;
 use crate::hub::{Hub, HubOptions};
 use crate::limits::Limits;
 use crate::metrics::Metrics;
-use crate::store::{CommitSink, Committed, OpenError, Store};
+use crate::store::{CommitSink, Committed, OpenError, Replies, Store};
 use crate::tls::{self, TlsError};
 
 pub use crate::state::ServerState;
@@ -60,6 +61,8 @@ pub enum ServerError {
     Cluster(#[from] cluster::StartError),
     #[error("the store did not shut down cleanly")]
     StoreShutdown(#[source] crate::store::ShutdownError),
+    #[error("cannot set up the fan-out task's wake-up")]
+    Fanout(#[source] std::io::Error),
     #[error("a startup task failed")]
     Join(#[from] tokio::task::JoinError),
 }
@@ -86,6 +89,10 @@ pub struct Server {
     listeners: Listeners,
     tls: Option<Arc<rustls::ServerConfig>>,
     certs: Option<Arc<tls::CertStore>>,
+    /// The fan-out task of the embedded store's commits (none in a
+    /// cluster, where the bus's delivery task delivers): it runs from the
+    /// store's opening to its shutdown, whose end ends it.
+    fan_out: TaskTracker,
 }
 
 /// What holds the history, for the shutdown: the embedded store (its
@@ -118,12 +125,17 @@ impl Server {
         let metrics = Arc::new(Metrics::default());
         let hub = Arc::new(Hub::with_options(HubOptions::from_config(&config)));
         let permits = Arc::new(Semaphore::new(config.max_connections));
+        let fan_out = TaskTracker::new();
         let (backend, store, node) = match &config.cluster {
             None => {
                 let path = config.db_path();
                 let opts = config.store_options();
-                // Records each commit's duration and size, then fans out through the hub.
-                let sink = Arc::new(ObservedSink::new(hub.clone(), metrics.clone()));
+                // Records each commit's duration and size, then hands its
+                // messages to the fan-out task, which delivers them through the hub.
+                let (queue, task) = fanout::channel(hub.clone(), config.fanout_queue_commits)
+                    .map_err(ServerError::Fanout)?;
+                fan_out.spawn(task.run());
+                let sink = Arc::new(ObservedSink::new(Arc::new(queue), metrics.clone()));
                 let store =
                     tokio::task::spawn_blocking(move || Store::open(&path, opts, sink)).await??;
                 let handle = History::Local(store.handle());
@@ -175,6 +187,7 @@ impl Server {
             listeners: Listeners::default(),
             tls,
             certs,
+            fan_out,
         })
     }
 
@@ -203,6 +216,7 @@ impl Server {
             listeners,
             tls,
             certs: _,
+            fan_out,
         } = self;
         let token = CancellationToken::new();
         let tracker = TaskTracker::new();
@@ -309,6 +323,14 @@ impl Server {
                 .map_err(ServerError::StoreShutdown)?,
             Backend::Cluster(started) => started.stop(grace).await,
         }
+        // The store has gone, so the fan-out task has delivered its last.
+        fan_out.close();
+        if tokio::time::timeout(grace, fan_out.wait()).await.is_err() {
+            warn!(
+                ?grace,
+                "the fan-out task did not finish within the grace period"
+            );
+        }
         info!("stopped");
         Ok(())
     }
@@ -351,6 +373,10 @@ impl<S> ObservedSink<S> {
 impl<S: CommitSink> CommitSink for ObservedSink<S> {
     fn committed(&self, msgs: &[Committed<'_>]) {
         self.inner.committed(msgs);
+    }
+
+    fn committed_then(&self, msgs: &[Committed<'_>], replies: Replies) {
+        self.inner.committed_then(msgs, replies);
     }
 
     fn batch_committed(&self, operations: usize, elapsed: std::time::Duration) {

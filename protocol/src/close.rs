@@ -58,7 +58,7 @@ codes! {
     SLOW_CONSUMER = 4100, "slow_consumer", Backoff;
     /// The session kept exceeding its rate limits.
     RATE_LIMITED = 4101, "rate_limited", Backoff;
-    /// The client sent nothing for two heartbeat intervals.
+    /// The client sent nothing in the heartbeat interval after a ping.
     HEARTBEAT_TIMEOUT = 4102, "heartbeat_timeout", Backoff;
     /// The server asks the client to reconnect now (possibly elsewhere).
     RECONNECT = 4200, "reconnect", AtOnce;

@@ -49,12 +49,17 @@ pub struct Encoded {
 impl Delivery {
     /// A delivery of `messages`, encoded now.
     pub fn new(room: Arc<str>, messages: Vec<Encoded>) -> Delivery {
+        Delivery::encoded_at(room, messages, Instant::now())
+    }
+
+    /// A delivery of `messages`, encoded at `created`.
+    pub fn encoded_at(room: Arc<str>, messages: Vec<Encoded>, created: Instant) -> Delivery {
         let bytes = messages.iter().map(|m| m.frame.len()).sum();
         Delivery {
             room,
             messages,
             bytes,
-            created: Instant::now(),
+            created,
         }
     }
 }
@@ -86,7 +91,7 @@ thread_local! {
 }
 
 /// One complete unmasked text frame (header and payload), shared by every
-/// recipient.
+/// recipient; or the server's ping, which rides with room traffic.
 #[derive(Debug, Clone)]
 pub struct WireFrame {
     bytes: Bytes,
@@ -151,6 +156,16 @@ impl WireFrame {
             bytes: Bytes::from(buf).slice(start..),
             // At most MAX_HEADER bytes.
             header: n as u8,
+        }
+    }
+
+    /// A WebSocket ping with no payload (RFC 6455 §5.5.2).
+    pub fn ping() -> WireFrame {
+        /// FIN and the ping opcode, then a payload length of 0.
+        const PING: [u8; 2] = [0x89, 0x00];
+        WireFrame {
+            bytes: Bytes::from_static(&PING),
+            header: 2,
         }
     }
 

@@ -11,6 +11,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 
@@ -26,8 +27,9 @@ use tracing::debug;
 
 use super::pending::oldest_ack;
 use super::token::{TokenTimer, token_alarm};
-use super::{CloseReason, Flow, Outbox, OutboxReceiver, Outgoing, Session, Transport};
-use crate::hub::SessionEntry;
+use super::{CloseReason, Flow, Outbox, OutboxReceiver, Outgoing, Ping, Session, Transport};
+use crate::delivery::WireFrame;
+use crate::hub::{SessionEntry, SessionId};
 use crate::store::ReadError;
 
 impl<S: Transport> Session<S> {
@@ -97,8 +99,15 @@ impl<S: Transport> Session<S> {
 
     async fn main_loop(&mut self) -> CloseReason {
         let interval = self.state.config.heartbeat_interval();
-        let mut heartbeat = tokio::time::interval_at(Instant::now() + interval, interval);
-        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The first ping comes at a random point of the interval's second
+        // half: clients that connected together (all of them, after a
+        // restart) would otherwise be pinged together ever after, a burst
+        // of pings and pongs every interval on top of the room traffic.
+        let first = first_ping(self.id, interval);
+
+        // Boxed, as `Interval` boxes its own: the timer is large, and this
+        // future is held by every idle connection.
+        let mut heartbeat = Box::pin(tokio::time::sleep_until(Instant::now() + first));
         let max_inflight = self.state.config.max_inflight_sends;
         let mut token_timer: TokenTimer = None;
         self.token_changed = true;
@@ -132,7 +141,9 @@ impl<S: Transport> Session<S> {
                         r.map_err(|e| socket_error(&e))
                     }
                 },
-                _ = heartbeat.tick() => self.on_heartbeat(interval).await,
+                () = &mut heartbeat => {
+                    self.on_heartbeat(heartbeat.as_mut(), interval).await
+                }
                 () = token_alarm(&mut token_timer), if token_timer.is_some() => {
                     self.on_token_deadline().await
                 }
@@ -369,6 +380,11 @@ impl<S: Transport> Session<S> {
                 next = self.inbox.try_recv();
             }
         }
+        if self.ping == Ping::Owed && self.unsent.frames() > before {
+            // Rides with this traffic: see `on_heartbeat`.
+            self.ping = Ping::Rode;
+            self.unsent.push_event(Arc::new(WireFrame::ping()));
+        }
         let flow = self.write_unsent().await;
         if flow.is_ok() {
             self.state.metrics.messages_delivered.add(delivered);
@@ -443,11 +459,44 @@ impl<S: Transport> Session<S> {
         }
     }
 
-    async fn on_heartbeat(&mut self, interval: std::time::Duration) -> Flow {
-        if self.last_seen.elapsed() >= interval * 2 {
-            return Err(CloseReason::HeartbeatTimeout);
+    /// The heartbeat's timer fired. At a ping's time: closes the session
+    /// if nothing has come from the client since the last ping's time, an
+    /// interval ago (so after one to two intervals of silence); otherwise
+    /// the ping is owed, and waits a [`PING_WAIT_DIVISOR`]th of the
+    /// interval for room traffic to ride with (`write_outgoing` adds it to
+    /// the same write), then goes alone. A ping alone costs a write, and
+    /// the client's wake-up, on top of each delivery's.
+    async fn on_heartbeat(
+        &mut self,
+        mut timer: Pin<&mut tokio::time::Sleep>,
+        interval: std::time::Duration,
+    ) -> Flow {
+        let fired = timer.deadline();
+        let wait = interval / PING_WAIT_DIVISOR;
+        match self.ping {
+            Ping::Idle => {
+                if fired
+                    .checked_sub(interval)
+                    .is_some_and(|last| self.last_seen < last)
+                {
+                    return Err(CloseReason::HeartbeatTimeout);
+                }
+                self.ping = Ping::Owed;
+                timer.as_mut().reset(fired + wait);
+                Ok(())
+            }
+            Ping::Rode => {
+                self.ping = Ping::Idle;
+                timer.as_mut().reset(fired + (interval - wait));
+                Ok(())
+            }
+            Ping::Owed => {
+                // The wait is over and no traffic took it.
+                self.ping = Ping::Idle;
+                timer.as_mut().reset(fired + (interval - wait));
+                self.write(Message::Ping(Default::default()), true).await
+            }
         }
-        self.write(Message::Ping(Default::default()), true).await
     }
 
     async fn on_frame(&mut self, frame: Option<Result<Message, WsError>>) -> Flow {
@@ -479,6 +528,23 @@ impl<S: Transport> Session<S> {
         }
     }
 }
+
+/// When a session's first ping is due: at a point of the interval's second
+/// half spread by its id (a multiplicative hash, so consecutive ids land
+/// far apart), in whole milliseconds as the runtime's timers count.
+pub(super) fn first_ping(id: SessionId, interval: std::time::Duration) -> std::time::Duration {
+    let half = u64::try_from(interval.as_millis() / 2).unwrap_or(u64::MAX);
+    let spread = id.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    // The hash's high bits, scaled to [0, half).
+    let offset = (u128::from(spread) * u128::from(half)) >> 64;
+    std::time::Duration::from_millis(half.saturating_add(offset as u64))
+}
+
+/// An owed ping waits at most this fraction of the heartbeat interval for
+/// room traffic to ride with (2.5 s of the default 25 s): a busy session's
+/// pings then cost no write of their own, and a quiet one's are late by at
+/// most that much.
+const PING_WAIT_DIVISOR: u32 = 10;
 
 /// The socket's side of the main loop: the next frame from the client, or,
 /// once none is ready, the flush of replies written meanwhile. Reads come

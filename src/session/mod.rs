@@ -106,6 +106,8 @@ pub struct Session<S> {
     /// When the last frame came from the client. A Tokio instant, so that
     /// the heartbeat runs on the runtime's clock (virtual under test).
     last_seen: Instant,
+    /// Where the heartbeat is between two pings.
+    ping: Ping,
     stats: Arc<SessionStats>,
     limits: SessionLimits,
     /// Whether `token_expiring` went out for the current token.
@@ -125,6 +127,18 @@ pub struct Session<S> {
     welcomed: fn(&mut S),
     /// Held for the session's life: dropping the session frees its slots.
     _slots: Slots,
+}
+
+/// The heartbeat's state: at each ping's time a ping becomes owed, and
+/// waits a little for room traffic to ride with (see `engine`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ping {
+    /// Waiting for the next ping's time.
+    Idle,
+    /// The ping is due, not yet sent.
+    Owed,
+    /// The ping went out with room traffic during its wait.
+    Rode,
 }
 
 impl<S: Transport> Session<S> {
@@ -163,6 +177,7 @@ impl<S: Transport> Session<S> {
             rooms: FxHashMap::default(),
             pending: VecDeque::new(),
             last_seen: Instant::now(),
+            ping: Ping::Idle,
             stats: Arc::new(SessionStats::default()),
             limits,
             expiry_warned: false,

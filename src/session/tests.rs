@@ -320,13 +320,55 @@ async fn send_unacked(rig: &Rig, peer: &mut Peer, room: &str, count: u64) {
 async fn a_silent_client_gets_a_ping_then_the_heartbeat_close() {
     let rig = Rig::new(|c| c.heartbeat_interval_ms = 1000).await;
     let mut conn = rig.connect("alice", None, BUFFER).await;
-    tokio::time::advance(Duration::from_millis(1000)).await;
+    // The ping's time, then its wait for traffic to ride with.
+    let due = super::engine::first_ping(conn.id, Duration::from_millis(1000));
+    tokio::time::advance(due).await;
+    settle_tasks().await;
+    assert!(conn.peer.is_quiet().await, "owed, not sent yet");
+    tokio::time::advance(Duration::from_millis(100)).await;
     settle_tasks().await;
     assert_eq!(conn.peer.frame().await.0, OP_PING);
     // The peer answers nothing: one more interval is two without a frame.
     tokio::time::advance(Duration::from_millis(1000)).await;
     let texts = conn.closed_for(CloseReason::HeartbeatTimeout).await;
     assert!(texts.is_empty(), "{texts:?}");
+}
+
+/// A ping due while room traffic flows goes out with it, in its wait, and
+/// not again alone at the wait's end; the next is an interval after.
+#[tokio::test(start_paused = true)]
+async fn a_ping_rides_with_the_room_traffic_of_its_wait() {
+    let rig = Rig::new(|c| c.heartbeat_interval_ms = 1000).await;
+    let mut conn = rig.connect("alice", None, BUFFER).await;
+    join(&mut conn.peer, "r").await;
+    let due = super::engine::first_ping(conn.id, Duration::from_millis(1000));
+    tokio::time::advance(due).await;
+    settle_tasks().await;
+    assert!(conn.peer.is_quiet().await, "owed, not sent yet");
+    // Traffic in the wait: the session's own message comes back to it.
+    tokio::time::advance(Duration::from_millis(50)).await;
+    send_unacked(&rig, &mut conn.peer, "r", 1).await;
+    let mut frames = Vec::new();
+    while frames.len() < 3 {
+        let (op, payload) = conn.peer.frame().await;
+        let kind = match op {
+            OP_PING => "ping".to_owned(),
+            _ => serde_json::from_slice::<Value>(&payload).unwrap()["type"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        };
+        frames.push(kind);
+    }
+    frames.sort();
+    assert_eq!(frames, ["ack", "message", "ping"]);
+    // The wait's end sends nothing more; the next ping is an interval on.
+    tokio::time::advance(Duration::from_millis(100)).await;
+    settle_tasks().await;
+    assert!(conn.peer.is_quiet().await, "a second ping");
+    tokio::time::advance(Duration::from_millis(1000)).await;
+    settle_tasks().await;
+    assert_eq!(conn.peer.frame().await.0, OP_PING);
 }
 
 #[tokio::test(start_paused = true)]

@@ -57,6 +57,7 @@ use tables::{
 };
 use unindexed::{Logged, Unindexed};
 
+pub use writer::Replies;
 use writer::{Op, Writer};
 
 /// How commits reach the disk.
@@ -141,6 +142,16 @@ pub trait CommitSink: Send + Sync + 'static {
     /// duplicate), after it is durable, with them in commit order: per room,
     /// in strictly increasing seq. Must not block.
     fn committed(&self, msgs: &[Committed<'_>]);
+
+    /// What the writer calls for a commit that made new messages: hands
+    /// them over as `committed` does, then completes the commit's `replies`
+    /// (acks), which must follow. A sink that delivers elsewhere (another
+    /// thread) may carry the replies there and complete them after the
+    /// messages; the writer never waits for them.
+    fn committed_then(&self, msgs: &[Committed<'_>], replies: Replies) {
+        self.committed(msgs);
+        replies.send();
+    }
 
     /// Called once per successful commit, before `committed` for its
     /// messages, with the number of operations and the time it took.

@@ -368,20 +368,9 @@ impl Writer {
                             body: &m.body,
                         })
                         .collect();
-                    self.sink.committed(&new);
-                }
-                for reply in replies {
-                    match reply {
-                        Reply::Append(tx, done) => {
-                            let _ = tx.send(Ok(done));
-                        }
-                        Reply::Erase(tx, n) => {
-                            let _ = tx.send(Ok(n));
-                        }
-                        Reply::Retain(tx, step) => {
-                            let _ = tx.send(Ok(step));
-                        }
-                    }
+                    self.sink.committed_then(&new, Replies(replies));
+                } else {
+                    Replies(replies).send();
                 }
             }
             Err(e) => {
@@ -720,6 +709,35 @@ enum Reply {
     Append(oneshot::Sender<Result<Appended, AppendError>>, Appended),
     Erase(oneshot::Sender<Result<u64, AppendError>>, u64),
     Retain(oneshot::Sender<Result<Step, AppendError>>, Step),
+}
+
+/// A commit's replies (its acks), owed once its messages are handed over:
+/// see [`CommitSink::committed_then`].
+pub struct Replies(Vec<Reply>);
+
+impl std::fmt::Debug for Replies {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Replies").field(&self.0.len()).finish()
+    }
+}
+
+impl Replies {
+    /// Completes every reply. One whose requester has gone is dropped.
+    pub fn send(self) {
+        for reply in self.0 {
+            match reply {
+                Reply::Append(tx, done) => {
+                    let _ = tx.send(Ok(done));
+                }
+                Reply::Erase(tx, n) => {
+                    let _ = tx.send(Ok(n));
+                }
+                Reply::Retain(tx, step) => {
+                    let _ = tx.send(Ok(step));
+                }
+            }
+        }
+    }
 }
 
 /// Milliseconds since the Unix epoch; 0 if the clock is before it.
