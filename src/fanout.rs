@@ -167,6 +167,9 @@ impl FanoutTask {
                     Err(mpsc::error::TryRecvError::Empty) => break,
                     Err(mpsc::error::TryRecvError::Disconnected) => return,
                 }
+                // A writer that keeps committing must not keep the worker
+                // from the sessions this task wakes: now and then, yield.
+                tokio::task::consume_budget().await;
             }
             if let Err(e) = self.bell.readable().await {
                 // Never seen; the queue's own wake-up still works, later.

@@ -3,10 +3,11 @@
 //! It owns every write transaction. It blocks for the first queued
 //! operation, takes every one queued behind it (up to `max_batch`), applies
 //! them all in one transaction and commits once (group commit). Only after
-//! the commit is durable does it hand new messages to the [`CommitSink`] and
-//! complete the replies. It must never run on an async worker, never panic
-//! on stored data, and never deliver or acknowledge anything it has not
-//! committed.
+//! the commit is durable does it hand new messages to the [`CommitSink`],
+//! with the replies, which the sink completes after them
+//! ([`CommitSink::committed_then`]). It must never run on an async worker,
+//! never panic on stored data, and never deliver or acknowledge anything it
+//! has not committed.
 //!
 //! New messages go to the append-only log, not to the room and sender
 //! indexes: a commit of a thousand messages in a thousand rooms then writes
