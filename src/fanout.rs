@@ -194,11 +194,8 @@ impl FanoutTask {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
-    use crate::delivery::{OutboxReceiver, Outgoing, outbox};
-    use crate::hub::Member;
-    use crate::metrics::Metrics;
+    use crate::delivery::{OutboxReceiver, Outgoing};
     use serde_json::value::RawValue;
-    use tokio_util::sync::CancellationToken;
 
     fn commit(queue: &FanoutQueue, room: &str, seqs: std::ops::RangeInclusive<u64>) {
         let body = RawValue::from_string("\"hi\"".to_owned()).unwrap();
@@ -217,21 +214,7 @@ mod tests {
     /// A hub with one member in room `r`, and that member's queue.
     fn hub_with_member() -> (Arc<Hub>, OutboxReceiver) {
         let hub = Arc::new(Hub::new());
-        let (tx, rx) = outbox(
-            1024,
-            1 << 20,
-            64,
-            CancellationToken::new(),
-            Arc::new(Metrics::default()),
-        );
-        hub.join(
-            "r",
-            Member {
-                session: 1,
-                user: Arc::from("a"),
-                outbox: tx,
-            },
-        );
+        let rx = crate::hub::tests::member(&hub, 1, "a");
         (hub, rx)
     }
 

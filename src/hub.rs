@@ -1047,13 +1047,14 @@ impl CommitSink for Hub {
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::delivery::{OutboxReceiver, Outgoing, outbox};
     use crate::metrics::Metrics;
     use tokio_util::sync::CancellationToken;
 
-    fn member(hub: &Hub, id: SessionId, user: &str) -> OutboxReceiver {
+    /// Joins session `id` of `user` to room `r` of `hub`; its queue.
+    pub(crate) fn member(hub: &Hub, id: SessionId, user: &str) -> OutboxReceiver {
         let (tx, rx) = outbox(
             64,
             1 << 20,
