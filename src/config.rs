@@ -72,9 +72,11 @@ pub struct Config {
     pub close_linger_ms: u64,
     /// Most un-acknowledged sends per session; past it the session stops reading. Default 256.
     pub max_inflight_sends: usize,
-    /// Server ping interval (the first ping comes at a random point of the
-    /// interval's second half); a session that sends nothing in the interval
-    /// after a ping is closed with 4102. Default 25 000 ms.
+    /// Server ping interval (the first ping is due at a point of the
+    /// interval's second half spread by session, and a due ping waits up to
+    /// a tenth of the interval to ride with room traffic); a session that
+    /// sends nothing in the interval after a ping is closed with 4102.
+    /// Default 25 000 ms.
     pub heartbeat_interval_ms: u64,
     /// How often each room's presence changes go out, batched into one
     /// `presence` event per room. Default 100 ms.
