@@ -97,25 +97,14 @@ NODE_ADMIN=()
 # Extra `serve` options of the nodes `cluster` starts.
 NODE_EXTRA=()
 
-# A free loopback port (nats-server needs its ports before it starts).
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-
-# stop PID: SIGTERM, then SIGKILL after 10 s; waits for it.
-stop() {
-    local pid=$1
-    kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 1 100); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-}
+# free_port and stop_pid.
+# shellcheck source=bench/lib.sh
+source bench/lib.sh
 
 stop_all() {
     local pid
     for pid in "${PIDS[@]}"; do
-        stop "$pid"
+        stop_pid "$pid"
     done
     PIDS=()
     NATS_PIDS=()

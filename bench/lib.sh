@@ -1,10 +1,13 @@
-# Shared by bench/run.sh and bench/connect-pairs.sh: starting and stopping
-# the servers under test, and the development certificates they all use.
+# Shared by bench/run.sh, bench/connect-pairs.sh and bench/cluster.sh:
+# starting and stopping the servers under test, and the development
+# certificates they all use.
 # Source it after setting SB, REF, NATS (nats-server only) and OUT.
 #
 # start_server NAME [switchboard options]: NAME is switchboard, tokio, node
 # or nats; the server runs on CPU 0; sets PID, WS and WSS. stop_server stops
-# it by its PID (also at exit). ensure_certs writes OUT/certs once.
+# it by its PID (also at exit; a script with a trap of its own replaces
+# it). stop_pid PID stops any process the script started. ensure_certs
+# writes OUT/certs once.
 
 PID=""
 WS=""
@@ -47,29 +50,9 @@ start_server() {
         ;;
     esac
     PID=$!
-    if [ "$name" = nats ]; then
-        # Ready when its WebSocket listener is logged (bounded). Both URLs
-        # name the one listener; the caller picks the one it asked for.
-        local u=""
-        for _ in $(seq 1 200); do
-            u=$(grep -ho 'websocket clients on wss\?://[0-9.:]*' "$log" "$log.err" | head -1 | sed 's/.* on //' || true)
-            if [ -n "$u" ]; then
-                WS="$u/ws"
-                WSS="$u/ws"
-                return 0
-            fi
-            if ! kill -0 "$PID" 2>/dev/null; then break; fi
-            sleep 0.05
-        done
-        echo "server nats did not start; see $log.err" >&2
-        cat "$log.err" >&2
-        exit 1
-    fi
-    # Ready when both addresses are printed (bounded).
+    # Ready once the URLs are logged (bounded).
     for _ in $(seq 1 200); do
-        WS=$(grep -o 'ws://[0-9.:]*/ws' "$log" | grep -v wss | head -1 || true)
-        WSS=$(grep -o 'wss://[0-9.:]*/ws' "$log" | head -1 || true)
-        if [ -n "$WS" ] && [ -n "$WSS" ]; then
+        if urls_of "$name" "$log"; then
             return 0
         fi
         if ! kill -0 "$PID" 2>/dev/null; then break; fi
@@ -80,15 +63,38 @@ start_server() {
     exit 1
 }
 
+# urls_of NAME LOG: sets WS and WSS from what the server logged; fails
+# until both are there. nats-server logs its one WebSocket listener (both
+# URLs name it; the caller picks the one it asked for), the others a
+# plain and a TLS URL each.
+urls_of() {
+    if [ "$1" = nats ]; then
+        local u
+        u=$(grep -ho 'websocket clients on wss\?://[0-9.:]*' "$2" "$2.err" | head -1 | sed 's/.* on //' || true)
+        WS=${u:+$u/ws}
+        WSS=$WS
+    else
+        WS=$(grep -o 'ws://[0-9.:]*/ws' "$2" | grep -v wss | head -1 || true)
+        WSS=$(grep -o 'wss://[0-9.:]*/ws' "$2" | head -1 || true)
+    fi
+    [ -n "$WS" ] && [ -n "$WSS" ]
+}
+
+# stop_pid PID: SIGTERM, then SIGKILL after 10 s; waits for it.
+stop_pid() {
+    local pid=$1
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 1 100); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}
+
 stop_server() {
     if [ -n "$PID" ]; then
-        kill -TERM "$PID" 2>/dev/null || true
-        for _ in $(seq 1 100); do
-            kill -0 "$PID" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -KILL "$PID" 2>/dev/null || true
-        wait "$PID" 2>/dev/null || true
+        stop_pid "$PID"
         PID=""
     fi
 }

@@ -357,8 +357,9 @@ async fn presence_flusher(state: Arc<ServerState>, stop: CancellationToken) {
 }
 
 /// A [`CommitSink`] that records each commit's duration and size in
-/// [`Metrics`], then hands everything on to `inner` (the hub). It adds two
-/// atomic adds per commit to the writer thread and nothing per message.
+/// [`Metrics`], then hands everything on to `inner` (the fan-out queue, or
+/// in a cluster the bus), replies included. It adds two atomic adds per
+/// commit to the writer thread and nothing per message.
 pub struct ObservedSink<S> {
     inner: Arc<S>,
     metrics: Arc<Metrics>,
