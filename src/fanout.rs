@@ -39,8 +39,8 @@ use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 use tracing::warn;
 
+use crate::history::{CommitSink, Committed, Replies};
 use crate::hub::{Fanout, Hub};
-use crate::store::{CommitSink, Committed, Replies};
 
 /// The writer's end: the embedded store's [`CommitSink`].
 #[derive(Debug)]
@@ -195,6 +195,7 @@ impl FanoutTask {
 mod tests {
     use super::*;
     use crate::delivery::{OutboxReceiver, Outgoing};
+    use crate::history::Backend as _;
     use serde_json::value::RawValue;
 
     fn commit(queue: &FanoutQueue, room: &str, seqs: std::ops::RangeInclusive<u64>) {
@@ -283,7 +284,7 @@ mod tests {
         .unwrap();
         for expected in 1..=3 {
             let (reply, acked) = tokio::sync::oneshot::channel();
-            let append = crate::store::Append {
+            let append = crate::history::Append {
                 room: Arc::from("r"),
                 from: Arc::from("u"),
                 body: RawValue::from_string("1".to_owned()).unwrap(),

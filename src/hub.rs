@@ -63,7 +63,7 @@ use serde_json::value::RawValue;
 use crate::close::CloseReason;
 use crate::config::Config;
 use crate::delivery::{Delivery, Encoded, Outbox, WireFrame};
-use crate::store::{CommitSink, Committed};
+use crate::history::{CommitSink, Committed};
 
 /// A session's process-unique id.
 pub type SessionId = u64;

@@ -12,9 +12,10 @@
 //! - [`delivery`]: pre-framed frames and the per-session outbox they travel in.
 //! - [`hub`]: rooms, presence and fan-out of committed messages.
 //! - [`fanout`]: the store writer's commits handed to the fan-out task on the runtime.
-//! - [`history`]: the [`history::Store`] trait, the seam to where history lives.
-//! - [`store`]: redb history with a group-committing writer thread.
-//! - [`cluster`]: cluster mode: history in NATS JetStream, fan-out between nodes.
+//! - [`history`]: the history contract ([`history::Backend`]) and the types both backends share.
+//! - [`store`]: redb history with a group-committing writer thread (a backend).
+//! - [`cluster`]: cluster mode: history in NATS JetStream (a backend), fan-out between nodes.
+//! - [`backend`]: [`backend::History`], this node's backend, chosen at start.
 //! - [`tls`]: rustls configuration and development certificates.
 //! - [`net`]: the stream under a session, holding the upgrade's reply until the first frames join it.
 //! - [`glob`]: the room-name glob of grants and retention rules.
@@ -26,6 +27,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod backend;
 pub mod close;
 pub mod cluster;
 pub mod config;

@@ -21,16 +21,17 @@ use tracing::{info, warn};
 
 use crate::admin;
 use crate::auth::{AuthSetupError, Verifier};
+use crate::backend::History;
 use crate::cluster;
 use crate::config::{Config, ConfigError};
 use crate::drain::{self, Drain};
 use crate::fanout;
 use crate::gateway;
-use crate::history::History;
+use crate::history::{CommitSink, Committed, Replies};
 use crate::hub::{Hub, HubOptions};
 use crate::limits::Limits;
 use crate::metrics::Metrics;
-use crate::store::{CommitSink, Committed, OpenError, Replies, Store};
+use crate::store::{OpenError, Store};
 use crate::tls::{self, TlsError};
 
 pub use crate::state::ServerState;

@@ -12,10 +12,10 @@ use std::sync::atomic::AtomicU64;
 use tokio::sync::Semaphore;
 
 use crate::auth::Verifier;
+use crate::backend::History;
 use crate::cluster;
 use crate::config::Config;
 use crate::drain::Drain;
-use crate::history::History;
 use crate::hub::Hub;
 use crate::limits::Limits;
 use crate::metrics::Metrics;

@@ -27,10 +27,10 @@ use super::error::ApiError;
 use super::{AdminState, health, now_ms, rfc3339};
 use crate::close::CloseReason;
 use crate::cluster::control::{self, NodeSession};
-use crate::history::Store as _;
+use crate::history::Backend as _;
+use crate::history::{Append, StoreClosed};
 use crate::hub::SessionInfo;
 use crate::limits::{AppendLimit, check_append};
-use crate::store::{Append, StoreClosed};
 
 /// The user that system messages come from.
 pub const SYSTEM_USER: &str = "system";

@@ -9,7 +9,8 @@ use serde_json::json;
 use tracing::warn;
 
 use super::audit::AuditError;
-use crate::store::{AppendError, BackupError, ReadError, StoreClosed};
+use crate::history::{AppendError, ReadError, StoreClosed};
+use crate::store::BackupError;
 
 /// Why an admin request failed; the reply is `{"error": code, "message": ...}`.
 #[derive(Debug, thiserror::Error)]

@@ -20,7 +20,7 @@ use serde_json::json;
 use tracing::warn;
 
 use super::AdminState;
-use crate::history::Store as _;
+use crate::history::Backend as _;
 use crate::state::ServerState;
 
 /// The OpenMetrics text content type that Prometheus negotiates.

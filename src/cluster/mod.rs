@@ -19,8 +19,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::ClusterConfig;
+use crate::history::{Backend as _, CommitSink, ReadError};
 use crate::hub::Hub;
-use crate::store::{CommitSink, ReadError};
 
 /// What the rest of the server holds of cluster mode: the node's id, its
 /// bus (nodes, rooms) and its control plane (operators' requests to the
@@ -158,7 +158,7 @@ pub async fn start(
             Box::pin(async move {
                 match store {
                     Some(s) => s.read_after(&room, after, limit).await,
-                    None => Err(ReadError::Cluster(
+                    None => Err(ReadError::Unavailable(
                         "the cluster's history is not open yet".into(),
                     )),
                 }

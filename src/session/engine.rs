@@ -29,8 +29,8 @@ use super::pending::oldest_ack;
 use super::token::{TokenTimer, token_alarm};
 use super::{CloseReason, Flow, Outbox, OutboxReceiver, Outgoing, Ping, Session, Transport};
 use crate::delivery::WireFrame;
+use crate::history::ReadError;
 use crate::hub::{SessionEntry, SessionId};
-use crate::store::ReadError;
 
 impl<S: Transport> Session<S> {
     /// Runs the session to its end and returns why it ended, first joining
@@ -307,7 +307,7 @@ impl<S: Transport> Session<S> {
     /// comes back by itself), `internal` otherwise.
     pub(super) async fn read_failed(&mut self, id: Option<RequestId>, e: &ReadError) -> Flow {
         let retry_after_ms = match e {
-            ReadError::Cluster(_) => Some(self.state.config.store_retry_ms.max(1)),
+            ReadError::Unavailable(_) => Some(self.state.config.store_retry_ms.max(1)),
             _ => None,
         };
         self.send_error_frame(ServerFrame::Error {

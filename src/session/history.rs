@@ -9,7 +9,7 @@ use tracing::warn;
 use super::admission::{Membership, Needs};
 use super::{Flow, Session, Transport};
 use crate::auth::Access;
-use crate::history::Store as _;
+use crate::history::Backend as _;
 use crate::limits::Action;
 
 /// A page of history needs read access, not a join, and a history token.

@@ -14,10 +14,10 @@ use tracing::warn;
 use super::admission::{Membership, Needs};
 use super::{Flow, Session, Transport};
 use crate::auth::Access;
-use crate::history::Store as _;
+use crate::history::Backend as _;
+use crate::history::StoredMessage;
 use crate::hub::Member;
 use crate::limits::Action;
-use crate::store::StoredMessage;
 
 /// A join needs read access and a join token.
 const JOIN: Needs = Needs {

@@ -16,7 +16,7 @@ use protocol::RequestId;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::store::{AppendError, Appended};
+use crate::history::{AppendError, Appended};
 
 /// An in-flight `send`, resolved when its commit finishes.
 pub(super) struct PendingAck {

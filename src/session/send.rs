@@ -17,9 +17,9 @@ use super::admission::{Membership, Needs};
 use super::pending::PendingAck;
 use super::{Flow, Session, Transport};
 use crate::auth::Access;
-use crate::history::Store as _;
+use crate::history::Backend as _;
+use crate::history::{Append, AppendError};
 use crate::limits::{Action, AppendLimit, check_append};
-use crate::store::{Append, AppendError};
 
 /// A send needs write access, a join unless the grant is write-only, and
 /// a send token.

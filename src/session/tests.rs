@@ -27,7 +27,7 @@ use tokio_util::task::TaskTracker;
 use super::{CloseReason, Identity, Session};
 use crate::auth::Principal;
 use crate::config::{Config, Rate};
-use crate::history::Store as _;
+use crate::history::Backend as _;
 use crate::limits::Slots;
 use crate::server::Server;
 use crate::state::ServerState;
@@ -400,7 +400,7 @@ async fn a_peer_that_stops_reading_is_closed_as_a_slow_consumer() {
     let mut replies = Vec::new();
     for _ in 0..32 {
         let (reply, rx) = tokio::sync::oneshot::channel();
-        let append = crate::store::Append {
+        let append = crate::history::Append {
             room: Arc::from("r"),
             from: Arc::from("bob"),
             body: serde_json::value::RawValue::from_string(body.clone()).unwrap(),

@@ -1,8 +1,6 @@
 //! The store's errors: one enum per operation, each keeping its cause.
 
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::Duration;
 
 use super::slot::Reopening;
 
@@ -113,24 +111,10 @@ impl WriteError {
     }
 }
 
-/// Why an append (or another write through the writer) failed.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum AppendError {
-    /// The transaction holding it failed; nothing of it was stored or delivered.
-    #[error("the commit holding this write failed")]
-    Write(#[source] Arc<WriteError>),
-    /// The store cannot commit now (the disk is full or failing); nothing
-    /// of this write was stored. Retry after `retry_after`.
-    #[error("the store cannot commit now; retry in {retry_after:?}")]
-    Unavailable { retry_after: Duration },
-    /// The store is shutting down or gone.
-    #[error("the store is closed")]
-    Closed,
-}
-
-/// A read failed.
+/// A read of the redb file failed (the cause of a
+/// [`crate::history::ReadError`]).
 #[derive(Debug, thiserror::Error)]
-pub enum ReadError {
+pub enum DbReadError {
     #[error("cannot begin a read transaction")]
     Transaction(#[from] redb::TransactionError),
     #[error("cannot open a table")]
@@ -143,24 +127,6 @@ pub enum ReadError {
     Reopening(#[from] Reopening),
     #[error("the read task failed")]
     Task(#[from] tokio::task::JoinError),
-    /// A read from the cluster's history (NATS JetStream) failed or timed
-    /// out; retrying may succeed.
-    #[error("the cluster's history cannot be read now")]
-    Cluster(#[source] Box<dyn std::error::Error + Send + Sync>),
-}
-
-/// The store's append queue is closed.
-#[derive(Debug, Clone, Copy, thiserror::Error)]
-#[error("the store is closed")]
-pub struct StoreClosed;
-
-/// Why an append could not be queued without waiting.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum TryAppendError {
-    #[error("the store's append queue is full")]
-    Full,
-    #[error("the store is closed")]
-    Closed,
 }
 
 /// The writer thread did not stop cleanly.
@@ -168,19 +134,6 @@ pub enum TryAppendError {
 pub enum ShutdownError {
     #[error("the writer thread panicked")]
     WriterPanicked,
-}
-
-/// Why the store cannot take appends now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum NotWritable {
-    #[error("the writer thread has stopped")]
-    WriterStopped,
-    /// Commits fail (a full or failing disk); the writer retries.
-    #[error("the store cannot commit; the writer retries")]
-    LastCommitFailed,
-    /// Cluster mode: NATS or JetStream cannot be reached; the node retries.
-    #[error("the cluster's message store (NATS JetStream) is unreachable; retrying")]
-    ClusterUnavailable,
 }
 
 /// Why a copy of the store could not be made.

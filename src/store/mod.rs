@@ -1,9 +1,10 @@
-//! Durable message history in redb, behind a narrow interface.
+//! Durable message history in redb: the single node's backend of the
+//! history contract (`crate::history::Backend`), a peer of the cluster's
+//! JetStream store. Backup and retention are its own.
 //!
-//! The store owns the database file and the writer thread. Its interface is
-//! what a future cluster mode must provide too (NATS JetStream behind the
-//! same calls): append a message and learn its seq once it is durable; read
-//! a range of a room; read a room's latest seq.
+//! The store owns the database file and the writer thread. It must not
+//! know the hub, sessions or the cluster: it hands commits to a
+//! [`CommitSink`] and answers on the appends' reply channels.
 //!
 //! Invariants:
 //! - Writes happen only on the `store-writer` thread, in grouped
@@ -25,7 +26,6 @@
 
 mod backup;
 mod error;
-mod queue;
 pub mod retention;
 mod schema;
 mod slot;
@@ -41,23 +41,22 @@ use std::time::Duration;
 
 use redb::{Database, ReadableDatabase, ReadableTable};
 use serde::Deserialize;
-use serde_json::value::RawValue;
 use slot::DbSlot;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 pub use backup::{BackupError, Snapshot, verify as verify_backup, write_file_durably};
-pub use error::{
-    AppendError, NotWritable, OpenError, ReadError, ShutdownError, StoreClosed, TryAppendError,
-    WriteError,
+pub use error::{DbReadError, OpenError, ShutdownError, WriteError};
+
+use crate::history::{
+    Append, AppendError, Backend, CommitSink, NotWritable, Page, ReadError, StoreClosed,
+    StoredMessage, TryAppendError, enqueue, page::Window, try_enqueue,
 };
-pub use queue::{enqueue, queued_cost, try_enqueue};
 use tables::{
     Chunk, EPOCH_KEY, KEY_EXPIRY, KEYS, LOG, LogBatch, LogEntry, MESSAGES, META, RETAINED_FROM,
     ROOMS_BY_USER, Record, insert_chunks,
 };
 use unindexed::{Logged, Unindexed};
 
-pub use writer::Replies;
 use writer::{Op, Writer};
 
 /// How commits reach the disk.
@@ -102,78 +101,6 @@ pub struct StoreOptions {
     /// Whether opening rewrites a file in which erasures or retention freed
     /// message bodies, so that their bytes leave the disk.
     pub purge_on_start: bool,
-}
-
-/// A message to store.
-#[derive(Debug)]
-pub struct Append {
-    pub room: Arc<str>,
-    pub from: Arc<str>,
-    pub body: Box<RawValue>,
-    /// Idempotency key: the same room, sender and key store one message.
-    pub key: Option<String>,
-    /// Completed after the commit: the seq, or why it failed.
-    pub reply: oneshot::Sender<Result<Appended, AppendError>>,
-}
-
-/// The result of a successful append.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Appended {
-    pub seq: u64,
-    /// Server time of the original store, ms since the Unix epoch.
-    pub ts: u64,
-    /// True when the key matched an earlier message: nothing new was stored.
-    pub duplicate: bool,
-}
-
-/// A newly committed message, as handed to the [`CommitSink`].
-#[derive(Debug, Clone, Copy)]
-pub struct Committed<'a> {
-    pub room: &'a str,
-    pub seq: u64,
-    pub ts: u64,
-    pub from: &'a str,
-    pub body: &'a RawValue,
-}
-
-/// Receives what the writer committed, on the writer thread.
-pub trait CommitSink: Send + Sync + 'static {
-    /// Called once per commit that made new messages (never with a
-    /// duplicate), after it is durable, with them in commit order: per room,
-    /// in strictly increasing seq. Must not block.
-    fn committed(&self, msgs: &[Committed<'_>]);
-
-    /// What the writer calls for a commit that made new messages: hands
-    /// them over as `committed` does, then completes the commit's `replies`
-    /// (acks), which must follow. A sink that delivers elsewhere (another
-    /// thread) may carry the replies there and complete them after the
-    /// messages; the writer never waits for them.
-    fn committed_then(&self, msgs: &[Committed<'_>], replies: Replies) {
-        self.committed(msgs);
-        replies.send();
-    }
-
-    /// Called once per successful commit, before `committed` for its
-    /// messages, with the number of operations and the time it took.
-    fn batch_committed(&self, _operations: usize, _elapsed: Duration) {}
-}
-
-/// A stored message, as read back.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredMessage {
-    pub seq: u64,
-    pub from: String,
-    pub ts: u64,
-    /// `None` when the message was erased; its seq stays in place.
-    pub body: Option<String>,
-}
-
-/// One page of history, oldest first.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Page {
-    pub messages: Vec<StoredMessage>,
-    /// Whether more messages exist beyond the page in the paging direction.
-    pub more: bool,
 }
 
 /// The open store: owns the writer thread.
@@ -416,7 +343,7 @@ fn scan_room(
     high: u64,
     forward: bool,
     mut f: impl FnMut(u64, &Record<'_>) -> bool,
-) -> Result<(), ReadError> {
+) -> Result<(), DbReadError> {
     if forward {
         // The first chunk ending at or after `low` holds it, if anything does.
         for entry in table.range((room, low)..=(room, u64::MAX))? {
@@ -454,59 +381,6 @@ fn scan_room(
 }
 
 impl StoreHandle {
-    /// Queues an append, waiting for room in the queue; the result arrives
-    /// on `append.reply` after the commit.
-    pub async fn append(&self, append: Append) -> Result<(), StoreClosed> {
-        let (bytes, total) = (&self.queue_bytes, self.queue_bytes_total);
-        enqueue(bytes, total, &self.tx, append, Op::Append).await
-    }
-
-    /// Queues an append if there is room now.
-    pub fn try_append(&self, append: Append) -> Result<(), TryAppendError> {
-        let (bytes, total) = (&self.queue_bytes, self.queue_bytes_total);
-        try_enqueue(bytes, total, &self.tx, append, Op::Append)
-    }
-
-    /// The store's epoch: made when the file was created, never changed.
-    pub fn epoch(&self) -> &str {
-        &self.epoch
-    }
-
-    /// Whether appends can be stored now: the writer runs and commits (no
-    /// failed commit since its last successful one or retry).
-    pub fn writable(&self) -> Result<(), NotWritable> {
-        if self.tx.is_closed() {
-            Err(NotWritable::WriterStopped)
-        } else if !self.healthy.load(Ordering::Relaxed) {
-            Err(NotWritable::LastCommitFailed)
-        } else {
-            Ok(())
-        }
-    }
-
-    /// How many commits the writer has made.
-    pub fn commits(&self) -> u64 {
-        self.commits.load(Ordering::Relaxed)
-    }
-
-    /// How many commits failed, the writer's retries while the store could
-    /// not commit included.
-    pub fn failed_commits(&self) -> u64 {
-        self.failed_commits.load(Ordering::Relaxed)
-    }
-
-    /// Erases every message `user` sent: the body goes, the seq stays.
-    /// Returns how many were erased.
-    pub async fn erase_user(&self, user: &str) -> Result<u64, AppendError> {
-        let (reply, rx) = oneshot::channel();
-        let op = Op::EraseUser {
-            user: user.to_owned(),
-            reply,
-        };
-        self.tx.send(op).await.map_err(|_| AppendError::Closed)?;
-        rx.await.map_err(|_| AppendError::Closed)?
-    }
-
     /// Takes a consistent backup of the store into an unlinked temporary
     /// file in `dir` (on a blocking thread, from one read transaction, so
     /// appends go on meanwhile). Every message committed before the call is
@@ -544,21 +418,66 @@ impl StoreHandle {
     /// the transaction begins (see the invariants in `unindexed`).
     async fn read<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&redb::ReadTransaction) -> Result<T, ReadError> + Send + 'static,
+        f: impl FnOnce(&redb::ReadTransaction) -> Result<T, DbReadError> + Send + 'static,
     ) -> Result<T, ReadError> {
         let db = self.db.clone();
-        tokio::task::spawn_blocking(move || {
+        let read = tokio::task::spawn_blocking(move || {
             // The slot stays held until `f` is done: a re-open waits for it.
             db.with(|db| {
                 let txn = db.begin_read()?;
                 f(&txn)
             })?
         })
-        .await?
+        .await;
+        read.map_err(DbReadError::from)
+            .and_then(|r| r)
+            .map_err(|e| ReadError::Failed(Box::new(e)))
+    }
+}
+
+impl Backend for StoreHandle {
+    /// Queues an append, waiting for room in the queue; the result arrives
+    /// on `append.reply` after the commit.
+    async fn append(&self, append: Append) -> Result<(), StoreClosed> {
+        let (bytes, total) = (&self.queue_bytes, self.queue_bytes_total);
+        enqueue(bytes, total, &self.tx, append, Op::Append).await
     }
 
-    /// The room's latest seq; 0 when it has none.
-    pub async fn latest_seq(&self, room: &str) -> Result<u64, ReadError> {
+    fn try_append(&self, append: Append) -> Result<(), TryAppendError> {
+        let (bytes, total) = (&self.queue_bytes, self.queue_bytes_total);
+        try_enqueue(bytes, total, &self.tx, append, Op::Append)
+    }
+
+    /// The store's epoch: made when the file was created, never changed.
+    fn epoch(&self) -> &str {
+        &self.epoch
+    }
+
+    /// Whether appends can be stored now: the writer runs and commits (no
+    /// failed commit since its last successful one or retry).
+    fn writable(&self) -> Result<(), NotWritable> {
+        if self.tx.is_closed() {
+            Err(NotWritable::WriterStopped)
+        } else if !self.healthy.load(Ordering::Relaxed) {
+            Err(NotWritable::Failing {
+                why: "the store cannot commit (a full or failing disk)",
+            })
+        } else {
+            Ok(())
+        }
+    }
+
+    fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
+    }
+
+    /// How many commits failed, the writer's retries while the store could
+    /// not commit included.
+    fn failed_commits(&self) -> u64 {
+        self.failed_commits.load(Ordering::Relaxed)
+    }
+
+    async fn latest_seq(&self, room: &str) -> Result<u64, ReadError> {
         let room = room.to_owned();
         // The unindexed copy is read first, then the transaction.
         let unindexed = self.unindexed.last_seq(&room);
@@ -572,39 +491,12 @@ impl StoreHandle {
         Ok(unindexed.map_or(indexed, |u| u.max(indexed)))
     }
 
-    /// Messages with seq in `(after, after + limit]`, ascending.
-    pub async fn read_after(
-        &self,
-        room: &str,
-        after: u64,
-        limit: usize,
-    ) -> Result<Vec<StoredMessage>, ReadError> {
-        let page = self.history(room, None, Some(after), limit).await?;
-        Ok(page.messages)
-    }
-
-    /// One page of history, oldest first. With `before`: the newest `limit`
-    /// below it. With `after`: the oldest `limit` above it. With both: the
-    /// oldest `limit` between them. With neither: the latest `limit`.
-    pub async fn history(
-        &self,
-        room: &str,
-        before: Option<u64>,
-        after: Option<u64>,
-        limit: usize,
-    ) -> Result<Page, ReadError> {
+    async fn page(&self, room: &str, window: Window) -> Result<Page, ReadError> {
         let room = room.to_owned();
-        let low = after.map_or(0, |a| a.saturating_add(1));
-        let high = before.unwrap_or(u64::MAX);
-        if low >= high {
-            return Ok(Page {
-                messages: Vec::new(),
-                more: false,
-            });
-        }
-        // Forward from `after`; otherwise backwards from the newest.
-        let forward = after.is_some();
-        let want = limit.saturating_add(1);
+        let Window {
+            low, high, forward, ..
+        } = window;
+        let want = window.want();
         let unindexed = self.unindexed.range(&room, low, high, want, forward);
         self.read(move |txn| {
             let table = txn.open_table(MESSAGES)?;
@@ -621,23 +513,12 @@ impl StoreHandle {
                 taken += 1;
                 taken < want
             })?;
-            let more = merged.len() > limit;
-            let mut out: Vec<StoredMessage> = merged.into_values().collect();
-            if forward {
-                out.truncate(limit);
-            } else {
-                out.drain(..out.len() - out.len().min(limit));
-            }
-            Ok(Page {
-                messages: out,
-                more,
-            })
+            Ok(window.page(merged))
         })
         .await
     }
 
-    /// Every message `user` sent, as (room, message), by room then seq.
-    pub async fn messages_by_user(
+    async fn messages_by_user(
         &self,
         user: &str,
     ) -> Result<Vec<(String, StoredMessage)>, ReadError> {
@@ -666,6 +547,16 @@ impl StoreHandle {
             Ok(merged.into_iter().map(|((room, _), m)| (room, m)).collect())
         })
         .await
+    }
+
+    async fn erase_user(&self, user: &str) -> Result<u64, AppendError> {
+        let (reply, rx) = oneshot::channel();
+        let op = Op::EraseUser {
+            user: user.to_owned(),
+            reply,
+        };
+        self.tx.send(op).await.map_err(|_| AppendError::Closed)?;
+        rx.await.map_err(|_| AppendError::Closed)?
     }
 }
 

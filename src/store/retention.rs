@@ -321,8 +321,9 @@ mod tests {
     use tokio::sync::oneshot;
 
     use super::super::tables::{MESSAGES, META, RETAINED_FROM, Record, SCRUB_KEY, insert_chunks};
-    use super::super::{Append, CommitSink, Committed, Durability, Store, StoreOptions};
+    use super::super::{Durability, Store, StoreOptions};
     use super::*;
+    use crate::history::{Append, Backend as _, CommitSink, Committed};
 
     struct Nothing;
     impl CommitSink for Nothing {

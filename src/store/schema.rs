@@ -104,8 +104,9 @@ mod tests {
     use redb::ReadableTableMetadata;
 
     use super::super::tables::{MESSAGES, Record};
-    use super::super::{CommitSink, Committed, Durability, Store, StoreOptions};
+    use super::super::{Durability, Store, StoreOptions};
     use super::*;
+    use crate::history::{CommitSink, Committed};
 
     struct Nowhere;
 

@@ -6,6 +6,8 @@ use std::sync::Mutex;
 
 use super::tables::OLD_BY_USER;
 use super::*;
+use crate::history::{Appended, Committed};
+use serde_json::value::RawValue;
 
 /// Records what the writer handed over, and when, relative to commits.
 #[derive(Default)]

@@ -36,7 +36,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, WriteTransaction};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tracing::{error, info, warn};
 
-use super::error::{AppendError, WriteError};
+use super::error::WriteError;
 use super::retention::{self, RetentionRule, Step};
 use super::slot::{self, DbSlot};
 use super::tables::{
@@ -44,7 +44,8 @@ use super::tables::{
     ROOMS_BY_USER, Record, RecordError, SCRUB_KEY, insert_chunks,
 };
 use super::unindexed::{Logged, Unindexed};
-use super::{Append, Appended, CommitSink, Committed, Durability, StoreOptions, queued_cost};
+use super::{Durability, StoreOptions};
+use crate::history::{Append, AppendError, Appended, CommitSink, Committed, Replies, queued_cost};
 
 /// One unit of work for the writer.
 pub(super) enum Op {
@@ -318,7 +319,7 @@ impl Writer {
                 // Each new message moves into the shared unindexed copy
                 // before anyone hears of it; replies wait until after.
                 let mut fresh = Vec::new();
-                let mut replies = Vec::with_capacity(batch.len());
+                let mut replies = Replies::with_capacity(batch.len());
                 for (op, outcome) in batch.drain(..).zip(outcomes) {
                     match (op, outcome) {
                         (Op::Append(a), Outcome::New(done)) => {
@@ -329,16 +330,20 @@ impl Writer {
                                 body: a.body,
                             });
                             fresh.push((a.room, msg));
-                            replies.push(Reply::Append(a.reply, done));
+                            replies.ack(a.reply, done);
                         }
                         (Op::Append(a), Outcome::Duplicate(done)) => {
-                            replies.push(Reply::Append(a.reply, done));
+                            replies.ack(a.reply, done);
                         }
                         (Op::EraseUser { reply, .. }, Outcome::Erased(n)) => {
-                            replies.push(Reply::Erase(reply, n));
+                            replies.then(move || {
+                                let _ = reply.send(Ok(n));
+                            });
                         }
                         (Op::Retention { reply, .. }, Outcome::Retained(step)) => {
-                            replies.push(Reply::Retain(reply, step));
+                            replies.then(move || {
+                                let _ = reply.send(Ok(step));
+                            });
                         }
                         _ => {}
                     }
@@ -369,9 +374,9 @@ impl Writer {
                             body: &m.body,
                         })
                         .collect();
-                    self.sink.committed_then(&new, Replies(replies));
+                    self.sink.committed_then(&new, replies);
                 } else {
-                    Replies(replies).send();
+                    replies.send();
                 }
             }
             Err(e) => {
@@ -381,7 +386,7 @@ impl Writer {
                     Some(s) if slot::io_failure(s) => AppendError::Unavailable {
                         retry_after: self.opts.retry_interval,
                     },
-                    _ => AppendError::Write(Arc::new(e)),
+                    _ => AppendError::Failed(Arc::new(e)),
                 };
                 for op in batch.drain(..) {
                     match op {
@@ -703,42 +708,6 @@ pub(super) fn read_log(db: &Database) -> Result<ReadLog, WriteError> {
     }
     let len = out.len() as u64;
     Ok((out, len, bytes))
-}
-
-/// A reply owed once the commit's messages are handed over.
-enum Reply {
-    Append(oneshot::Sender<Result<Appended, AppendError>>, Appended),
-    Erase(oneshot::Sender<Result<u64, AppendError>>, u64),
-    Retain(oneshot::Sender<Result<Step, AppendError>>, Step),
-}
-
-/// A commit's replies (its acks), owed once its messages are handed over:
-/// see [`CommitSink::committed_then`].
-pub struct Replies(Vec<Reply>);
-
-impl std::fmt::Debug for Replies {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("Replies").field(&self.0.len()).finish()
-    }
-}
-
-impl Replies {
-    /// Completes every reply. One whose requester has gone is dropped.
-    pub fn send(self) {
-        for reply in self.0 {
-            match reply {
-                Reply::Append(tx, done) => {
-                    let _ = tx.send(Ok(done));
-                }
-                Reply::Erase(tx, n) => {
-                    let _ = tx.send(Ok(n));
-                }
-                Reply::Retain(tx, step) => {
-                    let _ = tx.send(Ok(step));
-                }
-            }
-        }
-    }
 }
 
 /// Milliseconds since the Unix epoch; 0 if the clock is before it.

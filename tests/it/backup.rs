@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use switchboard::history::Store as _;
+use switchboard::history::Backend as _;
 
 use protocol::{ClientRequest, ServerFrame};
 use switchboard::config::Secret;
@@ -65,12 +65,12 @@ async fn start(fixture: Fixture) -> TestServer {
 }
 
 /// Every stored message of `room` in seq order, paged from the store.
-async fn all_messages(server: &TestServer, room: &str) -> Vec<switchboard::store::StoredMessage> {
+async fn all_messages(server: &TestServer, room: &str) -> Vec<switchboard::history::StoredMessage> {
     let mut out = Vec::new();
     loop {
         let after = out
             .last()
-            .map_or(0, |m: &switchboard::store::StoredMessage| m.seq);
+            .map_or(0, |m: &switchboard::history::StoredMessage| m.seq);
         let page = server
             .state
             .store

@@ -1,7 +1,7 @@
 //! Chatting, history, resume, idempotency and the answers to bad input.
 
 use protocol::{ClientRequest, ErrorCode, ServerFrame, close};
-use switchboard::history::Store as _;
+use switchboard::history::Backend as _;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};

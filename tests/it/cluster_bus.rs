@@ -12,9 +12,9 @@ use serde_json::value::RawValue;
 use switchboard::cluster::bus::{ClusterBus, HistoryReader};
 use switchboard::config::ClusterConfig;
 use switchboard::delivery::{OutboxReceiver, Outgoing, outbox};
+use switchboard::history::{CommitSink, Committed, StoredMessage};
 use switchboard::hub::{Hub, Member};
 use switchboard::metrics::Metrics;
-use switchboard::store::{CommitSink, Committed, StoredMessage};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 

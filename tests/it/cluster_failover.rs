@@ -710,14 +710,15 @@ async fn typing_on_one_node_reaches_a_member_on_another() {
 /// before announcing it.
 struct Silent;
 
-impl switchboard::store::CommitSink for Silent {
-    fn committed(&self, _: &[switchboard::store::Committed<'_>]) {}
+impl switchboard::history::CommitSink for Silent {
+    fn committed(&self, _: &[switchboard::history::Committed<'_>]) {}
 }
 
 /// Stores one message in `room` of the cluster over `url` without any
 /// node hearing of it, and returns its seq.
 async fn store_silently(url: &str, room: &str, body: &str) -> u64 {
     use switchboard::cluster::store::JetStreamStore;
+    use switchboard::history::Backend as _;
     let config = switchboard::config::ClusterConfig {
         urls: vec![url.to_owned()],
         node_id: Some("silent".to_owned()),
@@ -741,7 +742,7 @@ async fn store_silently(url: &str, room: &str, body: &str) -> u64 {
     .expect("open the stream");
     let (reply, rx) = tokio::sync::oneshot::channel();
     store
-        .append(switchboard::store::Append {
+        .append(switchboard::history::Append {
             room: room.into(),
             from: "ghost".into(),
             body: serde_json::value::RawValue::from_string(body.to_owned()).expect("json"),

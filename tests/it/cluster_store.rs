@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use serde_json::value::RawValue;
 use switchboard::cluster::store::JetStreamStore;
 use switchboard::config::{ClusterConfig, Config};
-use switchboard::store::{Append, AppendError, Appended, CommitSink, Committed, ReadError};
+use switchboard::history::{
+    Append, AppendError, Appended, Backend as _, CommitSink, Committed, ReadError,
+};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -289,7 +291,8 @@ async fn history_pages_the_same_on_every_node() {
         );
         send(&n.store, "other", "u", "noise", None).await.unwrap();
     }
-    let seqs = |p: &switchboard::store::Page| p.messages.iter().map(|m| m.seq).collect::<Vec<_>>();
+    let seqs =
+        |p: &switchboard::history::Page| p.messages.iter().map(|m| m.seq).collect::<Vec<_>>();
     let cases: [Case; 8] = [
         (None, None, 10, (16..=25).collect(), true),
         (None, None, 100, (1..=25).collect(), false),
@@ -430,7 +433,7 @@ async fn nats_down_refuses_appends_quickly_and_recovers_by_itself() {
     assert!(asked.elapsed() < Duration::from_millis(3 * TIMEOUT_MS));
     assert!(matches!(
         a.store.latest_seq("r").await,
-        Err(ReadError::Cluster(_))
+        Err(ReadError::Unavailable(_))
     ));
     assert_eq!(a.sink.seen().len(), 3, "nothing refused reaches the sink");
 

@@ -3,7 +3,7 @@
 //! elsewhere) after the acks of the sends it had accepted.
 
 use protocol::{ClientRequest, ServerFrame};
-use switchboard::history::Store as _;
+use switchboard::history::Backend as _;
 
 use crate::admin::{self, admin_addr, call};
 use crate::support::json;

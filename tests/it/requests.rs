@@ -8,7 +8,7 @@ use protocol::{ClientRequest, ErrorCode, Request, ServerFrame};
 use serde_json::json as j;
 use switchboard::auth::now_unix;
 use switchboard::config::{Rate, Secret};
-use switchboard::history::Store as _;
+use switchboard::history::Backend as _;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::closing::{SECRET, connect_bearer};

@@ -3,7 +3,7 @@
 
 use std::io::Read;
 use std::time::Duration;
-use switchboard::history::Store as _;
+use switchboard::history::Backend as _;
 
 use protocol::{ClientRequest, ServerFrame};
 use switchboard::store::retention::RetentionRule;

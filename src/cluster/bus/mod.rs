@@ -96,8 +96,8 @@ use order::{Limits, Order};
 
 mod order;
 use crate::config::ClusterConfig;
+use crate::history::{CommitSink, Committed, ReadError, StoredMessage};
 use crate::hub::{Hub, Peers};
-use crate::store::{CommitSink, Committed, ReadError, StoredMessage};
 
 /// Reads a room's history: the messages with seq in `(after, after +
 /// limit]`, ascending (the JetStream store's `read_after`).

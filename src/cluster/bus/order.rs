@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::value::RawValue;
 
 use super::BusMessage;
-use crate::store::StoredMessage;
+use crate::history::StoredMessage;
 
 /// The bounds and timings of every room's order.
 #[derive(Debug, Clone)]

@@ -20,7 +20,7 @@ use std::time::Duration;
 use async_nats::jetstream::kv;
 use bytes::Bytes;
 
-use crate::store::Appended;
+use crate::history::Appended;
 
 /// How a key's entry reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

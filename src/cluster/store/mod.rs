@@ -1,7 +1,8 @@
-//! The cluster's history in NATS JetStream, behind the same calls as the
-//! redb store's handle (`crate::store::StoreHandle`): append and learn the
-//! seq once JetStream acknowledged it; read a room by seq; erase and export
-//! a user.
+//! The cluster's history in NATS JetStream: a backend of the history
+//! contract (`crate::history::Backend`), a peer of the embedded redb store.
+//! Append and learn the seq once JetStream acknowledged it; read a room by
+//! seq; erase and export a user. It must not know the hub or sessions: it
+//! hands commits to a [`CommitSink`].
 //!
 //! Layout: one stream (`cluster.stream`, subjects `<stream>.m.>`), one
 //! JetStream message per chat message on its room's subject
@@ -58,10 +59,11 @@ use tokio_util::task::TaskTracker;
 
 use crate::cluster::subjects;
 use crate::config::ClusterConfig;
-use crate::store::{
-    Append, AppendError, CommitSink, NotWritable, Page, ReadError, StoreClosed, StoreOptions,
-    StoredMessage, TryAppendError, enqueue, try_enqueue,
+use crate::history::{
+    Append, AppendError, Backend, CommitSink, NotWritable, Page, ReadError, StoreClosed,
+    StoredMessage, TryAppendError, enqueue, page::Window, try_enqueue,
 };
+use crate::store::StoreOptions;
 
 pub use keys::bucket_key as idempotency_bucket_key;
 pub use wire::GetError;
@@ -325,8 +327,9 @@ impl std::fmt::Debug for JetStreamStore {
     }
 }
 
+/// A read that NATS did not answer: it may succeed later.
 fn cluster(e: impl std::error::Error + Send + Sync + 'static) -> ReadError {
-    ReadError::Cluster(Box::new(e))
+    ReadError::Unavailable(Box::new(e))
 }
 
 impl JetStreamStore {
@@ -442,117 +445,6 @@ impl JetStreamStore {
         self.finished.cancelled().await;
     }
 
-    /// Queues an append, waiting for room in the queue; the result arrives
-    /// on `append.reply` after JetStream's ack.
-    pub async fn append(&self, append: Append) -> Result<(), StoreClosed> {
-        let (bytes, total) = (&self.shared.queue_bytes, self.shared.queue_bytes_total);
-        enqueue(bytes, total, &self.tx, append, |a| a).await
-    }
-
-    /// Queues an append if there is room now.
-    pub fn try_append(&self, append: Append) -> Result<(), TryAppendError> {
-        let (bytes, total) = (&self.shared.queue_bytes, self.shared.queue_bytes_total);
-        try_enqueue(bytes, total, &self.tx, append, |a| a)
-    }
-
-    /// The stream's lifetime: its name and creation time.
-    pub fn epoch(&self) -> &str {
-        &self.epoch
-    }
-
-    /// Whether appends can be stored now: connected to NATS, and the last
-    /// publish did not fail for want of NATS or JetStream.
-    pub fn writable(&self) -> Result<(), NotWritable> {
-        if self.tx.is_closed() {
-            Err(NotWritable::WriterStopped)
-        } else if !self.shared.writable() {
-            Err(NotWritable::ClusterUnavailable)
-        } else {
-            Ok(())
-        }
-    }
-
-    /// Publishes JetStream acknowledged.
-    pub fn commits(&self) -> u64 {
-        self.shared.commits.load(Ordering::Relaxed)
-    }
-
-    /// Publishes that failed or whose outcome was unknown, retries included.
-    pub fn failed_commits(&self) -> u64 {
-        self.shared.failed_commits.load(Ordering::Relaxed)
-    }
-
-    /// The room's latest seq (an erased one counts); 0 when it has none.
-    pub async fn latest_seq(&self, room: &str) -> Result<u64, ReadError> {
-        Ok(self.shared.tail(room).await.map_err(cluster)?.seq)
-    }
-
-    /// Messages with seq in `(after, after + limit]`, ascending.
-    pub async fn read_after(
-        &self,
-        room: &str,
-        after: u64,
-        limit: usize,
-    ) -> Result<Vec<StoredMessage>, ReadError> {
-        Ok(self.history(room, None, Some(after), limit).await?.messages)
-    }
-
-    /// One page of history, oldest first. With `before`: the newest `limit`
-    /// below it. With `after`: the oldest `limit` above it. With both: the
-    /// oldest `limit` between them. With neither: the latest `limit`.
-    pub async fn history(
-        &self,
-        room: &str,
-        before: Option<u64>,
-        after: Option<u64>,
-        limit: usize,
-    ) -> Result<Page, ReadError> {
-        let empty = Page {
-            messages: Vec::new(),
-            more: false,
-        };
-        let low = after.map_or(1, |a| a.saturating_add(1)).max(1);
-        let high = before.map_or(u64::MAX, |b| b.saturating_sub(1));
-        if low > high {
-            return Ok(empty);
-        }
-        let tail = self.shared.tail(room).await.map_err(cluster)?;
-        let high = high.min(tail.seq);
-        if low > high || limit == 0 {
-            return Ok(Page {
-                messages: Vec::new(),
-                more: low <= high,
-            });
-        }
-        let span = u64::try_from(limit).unwrap_or(u64::MAX) - 1;
-        let (lo, hi, more) = if after.is_some() {
-            let hi = high.min(low.saturating_add(span));
-            (low, hi, hi < high)
-        } else {
-            let lo = low.max(high.saturating_sub(span));
-            (lo, high, lo > low)
-        };
-        let messages = self
-            .shared
-            .range(room, lo, hi, tail)
-            .await
-            .map_err(cluster)?;
-        Ok(Page { messages, more })
-    }
-
-    /// Every message `user` sent, as (room, message), by room then seq. Scans
-    /// the whole stream.
-    pub async fn messages_by_user(
-        &self,
-        user: &str,
-    ) -> Result<Vec<(String, StoredMessage)>, ReadError> {
-        let found = self.by_user(user).await.map_err(cluster)?;
-        Ok(found
-            .into_iter()
-            .map(|((room, _), f)| (room, f.message))
-            .collect())
-    }
-
     async fn by_user(&self, user: &str) -> Result<BTreeMap<(String, u64), wire::Found>, GetError> {
         let prefix = format!("{}.m.", self.shared.name);
         let mut out = BTreeMap::new();
@@ -583,10 +475,86 @@ impl JetStreamStore {
             .await?;
         Ok(out)
     }
+}
+
+impl Backend for JetStreamStore {
+    /// Queues an append, waiting for room in the queue; the result arrives
+    /// on `append.reply` after JetStream's ack.
+    async fn append(&self, append: Append) -> Result<(), StoreClosed> {
+        let (bytes, total) = (&self.shared.queue_bytes, self.shared.queue_bytes_total);
+        enqueue(bytes, total, &self.tx, append, |a| a).await
+    }
+
+    /// Queues an append if there is room now.
+    fn try_append(&self, append: Append) -> Result<(), TryAppendError> {
+        let (bytes, total) = (&self.shared.queue_bytes, self.shared.queue_bytes_total);
+        try_enqueue(bytes, total, &self.tx, append, |a| a)
+    }
+
+    /// The stream's lifetime: its name and creation time.
+    fn epoch(&self) -> &str {
+        &self.epoch
+    }
+
+    /// Whether appends can be stored now: connected to NATS, and the last
+    /// publish did not fail for want of NATS or JetStream.
+    fn writable(&self) -> Result<(), NotWritable> {
+        if self.tx.is_closed() {
+            Err(NotWritable::WriterStopped)
+        } else if !self.shared.writable() {
+            Err(NotWritable::Failing {
+                why: "the cluster's message store (NATS JetStream) is unreachable",
+            })
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Publishes JetStream acknowledged.
+    fn commits(&self) -> u64 {
+        self.shared.commits.load(Ordering::Relaxed)
+    }
+
+    /// Publishes that failed or whose outcome was unknown, retries included.
+    fn failed_commits(&self) -> u64 {
+        self.shared.failed_commits.load(Ordering::Relaxed)
+    }
+
+    /// The room's latest seq (an erased one counts); 0 when it has none.
+    async fn latest_seq(&self, room: &str) -> Result<u64, ReadError> {
+        Ok(self.shared.tail(room).await.map_err(cluster)?.seq)
+    }
+
+    async fn page(&self, room: &str, window: Window) -> Result<Page, ReadError> {
+        let tail = self.shared.tail(room).await.map_err(cluster)?;
+        let (range, more) = window.dense(tail.seq);
+        let messages = match range {
+            Some((lo, hi)) => self
+                .shared
+                .range(room, lo, hi, tail)
+                .await
+                .map_err(cluster)?,
+            None => Vec::new(),
+        };
+        Ok(Page { messages, more })
+    }
+
+    /// Every message `user` sent, as (room, message), by room then seq. Scans
+    /// the whole stream.
+    async fn messages_by_user(
+        &self,
+        user: &str,
+    ) -> Result<Vec<(String, StoredMessage)>, ReadError> {
+        let found = self.by_user(user).await.map_err(cluster)?;
+        Ok(found
+            .into_iter()
+            .map(|((room, _), f)| (room, f.message))
+            .collect())
+    }
 
     /// Erases every message `user` sent: the body, sender and time go, the
     /// seq stays. Returns how many were erased.
-    pub async fn erase_user(&self, user: &str) -> Result<u64, AppendError> {
+    async fn erase_user(&self, user: &str) -> Result<u64, AppendError> {
         let unavailable = AppendError::Unavailable {
             retry_after: self.shared.retry,
         };

@@ -15,7 +15,7 @@ use futures_util::StreamExt;
 use serde::Deserialize;
 
 use crate::cluster::subjects;
-use crate::store::StoredMessage;
+use crate::history::StoredMessage;
 
 /// The room seq of a stored message.
 pub const SEQ: &str = "Sb-Seq";

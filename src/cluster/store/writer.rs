@@ -45,8 +45,7 @@ use tokio_util::task::TaskTracker;
 use super::Shared;
 use super::keys::Reserve;
 use super::wire::{self, Outcome, Outgoing};
-use crate::store::queued_cost;
-use crate::store::{Append, AppendError, Appended, Committed};
+use crate::history::{Append, AppendError, Appended, Committed, queued_cost};
 
 /// A room's tail as the writer and readers see it.
 #[derive(Debug, Clone, Copy, Default)]
