@@ -178,7 +178,7 @@ start_node() {
         # NODE_SEEDS=all gives every node every NATS URL; the default, one
         # URL each (node I to server I mod NATS_N), spreads the nodes' NATS
         # connections as all would by chance, and works with builds whose
-        # `--cluster` takes only one URL (see BENCHMARKS.md, run H).
+        # `--cluster` takes only one URL (see BENCHMARKS-HISTORY.md, run H).
         local seeds=$NATS_URLS
         if [ "${NODE_SEEDS:-one}" != all ]; then
             local -a list

@@ -2,7 +2,7 @@
 //! subscribers, for the two designs the core issue asked to compare:
 //! a tokio `broadcast` channel per room, and a bounded queue per session
 //! (what Switchboard uses, through `Outbox`). Run with
-//! `cargo bench --bench fanout`; figures are recorded in BENCHMARKS.md.
+//! `cargo bench --bench fanout`; figures are recorded in BENCHMARKS-HISTORY.md.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 

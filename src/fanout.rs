@@ -10,7 +10,7 @@
 //! thread goes through the runtime's shared queue, behind every session
 //! the last fan-out woke. Fanning a big room out from the writer thread
 //! made the next message wait for the whole of the previous one, and a
-//! publisher's ack wait behind all its room's deliveries (BENCHMARKS.md,
+//! publisher's ack wait behind all its room's deliveries (BENCHMARKS-HISTORY.md,
 //! run K).
 //!
 //! Invariants:
@@ -63,7 +63,7 @@ pub struct FanoutTask {
 /// next, ahead of the sessions the last fan-out woke; a wake from this
 /// thread (the channel's own) would queue it behind all of them, so a big
 /// room's next message would wait for the whole of the previous one to be
-/// written before any member got it (measured: the p99 of BENCHMARKS.md's
+/// written before any member got it (measured: the p99 of BENCHMARKS-HISTORY.md's
 /// figure 8c doubled).
 #[derive(Debug)]
 struct Bell {

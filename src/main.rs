@@ -297,7 +297,7 @@ fn init_tracing(config: &Config) -> anyhow::Result<()> {
 /// frees it; the writer allocates each message's frame and sessions free
 /// it. glibc answered that with arena locks and free-list consolidation
 /// (about a fifth of the session threads' samples in figure 6), and kept
-/// the peak of a burst of handshakes resident. Measured in BENCHMARKS.md.
+/// the peak of a burst of handshakes resident. Measured in BENCHMARKS-HISTORY.md.
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

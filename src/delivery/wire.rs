@@ -81,7 +81,7 @@ const BYTES_PER_WRITE: usize = 64 * 1024;
 thread_local! {
     /// Where a write's frames are laid end to end, one per worker thread:
     /// the kernel copies one contiguous buffer much faster than many small
-    /// vectored segments (BENCHMARKS.md), and no session holds a buffer.
+    /// vectored segments (BENCHMARKS-HISTORY.md), and no session holds a buffer.
     static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 
     /// Where [`WireFrame::json`] serialises, one per thread, so a frame's
