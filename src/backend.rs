@@ -7,12 +7,14 @@
 //! message) costs a match, not a boxed future. It must not add behaviour
 //! of its own: each call goes to the backend unchanged.
 
-use crate::cluster::store::JetStreamStore;
+use std::time::Duration;
+
+use crate::cluster::{self, store::JetStreamStore};
 use crate::history::{
     Append, AppendError, Backend, NotWritable, Page, ReadError, StoreClosed, StoredMessage,
     TryAppendError, page::Window,
 };
-use crate::store::StoreHandle;
+use crate::store::{ShutdownError, Store, StoreHandle};
 
 /// This node's history.
 #[derive(Debug, Clone)]
@@ -29,6 +31,38 @@ impl History {
         match self {
             History::Local(h) => Some(h),
             History::Cluster(_) => None,
+        }
+    }
+}
+
+/// What owns this node's history, for its shutdown: the embedded store
+/// (its writer thread), or the cluster node's tasks.
+pub enum Opened {
+    Local(Store),
+    Cluster(cluster::Started),
+}
+
+impl Opened {
+    /// The handle sessions and the admin API share.
+    pub fn history(&self) -> History {
+        match self {
+            Opened::Local(store) => History::Local(store.handle()),
+            Opened::Cluster(started) => History::Cluster(started.store.clone()),
+        }
+    }
+
+    /// Answers every append already queued, then stops: the embedded store
+    /// commits them and joins its writer (on a blocking thread); a cluster
+    /// node stops its tasks, waiting at most `grace`.
+    pub async fn shutdown(self, grace: Duration) -> Result<(), ShutdownError> {
+        match self {
+            Opened::Local(store) => tokio::task::spawn_blocking(move || store.shutdown())
+                .await
+                .map_err(ShutdownError::Join)?,
+            Opened::Cluster(started) => {
+                started.stop(grace).await;
+                Ok(())
+            }
         }
     }
 }

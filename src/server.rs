@@ -21,7 +21,7 @@ use tracing::{info, warn};
 
 use crate::admin;
 use crate::auth::{AuthSetupError, Verifier};
-use crate::backend::History;
+use crate::backend::Opened;
 use crate::cluster;
 use crate::config::{Config, ConfigError};
 use crate::drain::{self, Drain};
@@ -86,7 +86,7 @@ pub async fn run(
 /// nothing is accepted until [`Server::serve`].
 pub struct Server {
     state: Arc<ServerState>,
-    backend: Backend,
+    backend: Opened,
     listeners: Listeners,
     tls: Option<Arc<rustls::ServerConfig>>,
     certs: Option<Arc<tls::CertStore>>,
@@ -94,13 +94,6 @@ pub struct Server {
     /// cluster, where the bus's delivery task delivers): it runs from the
     /// store's opening to its shutdown, whose end ends it.
     fan_out: TaskTracker,
-}
-
-/// What holds the history, for the shutdown: the embedded store (its
-/// writer thread), or the cluster node's tasks.
-enum Backend {
-    Local(Store),
-    Cluster(cluster::Started),
 }
 
 impl Server {
@@ -127,7 +120,7 @@ impl Server {
         let hub = Arc::new(Hub::with_options(HubOptions::from_config(&config)));
         let permits = Arc::new(Semaphore::new(config.max_connections));
         let fan_out = TaskTracker::new();
-        let (backend, store, node) = match &config.cluster {
+        let (backend, node) = match &config.cluster {
             None => {
                 let path = config.db_path();
                 let opts = config.store_options();
@@ -139,8 +132,7 @@ impl Server {
                 let sink = Arc::new(ObservedSink::new(Arc::new(queue), metrics.clone()));
                 let store =
                     tokio::task::spawn_blocking(move || Store::open(&path, opts, sink)).await??;
-                let handle = History::Local(store.handle());
-                (Backend::Local(store), handle, None)
+                (Opened::Local(store), None)
             }
             Some(cluster) => {
                 let connections: cluster::bus::ConnectionCount = {
@@ -159,9 +151,8 @@ impl Server {
                     move |bus| Arc::new(ObservedSink::new(bus, metrics)),
                 )
                 .await?;
-                let handle = History::Cluster(started.store.clone());
                 let node = started.node.clone();
-                (Backend::Cluster(started), handle, Some(node))
+                (Opened::Cluster(started), Some(node))
             }
         };
         // Session ids name sessions to operators across the cluster: a
@@ -173,7 +164,7 @@ impl Server {
         let state = Arc::new(ServerState {
             connection_permits: permits,
             hub,
-            store,
+            store: backend.history(),
             metrics,
             next_session: AtomicU64::new(first_session),
             verifier,
@@ -241,7 +232,7 @@ impl Server {
             ));
         }
         tracker.spawn(presence_flusher(state.clone(), token.clone()));
-        if let Backend::Local(store) = &backend {
+        if let Opened::Local(store) = &backend {
             tracker.spawn(crate::store::retention::run(
                 store.handle(),
                 state.config.retention.clone().into(),
@@ -318,12 +309,10 @@ impl Server {
         let grace = state.config.shutdown_grace();
         drop(state);
         info!("committing queued appends");
-        match backend {
-            Backend::Local(store) => tokio::task::spawn_blocking(move || store.shutdown())
-                .await?
-                .map_err(ServerError::StoreShutdown)?,
-            Backend::Cluster(started) => started.stop(grace).await,
-        }
+        backend
+            .shutdown(grace)
+            .await
+            .map_err(ServerError::StoreShutdown)?;
         // The store has gone, so the fan-out task has delivered its last.
         fan_out.close();
         if tokio::time::timeout(grace, fan_out.wait()).await.is_err() {

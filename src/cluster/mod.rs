@@ -12,14 +12,14 @@ pub mod control;
 pub mod store;
 pub mod subjects;
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::ClusterConfig;
-use crate::history::{Backend as _, CommitSink, ReadError};
+use crate::history::{Backend as _, CommitSink};
 use crate::hub::Hub;
 
 /// What the rest of the server holds of cluster mode: the node's id, its
@@ -149,20 +149,16 @@ pub async fn start(
     let tracker = TaskTracker::new();
     let token = CancellationToken::new();
     // The bus reads gaps from the store, and the store hands its commits
-    // to the bus: the reader finds the store once it is open.
-    let opened: Arc<OnceLock<store::JetStreamStore>> = Arc::new(OnceLock::new());
+    // to the bus: the store opens first (reads work at once), the bus
+    // starts reading it, and only then does the store's writer start, with
+    // the bus as its sink.
+    let (store, writer) =
+        store::JetStreamStore::open(client.clone(), config, store_options).await?;
     let reader: bus::HistoryReader = {
-        let opened = opened.clone();
+        let store = store.clone();
         Arc::new(move |room: String, after: u64, limit: usize| {
-            let store = opened.get().cloned();
-            Box::pin(async move {
-                match store {
-                    Some(s) => s.read_after(&room, after, limit).await,
-                    None => Err(ReadError::Unavailable(
-                        "the cluster's history is not open yet".into(),
-                    )),
-                }
-            })
+            let store = store.clone();
+            Box::pin(async move { store.read_after(&room, after, limit).await })
         })
     };
     let bus = bus::ClusterBus::start(
@@ -175,16 +171,7 @@ pub async fn start(
         token.clone(),
     )
     .await?;
-    let store = store::JetStreamStore::open(
-        client.clone(),
-        config,
-        store_options,
-        sink(bus.clone()),
-        &tracker,
-        token.clone(),
-    )
-    .await?;
-    let _ = opened.set(store.clone());
+    writer.start(sink(bus.clone()), &tracker, token.clone());
     let id = config.node_id();
     let control = control::Control::start(
         client,

@@ -134,6 +134,8 @@ pub enum DbReadError {
 pub enum ShutdownError {
     #[error("the writer thread panicked")]
     WriterPanicked,
+    #[error("the shutdown's blocking task failed")]
+    Join(#[source] tokio::task::JoinError),
 }
 
 /// Why a copy of the store could not be made.

@@ -730,16 +730,10 @@ async fn store_silently(url: &str, room: &str, body: &str) -> u64 {
     let opts = switchboard::Config::default().store_options();
     let tracker = tokio_util::task::TaskTracker::new();
     let stop = tokio_util::sync::CancellationToken::new();
-    let store = JetStreamStore::open(
-        client,
-        &config,
-        &opts,
-        std::sync::Arc::new(Silent),
-        &tracker,
-        stop.clone(),
-    )
-    .await
-    .expect("open the stream");
+    let (store, writer) = JetStreamStore::open(client, &config, &opts)
+        .await
+        .expect("open the stream");
+    writer.start(std::sync::Arc::new(Silent), &tracker, stop.clone());
     let (reply, rx) = tokio::sync::oneshot::channel();
     store
         .append(switchboard::history::Append {

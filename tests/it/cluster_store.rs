@@ -79,9 +79,8 @@ async fn node_with(config: ClusterConfig) -> Node {
     let sink = Arc::new(Recorder::default());
     let tracker = TaskTracker::new();
     let stop = CancellationToken::new();
-    let store = JetStreamStore::open(client, &config, &opts, sink.clone(), &tracker, stop.clone())
-        .await
-        .unwrap();
+    let (store, writer) = JetStreamStore::open(client, &config, &opts).await.unwrap();
+    writer.start(sink.clone(), &tracker, stop.clone());
     Node {
         store,
         sink,

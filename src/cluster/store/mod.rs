@@ -107,7 +107,6 @@ struct Shared {
     stream: stream::Stream<()>,
     name: String,
     keys: keys::Keys,
-    sink: Arc<dyn CommitSink>,
     timeout: Duration,
     retry: Duration,
     max_batch: usize,
@@ -309,6 +308,21 @@ impl Shared {
     }
 }
 
+/// The writer of an opened store, not yet running.
+pub struct Unstarted {
+    shared: Arc<Shared>,
+    rx: mpsc::Receiver<Append>,
+    finished: CancellationToken,
+}
+
+impl Unstarted {
+    /// Starts the writer on `tracker`, handing commits to `sink`; it stops
+    /// at `stop`, after answering every append already queued.
+    pub fn start(self, sink: Arc<dyn CommitSink>, tracker: &TaskTracker, stop: CancellationToken) {
+        writer::start(self.shared, sink, self.rx, tracker, stop, self.finished);
+    }
+}
+
 /// A cheap, cloneable handle on the cluster's history.
 #[derive(Clone)]
 pub struct JetStreamStore {
@@ -333,17 +347,14 @@ fn cluster(e: impl std::error::Error + Send + Sync + 'static) -> ReadError {
 }
 
 impl JetStreamStore {
-    /// Creates (or binds) the stream and the key bucket, and starts the
-    /// writer on `tracker`; it stops at `stop`, after answering every append
-    /// already queued.
+    /// Creates (or binds) the stream and the key bucket. Reads work at
+    /// once; appends wait in the queue until [`Unstarted::start`] starts the
+    /// writer with its commit sink (which may itself read this store).
     pub async fn open(
         client: async_nats::Client,
         config: &ClusterConfig,
         opts: &StoreOptions,
-        sink: Arc<dyn CommitSink>,
-        tracker: &TaskTracker,
-        stop: CancellationToken,
-    ) -> Result<JetStreamStore, ClusterStoreError> {
+    ) -> Result<(JetStreamStore, Unstarted), ClusterStoreError> {
         let timeout = Duration::from_millis(config.request_timeout_ms);
         let mut js = jetstream::new(client.clone());
         js.set_timeout(timeout);
@@ -415,7 +426,6 @@ impl JetStreamStore {
             stream,
             name,
             keys: keys::Keys::new(kv, timeout, stale),
-            sink,
             timeout,
             retry: opts.retry_interval,
             max_batch: config.max_batch.clamp(1, ATOMIC_BATCH_MAX),
@@ -431,13 +441,18 @@ impl JetStreamStore {
         });
         let (tx, rx) = mpsc::channel(opts.queue_capacity.max(1));
         let finished = CancellationToken::new();
-        writer::start(shared.clone(), rx, tracker, stop, finished.clone());
-        Ok(JetStreamStore {
+        let unstarted = Unstarted {
+            shared: shared.clone(),
+            rx,
+            finished: finished.clone(),
+        };
+        let store = JetStreamStore {
             tx,
             shared,
             epoch: Arc::from(epoch),
             finished,
-        })
+        };
+        Ok((store, unstarted))
     }
 
     /// Waits until the writer has answered every append and exited.

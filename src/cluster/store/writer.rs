@@ -45,7 +45,7 @@ use tokio_util::task::TaskTracker;
 use super::Shared;
 use super::keys::Reserve;
 use super::wire::{self, Outcome, Outgoing};
-use crate::history::{Append, AppendError, Appended, Committed, queued_cost};
+use crate::history::{Append, AppendError, Appended, CommitSink, Committed, queued_cost};
 
 /// A room's tail as the writer and readers see it.
 #[derive(Debug, Clone, Copy, Default)]
@@ -71,6 +71,7 @@ type Reply = oneshot::Sender<Result<Appended, AppendError>>;
 /// `finished` is cancelled when it has answered everything and exited.
 pub fn start(
     shared: Arc<Shared>,
+    sink: Arc<dyn CommitSink>,
     rx: mpsc::Receiver<Append>,
     tracker: &TaskTracker,
     stop: CancellationToken,
@@ -82,6 +83,7 @@ pub fn start(
     tracker.spawn(async move {
         Dispatcher {
             shared,
+            sink,
             rooms: HashMap::new(),
             tracker: groups,
             stop,
@@ -122,6 +124,7 @@ struct Room {
 
 struct Dispatcher {
     shared: Arc<Shared>,
+    sink: Arc<dyn CommitSink>,
     rooms: HashMap<Arc<str>, Room>,
     tracker: TaskTracker,
     stop: CancellationToken,
@@ -195,6 +198,7 @@ impl Dispatcher {
         r.busy = true;
         let tail = r.tail;
         let shared = self.shared.clone();
+        let sink = self.sink.clone();
         let stop = self.stop.clone();
         let done = done.clone();
         let room = room.clone();
@@ -203,7 +207,9 @@ impl Dispatcher {
                 .iter()
                 .map(|a| queued_cost(a, shared.queue_bytes_total) as usize)
                 .sum();
-            let tail = Group::new(&shared, &room, group, &stop).run(tail).await;
+            let tail = Group::new(&shared, &*sink, &room, group, &stop)
+                .run(tail)
+                .await;
             shared.queue_bytes.add_permits(cost);
             let _ = done.send((room, tail));
         });
@@ -233,6 +239,7 @@ struct Item {
 
 struct Group<'a> {
     shared: &'a Shared,
+    sink: &'a dyn CommitSink,
     room: &'a str,
     subject: String,
     items: Vec<Item>,
@@ -242,6 +249,7 @@ struct Group<'a> {
 impl<'a> Group<'a> {
     fn new(
         shared: &'a Shared,
+        sink: &'a dyn CommitSink,
         room: &'a str,
         appends: Vec<Append>,
         stop: &'a CancellationToken,
@@ -275,6 +283,7 @@ impl<'a> Group<'a> {
         }
         Group {
             shared,
+            sink,
             room,
             subject: shared.subject(room),
             items,
@@ -416,9 +425,7 @@ impl<'a> Group<'a> {
             match stored {
                 Some(stream_seq) => {
                     let seq = tail.seq + msgs.len() as u64;
-                    self.shared
-                        .sink
-                        .batch_committed(msgs.len(), started.elapsed());
+                    self.sink.batch_committed(msgs.len(), started.elapsed());
                     self.committed(tail.seq + 1).await;
                     return stream_seq.map(|stream_seq| Tail {
                         seq,
@@ -656,7 +663,7 @@ impl<'a> Group<'a> {
                 body: &i.body,
             })
             .collect();
-        self.shared.sink.committed(&msgs);
+        self.sink.committed(&msgs);
         drop(msgs);
         let mut keys = Vec::new();
         for (item, seq) in std::mem::take(&mut self.items).into_iter().zip(first..) {
