@@ -53,7 +53,6 @@ use std::net::SocketAddr;
 use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Instant;
 
 use dashmap::DashMap;
 use protocol::ServerFrame;
@@ -62,8 +61,7 @@ use serde_json::value::RawValue;
 
 use crate::close::CloseReason;
 use crate::config::Config;
-use crate::delivery::{Delivery, Encoded, Outbox, WireFrame};
-use crate::history::{CommitSink, Committed};
+use crate::delivery::{Delivery, EncodedCommit, Outbox, WireFrame};
 
 /// A session's process-unique id.
 pub type SessionId = u64;
@@ -971,52 +969,13 @@ impl Hub {
     }
 }
 
-/// A commit's new messages, each encoded once, grouped by room in commit
-/// order: what [`Hub::deliver`] fans out. Encoding is per message, so it
-/// can be done away from the fan-out (on the store writer thread).
-#[derive(Debug)]
-pub struct Fanout {
-    /// Per room, its messages in strictly increasing seq.
-    rooms: Vec<(Box<str>, Vec<Encoded>)>,
-    /// When the messages were encoded: the start of the fan-out latency
-    /// their deliveries report.
-    encoded: Instant,
-}
-
-impl Fanout {
-    /// Encodes `msgs` (one commit's, in commit order) and groups them by room.
-    pub fn encode(msgs: &[Committed<'_>]) -> Fanout {
-        // Most commits hold few rooms; the map is per commit, never per
-        // recipient.
-        let mut rooms: Vec<(Box<str>, Vec<Encoded>)> = Vec::new();
-        let mut index: FxHashMap<&str, usize> = FxHashMap::default();
-        for msg in msgs {
-            let message = protocol::MessageRef::new(msg.room, msg.seq, msg.from, msg.ts, msg.body);
-            let encoded = Encoded {
-                seq: msg.seq,
-                frame: WireFrame::json(&message),
-            };
-            let i = *index.entry(msg.room).or_insert_with(|| {
-                rooms.push((Box::from(msg.room), Vec::new()));
-                rooms.len() - 1
-            });
-            if let Some((_, list)) = rooms.get_mut(i) {
-                list.push(encoded);
-            }
-        }
-        Fanout {
-            rooms,
-            encoded: Instant::now(),
-        }
-    }
-}
-
 impl Hub {
-    /// Fans encoded messages out: per room, one shared delivery of all of
-    /// them and one non-blocking push per member. Fan-outs must come in
-    /// commit order (one caller at a time), as members see them in it.
-    pub fn deliver(&self, fanout: Fanout) {
-        for (room, messages) in fanout.rooms {
+    /// The one entry of durable messages into the hub, in both modes:
+    /// per room, one shared delivery of all of the commit's messages and
+    /// one non-blocking push per member. Commits must come in commit order
+    /// (one caller at a time), as members see them in it.
+    pub fn deliver(&self, commit: EncodedCommit) {
+        for (room, messages) in commit.rooms {
             let Some(r) = self.rooms.get(&*room) else {
                 continue;
             };
@@ -1024,7 +983,7 @@ impl Hub {
             let delivery = Arc::new(Delivery::encoded_at(
                 r.name.clone(),
                 messages,
-                fanout.encoded,
+                commit.encoded,
             ));
             for m in &r.members {
                 m.outbox.push_message(&delivery);
@@ -1034,14 +993,6 @@ impl Hub {
                 r.raise_latest(seq);
             }
         }
-    }
-}
-
-impl CommitSink for Hub {
-    /// Encodes a commit's messages and fans them out at once, on the
-    /// caller's thread (in a cluster, the bus's delivery task).
-    fn committed(&self, msgs: &[Committed<'_>]) {
-        self.deliver(Fanout::encode(msgs));
     }
 }
 
@@ -1203,13 +1154,13 @@ pub(crate) mod tests {
         }
         // Every remaining member, and only those, gets a commit's message.
         let body = serde_json::value::to_raw_value(&1).unwrap();
-        hub.committed(&[Committed {
+        hub.deliver(EncodedCommit::encode(&[crate::history::Committed {
             room: "r",
             seq: 1,
             from: "u0",
             ts: 0,
             body: &body,
-        }]);
+        }]));
         for (id, rx) in &mut rxs {
             let got = std::iter::from_fn(|| rx.try_recv())
                 .filter(|o| matches!(o, Outgoing::Message(_)))

@@ -11,7 +11,7 @@
 //! - [`close`]: why a session ended, as a close code and a metrics label.
 //! - [`delivery`]: pre-framed frames and the per-session outbox they travel in.
 //! - [`hub`]: rooms, presence and fan-out of committed messages.
-//! - [`fanout`]: the store writer's commits handed to the fan-out task on the runtime.
+//! - [`handoff`]: the embedded store writer's commits handed to the delivery task on the runtime.
 //! - [`history`]: the history contract ([`history::Backend`]) and the types both backends share.
 //! - [`store`]: redb history with a group-committing writer thread (a backend).
 //! - [`cluster`]: cluster mode: history in NATS JetStream (a backend), fan-out between nodes.
@@ -34,9 +34,9 @@ pub mod config;
 pub mod delivery;
 pub mod demo;
 pub mod drain;
-pub mod fanout;
 pub mod gateway;
 pub mod glob;
+pub mod handoff;
 pub mod history;
 pub mod hub;
 pub mod limits;

@@ -25,8 +25,8 @@ use crate::backend::Opened;
 use crate::cluster;
 use crate::config::{Config, ConfigError};
 use crate::drain::{self, Drain};
-use crate::fanout;
 use crate::gateway;
+use crate::handoff;
 use crate::history::{CommitSink, Committed, Replies};
 use crate::hub::{Hub, HubOptions};
 use crate::limits::Limits;
@@ -126,7 +126,7 @@ impl Server {
                 let opts = config.store_options();
                 // Records each commit's duration and size, then hands its
                 // messages to the fan-out task, which delivers them through the hub.
-                let (queue, task) = fanout::channel(hub.clone(), config.fanout_queue_commits)
+                let (queue, task) = handoff::channel(hub.clone(), config.fanout_queue_commits)
                     .map_err(ServerError::Fanout)?;
                 fan_out.spawn(task.run());
                 let sink = Arc::new(ObservedSink::new(Arc::new(queue), metrics.clone()));

@@ -96,6 +96,7 @@ use order::{Limits, Order};
 
 mod order;
 use crate::config::ClusterConfig;
+use crate::delivery::EncodedCommit;
 use crate::history::{CommitSink, Committed, ReadError, StoredMessage};
 use crate::hub::{Hub, Peers};
 
@@ -734,7 +735,7 @@ fn step(shared: &Arc<Shared>, name: &str, r: &mut Room) {
                 body: &m.body,
             })
             .collect();
-        shared.hub.committed(&committed);
+        shared.hub.deliver(EncodedCommit::encode(&committed));
         (shared.counters.delivered).fetch_add(step.run.len() as u64, Ordering::Relaxed);
     }
     if let Some(after) = step.read_after {

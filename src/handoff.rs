@@ -1,7 +1,8 @@
 //! The hand-off of the embedded store's commits from its writer thread to
-//! the fan-out task on the runtime.
+//! the delivery task on the runtime, which gives them to the hub.
 //!
-//! The writer thread encodes each commit's messages (work per message) and
+//! The writer thread encodes each commit's messages into an
+//! `EncodedCommit` (work per message) and
 //! queues them with the commit's replies (the acks); one task on a runtime
 //! worker takes them in commit order, pushes the messages to the rooms'
 //! members through [`Hub::deliver`] (work per member), then completes the
@@ -39,20 +40,21 @@ use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 use tracing::warn;
 
+use crate::delivery::EncodedCommit;
 use crate::history::{CommitSink, Committed, Replies};
-use crate::hub::{Fanout, Hub};
+use crate::hub::Hub;
 
 /// The writer's end: the embedded store's [`CommitSink`].
 #[derive(Debug)]
-pub struct FanoutQueue {
-    tx: mpsc::Sender<(Fanout, Option<Replies>)>,
+pub struct HandoffQueue {
+    tx: mpsc::Sender<(EncodedCommit, Option<Replies>)>,
     bell: Bell,
 }
 
-/// The runtime's end: [`FanoutTask::run`] delivers what the writer queued.
+/// The runtime's end: [`DeliveryTask::run`] delivers what the writer queued.
 #[derive(Debug)]
-pub struct FanoutTask {
-    rx: mpsc::Receiver<(Fanout, Option<Replies>)>,
+pub struct DeliveryTask {
+    rx: mpsc::Receiver<(EncodedCommit, Option<Replies>)>,
     bell: UnixStream,
     rung: Arc<AtomicBool>,
     hub: Arc<Hub>,
@@ -90,20 +92,20 @@ impl Bell {
 
 /// A queue of at most `capacity` commits from the store writer to a task
 /// delivering through `hub`. Needs the runtime (for the task's socket).
-pub fn channel(hub: Arc<Hub>, capacity: usize) -> std::io::Result<(FanoutQueue, FanoutTask)> {
+pub fn channel(hub: Arc<Hub>, capacity: usize) -> std::io::Result<(HandoffQueue, DeliveryTask)> {
     let (tx, rx) = mpsc::channel(capacity.max(1));
     let (ring, hear) = StdUnixStream::pair()?;
     ring.set_nonblocking(true)?;
     hear.set_nonblocking(true)?;
     let rung = Arc::new(AtomicBool::new(false));
-    let queue = FanoutQueue {
+    let queue = HandoffQueue {
         tx,
         bell: Bell {
             socket: ring,
             rung: rung.clone(),
         },
     };
-    let task = FanoutTask {
+    let task = DeliveryTask {
         rx,
         bell: UnixStream::from_std(hear)?,
         rung,
@@ -112,13 +114,13 @@ pub fn channel(hub: Arc<Hub>, capacity: usize) -> std::io::Result<(FanoutQueue, 
     Ok((queue, task))
 }
 
-impl FanoutQueue {
+impl HandoffQueue {
     /// Encodes the commit's messages here, on the writer thread (never a
     /// runtime worker: it may wait for room in the queue), and queues them
     /// with the commit's replies.
     fn queue(&self, msgs: &[Committed<'_>], replies: Option<Replies>) {
-        let fanout = Fanout::encode(msgs);
-        match self.tx.blocking_send((fanout, replies)) {
+        let commit = EncodedCommit::encode(msgs);
+        match self.tx.blocking_send((commit, replies)) {
             Ok(()) => self.bell.ring(),
             // The task has stopped: the server is shutting down, its
             // sessions are closing, and the messages are in history.
@@ -131,7 +133,7 @@ impl FanoutQueue {
     }
 }
 
-impl CommitSink for FanoutQueue {
+impl CommitSink for HandoffQueue {
     fn committed(&self, msgs: &[Committed<'_>]) {
         self.queue(msgs, None);
     }
@@ -145,9 +147,9 @@ impl CommitSink for FanoutQueue {
     }
 }
 
-impl FanoutTask {
-    fn deliver(&self, fanout: Fanout, replies: Option<Replies>) {
-        self.hub.deliver(fanout);
+impl DeliveryTask {
+    fn deliver(&self, commit: EncodedCommit, replies: Option<Replies>) {
+        self.hub.deliver(commit);
         if let Some(replies) = replies {
             replies.send();
         }
@@ -163,7 +165,7 @@ impl FanoutTask {
             self.rung.store(false, Ordering::SeqCst);
             loop {
                 match self.rx.try_recv() {
-                    Ok((fanout, replies)) => self.deliver(fanout, replies),
+                    Ok((commit, replies)) => self.deliver(commit, replies),
                     Err(mpsc::error::TryRecvError::Empty) => break,
                     Err(mpsc::error::TryRecvError::Disconnected) => return,
                 }
@@ -174,8 +176,8 @@ impl FanoutTask {
             if let Err(e) = self.bell.readable().await {
                 // Never seen; the queue's own wake-up still works, later.
                 warn!(error = %e, "the fan-out task's wake-up failed");
-                while let Some((fanout, replies)) = self.rx.recv().await {
-                    self.deliver(fanout, replies);
+                while let Some((commit, replies)) = self.rx.recv().await {
+                    self.deliver(commit, replies);
                 }
                 return;
             }
@@ -198,7 +200,7 @@ mod tests {
     use crate::history::Backend as _;
     use serde_json::value::RawValue;
 
-    fn commit(queue: &FanoutQueue, room: &str, seqs: std::ops::RangeInclusive<u64>) {
+    fn commit(queue: &HandoffQueue, room: &str, seqs: std::ops::RangeInclusive<u64>) {
         let body = RawValue::from_string("\"hi\"".to_owned()).unwrap();
         let msgs: Vec<Committed<'_>> = seqs
             .map(|seq| Committed {
