@@ -11,8 +11,8 @@
 //! - A message is encoded once into shared bytes; each recipient gets a
 //!   reference-counted handle, never a copy.
 //! - A room's members see its messages in commit order, which is seq order,
-//!   because one task at a time calls [`Hub::deliver`]: the fan-out task,
-//!   fed by the store writer in commit order (`fanout`), or in a cluster
+//!   because one task at a time calls [`Hub::deliver`]: the delivery task,
+//!   fed by the store writer in commit order (`handoff`), or in a cluster
 //!   the bus's one delivery task, which puts each room's messages from
 //!   every node in seq order (`cluster::bus`).
 //! - A join or leave costs the same whatever the room's size: members are

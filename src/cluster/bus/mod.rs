@@ -19,7 +19,7 @@
 //!   messages' seq, sender, time and raw body, split under the server's
 //!   payload limit) and handed to the local reorder stage at once.
 //! - **Seq order on every node.** One task (the deliverer) is the only
-//!   caller of the hub's [`CommitSink::committed`]. Per room (`order.rs`,
+//!   caller of `Hub::deliver` on this node. Per room (`order.rs`,
 //!   bookkeeping without I/O or clock) it keeps the next seq to deliver
 //!   and holds messages ahead of it (at most `cluster.reorder_max`; the
 //!   newest beyond are dropped and read back); duplicates (a node's own
@@ -68,8 +68,8 @@
 //!
 //! Wiring: [`ClusterBus::start`] sets the bus as the hub's peers; the
 //! JetStream store takes it as its `CommitSink`; the reader is that
-//! store's `read_after` (a cell filled once the store is open breaks the
-//! store ↔ bus cycle). Nothing here runs in single-node mode.
+//! store's `read_after` (the store opens before the bus, and its writer
+//! starts after it). Nothing here runs in single-node mode.
 //!
 //! A lost NATS message (core NATS is at most once) is repaired for
 //! messages by the gap reads (so a lost last message of a quiet room
