@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::value::RawValue;
 
-use super::BusMessage;
+use super::wire::BusMessage;
 use crate::history::StoredMessage;
 
 /// The bounds and timings of every room's order.
