@@ -53,7 +53,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let ws = connect(&url, config).await?;
     let (mut tx, mut rx) = ws.split();
-    let cpu0 = loadtest::report::cpu_seconds(std::process::id()).unwrap_or(0.0);
+    let cpu0 = loadtest::procfs::cpu_seconds(std::process::id()).unwrap_or(0.0);
     let (n0, start) = (count.load(Ordering::Relaxed), Instant::now());
     let stop = start + Duration::from_secs_f64(seconds);
     let (mut sent, mut echoed) = (0u64, 0u64);
@@ -69,7 +69,7 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let n = count.load(Ordering::Relaxed) - n0;
-    let cpu = loadtest::report::cpu_seconds(std::process::id()).unwrap_or(0.0) - cpu0;
+    let cpu = loadtest::procfs::cpu_seconds(std::process::id()).unwrap_or(0.0) - cpu0;
     let wall = start.elapsed().as_secs_f64();
     println!(
         "{n} deliveries in {wall:.2} s, {cpu:.2} CPU-s: {:.2} M/s, {:.2} M per CPU-second",

@@ -11,10 +11,12 @@ pub mod conn;
 pub mod metrics;
 pub mod nats;
 pub mod plot;
+pub mod procfs;
 pub mod reconnect;
 pub mod report;
 pub mod scan;
 pub mod scenario;
+pub mod summary;
 mod workers;
 
 use std::sync::Arc;
@@ -31,7 +33,8 @@ pub use report::Report;
 
 use conn::{instant_at, now_us};
 use metrics::{Clock, Metrics};
-use report::{Collected, ServerUsage, cpu_seconds, rss_bytes};
+use procfs::{cpu_seconds, rss_bytes};
+use report::{Collected, ServerUsage};
 
 /// Runs one scenario (in worker processes when `--workers` > 1) and returns
 /// its report. Writes the SVG plot when `--plot` is given.

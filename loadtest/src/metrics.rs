@@ -213,7 +213,7 @@ pub struct Metrics {
     /// Counters at the last tick, and its second.
     last_tick: Mutex<(u64, u64, u64, Option<i64>)>,
     /// What a `soak` sampled and concluded.
-    pub soak: Mutex<Option<crate::scenario::soak::SoakSummary>>,
+    pub soak: Mutex<Option<crate::summary::SoakSummary>>,
 }
 
 impl Metrics {

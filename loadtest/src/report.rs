@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cli::Common;
 use crate::metrics::{Interval, Metrics, get, new_histogram};
-use crate::scenario::soak::{Drift, MIB, SoakSummary};
+use crate::summary::{Drift, MIB, SoakSummary};
 
 /// Counts over the run. `sent`, `delivered` and `acked` count the measured
 /// window only; loss, duplicates and connections count the whole run.
@@ -742,40 +742,12 @@ fn soak_table(o: &mut String, s: &SoakSummary) {
 }
 
 fn mib(b: u64) -> String {
-    format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0))
-}
-
-/// The process's resident memory in bytes, from /proc/PID/status.
-pub fn rss_bytes(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
-
-/// The process's CPU time (user + system) in seconds, from /proc/PID/stat.
-pub fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let rest = stat.rsplit_once(')')?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: f64 = fields.get(11)?.parse().ok()?;
-    let stime: f64 = fields.get(12)?.parse().ok()?;
-    // Clock ticks; 100 per second on Linux.
-    const TICKS: f64 = 100.0;
-    Some((utime + stime) / TICKS)
+    format!("{:.1} MiB", b as f64 / MIB)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn own_process_has_rss_and_cpu() {
-        let me = std::process::id();
-        assert!(rss_bytes(me).is_some_and(|b| b > 0));
-        assert!(cpu_seconds(me).is_some());
-    }
 
     fn report_with(cpu: f64, cores: f64) -> Report {
         let mut r = Report {

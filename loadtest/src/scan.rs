@@ -1,9 +1,10 @@
 //! A one-pass scanner over the members of a JSON object, for reading a few
 //! fields of every frame without building a tree or allocating: it finds
 //! each member's key and the raw text of its value, skipping nested values
-//! by bracket depth. It owns no knowledge of the protocol (that is
-//! [`crate::conn::Frame`]) and does not validate: on text that is not a JSON
-//! object it stops early, yielding what it found so far.
+//! by bracket depth. It owns no knowledge of the protocol (the frame reader
+//! in `conn` has it, and this module must not name it back) and does not
+//! validate: on text that is not a JSON object it stops early, yielding
+//! what it found so far.
 
 /// Iterates `(key, raw value)` over the members of the object `text` holds.
 pub struct Members<'a> {

@@ -27,7 +27,9 @@ pub fn room_from_token(token: &str) -> Option<String> {
     String::from_utf8(bytes?).ok()
 }
 
-/// The stream's subjects: `<stream>.m.>`.
+/// The stream's subjects: `<stream>.m.>`, which takes in each room's
+/// messages and its erasure tombstones (`<stream>.m.<token>.e`, named by
+/// the cluster store).
 pub fn messages_wildcard(stream: &str) -> String {
     format!("{stream}.m.>")
 }
@@ -58,7 +60,10 @@ pub fn nodes_wildcard(stream: &str) -> String {
     format!("{stream}.node.*")
 }
 
-/// Requests to a node (admin actions on its sessions: kick, drain).
+/// The control plane's subject (`cluster::control`): admin requests
+/// (list sessions or rooms, kick a user or a session) that every node
+/// answers. Its one caller passes `"all"`, so every node subscribes to and
+/// asks on `<stream>.ctl.all`; no request is addressed to a single node.
 pub fn control(stream: &str, node_id: &str) -> String {
     format!("{stream}.ctl.{node_id}")
 }

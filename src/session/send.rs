@@ -44,18 +44,16 @@ impl<S: Transport> Session<S> {
             Some((key, _)) => key.clone(),
             None => Arc::from(room.as_str()),
         };
-        // The decoder measured the body's depth in its one pass.
-        if let Err(AppendLimit::KeyTooLong { max } | AppendLimit::TooDeep { max }) =
-            check_append(&self.state.config, key.as_deref(), None)
-        {
+        // The decoder measured the body's depth in its one pass (and
+        // refused a deep body with its own message), so only the key is
+        // checked here; each limit still answers with its own words.
+        if let Err(limit) = check_append(&self.state.config, key.as_deref(), None) {
+            let message = match limit {
+                AppendLimit::KeyTooLong { max } => format!("`key` is longer than {max} bytes"),
+                AppendLimit::TooDeep { max } => format!("body is nested deeper than {max} levels"),
+            };
             self.settle().await?;
-            return self
-                .send_error(
-                    id,
-                    ErrorCode::TooLarge,
-                    format!("`key` is longer than {max} bytes"),
-                )
-                .await;
+            return self.send_error(id, ErrorCode::TooLarge, message).await;
         }
         let (reply, rx) = oneshot::channel();
         let append = Append {

@@ -7,7 +7,6 @@
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use protocol::{ClientRequest, ServerFrame, close};
 use switchboard::config::Secret;
@@ -15,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
-use crate::support::{Client, DEADLINE, Fixture, TestServer};
+use crate::support::{Client, DEADLINE, Fixture, TestServer, eventually};
 
 pub const TOKEN: &str = "test-admin-token-0123456789";
 
@@ -857,18 +856,14 @@ async fn readyz_turns_not_ready_while_draining() {
 
     let _silent = server.connect("silent").await;
     let stopping = tokio::spawn(server.stop());
-    let start = tokio::time::Instant::now();
-    loop {
+    let r = eventually("readyz to turn 503", async || {
         let r = http(admin, "GET", "/readyz", &[], None).await;
-        if r.status == 503 {
-            assert_eq!(r.json()["status"], "draining");
-            // Liveness still holds while draining.
-            assert_eq!(http(admin, "GET", "/healthz", &[], None).await.status, 200);
-            break;
-        }
-        assert!(start.elapsed() < DEADLINE, "readyz never turned 503");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+        (r.status == 503).then_some(r)
+    })
+    .await;
+    assert_eq!(r.json()["status"], "draining");
+    // Liveness still holds while draining.
+    assert_eq!(http(admin, "GET", "/healthz", &[], None).await.status, 200);
     tokio::time::timeout(DEADLINE, stopping)
         .await
         .expect("stops")

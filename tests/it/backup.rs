@@ -6,14 +6,13 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 use switchboard::history::Backend as _;
 
 use protocol::{ClientRequest, ServerFrame};
 use switchboard::config::Secret;
 
 use crate::admin::TOKEN;
-use crate::support::{DEADLINE, Fixture, TestServer};
+use crate::support::{DEADLINE, Fixture, TestServer, wait_until};
 
 const ROOMS: [&str; 2] = ["ops", "lobby"];
 const SENDERS: usize = 4;
@@ -82,14 +81,6 @@ async fn all_messages(server: &TestServer, room: &str) -> Vec<switchboard::histo
         if !more {
             return out;
         }
-    }
-}
-
-async fn wait_until(what: &str, cond: impl Fn() -> bool) {
-    let start = tokio::time::Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 

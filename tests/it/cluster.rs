@@ -10,7 +10,7 @@ use protocol::{ClientRequest, ErrorCode, ServerFrame};
 
 use crate::admin::{TOKEN, http};
 use crate::natsd::Nats;
-use crate::support::{Client, DEADLINE, Fixture, Process, frame_id, json};
+use crate::support::{Client, DEADLINE, Fixture, Process, eventually_every, frame_id, json};
 
 /// One Switchboard node of a cluster, with its own fixture (certificates,
 /// data dir) and admin listener.
@@ -321,26 +321,29 @@ async fn with_nats_gone_sends_are_unavailable_and_the_node_recovers_by_itself() 
 
     nats.restart().await;
     // The client retries as told until the node is back (bounded).
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    let seq = loop {
-        let reply = c
-            .request(ClientRequest::Send {
-                room: "r".into(),
-                body: json("2"),
-                key: Some("retry-me".into()),
-            })
-            .await;
-        match reply {
-            ServerFrame::Ack { seq, .. } => break seq,
-            ServerFrame::Error {
-                code: ErrorCode::Unavailable,
-                ..
-            } if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
+    let seq = eventually_every(
+        "the node to take the resend",
+        DEADLINE,
+        Duration::from_millis(100),
+        async || {
+            let reply = c
+                .request(ClientRequest::Send {
+                    room: "r".into(),
+                    body: json("2"),
+                    key: Some("retry-me".into()),
+                })
+                .await;
+            match reply {
+                ServerFrame::Ack { seq, .. } => Ok(seq),
+                ServerFrame::Error {
+                    code: ErrorCode::Unavailable,
+                    ..
+                } => Err("unavailable".to_owned()),
+                other => panic!("no recovery: {other:?}"),
             }
-            other => panic!("no recovery: {other:?}"),
-        }
-    };
+        },
+    )
+    .await;
     assert_eq!(seq, 2, "nothing lost, nothing doubled");
     assert_eq!(http(admin, "GET", "/readyz", &[], None).await.status, 200);
     let _ = frame_id;
@@ -362,23 +365,31 @@ async fn operators_see_and_act_on_every_node_from_any_node() {
     let admin = nodes[0].process.admin;
 
     // Every node, this one first.
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        let listed = crate::admin::get(admin, "/admin/api/nodes").await.json();
-        let ids: Vec<&str> = listed["nodes"]
+    let alive = |listed: &serde_json::Value| -> Vec<String> {
+        listed["nodes"]
             .as_array()
             .unwrap()
             .iter()
             .filter(|n| n["alive"] == true)
-            .map(|n| n["id"].as_str().unwrap())
-            .collect();
-        if ids.len() == 3 {
-            assert_eq!(ids[0], nodes[0].id);
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "nodes: {listed}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+            .map(|n| n["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let ids = eventually_every(
+        "three live nodes",
+        DEADLINE,
+        Duration::from_millis(50),
+        async || {
+            let listed = crate::admin::get(admin, "/admin/api/nodes").await.json();
+            let ids = alive(&listed);
+            if ids.len() == 3 {
+                Ok(ids)
+            } else {
+                Err(listed.to_string())
+            }
+        },
+    )
+    .await;
+    assert_eq!(ids[0], nodes[0].id);
     // Connections of every node, each with its node.
     let conns = crate::admin::get(admin, "/admin/api/connections?user=mallory")
         .await
@@ -490,23 +501,28 @@ async fn presence_is_per_user_across_nodes_and_a_dead_nodes_users_leave() {
         ServerFrame::Members { count, users, .. } => (*count, users.clone()),
         other => panic!("{other:?}"),
     };
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        let reply = watcher
-            .request(ClientRequest::Presence {
-                room: "p".into(),
-                after: None,
-                limit: None,
-            })
-            .await;
-        let (n, users) = count(&reply);
-        if n == 2 {
-            assert_eq!(users, ["amy", "watcher"]);
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{users:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let users = eventually_every(
+        "amy and the watcher in p",
+        DEADLINE,
+        Duration::from_millis(50),
+        async || {
+            let reply = watcher
+                .request(ClientRequest::Presence {
+                    room: "p".into(),
+                    after: None,
+                    limit: None,
+                })
+                .await;
+            let (n, users) = count(&reply);
+            if n == 2 {
+                Ok(users)
+            } else {
+                Err(format!("{users:?}"))
+            }
+        },
+    )
+    .await;
+    assert_eq!(users, ["amy", "watcher"]);
     // n1 dies: amy is still on n2, so she stays.
     let dead = nodes.remove(0);
     dead.process.kill().await;
@@ -530,6 +546,12 @@ async fn presence_is_per_user_across_nodes_and_a_dead_nodes_users_leave() {
 async fn a_node_started_before_nats_is_ready_waits_for_it() {
     let port = crate::natsd::free_port();
     let url = format!("nats://127.0.0.1:{port}");
+    // A stand-in holds NATS's port until the node has asked for NATS once
+    // and been turned away: NATS comes up only after that, which is the
+    // case under test.
+    let stand_in = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .expect("bind NATS's port");
     let fixture = Fixture::new();
     // The node starts first (as in a compose or Kubernetes start) and asks
     // for its stream until JetStream answers.
@@ -540,8 +562,11 @@ async fn a_node_started_before_nats_is_ready_waits_for_it() {
         .await;
         (fixture, process)
     });
-    // NATS comes up a moment later: the wait is the point of the test.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (asked, _) = tokio::time::timeout(DEADLINE, stand_in.accept())
+        .await
+        .expect("the node asks for NATS")
+        .expect("accept");
+    drop((asked, stand_in));
     let _nats = Nats::start_on(port).await;
     let (fixture, process) = tokio::time::timeout(DEADLINE, node)
         .await

@@ -5,7 +5,6 @@
 //! the store calls its sink).
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use protocol::ServerFrame;
 use serde_json::value::RawValue;
@@ -19,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::natsd::Nats;
-use crate::support::DEADLINE;
+use crate::support::{DEADLINE, wait_until};
 
 /// The rooms' stored messages, in commit order.
 type History = Arc<Mutex<Vec<(String, StoredMessage)>>>;
@@ -205,15 +204,6 @@ fn queued(rx: &mut OutboxReceiver) -> (Vec<u64>, Vec<ServerFrame>) {
     (msgs, events)
 }
 
-/// Polls `f` until it holds, within the deadline.
-async fn until(what: &str, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < DEADLINE, "{what} within the deadline");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 fn names(list: &[&str]) -> Vec<String> {
     list.iter().map(|s| s.to_string()).collect()
 }
@@ -228,7 +218,7 @@ async fn a_commit_reaches_the_other_nodes_members_once_in_order_and_only_where_t
     );
     let mut on_a = a.join("r", 1, "alice");
     let mut on_b = b.join("r", 2, "bob");
-    until("b subscribed to r", || b.bus.rooms() == names(&["r"])).await;
+    wait_until("b subscribed to r", || b.bus.rooms() == names(&["r"])).await;
     for batch in 0..4 {
         a.commit("r", batch * 5 + 1..=batch * 5 + 5);
     }
@@ -249,7 +239,7 @@ async fn a_commit_reaches_the_other_nodes_members_once_in_order_and_only_where_t
     assert_eq!(queued(&mut on_b).0, Vec::<u64>::new(), "nothing twice");
     // The last member gone, the node leaves the room's subjects.
     assert!(b.hub.leave("r", 2));
-    until("b unsubscribed", || b.bus.rooms().is_empty()).await;
+    wait_until("b unsubscribed", || b.bus.rooms().is_empty()).await;
 }
 
 #[tokio::test]
@@ -263,7 +253,7 @@ async fn out_of_order_and_missing_messages_are_delivered_in_seq_order() {
     let mut on_b = b.join("r", 1, "bob");
     // b's two catch-up reads after its subscriptions went live are done,
     // so what follows reaches b only through the bus.
-    until("b caught up", || b.bus.stats().history_reads >= 2).await;
+    wait_until("b caught up", || b.bus.stats().history_reads >= 2).await;
     store(&history, "r", &[1, 2]);
     a.announce("r", &[2]);
     a.announce("r", &[1]);
@@ -329,14 +319,14 @@ async fn typing_on_one_node_reaches_the_others_members_coalesced() {
     );
     let _alice = a.join("r", 1, "alice");
     let mut bob = b.join("r", 2, "bob");
-    until("b sees alice", || b.hub.members("r", None, 10).count == 2).await;
+    wait_until("b sees alice", || b.hub.members("r", None, 10).count == 2).await;
     b.hub.flush_presence();
     queued(&mut bob);
     for _ in 0..5 {
         a.hub.typing("r", &Arc::from("alice"));
     }
     let mut events = Vec::new();
-    until("bob hears alice type", || {
+    wait_until("bob hears alice type", || {
         b.hub.flush_typing();
         events.extend(queued(&mut bob).1);
         !events.is_empty()
@@ -366,7 +356,7 @@ async fn a_user_on_two_nodes_is_one_member_until_it_leaves_both() {
     let _u_b = b.join("r", 3, "u");
     let mut w = b.join("r", 4, "w");
     let all = names(&["u", "w", "x"]);
-    until("both nodes see u, w and x", || {
+    wait_until("both nodes see u, w and x", || {
         a.hub.members("r", None, 10).users == all && b.hub.members("r", None, 10).users == all
     })
     .await;
@@ -376,7 +366,7 @@ async fn a_user_on_two_nodes_is_one_member_until_it_leaves_both() {
     // u leaves a, then y joins a: once b sees y, it has seen u leave a.
     assert!(a.hub.leave("r", 1));
     let _y = a.join("r", 5, "y");
-    until("b sees y", || b.hub.members("r", None, 10).count == 4).await;
+    wait_until("b sees y", || b.hub.members("r", None, 10).count == 4).await;
     assert_eq!(
         b.hub.members("r", None, 10).users,
         names(&["u", "w", "x", "y"])
@@ -397,7 +387,7 @@ async fn a_user_on_two_nodes_is_one_member_until_it_leaves_both() {
     // u leaves b too: gone on both nodes.
     assert!(b.hub.leave("r", 3));
     let rest = names(&["w", "x", "y"]);
-    until("u gone on both nodes", || {
+    wait_until("u gone on both nodes", || {
         a.hub.members("r", None, 10).users == rest && b.hub.members("r", None, 10).users == rest
     })
     .await;
@@ -413,11 +403,11 @@ async fn the_members_of_a_silent_node_leave_within_the_node_timeout() {
     );
     let _alice = a.join("r", 1, "alice");
     let mut w = b.join("r", 2, "w");
-    until("b sees alice", || {
+    wait_until("b sees alice", || {
         b.hub.members("r", None, 10).users == names(&["alice", "w"])
     })
     .await;
-    until("b hears a's heartbeat, with its connection count", || {
+    wait_until("b hears a's heartbeat, with its connection count", || {
         b.bus
             .nodes()
             .iter()
@@ -437,7 +427,7 @@ async fn the_members_of_a_silent_node_leave_within_the_node_timeout() {
     // a's bus stops without a word; alice is still in a's hub.
     a.token.cancel();
     let mut events = Vec::new();
-    until("alice leaves b's room", || {
+    wait_until("alice leaves b's room", || {
         b.hub.flush_presence();
         events.extend(queued(&mut w).1);
         !events.is_empty()
@@ -467,7 +457,7 @@ async fn a_lost_presence_event_is_repaired_by_a_later_member_list() {
     );
     let _alice = a.join("r", 1, "alice");
     let _w = b.join("r", 2, "w");
-    until("b sees alice", || {
+    wait_until("b sees alice", || {
         b.hub.members("r", None, 10).users == names(&["alice", "w"])
     })
     .await;
@@ -477,7 +467,7 @@ async fn a_lost_presence_event_is_repaired_by_a_later_member_list() {
         b.hub.members("r", None, 10).users,
         names(&["alice", "ghost", "w"])
     );
-    until("a's next member list of r drops ghost", || {
+    wait_until("a's next member list of r drops ghost", || {
         b.hub.members("r", None, 10).users == names(&["alice", "w"])
     })
     .await;

@@ -778,6 +778,9 @@ async fn a_resume_past_what_the_node_has_heard_gets_no_message_twice() {
         writer.next_message("q").await,
         ServerFrame::Message { seq: 1, .. }
     ));
+    // Time passes so that the node's two reads are over before seq 2 is
+    // stored: nothing the node exports tells the test when they are, and
+    // the first assertion on the reader's join checks that this held.
     tokio::time::sleep(Duration::from_millis(500)).await;
     // Seq 2 is stored by a node that dies before announcing it; a client of
     // that node saw it and resumes here.

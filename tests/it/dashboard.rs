@@ -17,7 +17,11 @@ use tokio::process::{Child, Command};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::admin::{self, TOKEN, http};
-use crate::support::DEADLINE;
+use crate::support::{DEADLINE, eventually_every};
+
+/// How often the browser is asked again: each look is a WebDriver round
+/// trip, so less often than the server-side [`crate::support::POLL`].
+const BROWSER_POLL: Duration = Duration::from_millis(50);
 
 /// The W3C WebDriver key of an element reference.
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
@@ -65,20 +69,19 @@ impl Browser {
             .kill_on_drop(true)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", chromedriver.display()));
-        let start = tokio::time::Instant::now();
-        loop {
-            if tokio::net::TcpStream::connect(driver).await.is_ok() {
-                let status = http(driver, "GET", "/status", &[], None).await;
-                if status.status == 200 && status.json()["value"]["ready"] == true {
-                    break;
-                }
+        let what = format!("chromedriver to come up on {driver}");
+        eventually_every(&what, DEADLINE, BROWSER_POLL, async || {
+            tokio::net::TcpStream::connect(driver)
+                .await
+                .map_err(|e| e.to_string())?;
+            let status = http(driver, "GET", "/status", &[], None).await;
+            if status.status == 200 && status.json()["value"]["ready"] == true {
+                Ok(())
+            } else {
+                Err(format!("status {}", status.status))
             }
-            assert!(
-                start.elapsed() < DEADLINE,
-                "chromedriver did not come up on {driver}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
+        .await;
         let profile = tempfile::tempdir().expect("profile dir");
         let args = [
             "--headless".to_owned(),
@@ -172,21 +175,15 @@ impl Browser {
     /// Clicks the element `css` selects, finding it again if the page
     /// re-rendered it in between (the tables refresh every two seconds).
     pub async fn click(&self, css: &str) {
-        let start = tokio::time::Instant::now();
-        loop {
-            let outcome = match self.find(css).await {
-                Ok(el) => {
-                    self.try_cmd("POST", &format!("/element/{el}/click"), Some(json!({})))
-                        .await
-                }
-                Err(e) => Err(e),
-            };
-            match outcome {
-                Ok(_) => return,
-                Err(e) => assert!(start.elapsed() < DEADLINE, "cannot click {css}: {e}"),
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let what = format!("a click on {css}");
+        eventually_every(&what, DEADLINE, BROWSER_POLL, async || {
+            let el = self.find(css).await.map_err(|e| e.to_string())?;
+            self.try_cmd("POST", &format!("/element/{el}/click"), Some(json!({})))
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string())
+        })
+        .await;
     }
 
     pub async fn script(&self, js: &str) -> Value {
@@ -211,26 +208,26 @@ impl Browser {
 
     /// Waits until the element's text is `want`; fails at the deadline.
     pub async fn wait_text(&self, id: &str, want: &str) {
-        let start = tokio::time::Instant::now();
-        loop {
+        let what = format!("#{id} to show {want:?}");
+        eventually_every(&what, DEADLINE, BROWSER_POLL, async || {
             let got = self.text(id).await;
             if got == want {
-                return;
+                Ok(())
+            } else {
+                Err(format!("#{id} shows {got:?}"))
             }
-            assert!(
-                start.elapsed() < DEADLINE,
-                "#{id} shows {got:?}, expected {want:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        })
+        .await;
     }
 
     pub async fn wait_for(&self, what: &str, js: &str) {
-        let start = tokio::time::Instant::now();
-        while self.script(js).await != Value::Bool(true) {
-            assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        eventually_every(what, DEADLINE, BROWSER_POLL, async || {
+            match self.script(js).await {
+                Value::Bool(true) => Ok(()),
+                other => Err(other.to_string()),
+            }
+        })
+        .await;
     }
 
     pub async fn screenshot(&self) -> Vec<u8> {

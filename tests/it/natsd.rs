@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use tokio::process::{Child, Command};
 
-use crate::support::DEADLINE;
+use crate::support::{DEADLINE, POLL, eventually_every};
 
 /// The nats-server binary the tests use.
 pub fn nats_bin() -> PathBuf {
@@ -154,13 +154,13 @@ impl Nats {
 
     async fn wait_listening(&self) {
         let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
-        tokio::time::timeout(DEADLINE, async {
-            while tokio::net::TcpStream::connect(addr).await.is_err() {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+        eventually_every("nats-server to listen", DEADLINE, POLL, async || {
+            tokio::net::TcpStream::connect(addr)
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string())
         })
-        .await
-        .expect("nats-server listens within the deadline");
+        .await;
     }
 
     /// SIGKILL, by the PID this test started; the store stays for a restart.
@@ -196,13 +196,19 @@ impl Nats {
                     matches!(state, Some(Some('T' | 't')))
                 })
         };
-        tokio::time::timeout(DEADLINE, async {
-            while !all_stopped() {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-        })
-        .await
-        .expect("nats-server stops");
+        // Looked at every millisecond: the stop takes about that long, and
+        // the test's next step should follow it closely.
+        eventually_every(
+            "every thread of nats-server to stop",
+            DEADLINE,
+            Duration::from_millis(1),
+            async || {
+                all_stopped()
+                    .then_some(())
+                    .ok_or_else(|| "one runs".to_owned())
+            },
+        )
+        .await;
     }
 
     /// SIGCONT after `pause`.
@@ -233,17 +239,19 @@ impl Nats {
 /// cluster has elected its meta leader).
 async fn wait_jetstream(server: &Nats) {
     let url = server.url();
-    tokio::time::timeout(DEADLINE, async {
-        loop {
-            if let Ok(client) = async_nats::connect(&url).await {
-                let js = async_nats::jetstream::new(client);
-                if js.query_account().await.is_ok() {
-                    return;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-    .expect("JetStream ready within the deadline");
+    // Each look opens a connection: every 50 ms, not every POLL.
+    eventually_every(
+        "JetStream to answer",
+        DEADLINE,
+        Duration::from_millis(50),
+        async || {
+            let client = async_nats::connect(&url).await.map_err(|e| e.to_string())?;
+            let js = async_nats::jetstream::new(client);
+            js.query_account()
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string())
+        },
+    )
+    .await;
 }

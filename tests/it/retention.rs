@@ -2,13 +2,12 @@
 //! server, and what erasure and retention leave in the redb file on disk.
 
 use std::io::Read;
-use std::time::Duration;
 use switchboard::history::Backend as _;
 
 use protocol::{ClientRequest, ServerFrame};
 use switchboard::store::retention::RetentionRule;
 
-use crate::support::{Client, DEADLINE, Fixture, TestServer};
+use crate::support::{Client, DEADLINE, Fixture, POLL, TestServer, eventually_every};
 
 fn rule(rooms: &str, max_count: u64) -> RetentionRule {
     RetentionRule {
@@ -20,24 +19,22 @@ fn rule(rooms: &str, max_count: u64) -> RetentionRule {
 
 /// Waits, bounded, until the store holds exactly `n` messages of `room`.
 async fn wait_for_count(server: &TestServer, room: &str, n: usize) {
-    let start = tokio::time::Instant::now();
-    loop {
-        let page = server
-            .state
-            .store
-            .history(room, None, None, 1000)
-            .await
-            .expect("history");
-        if page.messages.len() == n {
-            return;
-        }
-        assert!(
-            start.elapsed() < DEADLINE,
-            "{room} still holds {} messages, not {n}",
-            page.messages.len()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually_every(
+        &format!("{room} to hold {n} messages"),
+        DEADLINE,
+        POLL,
+        async || {
+            let page = server
+                .state
+                .store
+                .history(room, None, None, 1000)
+                .await
+                .expect("history");
+            let held = page.messages.len();
+            (held == n).then_some(()).ok_or(format!("{held} messages"))
+        },
+    )
+    .await;
 }
 
 async fn history_seqs(client: &mut Client, room: &str, before: Option<u64>) -> (Vec<u64>, bool) {

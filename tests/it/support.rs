@@ -2,7 +2,9 @@
 //! real redb file in a temp dir, and a real WebSocket client.
 //!
 //! Readiness needs no sleep: listeners are bound before the server starts.
-//! Every wait has a deadline so a broken server fails a test, never hangs it.
+//! Every wait has a deadline so a broken server fails a test, never hangs it;
+//! a wait for something no event announces polls the condition through
+//! [`eventually_every`] and its shorthands, never sleeps a fixed time.
 
 #![allow(dead_code)]
 
@@ -29,6 +31,51 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 
 /// How long any single wait in a test may take before the test fails.
 pub const DEADLINE: Duration = Duration::from_secs(15);
+
+/// How often a polled condition is looked at again: short, so that a test
+/// goes on soon after the condition holds, without spinning a core.
+pub const POLL: Duration = Duration::from_millis(10);
+
+/// Calls `f` every `every` until it returns `Ok`, and returns that value;
+/// fails the test with `what` and the last `Err` (what `f` saw) once
+/// `within` has passed, a call of `f` that never returns included. This is
+/// the one way a test waits for something that no event announces.
+pub async fn eventually_every<T>(
+    what: &str,
+    within: Duration,
+    every: Duration,
+    mut f: impl AsyncFnMut() -> Result<T, String>,
+) -> T {
+    let mut last = String::from("no answer yet");
+    let polling = async {
+        loop {
+            match f().await {
+                Ok(value) => return value,
+                Err(seen) => last = seen,
+            }
+            tokio::time::sleep(every).await;
+        }
+    };
+    let outcome = tokio::time::timeout(within, polling).await;
+    match outcome {
+        Ok(value) => value,
+        Err(_) => panic!("timed out after {within:?} waiting for {what}; last seen: {last}"),
+    }
+}
+
+/// [`eventually_every`] with the usual bound and pace, for a check that
+/// has nothing to tell while it does not hold.
+pub async fn eventually<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+    eventually_every(what, DEADLINE, POLL, async || {
+        f().await.ok_or_else(|| "not yet".to_owned())
+    })
+    .await
+}
+
+/// Waits until `cond` holds, looking every [`POLL`]; fails at the deadline.
+pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    eventually(what, async || cond().then_some(())).await;
+}
 
 /// A temp dir with development certificates and room for the data dir.
 pub struct Fixture {
@@ -162,17 +209,13 @@ impl TestServer {
     }
 
     /// Waits until `cond` holds on the server's state (metrics, hub),
-    /// checking whenever the runtime yields; fails at the deadline.
+    /// looking every [`POLL`]; fails at the deadline.
     pub async fn wait_for(
         &self,
         what: &str,
         cond: impl Fn(&switchboard::server::ServerState) -> bool,
     ) {
-        let start = tokio::time::Instant::now();
-        while !cond(&self.state) {
-            assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        wait_until(what, || cond(&self.state)).await;
     }
 
     pub fn url(&self, user: &str) -> String {
