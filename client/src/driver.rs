@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
-use crate::backoff::{Backoff, Decision};
+use crate::backoff::{self, Backoff, Decision};
 use crate::connect::{self, Ws};
 use crate::room::{Out, Room};
 use crate::{
@@ -82,6 +82,9 @@ enum Op {
         /// Sent on the current connection (else it goes out on the next,
         /// or when its retry is due).
         on_wire: bool,
+        /// Consecutive refusals (`internal`, `unavailable`, ...), which
+        /// lengthen the wait before the next try.
+        refusals: u32,
     },
     History {
         room: String,
@@ -108,7 +111,7 @@ enum Wire {
 enum Wake {
     /// The op's timeout.
     Deadline(u64),
-    /// A refused send (rate limited, internal) goes out again.
+    /// A refused send (rate limited, unavailable, internal) goes out again.
     Resend(u64),
     /// A refused join goes out again.
     Rejoin(String),
@@ -349,6 +352,15 @@ impl Driver {
                     match msg {
                         Some(Ok(WsMessage::Text(text))) => match ServerFrame::from_json(text.as_str()) {
                             Ok(frame) => {
+                                if let ServerFrame::Welcome { protocol: version, .. } = &frame {
+                                    if *version != protocol::PROTOCOL_VERSION {
+                                        self.close_conn();
+                                        break Disconnect::ProtocolMismatch {
+                                            server: *version,
+                                            client: protocol::PROTOCOL_VERSION,
+                                        };
+                                    }
+                                }
                                 if let ServerFrame::Welcome { heartbeat_ms, .. } = &frame {
                                     silence = Duration::from_millis(*heartbeat_ms)
                                         .saturating_mul(self.options.silence_heartbeats.max(1));
@@ -383,7 +395,11 @@ impl Driver {
                 break Disconnect::ClientClosed;
             }
         };
-        if !matches!(reason, Disconnect::ClientClosed) {
+        // A close this side queued is flushed before the writer ends.
+        if !matches!(
+            reason,
+            Disconnect::ClientClosed | Disconnect::ProtocolMismatch { .. }
+        ) {
             abandon.cancel();
         }
         self.disconnected();
@@ -571,6 +587,7 @@ impl Driver {
                     key,
                     reply,
                     on_wire: false,
+                    refusals: 0,
                 };
                 let id = self.add_op(op, self.options.send_timeout);
                 self.put_on_wire(id);
@@ -930,10 +947,8 @@ impl Driver {
         message: String,
         retry_after_ms: Option<u64>,
     ) {
-        let retry_at = || {
-            let delay = retry_after_ms.map_or(Duration::ZERO, Duration::from_millis);
-            Instant::now() + delay
-        };
+        // PROTOCOL.md §5: which refusals are retried, and after how long.
+        let retry = backoff::error_retry(code);
         let error = || Error::Server {
             code,
             message: message.clone(),
@@ -941,18 +956,24 @@ impl Driver {
         };
         match wire {
             Some(Wire::Op(id)) => {
-                let retryable = matches!(code, ErrorCode::RateLimited | ErrorCode::Internal);
-                if retryable {
-                    if let Some(Op::Send { on_wire, .. }) = self.ops.get_mut(&id) {
+                if let Some(how) = retry {
+                    if let Some(Op::Send {
+                        on_wire, refusals, ..
+                    }) = self.ops.get_mut(&id)
+                    {
                         // The same key makes the retry safe even if the
                         // first attempt was stored after all.
                         *on_wire = false;
-                        let at = if code == ErrorCode::Internal {
-                            Instant::now() + self.options.backoff.initial
-                        } else {
-                            retry_at()
-                        };
-                        self.wake_at(at, Wake::Resend(id));
+                        *refusals = refusals.saturating_add(1);
+                        let n = *refusals;
+                        let delay = self.backoff.retry_delay(how, retry_after_ms, n);
+                        debug!(
+                            ?code,
+                            ?delay,
+                            refusals = n,
+                            "send refused; resending with its key"
+                        );
+                        self.wake_at(Instant::now() + delay, Wake::Resend(id));
                         return;
                     }
                 }
@@ -961,8 +982,9 @@ impl Driver {
                 }
             }
             Some(Wire::Join(room)) => {
-                if code == ErrorCode::RateLimited {
-                    self.wake_at(retry_at(), Wake::Rejoin(room));
+                if let Some(how) = retry {
+                    let delay = self.backoff.retry_delay(how, retry_after_ms, 1);
+                    self.wake_at(Instant::now() + delay, Wake::Rejoin(room));
                     return;
                 }
                 warn!(%room, ?code, %message, "join refused");
@@ -970,8 +992,9 @@ impl Driver {
                 self.fail_joins(&room, error);
             }
             Some(Wire::Fill(room)) => {
-                if code == ErrorCode::RateLimited {
-                    self.wake_at(retry_at(), Wake::Refetch(room));
+                if let Some(how) = retry {
+                    let delay = self.backoff.retry_delay(how, retry_after_ms, 1);
+                    self.wake_at(Instant::now() + delay, Wake::Refetch(room));
                     return;
                 }
                 let max_fill = self.options.max_fill;

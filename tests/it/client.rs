@@ -34,6 +34,7 @@ fn fast_backoff() -> BackoffPolicy {
         initial: Duration::from_millis(20),
         max: Duration::from_millis(200),
         at_once_jitter: Duration::from_millis(20),
+        ..BackoffPolicy::default()
     }
 }
 
