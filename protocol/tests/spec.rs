@@ -150,12 +150,14 @@ fn every_close_code_is_in_the_table_with_its_policy() {
 /// against (client/tests/policy.rs, clients/js/test/policy.test.mjs).
 const POLICY: &str = include_str!("../reconnect-policy.json");
 
+#[allow(clippy::expect_used)]
 fn policy() -> Value {
     serde_json::from_str(POLICY).expect("reconnect-policy.json is JSON")
 }
 
 /// The rows of the spec's tables whose first cell is a number: (number,
 /// second cell, last cell).
+#[allow(clippy::expect_used)]
 fn numbered_rows(section: &str, next: &str) -> Vec<(u64, String, String)> {
     let start = SPEC.find(section).expect("section");
     let end = start + SPEC[start..].find(next).expect("next section");
