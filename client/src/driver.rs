@@ -144,6 +144,9 @@ pub(crate) struct Driver {
     next_wake: u64,
     conn: Option<Conn>,
     refreshing: bool,
+    /// Consecutive refusals of each room's own join or fill page, which
+    /// lengthen the wait before the next try; cleared by an answer.
+    room_refusals: HashMap<String, u32>,
     /// The application dropped its handles: finish when nothing is pending.
     handles_gone: bool,
 }
@@ -177,6 +180,7 @@ impl Driver {
             next_wake: 0,
             conn: None,
             refreshing: false,
+            room_refusals: HashMap::new(),
             handles_gone: false,
         }
     }
@@ -558,6 +562,7 @@ impl Driver {
             }
             Cmd::Leave { room, reply } => {
                 let was_joined = self.rooms.remove(&room).is_some();
+                self.room_refusals.remove(&room);
                 self.fail_joins(&room, || Error::Server {
                     code: ErrorCode::NotJoined,
                     message: format!("left `{room}` before the join completed"),
@@ -764,6 +769,7 @@ impl Driver {
                     return;
                 };
                 let outs = r.joined(seq, &epoch, recovered, max_fill);
+                self.room_refusals.remove(&room);
                 let joined = Joined {
                     room: room.clone(),
                     seq,
@@ -856,6 +862,7 @@ impl Driver {
                         .map(|m| from_history(&fill_room, m))
                         .collect();
                     let outs = r.page(page, more, max_fill);
+                    self.room_refusals.remove(&fill_room);
                     self.apply(&fill_room, outs).await;
                 }
                 Some(Wire::Op(op)) => {
@@ -983,7 +990,7 @@ impl Driver {
             }
             Some(Wire::Join(room)) => {
                 if let Some(how) = retry {
-                    let delay = self.backoff.retry_delay(how, retry_after_ms, 1);
+                    let delay = self.room_retry_delay(&room, how, retry_after_ms);
                     self.wake_at(Instant::now() + delay, Wake::Rejoin(room));
                     return;
                 }
@@ -993,7 +1000,7 @@ impl Driver {
             }
             Some(Wire::Fill(room)) => {
                 if let Some(how) = retry {
-                    let delay = self.backoff.retry_delay(how, retry_after_ms, 1);
+                    let delay = self.room_retry_delay(&room, how, retry_after_ms);
                     self.wake_at(Instant::now() + delay, Wake::Refetch(room));
                     return;
                 }
@@ -1010,6 +1017,19 @@ impl Driver {
             }
             None => warn!(?code, %message, "server error without a request"),
         }
+    }
+
+    /// The wait before a room's refused join or fill page goes out again.
+    fn room_retry_delay(
+        &mut self,
+        room: &str,
+        how: backoff::RetryDelay,
+        retry_after_ms: Option<u64>,
+    ) -> Duration {
+        let refusals = self.room_refusals.entry(room.to_owned()).or_default();
+        *refusals = refusals.saturating_add(1);
+        let n = *refusals;
+        self.backoff.retry_delay(how, retry_after_ms, n)
     }
 
     async fn apply(&mut self, room: &str, outs: Vec<Out>) {

@@ -271,6 +271,8 @@ var Room = class extends Emitter {
     __publicField(this, "buffer", []);
     /** @internal */
     __publicField(this, "lastTypingSent", -Infinity);
+    /** @internal Consecutive refusals of the client's own join, cleared by `joined`. */
+    __publicField(this, "refusals", 0);
     if (resume) {
       this.lastSeq = resume.since;
       this.epoch = resume.epoch;
@@ -566,7 +568,7 @@ var Client = class extends Emitter {
   }
   joinFailed(r, e) {
     if (e instanceof DisconnectedError) return;
-    const delay = e instanceof ServerError ? retryDelay(e.code, e.retryAfterMs, 1, this.o.backoff, this.o.random) : void 0;
+    const delay = e instanceof ServerError ? retryDelay(e.code, e.retryAfterMs, ++r.refusals, this.o.backoff, this.o.random) : void 0;
     if (delay !== void 0) {
       const gen = this.generation;
       setTimeout(() => {
@@ -779,6 +781,7 @@ var Client = class extends Emitter {
     }
     const r = this.rooms.get(f.room);
     if (!r || !r.wanted) return;
+    r.refusals = 0;
     r.members.clear();
     for (const u of f.presence) r.members.add(u);
     r.memberCount = f.count;

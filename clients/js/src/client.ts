@@ -190,6 +190,8 @@ export class Room extends Emitter<RoomEvents> {
   /** @internal */ joinWaiters: Array<{ resolve: () => void; reject: (e: Error) => void }> = [];
   /** @internal */ buffer: MessageFrame[] = [];
   /** @internal */ lastTypingSent = -Infinity;
+  /** @internal Consecutive refusals of the client's own join, cleared by `joined`. */
+  refusals = 0;
 
   constructor(private readonly client: Client, readonly name: string, resume?: { since: number; epoch: string }) {
     super();
@@ -534,7 +536,7 @@ export class Client extends Emitter<ClientEvents> {
     if (e instanceof DisconnectedError) return; // rejoined on reconnect
     // `rate_limited`, `unavailable` (in cluster mode, a room whose stream
     // cannot be read yet): the join goes out again after the advised delay.
-    const delay = e instanceof ServerError ? retryDelay(e.code, e.retryAfterMs, 1, this.o.backoff, this.o.random) : undefined;
+    const delay = e instanceof ServerError ? retryDelay(e.code, e.retryAfterMs, ++r.refusals, this.o.backoff, this.o.random) : undefined;
     if (delay !== undefined) {
       const gen = this.generation;
       setTimeout(() => {
@@ -767,6 +769,7 @@ export class Client extends Emitter<ClientEvents> {
     }
     const r = this.rooms.get(f.room);
     if (!r || !r.wanted) return;
+    r.refusals = 0;
     r.members.clear();
     for (const u of f.presence) r.members.add(u);
     r.memberCount = f.count;

@@ -146,3 +146,32 @@ test("a Retry-After on a refused upgrade is a floor under the backoff", { timeou
     await new Promise((ok) => server.close(ok));
   }
 });
+
+test("a join refused with unavailable goes out again after retry_after_ms", { timeout: 20_000 }, async () => {
+  const wss = new WebSocketServer({ host: "127.0.0.1", port: 0 });
+  await new Promise((ok) => wss.once("listening", ok));
+  const joins = [];
+  wss.on("connection", (ws) => {
+    ws.send(JSON.stringify({ type: "welcome", session: "s", user: "alice", heartbeat_ms: 25000, server: "fake", protocol: PROTOCOL_VERSION }));
+    ws.on("message", (data) => {
+      const f = JSON.parse(String(data));
+      if (f.type !== "join") return;
+      joins.push(f);
+      const reply = joins.length === 1
+        ? { type: "error", id: f.id, code: "unavailable", message: "the stream cannot be read now", retry_after_ms: 30 }
+        : { type: "joined", id: f.id, room: f.room, seq: 0, epoch: "e", count: 1, presence: ["alice"] };
+      ws.send(JSON.stringify(reply));
+    });
+  });
+  const c = new Client({ url: `ws://127.0.0.1:${wss.address().port}/ws`, user: "alice", WebSocket: WsWebSocket });
+  try {
+    const room = c.room("general");
+    await room.join();
+    assert.equal(room.status, "joined");
+    assert.equal(joins.length, 2, "one refusal, one retry");
+    assert.equal(c.current.state, "connected", "on the same connection");
+  } finally {
+    c.close();
+    await new Promise((ok) => wss.close(ok));
+  }
+});
