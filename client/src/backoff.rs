@@ -1,5 +1,8 @@
-//! The reconnect policy: what to do after a connection ends, by close code or
-//! HTTP refusal (PROTOCOL.md §2 and §9), and how long to wait.
+//! The reconnect and retry policy: what to do after a connection ends (by
+//! close code, HTTP refusal or a lost socket), which refused requests go
+//! out again, and how long to wait. It is PROTOCOL.md §5, §9 and §11, and
+//! `protocol/reconnect-policy.json` is its table: `tests/policy.rs` checks
+//! every entry of that file against the functions here.
 //!
 //! This module owns the decision and the delay only. It must not sleep, touch
 //! sockets or know about rooms: the driver sleeps for the delay it returns
@@ -7,33 +10,101 @@
 
 use std::time::Duration;
 
-use protocol::close::{self, Reconnect};
+use protocol::ErrorCode;
+use protocol::close;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::Disconnect;
 
-/// The delays of the reconnect policy.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The delays of the reconnect policy (PROTOCOL.md §11; the defaults are
+/// `delays` in `protocol/reconnect-policy.json`).
+#[derive(Debug, Clone, PartialEq)]
 pub struct BackoffPolicy {
-    /// The first backoff delay, doubled on each consecutive failure. Default 250 ms.
+    /// The first backoff step. Default 500 ms.
     pub initial: Duration,
-    /// The longest backoff delay. Default 30 s.
+    /// The longest backoff step. Default 30 s.
     pub max: Duration,
-    /// The largest random delay before an "at once" reconnect (1001, 1012,
+    /// Growth of the step per consecutive failure. Default 2.
+    pub multiplier: u32,
+    /// The random share of each step: a delay is drawn uniformly from
+    /// `[step × (1 − jitter), step]`. Default 0.5 ("equal jitter").
+    pub jitter: f64,
+    /// The largest random delay before an "immediate" reconnect (1001, 1012,
     /// 4200–4299), so that the clients of a restarted server do not all
-    /// arrive in the same instant. Default 500 ms.
+    /// arrive in the same instant. Default 1 s.
     pub at_once_jitter: Duration,
 }
 
 impl Default for BackoffPolicy {
     fn default() -> Self {
         BackoffPolicy {
-            initial: Duration::from_millis(250),
+            initial: Duration::from_millis(500),
             max: Duration::from_secs(30),
-            at_once_jitter: Duration::from_millis(500),
+            multiplier: 2,
+            jitter: 0.5,
+            at_once_jitter: Duration::from_secs(1),
         }
     }
+}
+
+impl BackoffPolicy {
+    /// The backoff step after `failures` consecutive failures (0 for the
+    /// first): `initial × multiplier^failures`, at most `max`.
+    pub fn step(&self, failures: u32) -> Duration {
+        let growth = self
+            .multiplier
+            .max(1)
+            .checked_pow(failures)
+            .unwrap_or(u32::MAX);
+        self.initial.saturating_mul(growth).min(self.max)
+    }
+
+    /// The delay before reconnecting after an end of class `action`, or
+    /// `None` to stop. `failures` counts the consecutive backoffs before
+    /// this one; `floor` is a server-advised delay (`Retry-After`, or
+    /// `retry_after_ms=N` in a 4100–4199 close reason), which a backoff
+    /// never undercuts.
+    pub fn delay(
+        &self,
+        action: Action,
+        failures: u32,
+        floor: Option<Duration>,
+        rng: &mut impl Rng,
+    ) -> Option<Duration> {
+        match action {
+            Action::Stop => None,
+            Action::Immediate => Some(uniform(rng, Duration::ZERO, self.at_once_jitter)),
+            Action::Backoff => {
+                let step = self.step(failures);
+                let jitter = self.jitter.clamp(0.0, 1.0);
+                let low = step.mul_f64(1.0 - jitter);
+                let delay = uniform(rng, low, step);
+                Some(floor.map_or(delay, |f| delay.max(f)))
+            }
+        }
+    }
+}
+
+fn uniform(rng: &mut impl Rng, low: Duration, high: Duration) -> Duration {
+    if high <= low {
+        return low;
+    }
+    let nanos = u64::try_from((high - low).as_nanos()).unwrap_or(u64::MAX);
+    low + Duration::from_nanos(rng.random_range(0..=nanos))
+}
+
+/// What to do after a connection ended, before any delay is drawn: the
+/// `action` values of `protocol/reconnect-policy.json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Do not reconnect: the application must fix something first.
+    Stop,
+    /// Reconnect after an exponential backoff, never before a
+    /// server-advised delay.
+    Backoff,
+    /// Reconnect at once, after a little jitter only.
+    Immediate,
 }
 
 /// What to do after a connection ended.
@@ -45,58 +116,78 @@ pub enum Decision {
     Retry(Duration),
 }
 
-/// How a disconnect is classed, before any delay is drawn.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Class {
-    /// Never reconnect.
-    Stop,
-    /// Reconnect with exponential backoff, waiting at least `floor`.
-    Backoff { floor: Option<Duration> },
-    /// Reconnect at once, with a little jitter.
-    AtOnce,
+/// What follows a close with `code` (PROTOCOL.md §9): the codes the spec
+/// lists, then the ranges for every other code.
+pub fn close_action(code: u16) -> Action {
+    if let Some(c) = close::lookup(code) {
+        return match c.reconnect {
+            close::Reconnect::Never => Action::Stop,
+            close::Reconnect::Backoff => Action::Backoff,
+            close::Reconnect::AtOnce => Action::Immediate,
+        };
+    }
+    match code {
+        // 1002 (protocol error), 1003 (unsupported data), 1008 (policy
+        // violation) and the rest come from proxies or WebSocket stacks,
+        // never from the server's own refusals (4000–4099): a client
+        // cannot tell they will repeat, so it keeps trying, slowly.
+        4000..=4099 => Action::Stop,
+        4200..=4299 => Action::Immediate,
+        _ => Action::Backoff,
+    }
 }
 
-/// Classes a disconnect by the rules of PROTOCOL.md: the close-code table,
-/// its ranges for codes it does not list, and the HTTP refusals.
-pub fn classify(reason: &Disconnect) -> Class {
+/// What follows an HTTP refusal of the upgrade (PROTOCOL.md §2, §11).
+pub fn http_action(status: u16) -> Action {
+    match status {
+        // A timeout, or a limit that lifts: back off, at least Retry-After.
+        408 | 429 => Action::Backoff,
+        // 400, 401, 403, 404, ...: the same request is refused again.
+        400..=499 => Action::Stop,
+        _ => Action::Backoff,
+    }
+}
+
+/// How long a refused request waits before it goes out again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryDelay {
+    /// The error's `retry_after_ms` (a backoff step when it has none).
+    RetryAfter,
+    /// A backoff step, growing with the request's consecutive refusals.
+    Backoff,
+}
+
+/// Whether a request refused with `code` goes out again, unchanged (a
+/// `send` with the same `key`), and after how long (PROTOCOL.md §5).
+/// `None`: the error is the application's.
+pub fn error_retry(code: ErrorCode) -> Option<RetryDelay> {
+    match code {
+        ErrorCode::RateLimited | ErrorCode::Unavailable => Some(RetryDelay::RetryAfter),
+        ErrorCode::Internal => Some(RetryDelay::Backoff),
+        _ => None,
+    }
+}
+
+/// Classes a disconnect by the rules of PROTOCOL.md §9 and §11, with the
+/// server-advised delay it carries.
+pub fn classify(reason: &Disconnect) -> (Action, Option<Duration>) {
     match reason {
-        Disconnect::Closed { code, reason } => classify_close(*code, reason),
+        Disconnect::Closed { code, reason } => {
+            let floor = match code {
+                4100..=4199 => retry_after_ms(reason).map(Duration::from_millis),
+                _ => None,
+            };
+            (close_action(*code), floor)
+        }
         Disconnect::Refused {
             status,
             retry_after,
             ..
-        } => match status {
-            429 | 503 => Class::Backoff {
-                floor: *retry_after,
-            },
-            // 400, 401, 403 and 404 will not change by retrying.
-            400..=499 => Class::Stop,
-            _ => Class::Backoff {
-                floor: *retry_after,
-            },
-        },
+        } => (http_action(*status), *retry_after),
         Disconnect::ConnectFailed(_) | Disconnect::Lost(_) | Disconnect::Silent(_) => {
-            Class::Backoff { floor: None }
+            (Action::Backoff, None)
         }
-        Disconnect::ClientClosed => Class::Stop,
-    }
-}
-
-fn classify_close(code: u16, reason: &str) -> Class {
-    let floor = retry_after_ms(reason).map(Duration::from_millis);
-    let by_table = close::lookup(code).map(|c| c.reconnect);
-    let rule = by_table.or(match code {
-        4000..=4099 => Some(Reconnect::Never),
-        4100..=4199 => Some(Reconnect::Backoff),
-        4200..=4299 => Some(Reconnect::AtOnce),
-        _ => None,
-    });
-    match rule {
-        Some(Reconnect::Never) => Class::Stop,
-        Some(Reconnect::AtOnce) => Class::AtOnce,
-        // An unlisted code (1005 no status, 1006 abnormal, ...) is a lost
-        // connection: back off, as for a dropped socket.
-        Some(Reconnect::Backoff) | None => Class::Backoff { floor },
+        Disconnect::ProtocolMismatch { .. } | Disconnect::ClientClosed => (Action::Stop, None),
     }
 }
 
@@ -141,40 +232,47 @@ impl Backoff {
         self.failures = 0;
     }
 
-    /// Decides what follows `reason` and draws the delay.
-    ///
-    /// Backoff delays grow `initial × 2^n` up to `max` over consecutive
-    /// failures, with "equal jitter": a uniform draw from the upper half of
-    /// that step. A server-advised delay is a floor on top of that.
+    /// Decides what follows `reason` and draws the delay. Only a backoff
+    /// counts as a failure: an immediate reconnect leaves the step as is.
     pub fn next(&mut self, reason: &Disconnect) -> Decision {
-        match classify(reason) {
-            Class::Stop => Decision::Stop,
-            Class::AtOnce => {
-                let jitter = self.policy.at_once_jitter;
-                Decision::Retry(self.uniform(Duration::ZERO, jitter))
-            }
-            Class::Backoff { floor } => {
-                let step = self
-                    .policy
-                    .initial
-                    .saturating_mul(1u32.checked_shl(self.failures).unwrap_or(u32::MAX))
-                    .min(self.policy.max);
-                self.failures = self.failures.saturating_add(1);
-                let delay = self.uniform(step / 2, step);
-                Decision::Retry(floor.map_or(delay, |f| delay.max(f)))
+        let (action, floor) = classify(reason);
+        match self
+            .policy
+            .delay(action, self.failures, floor, &mut self.rng)
+        {
+            None => Decision::Stop,
+            Some(delay) => {
+                if action == Action::Backoff {
+                    self.failures = self.failures.saturating_add(1);
+                }
+                Decision::Retry(delay)
             }
         }
     }
 
-    fn uniform(&mut self, low: Duration, high: Duration) -> Duration {
-        if high <= low {
-            return low;
+    /// The delay before a refused request goes out again, after its
+    /// `refusals` consecutive refusals (1 for the first).
+    pub fn retry_delay(
+        &mut self,
+        how: RetryDelay,
+        retry_after_ms: Option<u64>,
+        refusals: u32,
+    ) -> Duration {
+        let advised = retry_after_ms.map(Duration::from_millis);
+        match (how, advised) {
+            (RetryDelay::RetryAfter, Some(advised)) => advised,
+            _ => self
+                .policy
+                .delay(
+                    Action::Backoff,
+                    refusals.saturating_sub(1),
+                    None,
+                    &mut self.rng,
+                )
+                .unwrap_or(self.policy.initial),
         }
-        let nanos = u64::try_from((high - low).as_nanos()).unwrap_or(u64::MAX);
-        low + Duration::from_nanos(self.rng.random_range(0..=nanos))
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -200,6 +298,8 @@ mod tests {
         BackoffPolicy {
             initial: Duration::from_millis(100),
             max: Duration::from_secs(2),
+            multiplier: 2,
+            jitter: 0.5,
             at_once_jitter: Duration::from_millis(50),
         }
     }
@@ -287,6 +387,33 @@ mod tests {
         assert!(within(wait(&mut b, &failed).await, 400, 800));
         let silent = Disconnect::Silent(Duration::from_secs(75));
         assert!(within(wait(&mut b, &silent).await, 800, 1600));
+    }
+
+    #[test]
+    fn refused_requests_wait_retry_after_ms_or_a_growing_step() {
+        let mut b = Backoff::seeded(policy(), 5);
+        let d = b.retry_delay(RetryDelay::RetryAfter, Some(1500), 1);
+        assert_eq!(d, Duration::from_millis(1500));
+        // Without an advised delay, the step of the request's refusals.
+        let d = b.retry_delay(RetryDelay::RetryAfter, None, 1);
+        assert!(within(Some(d), 50, 100), "{d:?}");
+        let d = b.retry_delay(RetryDelay::Backoff, Some(1500), 3);
+        assert!(within(Some(d), 200, 400), "{d:?}");
+        assert_eq!(
+            error_retry(ErrorCode::Unavailable),
+            Some(RetryDelay::RetryAfter)
+        );
+        assert_eq!(error_retry(ErrorCode::Forbidden), None);
+    }
+
+    #[test]
+    fn a_protocol_mismatch_stops() {
+        let mut b = Backoff::seeded(policy(), 6);
+        let mismatch = Disconnect::ProtocolMismatch {
+            server: 2,
+            client: 1,
+        };
+        assert_eq!(b.next(&mismatch), Decision::Stop);
     }
 
     #[test]

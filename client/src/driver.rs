@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
-use crate::backoff::{Backoff, Decision};
+use crate::backoff::{self, Backoff, Decision};
 use crate::connect::{self, Ws};
 use crate::room::{Out, Room};
 use crate::{
@@ -82,6 +82,9 @@ enum Op {
         /// Sent on the current connection (else it goes out on the next,
         /// or when its retry is due).
         on_wire: bool,
+        /// Consecutive refusals (`internal`, `unavailable`, ...), which
+        /// lengthen the wait before the next try.
+        refusals: u32,
     },
     History {
         room: String,
@@ -108,7 +111,7 @@ enum Wire {
 enum Wake {
     /// The op's timeout.
     Deadline(u64),
-    /// A refused send (rate limited, internal) goes out again.
+    /// A refused send (rate limited, unavailable, internal) goes out again.
     Resend(u64),
     /// A refused join goes out again.
     Rejoin(String),
@@ -141,6 +144,9 @@ pub(crate) struct Driver {
     next_wake: u64,
     conn: Option<Conn>,
     refreshing: bool,
+    /// Consecutive refusals of each room's own join or fill page, which
+    /// lengthen the wait before the next try; cleared by an answer.
+    room_refusals: HashMap<String, u32>,
     /// The application dropped its handles: finish when nothing is pending.
     handles_gone: bool,
 }
@@ -174,6 +180,7 @@ impl Driver {
             next_wake: 0,
             conn: None,
             refreshing: false,
+            room_refusals: HashMap::new(),
             handles_gone: false,
         }
     }
@@ -349,6 +356,15 @@ impl Driver {
                     match msg {
                         Some(Ok(WsMessage::Text(text))) => match ServerFrame::from_json(text.as_str()) {
                             Ok(frame) => {
+                                if let ServerFrame::Welcome { protocol: version, .. } = &frame {
+                                    if *version != protocol::PROTOCOL_VERSION {
+                                        self.close_conn();
+                                        break Disconnect::ProtocolMismatch {
+                                            server: *version,
+                                            client: protocol::PROTOCOL_VERSION,
+                                        };
+                                    }
+                                }
                                 if let ServerFrame::Welcome { heartbeat_ms, .. } = &frame {
                                     silence = Duration::from_millis(*heartbeat_ms)
                                         .saturating_mul(self.options.silence_heartbeats.max(1));
@@ -383,7 +399,11 @@ impl Driver {
                 break Disconnect::ClientClosed;
             }
         };
-        if !matches!(reason, Disconnect::ClientClosed) {
+        // A close this side queued is flushed before the writer ends.
+        if !matches!(
+            reason,
+            Disconnect::ClientClosed | Disconnect::ProtocolMismatch { .. }
+        ) {
             abandon.cancel();
         }
         self.disconnected();
@@ -542,6 +562,7 @@ impl Driver {
             }
             Cmd::Leave { room, reply } => {
                 let was_joined = self.rooms.remove(&room).is_some();
+                self.room_refusals.remove(&room);
                 self.fail_joins(&room, || Error::Server {
                     code: ErrorCode::NotJoined,
                     message: format!("left `{room}` before the join completed"),
@@ -571,6 +592,7 @@ impl Driver {
                     key,
                     reply,
                     on_wire: false,
+                    refusals: 0,
                 };
                 let id = self.add_op(op, self.options.send_timeout);
                 self.put_on_wire(id);
@@ -747,6 +769,7 @@ impl Driver {
                     return;
                 };
                 let outs = r.joined(seq, &epoch, recovered, max_fill);
+                self.room_refusals.remove(&room);
                 let joined = Joined {
                     room: room.clone(),
                     seq,
@@ -839,6 +862,7 @@ impl Driver {
                         .map(|m| from_history(&fill_room, m))
                         .collect();
                     let outs = r.page(page, more, max_fill);
+                    self.room_refusals.remove(&fill_room);
                     self.apply(&fill_room, outs).await;
                 }
                 Some(Wire::Op(op)) => {
@@ -930,10 +954,8 @@ impl Driver {
         message: String,
         retry_after_ms: Option<u64>,
     ) {
-        let retry_at = || {
-            let delay = retry_after_ms.map_or(Duration::ZERO, Duration::from_millis);
-            Instant::now() + delay
-        };
+        // PROTOCOL.md §5: which refusals are retried, and after how long.
+        let retry = backoff::error_retry(code);
         let error = || Error::Server {
             code,
             message: message.clone(),
@@ -941,18 +963,24 @@ impl Driver {
         };
         match wire {
             Some(Wire::Op(id)) => {
-                let retryable = matches!(code, ErrorCode::RateLimited | ErrorCode::Internal);
-                if retryable {
-                    if let Some(Op::Send { on_wire, .. }) = self.ops.get_mut(&id) {
+                if let Some(how) = retry {
+                    if let Some(Op::Send {
+                        on_wire, refusals, ..
+                    }) = self.ops.get_mut(&id)
+                    {
                         // The same key makes the retry safe even if the
                         // first attempt was stored after all.
                         *on_wire = false;
-                        let at = if code == ErrorCode::Internal {
-                            Instant::now() + self.options.backoff.initial
-                        } else {
-                            retry_at()
-                        };
-                        self.wake_at(at, Wake::Resend(id));
+                        *refusals = refusals.saturating_add(1);
+                        let n = *refusals;
+                        let delay = self.backoff.retry_delay(how, retry_after_ms, n);
+                        debug!(
+                            ?code,
+                            ?delay,
+                            refusals = n,
+                            "send refused; resending with its key"
+                        );
+                        self.wake_at(Instant::now() + delay, Wake::Resend(id));
                         return;
                     }
                 }
@@ -961,8 +989,9 @@ impl Driver {
                 }
             }
             Some(Wire::Join(room)) => {
-                if code == ErrorCode::RateLimited {
-                    self.wake_at(retry_at(), Wake::Rejoin(room));
+                if let Some(how) = retry {
+                    let delay = self.room_retry_delay(&room, how, retry_after_ms);
+                    self.wake_at(Instant::now() + delay, Wake::Rejoin(room));
                     return;
                 }
                 warn!(%room, ?code, %message, "join refused");
@@ -970,8 +999,9 @@ impl Driver {
                 self.fail_joins(&room, error);
             }
             Some(Wire::Fill(room)) => {
-                if code == ErrorCode::RateLimited {
-                    self.wake_at(retry_at(), Wake::Refetch(room));
+                if let Some(how) = retry {
+                    let delay = self.room_retry_delay(&room, how, retry_after_ms);
+                    self.wake_at(Instant::now() + delay, Wake::Refetch(room));
                     return;
                 }
                 let max_fill = self.options.max_fill;
@@ -987,6 +1017,19 @@ impl Driver {
             }
             None => warn!(?code, %message, "server error without a request"),
         }
+    }
+
+    /// The wait before a room's refused join or fill page goes out again.
+    fn room_retry_delay(
+        &mut self,
+        room: &str,
+        how: backoff::RetryDelay,
+        retry_after_ms: Option<u64>,
+    ) -> Duration {
+        let refusals = self.room_refusals.entry(room.to_owned()).or_default();
+        *refusals = refusals.saturating_add(1);
+        let n = *refusals;
+        self.backoff.retry_delay(how, retry_after_ms, n)
     }
 
     async fn apply(&mut self, room: &str, outs: Vec<Out>) {

@@ -46,7 +46,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-pub use backoff::{BackoffPolicy, Decision};
+pub use backoff::{Action, BackoffPolicy, Decision};
 pub use connect::tls_with_ca_file;
 pub use protocol::{Body, ErrorCode};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -176,7 +176,8 @@ pub enum State {
     Connected { session: String },
     /// The connection ended. With `retry_in`, the client reconnects after
     /// that delay; without, it has stopped for good (a close code of
-    /// 4000–4099, a refusal such as HTTP 401, or [`Client::close`]).
+    /// 4000–4099, a refusal such as HTTP 401, another protocol version, or
+    /// [`Client::close`]).
     Disconnected {
         reason: Disconnect,
         retry_in: Option<Duration>,
@@ -205,6 +206,11 @@ pub enum Disconnect {
     /// Nothing arrived for this long (a dead peer or path).
     #[error("nothing received for {0:?}")]
     Silent(Duration),
+    /// The server speaks another major version of the protocol (its
+    /// `welcome.protocol`): the client closed the session and stopped, as
+    /// PROTOCOL.md §11 asks; this client must be upgraded to talk to it.
+    #[error("the server speaks protocol {server}; this client speaks {client}")]
+    ProtocolMismatch { server: u32, client: u32 },
     /// The application closed the client.
     #[error("closed by the application")]
     ClientClosed,

@@ -98,8 +98,10 @@ pub struct Common {
     /// reconnect code, or that died, each to the next URL; 0 = never.
     #[arg(long, default_value_t = 10)]
     pub reconnect_attempts: u32,
-    /// Pause before a reconnect attempt after a failed one (doubling, at
-    /// most 2 s), and before the first after a "reconnect with backoff" code.
+    /// The first backoff step of the reconnect policy, which is the Rust
+    /// client's (PROTOCOL.md §11): it doubles per failed attempt up to 2 s,
+    /// each pause drawn from the upper half of its step; "reconnect at
+    /// once" codes wait the client's jitter only.
     #[arg(long, default_value_t = 100)]
     pub reconnect_backoff_ms: u64,
     /// CA certificate (PEM) to trust for `wss://` [default: certs/ca.pem].

@@ -1,23 +1,27 @@
-//! Reconnecting a lost connection: which ends of a connection call for it
-//! (the protocol's close table, or a socket that just died), how many
-//! attempts and how long to wait between them, and where each attempt goes
-//! (the next URL). It decides only; the scenarios keep their own rooms and
-//! seqs and do the re-joining, and nothing here retries past its bound.
+//! Reconnecting a lost connection the way the Rust client does: which ends
+//! of a connection call for it and how long to wait come from
+//! `switchboard_client::backoff` (PROTOCOL.md §9 and §11, the table in
+//! `protocol/reconnect-policy.json`); this module adds only what a load
+//! generator needs on top: a bound on the attempts and where each attempt
+//! goes (the next URL). It decides only; the scenarios keep their own rooms
+//! and seqs and do the re-joining, and nothing here retries past its bound.
 
 use std::time::Duration;
 
-use protocol::close::{self, Reconnect};
+use switchboard_client::backoff::{self, Action, BackoffPolicy};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::cli::Common;
 
-/// The longest pause between two attempts.
+/// The longest pause between two attempts: a run is minutes long, so the
+/// client's 30 s cap would outlast the runs that measure a recovery.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 /// How a scenario reconnects: `--reconnect-attempts`, `--reconnect-backoff-ms`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Policy {
     pub attempts: u32,
+    /// The first backoff step (the client's `BackoffPolicy::initial`).
     pub backoff: Duration,
 }
 
@@ -34,21 +38,29 @@ impl Policy {
         self.attempts > 0
     }
 
-    /// The pause before attempt `k` (0-based) after an end of class `how`:
-    /// none before the first after "reconnect at once" or a dead socket,
-    /// the base before the first after "reconnect with backoff"; then the
-    /// base doubling per failed attempt, at most [`MAX_BACKOFF`].
-    pub fn pause(&self, k: u32, how: Reconnect) -> Duration {
-        if k == 0 {
-            return match how {
-                Reconnect::Backoff => self.backoff.min(MAX_BACKOFF),
-                Reconnect::AtOnce | Reconnect::Never => Duration::ZERO,
-            };
+    /// The client's delays with this policy's first step and cap; the
+    /// multiplier, jitter and "immediate" spread are the client's defaults.
+    pub fn delays(&self) -> BackoffPolicy {
+        BackoffPolicy {
+            initial: self.backoff,
+            max: MAX_BACKOFF,
+            ..BackoffPolicy::default()
         }
-        let doubled = self
-            .backoff
-            .saturating_mul(1u32.checked_shl(k - 1).unwrap_or(u32::MAX));
-        doubled.min(MAX_BACKOFF)
+    }
+
+    /// The pause before attempt `k` (0-based) after an end of class `how`,
+    /// as the client waits: the delay of `how` before the first attempt,
+    /// then a backoff step per failed attempt (a failed connect backs off;
+    /// only a backoff counts as a step).
+    pub fn pause(&self, k: u32, how: Action) -> Duration {
+        let (action, steps) = match (k, how) {
+            (0, how) => (how, 0),
+            (k, Action::Backoff) => (Action::Backoff, k),
+            (k, _) => (Action::Backoff, k - 1),
+        };
+        self.delays()
+            .delay(action, steps, None, &mut rand::rng())
+            .unwrap_or(Duration::ZERO)
     }
 
     /// The target of attempt `k` (0-based) for a connection that was on
@@ -69,20 +81,9 @@ pub fn close_code(msg: &Message) -> Option<u16> {
 
 /// What to do after a connection ended with close code `code`, or died
 /// without a close frame (`None`: EOF, a reset, as when the server process
-/// is killed). Codes outside the table follow its ranges: 4000–4099 never,
-/// 4100–4199 with backoff, 4200–4299 at once; any other with backoff.
-pub fn after(code: Option<u16>) -> Reconnect {
-    let Some(code) = code else {
-        return Reconnect::AtOnce;
-    };
-    if let Some(c) = close::lookup(code) {
-        return c.reconnect;
-    }
-    match code {
-        1000 | 4000..=4099 => Reconnect::Never,
-        4200..=4299 => Reconnect::AtOnce,
-        _ => Reconnect::Backoff,
-    }
+/// is killed, which the client backs off from): the client's rule.
+pub fn after(code: Option<u16>) -> Action {
+    code.map_or(Action::Backoff, backoff::close_action)
 }
 
 #[cfg(test)]
@@ -90,23 +91,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_close_table_decides() {
-        assert_eq!(after(None), Reconnect::AtOnce);
-        assert_eq!(after(Some(4200)), Reconnect::AtOnce);
-        assert_eq!(after(Some(1001)), Reconnect::AtOnce);
-        assert_eq!(after(Some(1012)), Reconnect::AtOnce);
-        assert_eq!(after(Some(4100)), Reconnect::Backoff);
-        assert_eq!(after(Some(1011)), Reconnect::Backoff);
-        assert_eq!(after(Some(1000)), Reconnect::Never);
-        assert_eq!(after(Some(4001)), Reconnect::Never);
-        assert_eq!(after(Some(4009)), Reconnect::Never);
-        assert_eq!(after(Some(4050)), Reconnect::Never);
-        assert_eq!(after(Some(4250)), Reconnect::AtOnce);
-        assert_eq!(after(Some(4150)), Reconnect::Backoff);
+    fn the_clients_close_table_decides() {
+        assert_eq!(after(None), Action::Backoff);
+        assert_eq!(after(Some(4200)), Action::Immediate);
+        assert_eq!(after(Some(1001)), Action::Immediate);
+        assert_eq!(after(Some(1012)), Action::Immediate);
+        assert_eq!(after(Some(4100)), Action::Backoff);
+        assert_eq!(after(Some(1011)), Action::Backoff);
+        assert_eq!(after(Some(1008)), Action::Backoff);
+        assert_eq!(after(Some(1000)), Action::Stop);
+        assert_eq!(after(Some(4001)), Action::Stop);
+        assert_eq!(after(Some(4009)), Action::Stop);
+        assert_eq!(after(Some(4050)), Action::Stop);
+        assert_eq!(after(Some(4250)), Action::Immediate);
+        assert_eq!(after(Some(4150)), Action::Backoff);
+        for code in [1000, 1001, 1006, 1008, 3000, 4001, 4101, 4200, 4300] {
+            assert_eq!(after(Some(code)), backoff::close_action(code), "{code}");
+        }
+    }
+
+    fn within(d: Duration, low_ms: u64, high_ms: u64) -> bool {
+        d >= Duration::from_millis(low_ms) && d <= Duration::from_millis(high_ms)
     }
 
     #[test]
-    fn attempts_go_round_the_urls_and_back_off() {
+    fn attempts_go_round_the_urls_and_back_off_as_the_client_does() {
         let p = Policy {
             attempts: 10,
             backoff: Duration::from_millis(100),
@@ -116,13 +125,19 @@ mod tests {
         assert_eq!(p.target(0, 2, 3), 0);
         assert_eq!(p.target(2, 0, 3), 0);
         assert_eq!(p.target(0, 0, 1), 0);
-        assert_eq!(p.pause(0, Reconnect::AtOnce), Duration::ZERO);
-        assert_eq!(p.pause(0, Reconnect::Backoff), Duration::from_millis(100));
-        assert_eq!(p.pause(1, Reconnect::AtOnce), Duration::from_millis(100));
-        assert_eq!(p.pause(2, Reconnect::AtOnce), Duration::from_millis(200));
-        assert_eq!(p.pause(3, Reconnect::AtOnce), Duration::from_millis(400));
-        assert_eq!(p.pause(9, Reconnect::AtOnce), MAX_BACKOFF);
-        assert_eq!(p.pause(40, Reconnect::AtOnce), MAX_BACKOFF);
+        let immediate = BackoffPolicy::default().at_once_jitter.as_millis() as u64;
+        for _ in 0..20 {
+            assert!(within(p.pause(0, Action::Immediate), 0, immediate));
+            // Each step drawn from its upper half: 100, 200, 400, ... 2000.
+            assert!(within(p.pause(0, Action::Backoff), 50, 100));
+            assert!(within(p.pause(1, Action::Backoff), 100, 200));
+            assert!(within(p.pause(1, Action::Immediate), 50, 100));
+            assert!(within(p.pause(2, Action::Immediate), 100, 200));
+            assert!(within(p.pause(3, Action::Immediate), 200, 400));
+            assert!(within(p.pause(9, Action::Immediate), 1000, 2000));
+            assert!(within(p.pause(40, Action::Backoff), 1000, 2000));
+        }
+        assert_eq!(p.pause(0, Action::Stop), Duration::ZERO);
         assert!(!Policy { attempts: 0, ..p }.enabled());
     }
 }

@@ -4,6 +4,7 @@ var __defNormalProp = (obj, key, value) => key in obj ? __defProp(obj, key, { en
 var __publicField = (obj, key, value) => __defNormalProp(obj, typeof key !== "symbol" ? key + "" : key, value);
 
 // src/backoff.ts
+var PROTOCOL_VERSION = 1;
 function retryAfterFromReason(reason) {
   const m = /retry_after_ms=(\d+)/.exec(reason);
   return m ? Number(m[1]) : void 0;
@@ -14,31 +15,52 @@ function afterClose(code, reason, byClient) {
   if (code >= 4100 && code <= 4199) {
     return { action: "backoff", minDelayMs: retryAfterFromReason(reason) ?? 0 };
   }
-  if (code >= 4200 && code <= 4299) return { action: "now" };
+  if (code >= 4200 && code <= 4299) return { action: "immediate" };
   switch (code) {
     case 1e3:
     // normal: the server ends only a session the client closed
-    case 1002:
-    // protocol error
-    case 1003:
-    // unsupported data
     case 1007:
     // invalid UTF-8: a client bug, reconnecting repeats it
-    case 1008:
-    // policy violation
     case 1009:
       return { action: "stop" };
     case 1001:
     // going away: the server is shutting down
     case 1012:
-      return { action: "now" };
+      return { action: "immediate" };
+    // 1002, 1003 and 1008 come from proxies and WebSocket stacks (the
+    // server refuses with 4002 and 4003), 1006 from the network, 3000-3999
+    // and 4300-4999 are not Switchboard's: keep trying, slowly.
     default:
       return { action: "backoff", minDelayMs: 0 };
   }
 }
-function afterHttpRefusal(status) {
-  if (status === 429 || status === 503 || status >= 500) return { action: "backoff", minDelayMs: 0 };
-  return { action: "stop" };
+function afterHttpRefusal(status, retryAfterMs) {
+  if (status >= 400 && status <= 499 && status !== 408 && status !== 429) return { action: "stop" };
+  return { action: "backoff", minDelayMs: retryAfterMs ?? 0 };
+}
+function parseRetryAfter(value, now = Date.now()) {
+  if (value === void 0) return void 0;
+  const v = value.trim();
+  if (/^\d+$/.test(v)) return Number(v) * 1e3;
+  const at = Date.parse(v);
+  return Number.isNaN(at) ? void 0 : Math.max(0, at - now);
+}
+function retryForError(code) {
+  switch (code) {
+    case "rate_limited":
+    case "unavailable":
+      return "retry_after_ms";
+    case "internal":
+      return "backoff";
+    default:
+      return void 0;
+  }
+}
+function retryDelay(code, retryAfterMs, refusals, o, random) {
+  const how = retryForError(code);
+  if (how === void 0) return void 0;
+  if (how === "retry_after_ms" && retryAfterMs !== void 0) return retryAfterMs;
+  return delayFor({ action: "backoff", minDelayMs: 0 }, Math.max(0, refusals - 1), o, random);
 }
 var DEFAULT_BACKOFF = {
   initialMs: 500,
@@ -51,7 +73,7 @@ function delayFor(next, attempt, o, random) {
   switch (next.action) {
     case "stop":
       return void 0;
-    case "now":
+    case "immediate":
       return Math.floor(random() * o.immediateJitterMs);
     case "backoff": {
       const base = Math.min(o.maxMs, o.initialMs * Math.pow(o.factor, attempt));
@@ -249,6 +271,8 @@ var Room = class extends Emitter {
     __publicField(this, "buffer", []);
     /** @internal */
     __publicField(this, "lastTypingSent", -Infinity);
+    /** @internal Consecutive refusals of the client's own join, cleared by `joined`. */
+    __publicField(this, "refusals", 0);
     if (resume) {
       this.lastSeq = resume.since;
       this.epoch = resume.epoch;
@@ -305,6 +329,7 @@ var Client = class extends Emitter {
     __publicField(this, "reconnectTimer");
     __publicField(this, "pingTimer");
     __publicField(this, "httpStatus");
+    __publicField(this, "httpRetryAfterMs");
     __publicField(this, "requests", /* @__PURE__ */ new Map());
     /** Unacked sends, in the order the application made them. */
     __publicField(this, "sends", /* @__PURE__ */ new Map());
@@ -391,6 +416,7 @@ var Client = class extends Emitter {
     const url = new URL(this.o.url);
     if (this.options.user !== void 0) url.searchParams.set("user", this.options.user);
     this.httpStatus = void 0;
+    this.httpRetryAfterMs = void 0;
     let ws;
     try {
       ws = new this.WS(url.toString());
@@ -399,6 +425,7 @@ var Client = class extends Emitter {
       return;
     }
     this.ws = ws;
+    this.watchRefusal(ws, gen);
     ws.onopen = () => {
       if (gen !== this.generation) return;
       if (token !== void 0) this.write({ type: "auth", token });
@@ -432,8 +459,24 @@ var Client = class extends Emitter {
       if (gen !== this.generation) return;
       const reason = { code: ev.code, reason: ev.reason ?? "", byClient: this.closedByApp };
       if (this.httpStatus !== void 0) reason.httpStatus = this.httpStatus;
+      if (this.httpRetryAfterMs !== void 0) reason.retryAfterMs = this.httpRetryAfterMs;
       this.ended(gen, reason);
     };
+  }
+  /** Reads the status and `Retry-After` of a refused upgrade where the
+   * WebSocket lets it be seen: `ws` in Node emits `unexpected-response`
+   * with the HTTP response. Browsers' and undici's WebSocket show nothing. */
+  watchRefusal(ws, gen) {
+    const node = ws;
+    if (typeof node.on !== "function" || typeof node.terminate !== "function") return;
+    node.on("unexpected-response", (_req, res) => {
+      if (gen === this.generation) {
+        this.httpStatus = res.statusCode;
+        const h = res.headers?.["retry-after"];
+        this.httpRetryAfterMs = parseRetryAfter(Array.isArray(h) ? h[0] : h);
+      }
+      node.terminate?.();
+    });
   }
   /** The connection of generation `gen` ended: clean up and decide what next. */
   ended(gen, reason) {
@@ -456,7 +499,7 @@ var Client = class extends Emitter {
       r.buffer = [];
       if (r.wanted) r.setStatus("joining");
     }
-    const next = reason.byClient ? { action: "stop" } : reason.httpStatus !== void 0 ? afterHttpRefusal(reason.httpStatus) : afterClose(reason.code, reason.reason, false);
+    const next = reason.byClient ? { action: "stop" } : reason.httpStatus !== void 0 ? afterHttpRefusal(reason.httpStatus, reason.retryAfterMs) : reason.protocol !== void 0 ? { action: "stop" } : afterClose(reason.code, reason.reason, false);
     this.schedule(reason, next);
   }
   /** Gives up on a connection that stopped answering: closes it without
@@ -525,6 +568,14 @@ var Client = class extends Emitter {
   }
   joinFailed(r, e) {
     if (e instanceof DisconnectedError) return;
+    const delay = e instanceof ServerError ? retryDelay(e.code, e.retryAfterMs, ++r.refusals, this.o.backoff, this.o.random) : void 0;
+    if (delay !== void 0) {
+      const gen = this.generation;
+      setTimeout(() => {
+        if (gen === this.generation && r.wanted && r.status === "joining") this.writeJoin(r);
+      }, delay);
+      return;
+    }
     r.wanted = false;
     r.setStatus("failed");
     for (const w of r.joinWaiters) w.reject(e);
@@ -561,7 +612,7 @@ var Client = class extends Emitter {
   sendTo(r, body, key) {
     if (this.closedByApp) return Promise.reject(new ClosedError("send"));
     return new Promise((resolve, reject) => {
-      const s = { room: r.name, body, key, id: void 0, resolve, reject, timer: void 0 };
+      const s = { room: r.name, body, key, id: void 0, refusals: 0, resolve, reject, timer: void 0 };
       if (this.o.sendTimeoutMs > 0) {
         s.timer = setTimeout(() => {
           this.sends.delete(key);
@@ -597,6 +648,12 @@ var Client = class extends Emitter {
   onFrame(f, gen) {
     switch (f.type) {
       case "welcome": {
+        if (f.protocol !== PROTOCOL_VERSION) {
+          const reason = `the server speaks protocol ${f.protocol}; this client speaks ${PROTOCOL_VERSION}`;
+          this.ws?.close(1e3, "unsupported protocol version");
+          this.ended(gen, { code: 1e3, reason, byClient: false, protocol: f.protocol });
+          return;
+        }
         const resumed = this.everConnected;
         this.everConnected = true;
         this.attempt = 0;
@@ -678,11 +735,14 @@ var Client = class extends Emitter {
       }
     }
   }
-  /** A send was refused: retried when the server says it may be, else rejected. */
+  /** A send was refused: retried with its key when PROTOCOL.md section 5
+   * says it may be (`rate_limited`, `unavailable`, `internal`), without the
+   * application seeing the error; else rejected. */
   sendFailed(s, err) {
     s.id = void 0;
-    if (err.code === "rate_limited" || err.code === "internal") {
-      const delay = err.retryAfterMs ?? delayFor({ action: "backoff", minDelayMs: 0 }, 0, this.o.backoff, this.o.random) ?? 0;
+    s.refusals++;
+    const delay = retryDelay(err.code, err.retryAfterMs, s.refusals, this.o.backoff, this.o.random);
+    if (delay !== void 0) {
       setTimeout(() => {
         if (this.sends.get(s.key) === s && s.id === void 0) this.writeSend(s);
       }, delay);
@@ -721,6 +781,7 @@ var Client = class extends Emitter {
     }
     const r = this.rooms.get(f.room);
     if (!r || !r.wanted) return;
+    r.refusals = 0;
     r.members.clear();
     for (const u of f.presence) r.members.add(u);
     r.memberCount = f.count;

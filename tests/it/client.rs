@@ -3,7 +3,8 @@
 //! two clients keep chatting; a resume with `recovered: false` filled from
 //! history (and reported as a gap past the client's bound); a send whose ack
 //! was lost, resent with its key across a restart and stored once; token
-//! refresh and the 401 stop.
+//! refresh and the 401 stop; sends the store refuses as `unavailable` (a
+//! full disk, as in `disk.rs`) resent with their keys and stored once.
 //!
 //! Connections are cut with a TCP relay on loopback, so the network fault is
 //! real; processes are stopped only by the PID this test started.
@@ -34,6 +35,7 @@ fn fast_backoff() -> BackoffPolicy {
         initial: Duration::from_millis(20),
         max: Duration::from_millis(200),
         at_once_jitter: Duration::from_millis(20),
+        ..BackoffPolicy::default()
     }
 }
 
@@ -663,5 +665,222 @@ async fn presence_and_typing_reach_the_application() {
     }
     alice.close().await;
     bob.close().await;
+    server.stop().await;
+}
+
+/// A relay to a plain `ws://` listener that counts the `unavailable`
+/// refusals the server writes to the client: what the application never
+/// sees, the test still can.
+struct Sniffer {
+    addr: SocketAddr,
+    unavailable: Arc<AtomicUsize>,
+    stop: CancellationToken,
+}
+
+impl Sniffer {
+    async fn start(target: SocketAddr) -> Sniffer {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind sniffer");
+        let sniffer = Sniffer {
+            addr: listener.local_addr().expect("addr"),
+            unavailable: Arc::new(AtomicUsize::new(0)),
+            stop: CancellationToken::new(),
+        };
+        let (count, stop) = (Arc::clone(&sniffer.unavailable), sniffer.stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    a = listener.accept() => a,
+                };
+                let Ok((client, _)) = accepted else { continue };
+                let (count, stop) = (Arc::clone(&count), stop.clone());
+                tokio::spawn(async move {
+                    let Ok(server) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = stop.cancelled() => {}
+                        _ = sniff(client, server, count) => {}
+                    }
+                });
+            }
+        });
+        sniffer
+    }
+}
+
+impl Drop for Sniffer {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Copies both ways; counts `"code":"unavailable"` in what the server
+/// sends (server frames are not masked, and the server compresses none).
+async fn sniff(client: TcpStream, server: TcpStream, count: Arc<AtomicUsize>) {
+    const NEEDLE: &[u8] = br#""code":"unavailable""#;
+    let (mut cr, mut cw) = client.into_split();
+    let (mut sr, mut sw) = server.into_split();
+    let up = async {
+        let _ = tokio::io::copy(&mut cr, &mut sw).await;
+    };
+    let down = async {
+        let mut buf = vec![0u8; 16 * 1024];
+        // The end of the previous read, so a needle split by a read counts.
+        let mut tail: Vec<u8> = Vec::new();
+        loop {
+            let n = match sr.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            let mut seen = std::mem::take(&mut tail);
+            seen.extend_from_slice(&buf[..n]);
+            let found = seen.windows(NEEDLE.len()).filter(|w| *w == NEEDLE).count();
+            count.fetch_add(found, Ordering::SeqCst);
+            tail = seen[seen.len().saturating_sub(NEEDLE.len() - 1)..].to_vec();
+            if cw.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        _ = up => {}
+        _ = down => {}
+    }
+}
+
+/// A padded body like the disk tests', so that it needs the space the
+/// full disk does not have.
+fn padded(who: &str, i: usize) -> protocol::Body {
+    json(&format!(
+        r#"{{"who":"{who}","i":{i},"pad":"{}"}}"#,
+        "x".repeat(crate::disk::PAD)
+    ))
+}
+
+/// Sends the application makes while the store answers `unavailable`.
+const WHILE_FULL: usize = 4;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_refused_as_unavailable_are_stored_once_when_the_store_recovers() {
+    let disk = crate::disk::Tmpfs::mount();
+    let tweak = crate::disk::tweak(&disk);
+    let server = TestServer::start_with(Fixture::new(), |c| {
+        tweak(c);
+        c.plain_listen = Some("127.0.0.1:0".parse().expect("addr"));
+    })
+    .await;
+    let sniffer = Sniffer::start(server.plain_addr.expect("plain listener")).await;
+    let mut o = Options::new(format!(
+        "ws://127.0.0.1:{}/ws?user=alice",
+        sniffer.addr.port()
+    ));
+    o.backoff = fast_backoff();
+    let (alice, mut alice_events) = Client::start(o);
+    alice.join("disk").await.expect("alice joins");
+
+    // Bob fills the disk: he sends until the store refuses, then the last
+    // of the space goes to a second filler.
+    let mut bob = server.connect("bob").await;
+    bob.join("disk").await;
+    disk.fill_leaving(crate::disk::HEADROOM);
+    let mut stored_by_bob = 0;
+    loop {
+        let reply = bob
+            .request(protocol::ClientRequest::Send {
+                room: "disk".into(),
+                body: padded("bob", stored_by_bob),
+                key: Some(format!("bob-{stored_by_bob}")),
+            })
+            .await;
+        match reply {
+            ServerFrame::Ack { .. } => stored_by_bob += 1,
+            ServerFrame::Error {
+                code: protocol::ErrorCode::Unavailable,
+                ..
+            } => break,
+            other => panic!("bob's send {stored_by_bob}: {other:?}"),
+        }
+        assert!(stored_by_bob < 5000, "the disk never filled");
+    }
+    disk.fill_leaving(0);
+
+    // Alice's sends while the store refuses: each is refused at least once
+    // on the wire, and none resolves, with an error or otherwise.
+    let sends: Vec<_> = (0..WHILE_FULL)
+        .map(|i| {
+            let alice = alice.clone();
+            tokio::spawn(async move { alice.send("disk", padded("alice", i)).await })
+        })
+        .collect();
+    let start = tokio::time::Instant::now();
+    while sniffer.unavailable.load(Ordering::SeqCst) < WHILE_FULL {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "only {} refusals reached alice",
+            sniffer.unavailable.load(Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for (i, s) in sends.iter().enumerate() {
+        assert!(
+            !s.is_finished(),
+            "send {i} resolved while the disk was full"
+        );
+    }
+    assert!(
+        matches!(alice.state().borrow().clone(), State::Connected { .. }),
+        "a refusal is no reason to reconnect"
+    );
+
+    // Space comes back: every send is acked, once, without an error.
+    disk.free_filler();
+    let mut acks = Vec::new();
+    for (i, s) in sends.into_iter().enumerate() {
+        let ack = tokio::time::timeout(DEADLINE, s)
+            .await
+            .unwrap_or_else(|_| panic!("send {i} not acked once the store recovered"))
+            .expect("task")
+            .unwrap_or_else(|e| panic!("send {i} failed: {e}"));
+        assert!(!ack.duplicate, "send {i}: nothing of it was stored before");
+        acks.push(ack);
+    }
+    let refusals = sniffer.unavailable.load(Ordering::SeqCst);
+    assert!(refusals >= WHILE_FULL, "{refusals} refusals");
+
+    // The history holds each of alice's messages once, at its acked seq.
+    let history = bob.history_all("disk").await;
+    let alice_stored: Vec<(u64, u64)> = history
+        .iter()
+        .filter_map(|m| {
+            let v: serde_json::Value = serde_json::from_str(m.body.as_ref()?.get()).expect("json");
+            (v["who"] == "alice").then(|| (v["i"].as_u64().expect("i"), m.seq))
+        })
+        .collect();
+    let mut expected: Vec<(u64, u64)> = acks
+        .iter()
+        .enumerate()
+        .map(|(i, a)| (i as u64, a.seq))
+        .collect();
+    let mut got = alice_stored.clone();
+    got.sort_unstable();
+    expected.sort_unstable();
+    assert_eq!(
+        got, expected,
+        "alice's messages in history: {alice_stored:?}"
+    );
+    assert_eq!(
+        history.len(),
+        stored_by_bob + WHILE_FULL,
+        "bob's refused send was not stored, nothing twice"
+    );
+    // And alice received each live, once.
+    let total = stored_by_bob + WHILE_FULL;
+    let seen = transcript(&mut alice_events, "disk", total).await;
+    assert_eq!(seen.last().map(|m| m.seq), Some(total as u64));
+    alice.close().await;
+    drop(sniffer);
     server.stop().await;
 }

@@ -3,7 +3,8 @@
 //! recovers by itself once space is back, losing nothing it acked.
 //!
 //! The disk is a real tmpfs of a few MiB, mounted for the test (CI runs as
-//! root); a test that cannot mount fails, it never skips.
+//! root); a test that cannot mount fails, it never skips. The client tests
+//! (`client.rs`) fill it the same way to make the store answer `unavailable`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -18,9 +19,9 @@ use crate::support::{Client, DEADLINE, Fixture, TestServer, json};
 /// Size of the file system the data dir is on.
 const DISK: &str = "size=8m";
 /// Free space left beside the store before the sends begin.
-const HEADROOM: u64 = 1 << 20;
+pub(crate) const HEADROOM: u64 = 1 << 20;
 /// The padding of each body: about the 3 KB messages.
-const PAD: usize = 3000;
+pub(crate) const PAD: usize = 3000;
 /// Most sends before the disk must be full (HEADROOM / PAD is ~350).
 const MAX_SENDS: u64 = 5000;
 /// Retry interval of the store in these tests: long enough that the checks
@@ -28,12 +29,14 @@ const MAX_SENDS: u64 = 5000;
 const RETRY_MS: u64 = 2000;
 
 /// A tmpfs mounted on a fresh temp dir, unmounted on drop.
-struct Tmpfs {
+pub(crate) struct Tmpfs {
     dir: tempfile::TempDir,
+    /// Filler files written so far.
+    fillers: std::cell::Cell<usize>,
 }
 
 impl Tmpfs {
-    fn mount() -> Tmpfs {
+    pub(crate) fn mount() -> Tmpfs {
         let dir = tempfile::tempdir().expect("temp dir");
         let status = std::process::Command::new("mount")
             .args(["-t", "tmpfs", "-o", DISK, "tmpfs"])
@@ -45,7 +48,10 @@ impl Tmpfs {
             "cannot mount a tmpfs on {} ({status}); this test needs root",
             dir.path().display()
         );
-        Tmpfs { dir }
+        Tmpfs {
+            dir,
+            fillers: std::cell::Cell::new(0),
+        }
     }
 
     fn path(&self) -> &Path {
@@ -56,24 +62,29 @@ impl Tmpfs {
         self.path().join("data")
     }
 
-    fn filler(&self) -> PathBuf {
-        self.path().join("filler")
+    fn filler(&self, n: usize) -> PathBuf {
+        self.path().join(format!("filler{n}"))
     }
 
-    /// Writes a filler file that leaves `left` bytes free.
-    fn fill_leaving(&self, left: u64) {
+    /// Writes another filler file, so that `left` bytes stay free.
+    pub(crate) fn fill_leaving(&self, left: u64) {
         let st = rustix::fs::statvfs(self.path()).expect("statvfs");
         let free = st.f_bavail * st.f_frsize;
         let size = free.saturating_sub(left);
+        let n = self.fillers.get();
         std::fs::write(
-            self.filler(),
+            self.filler(n),
             vec![0u8; usize::try_from(size).expect("size")],
         )
         .expect("write the filler");
+        self.fillers.set(n + 1);
     }
 
-    fn free_filler(&self) {
-        std::fs::remove_file(self.filler()).expect("remove the filler");
+    /// Removes every filler file.
+    pub(crate) fn free_filler(&self) {
+        for n in 0..self.fillers.replace(0) {
+            std::fs::remove_file(self.filler(n)).expect("remove the filler");
+        }
     }
 }
 
@@ -94,7 +105,7 @@ impl Drop for Tmpfs {
     }
 }
 
-fn tweak(disk: &Tmpfs) -> impl FnOnce(&mut Config) {
+pub(crate) fn tweak(disk: &Tmpfs) -> impl FnOnce(&mut Config) {
     let data_dir = disk.data_dir();
     move |c: &mut Config| {
         c.data_dir = data_dir;

@@ -4,7 +4,11 @@
 //!
 //! They need `node` and `npm` and the SDK's dev dependencies:
 //! `./scripts/test` runs `npm ci` in clients/js first. When any is missing
-//! the test fails and says so; it never skips.
+//! the test fails and says so; it never skips. Among them are the reconnect
+//! policy's table (`protocol/reconnect-policy.json`, test/policy.test.mjs)
+//! and sends made while a full disk answers `unavailable`
+//! (test/disk.test.mjs, which mounts a tmpfs: it runs as root, as
+//! `disk.rs` does).
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -71,5 +75,5 @@ async fn typescript_sdk_passes_its_tests_against_the_real_server() {
         .find_map(|l| l.strip_prefix("# pass "))
         .and_then(|n| n.trim().parse::<u32>().ok())
         .unwrap_or(0);
-    assert!(passed >= 20, "only {passed} SDK tests passed:\n{out}");
+    assert!(passed >= 30, "only {passed} SDK tests passed:\n{out}");
 }

@@ -6,7 +6,10 @@
 // resent until acked). It must never deliver a seq twice or out of order,
 // and never drop an unacked send except when the application closes it.
 
-import { type BackoffOptions, DEFAULT_BACKOFF, afterClose, afterHttpRefusal, delayFor, type Next } from "./backoff.js";
+import {
+  type BackoffOptions, DEFAULT_BACKOFF, PROTOCOL_VERSION, afterClose, afterHttpRefusal, delayFor, type Next, parseRetryAfter,
+  retryDelay,
+} from "./backoff.js";
 import { Emitter } from "./emitter.js";
 import { ClosedError, DisconnectedError, ServerError, TimeoutError } from "./errors.js";
 import {
@@ -67,8 +70,15 @@ export interface DisconnectReason {
   /** The close reason the server gave. */
   reason: string;
   /** The HTTP status of a refused upgrade. Only Node with `ws` reports it:
-   * a browser sees a refused upgrade as close 1006, like a network failure. */
+   * a browser (and Node 22's global WebSocket) sees a refused upgrade as
+   * close 1006, like a network failure. */
   httpStatus?: number;
+  /** The refusal's `Retry-After`, in ms (with `httpStatus` only): the
+   * backoff waits at least this long. */
+  retryAfterMs?: number;
+  /** The server's `welcome.protocol` when it is not `PROTOCOL_VERSION`: the
+   * client closed the session and stopped; it must be upgraded. */
+  protocol?: number;
   /** The application called `close()`. */
   byClient: boolean;
 }
@@ -142,6 +152,9 @@ interface PendingSend {
   key: string;
   /** The id of its frame on the current connection, if sent on it. */
   id: number | undefined;
+  /** Consecutive refusals (`unavailable`, `internal`, ...), which lengthen
+   * the wait before the next try. */
+  refusals: number;
   resolve: (a: Ack) => void;
   reject: (e: Error) => void;
   timer: ReturnType<typeof setTimeout> | undefined;
@@ -177,6 +190,8 @@ export class Room extends Emitter<RoomEvents> {
   /** @internal */ joinWaiters: Array<{ resolve: () => void; reject: (e: Error) => void }> = [];
   /** @internal */ buffer: MessageFrame[] = [];
   /** @internal */ lastTypingSent = -Infinity;
+  /** @internal Consecutive refusals of the client's own join, cleared by `joined`. */
+  refusals = 0;
 
   constructor(private readonly client: Client, readonly name: string, resume?: { since: number; epoch: string }) {
     super();
@@ -243,6 +258,7 @@ export class Client extends Emitter<ClientEvents> {
   private reconnectTimer: ReturnType<typeof setTimeout> | undefined;
   private pingTimer: ReturnType<typeof setInterval> | undefined;
   private httpStatus: number | undefined;
+  private httpRetryAfterMs: number | undefined;
   private readonly requests = new Map<number, PendingRequest>();
   /** Unacked sends, in the order the application made them. */
   private readonly sends = new Map<string, PendingSend>();
@@ -339,6 +355,7 @@ export class Client extends Emitter<ClientEvents> {
     const url = new URL(this.o.url);
     if (this.options.user !== undefined) url.searchParams.set("user", this.options.user);
     this.httpStatus = undefined;
+    this.httpRetryAfterMs = undefined;
     let ws: WebSocketLike;
     try {
       ws = new this.WS(url.toString());
@@ -347,6 +364,7 @@ export class Client extends Emitter<ClientEvents> {
       return;
     }
     this.ws = ws;
+    this.watchRefusal(ws, gen);
     ws.onopen = () => {
       if (gen !== this.generation) return;
       // Everything goes out at once, before `welcome` (PROTOCOL.md section 2):
@@ -383,8 +401,31 @@ export class Client extends Emitter<ClientEvents> {
       if (gen !== this.generation) return;
       const reason: DisconnectReason = { code: ev.code, reason: ev.reason ?? "", byClient: this.closedByApp };
       if (this.httpStatus !== undefined) reason.httpStatus = this.httpStatus;
+      if (this.httpRetryAfterMs !== undefined) reason.retryAfterMs = this.httpRetryAfterMs;
       this.ended(gen, reason);
     };
+  }
+
+  /** Reads the status and `Retry-After` of a refused upgrade where the
+   * WebSocket lets it be seen: `ws` in Node emits `unexpected-response`
+   * with the HTTP response. Browsers' and undici's WebSocket show nothing. */
+  private watchRefusal(ws: WebSocketLike, gen: number): void {
+    type Response = { statusCode?: number; headers?: Record<string, string | string[] | undefined> };
+    const node = ws as unknown as {
+      on?: (event: string, listener: (req: unknown, res: Response) => void) => unknown;
+      terminate?: () => void;
+    };
+    if (typeof node.on !== "function" || typeof node.terminate !== "function") return;
+    node.on("unexpected-response", (_req, res) => {
+      if (gen === this.generation) {
+        this.httpStatus = res.statusCode;
+        const h = res.headers?.["retry-after"];
+        this.httpRetryAfterMs = parseRetryAfter(Array.isArray(h) ? h[0] : h);
+      }
+      // With a listener `ws` leaves the refused handshake to it: end it,
+      // which reports close 1006.
+      node.terminate?.();
+    });
   }
 
   /** The connection of generation `gen` ended: clean up and decide what next. */
@@ -411,8 +452,10 @@ export class Client extends Emitter<ClientEvents> {
     const next: Next = reason.byClient
       ? { action: "stop" }
       : reason.httpStatus !== undefined
-        ? afterHttpRefusal(reason.httpStatus)
-        : afterClose(reason.code, reason.reason, false);
+        ? afterHttpRefusal(reason.httpStatus, reason.retryAfterMs)
+        : reason.protocol !== undefined
+          ? { action: "stop" }
+          : afterClose(reason.code, reason.reason, false);
     this.schedule(reason, next);
   }
 
@@ -491,6 +534,16 @@ export class Client extends Emitter<ClientEvents> {
 
   private joinFailed(r: Room, e: Error): void {
     if (e instanceof DisconnectedError) return; // rejoined on reconnect
+    // `rate_limited`, `unavailable` (in cluster mode, a room whose stream
+    // cannot be read yet): the join goes out again after the advised delay.
+    const delay = e instanceof ServerError ? retryDelay(e.code, e.retryAfterMs, ++r.refusals, this.o.backoff, this.o.random) : undefined;
+    if (delay !== undefined) {
+      const gen = this.generation;
+      setTimeout(() => {
+        if (gen === this.generation && r.wanted && r.status === "joining") this.writeJoin(r);
+      }, delay);
+      return;
+    }
     r.wanted = false;
     r.setStatus("failed");
     for (const w of r.joinWaiters) w.reject(e);
@@ -531,7 +584,7 @@ export class Client extends Emitter<ClientEvents> {
   sendTo(r: Room, body: Json, key: string): Promise<Ack> {
     if (this.closedByApp) return Promise.reject(new ClosedError("send"));
     return new Promise((resolve, reject) => {
-      const s: PendingSend = { room: r.name, body, key, id: undefined, resolve, reject, timer: undefined };
+      const s: PendingSend = { room: r.name, body, key, id: undefined, refusals: 0, resolve, reject, timer: undefined };
       if (this.o.sendTimeoutMs > 0) {
         s.timer = setTimeout(() => {
           this.sends.delete(key);
@@ -572,6 +625,14 @@ export class Client extends Emitter<ClientEvents> {
   private onFrame(f: ServerFrame, gen: number): void {
     switch (f.type) {
       case "welcome": {
+        if (f.protocol !== PROTOCOL_VERSION) {
+          // Another major version (PROTOCOL.md section 11): nothing else
+          // of this session can be trusted to mean what this client reads.
+          const reason = `the server speaks protocol ${f.protocol}; this client speaks ${PROTOCOL_VERSION}`;
+          this.ws?.close(1000, "unsupported protocol version");
+          this.ended(gen, { code: 1000, reason, byClient: false, protocol: f.protocol });
+          return;
+        }
         const resumed = this.everConnected;
         this.everConnected = true;
         this.attempt = 0;
@@ -659,11 +720,14 @@ export class Client extends Emitter<ClientEvents> {
     }
   }
 
-  /** A send was refused: retried when the server says it may be, else rejected. */
+  /** A send was refused: retried with its key when PROTOCOL.md section 5
+   * says it may be (`rate_limited`, `unavailable`, `internal`), without the
+   * application seeing the error; else rejected. */
   private sendFailed(s: PendingSend, err: ServerError): void {
     s.id = undefined;
-    if (err.code === "rate_limited" || err.code === "internal") {
-      const delay = err.retryAfterMs ?? delayFor({ action: "backoff", minDelayMs: 0 }, 0, this.o.backoff, this.o.random) ?? 0;
+    s.refusals++;
+    const delay = retryDelay(err.code, err.retryAfterMs, s.refusals, this.o.backoff, this.o.random);
+    if (delay !== undefined) {
       setTimeout(() => {
         if (this.sends.get(s.key) === s && s.id === undefined) this.writeSend(s);
       }, delay);
@@ -705,6 +769,7 @@ export class Client extends Emitter<ClientEvents> {
     }
     const r = this.rooms.get(f.room);
     if (!r || !r.wanted) return;
+    r.refusals = 0;
     r.members.clear();
     for (const u of f.presence) r.members.add(u);
     r.memberCount = f.count;

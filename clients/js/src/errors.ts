@@ -8,7 +8,7 @@ export class ServerError extends Error {
     /** The error code of PROTOCOL.md section 5, e.g. `not_joined`. */
     readonly code: string,
     message: string,
-    /** Present on `rate_limited`. */
+    /** Present on `rate_limited` and `unavailable`. */
     readonly retryAfterMs?: number,
   ) {
     super(`${code}: ${message}`);

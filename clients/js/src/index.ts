@@ -5,7 +5,10 @@ export type {
   RoomEvents, RoomStatus, WebSocketConstructor, WebSocketLike,
 } from "./client.js";
 export { ClosedError, DisconnectedError, ServerError, TimeoutError } from "./errors.js";
-export { DEFAULT_BACKOFF, afterClose, afterHttpRefusal, delayFor, retryAfterFromReason } from "./backoff.js";
+export {
+  DEFAULT_BACKOFF, PROTOCOL_VERSION, afterClose, afterHttpRefusal, delayFor, parseRetryAfter, retryAfterFromReason, retryDelay,
+  retryForError,
+} from "./backoff.js";
 export type { BackoffOptions, Next } from "./backoff.js";
 export { isServerFrame, validateClientFrame, validateServerFrame } from "./protocol.js";
 export type * from "./protocol.js";

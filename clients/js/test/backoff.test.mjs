@@ -7,9 +7,9 @@ import { DEFAULT_BACKOFF, afterClose, afterHttpRefusal, delayFor, retryAfterFrom
 test("close-code classes", () => {
   for (const code of [4000, 4001, 4002, 4003, 4009, 4099]) assert.equal(afterClose(code, "", false).action, "stop", `${code}`);
   for (const code of [4100, 4101, 4102, 4199]) assert.equal(afterClose(code, "", false).action, "backoff", `${code}`);
-  for (const code of [4200, 4250, 4299]) assert.equal(afterClose(code, "", false).action, "now", `${code}`);
+  for (const code of [4200, 4250, 4299]) assert.equal(afterClose(code, "", false).action, "immediate", `${code}`);
   for (const code of [1000, 1007, 1009]) assert.equal(afterClose(code, "", false).action, "stop", `${code}`);
-  for (const code of [1001, 1012]) assert.equal(afterClose(code, "", false).action, "now", `${code}`);
+  for (const code of [1001, 1012]) assert.equal(afterClose(code, "", false).action, "immediate", `${code}`);
   for (const code of [1006, 1011, 1013]) assert.equal(afterClose(code, "", false).action, "backoff", `${code}`);
   assert.equal(afterClose(1006, "", true).action, "stop", "a close by the app never reconnects");
 });
@@ -32,7 +32,7 @@ test("backoff grows exponentially to its cap, with jitter", () => {
   const b = { action: "backoff", minDelayMs: 0 };
   assert.deepEqual([0, 1, 2, 3, 4, 10].map((n) => delayFor(b, n, o, () => 0)), [100, 200, 400, 800, 1000, 1000]);
   assert.deepEqual([0, 1, 2].map((n) => delayFor(b, n, o, () => 0.999999)), [50, 100, 200]);
-  const now = delayFor({ action: "now" }, 5, o, () => 0.5);
+  const now = delayFor({ action: "immediate" }, 5, o, () => 0.5);
   assert.equal(now, o.immediateJitterMs / 2);
   assert.equal(delayFor({ action: "stop" }, 0, o, Math.random), undefined);
 });

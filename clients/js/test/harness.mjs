@@ -29,14 +29,16 @@ export function stopAll() {
 process.on("exit", stopAll);
 
 export class Server {
-  /** `flags`: extra `serve` flags; `toml`: a config file's text. */
-  constructor({ flags = [], toml = "" } = {}) {
+  /** `flags`: extra `serve` flags; `toml`: a config file's text;
+   * `dataDir`: where the store lives (default: in the server's temp dir). */
+  constructor({ flags = [], toml = "", dataDir = undefined } = {}) {
     if (!existsSync(BIN)) {
       throw new Error(`no server binary at ${BIN}: run \`cargo build --bin switchboard\` or set SWITCHBOARD_BIN`);
     }
     this.dir = mkdtempSync(join(tmpdir(), "switchboard-sdk-"));
     this.flags = flags;
     this.toml = toml;
+    this.dataDir = dataDir ?? join(this.dir, "data");
     this.port = 0;
     this.child = null;
   }
@@ -47,7 +49,7 @@ export class Server {
     writeFileSync(config, this.toml);
     const args = [
       "serve", "--config", config, "--no-tls", "--plain-listen", `127.0.0.1:${this.port}`,
-      "--data-dir", join(this.dir, "data"), "--admin-listen", "127.0.0.1:0", ...this.flags,
+      "--data-dir", this.dataDir, "--admin-listen", "127.0.0.1:0", ...this.flags,
     ];
     const child = spawn(BIN, args, { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, RUST_LOG: "warn" } });
     this.child = child;

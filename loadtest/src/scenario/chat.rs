@@ -33,7 +33,7 @@ use crate::cli::ChatArgs;
 use crate::conn::{Connector, Frame, STEP_TIMEOUT, Ws, history_seqs, instant_at, now_us, request};
 use crate::metrics::{Clock, Metrics, add, get, short_error};
 use crate::reconnect::{self, Policy};
-use protocol::close::Reconnect;
+use switchboard_client::backoff::Action;
 
 /// Room popularity: P(room r) proportional to 1 / (r + 1)^s.
 #[derive(Debug, Clone)]
@@ -385,7 +385,7 @@ impl User {
                 () = tokio::time::sleep_until(next_drop), if running => {
                     next_drop = TInstant::now() + exp_gap(&mut self.rng, drop_rate);
                     let pause = Duration::from_millis(self.rng.random_range(100..600));
-                    ws = self.reconnect(ws, pause, Reconnect::AtOnce, deadline).await?;
+                    ws = self.reconnect(ws, pause, Action::Immediate, deadline).await?;
                     Ok(())
                 }
             };
@@ -402,7 +402,7 @@ impl User {
     /// reconnect and resume if the close table says so, else end this user.
     async fn lost(&mut self, ws: Ws, code: Option<u16>, deadline: TInstant) -> anyhow::Result<Ws> {
         let how = reconnect::after(code);
-        if how == Reconnect::Never || !self.policy.enabled() {
+        if how == Action::Stop || !self.policy.enabled() {
             drop(ws);
             self.m.disconnected();
             add(&self.m.c.unacked_at_close, self.in_flight.len() as u64);
@@ -420,7 +420,7 @@ impl User {
         &mut self,
         ws: Ws,
         pause: Duration,
-        how: Reconnect,
+        how: Action,
         deadline: TInstant,
     ) -> anyhow::Result<Ws> {
         drop(ws);

@@ -20,7 +20,7 @@ use crate::cli::{Common, Scenario};
 use crate::conn::{Connector, Frame, STEP_TIMEOUT, Ws, instant_at, now_us, send_join};
 use crate::metrics::{Clock, Metrics, add};
 use crate::reconnect::{self, Policy};
-use protocol::close::Reconnect;
+use switchboard_client::backoff::Action;
 
 /// After the load stops, how long readers may take to drain before the
 /// run gives up on them.
@@ -133,7 +133,7 @@ pub async fn reconnect_room(
     deadline: tokio::time::Instant,
 ) -> Option<(Ws, Joined, usize)> {
     let how = reconnect::after(code);
-    if !policy.enabled() || how == Reconnect::Never {
+    if !policy.enabled() || how == Action::Stop {
         return None;
     }
     for k in 0..policy.attempts {
