@@ -29,7 +29,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
-use tokio_tungstenite::tungstenite::http::StatusCode;
+use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -253,15 +253,21 @@ where
         }
         joins = upgrade_joins(request, config.max_rooms_per_session)?;
         if !has_ip_slot {
-            return Err(reject(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too many connections from this address",
+            return Err(retry_later(
+                reject(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too many connections from this address",
+                ),
+                config.refusal_retry_after_secs,
             ));
         }
         if !has_permit {
-            return Err(reject(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the server is at its connection limit; retry later",
+            return Err(retry_later(
+                reject(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the server is at its connection limit; retry later",
+                ),
+                config.refusal_retry_after_secs,
             ));
         }
         let Some(verifier) = &state.verifier else {
@@ -405,9 +411,12 @@ fn admit_user(state: &ServerState, principal: Principal) -> Result<Who, ErrorRes
         .acquire(principal.user.clone())
     {
         Some(guard) => Ok(Who::Known(principal, guard)),
-        None => Err(reject(
-            StatusCode::TOO_MANY_REQUESTS,
-            "this user is at its connection limit",
+        None => Err(retry_later(
+            reject(
+                StatusCode::TOO_MANY_REQUESTS,
+                "this user is at its connection limit",
+            ),
+            state.config.refusal_retry_after_secs,
         )),
     }
 }
@@ -415,6 +424,15 @@ fn admit_user(state: &ServerState, principal: Principal) -> Result<Who, ErrorRes
 fn reject(status: StatusCode, why: &str) -> ErrorResponse {
     let mut response = ErrorResponse::new(Some(why.to_owned()));
     *response.status_mut() = status;
+    response
+}
+
+/// Adds `Retry-After: secs` to a refusal that a client may retry: the
+/// clients' policy (PROTOCOL.md §11) waits at least that long.
+fn retry_later(mut response: ErrorResponse, secs: u64) -> ErrorResponse {
+    response
+        .headers_mut()
+        .insert("retry-after", HeaderValue::from(secs));
     response
 }
 

@@ -223,6 +223,10 @@ pub struct Config {
     /// Most open client connections of one user; past it the upgrade gets
     /// HTTP 429 (or, with first-frame auth, close 1013). Default 32. Off in dev mode.
     pub max_connections_per_user: usize,
+    /// The `Retry-After` (seconds) of an upgrade refused for a connection
+    /// cap (HTTP 429 and 503): clients wait at least this long before
+    /// trying again (PROTOCOL.md §11). Default 1 s.
+    pub refusal_retry_after_secs: u64,
     /// TLS handshakes plus upgrades one IP address may start; past it new
     /// connections are dropped before the TLS handshake. Default 20/s, burst 50. Off in dev mode.
     pub handshake_rate_per_ip: Rate,
@@ -323,6 +327,7 @@ impl Default for Config {
             allowed_origins: Vec::new(),
             max_connections_per_ip: 256,
             max_connections_per_user: 32,
+            refusal_retry_after_secs: 1,
             handshake_rate_per_ip: Rate::new(20, 50),
             send_rate_per_session: Rate::new(20, 50),
             send_rate_per_user: Rate::new(50, 100),

@@ -9,15 +9,31 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use crate::support::{Fixture, TestServer};
 
 fn http_status(e: WsError) -> u16 {
+    http_refusal(e).0
+}
+
+/// The status of an HTTP refusal and its `Retry-After`, if any.
+fn http_refusal(e: WsError) -> (u16, Option<String>) {
     match e {
-        WsError::Http(response) => response.status().as_u16(),
+        WsError::Http(response) => (
+            response.status().as_u16(),
+            response
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+        ),
         other => panic!("expected an HTTP refusal, got {other}"),
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upgrade_refusals_have_http_statuses() {
-    let server = TestServer::start_with(Fixture::new(), |c| c.max_connections = 2).await;
+    let server = TestServer::start_with(Fixture::new(), |c| {
+        c.max_connections = 2;
+        c.refusal_retry_after_secs = 3;
+    })
+    .await;
     let port = server.addr.port();
     let e = server
         .connect_raw(&format!("wss://localhost:{port}/other?user=a"))
@@ -38,7 +54,8 @@ async fn upgrade_refusals_have_http_statuses() {
         .expect("refused");
     assert_eq!(http_status(e), 400);
 
-    // Two connections fill the cap; the third gets 503; after one leaves, room again.
+    // Two connections fill the cap; the third gets 503, with the
+    // configured Retry-After; after one leaves, room again.
     let a = server.connect("a").await;
     let _b = server.connect("b").await;
     let e = server
@@ -46,7 +63,7 @@ async fn upgrade_refusals_have_http_statuses() {
         .await
         .err()
         .expect("refused");
-    assert_eq!(http_status(e), 503);
+    assert_eq!(http_refusal(e), (503, Some("3".to_owned())));
     drop(a);
     server
         .wait_for("the closed connection to be released", |s| {
