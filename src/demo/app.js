@@ -871,6 +871,7 @@ var DEFAULT_ROOMS = ["general", "random"];
 var TYPING_SHOWN_MS = 3e3;
 var PAGE = 50;
 var client;
+var chatting = false;
 var active = "";
 var pendingId = 0;
 var views = /* @__PURE__ */ new Map();
@@ -997,6 +998,7 @@ async function loadOlder(v) {
 }
 function open(name) {
   if (views.has(name)) return select(name);
+  if (!client) return;
   const room = client.room(name);
   const v = { room, messages: /* @__PURE__ */ new Map(), pending: /* @__PURE__ */ new Map(), unread: 0, more: true, typing: /* @__PURE__ */ new Map() };
   views.set(name, v);
@@ -1030,18 +1032,54 @@ function open(name) {
   room.join().then(() => loadOlder(v)).then(() => name === active && renderMessages()).catch((e) => console.error(`join ${name}`, e));
   select(name);
 }
+function showSignInProgress(s) {
+  switch (s.state) {
+    case "connecting":
+      $("login-status").textContent = s.attempt > 0 ? `Connecting (attempt ${s.attempt + 1})…` : "Connecting…";
+      break;
+    case "connected":
+      $("login-status").textContent = "";
+      break;
+    case "disconnected":
+      if (s.willReconnect) {
+        $("login-status").textContent = `Cannot reach the server yet; trying again in ${s.delayMs ?? 0} ms…`;
+      } else {
+        const why = s.reason.httpStatus ? `HTTP ${s.reason.httpStatus}` : `${s.reason.code} ${s.reason.reason}`.trim();
+        $("login-status").textContent = "";
+        $("login-error").textContent = `Could not sign in: ${why}`;
+      }
+      break;
+  }
+}
+function showChat() {
+  chatting = true;
+  $("login-panel").hidden = true;
+  $("status").hidden = false;
+  $("chat").hidden = false;
+  for (const r of DEFAULT_ROOMS) open(r);
+  select(DEFAULT_ROOMS[0]);
+  $("text").focus();
+}
 function start(name, token) {
   const scheme = location.protocol === "https:" ? "wss" : "ws";
   const opts = { url: `${scheme}://${location.host}/ws` };
   if (token) opts.token = () => token;
   else opts.user = name;
-  client = new Client(opts);
-  client.on("state", showStatus);
-  client.on("error", (e) => console.warn("server error", e));
-  $("login-panel").hidden = true;
-  $("chat").hidden = false;
-  for (const r of DEFAULT_ROOMS) open(r);
-  select(DEFAULT_ROOMS[0]);
+  const abandoned = client;
+  client = void 0;
+  abandoned?.close();
+  $("login-error").textContent = "";
+  $("login-status").textContent = "Connecting…";
+  const c = new Client(opts);
+  client = c;
+  c.on("state", (s) => {
+    if (c !== client) return;
+    showStatus(s);
+    if (chatting) return;
+    showSignInProgress(s);
+    if (s.state === "connected") showChat();
+  });
+  c.on("error", (e) => console.warn("server error", e));
 }
 $("login").addEventListener("submit", (e) => {
   e.preventDefault();

@@ -3,7 +3,9 @@
 //! gateway's TLS listener while the real server binary is SIGKILLed and
 //! restarted, on the same port and data dir, in the middle of it. At the
 //! end both pages show the same transcript: every message sent exactly
-//! once, in seq order, with no gap.
+//! once, in seq order, with no gap. The first screen a newcomer sees is
+//! the sign-in card alone; the chat replaces it once connected and stays
+//! up through a reconnect.
 //!
 //! `SWITCHBOARD_UPDATE_SCREENSHOT=1` also writes the final screenshot to
 //! `docs/chat.png`.
@@ -152,6 +154,108 @@ async fn two_pages_chat_through_a_server_kill_and_see_every_message_once() {
     if let Some(server) = server {
         server.kill().await;
     }
+}
+
+/// Which of the page's elements (by id) a user can see: laid out, not
+/// `display: none` or `visibility: hidden` themselves or through an
+/// ancestor (`offsetParent` is null then), with a box on screen.
+async fn shown(page: &Browser, ids: &[&str]) -> Vec<(String, bool)> {
+    let js = format!(
+        "return {}.map(id => {{ const e = document.getElementById(id); \
+         if (!e) return [id, false]; const s = getComputedStyle(e); \
+         return [id, s.display !== 'none' && s.visibility !== 'hidden' && e.offsetParent !== null && e.getClientRects().length > 0]; }});",
+        Value::from(ids.to_vec())
+    );
+    let v = page.script(&js).await;
+    v.as_array()
+        .expect("an array")
+        .iter()
+        .map(|p| {
+            (
+                p[0].as_str().expect("id").to_owned(),
+                p[1].as_bool().expect("bool"),
+            )
+        })
+        .collect()
+}
+
+/// Asserts that each of `ids` is shown (`want`) or hidden (`!want`).
+async fn assert_shown(page: &Browser, when: &str, ids: &[&str], want: bool) {
+    let wrong: Vec<String> = shown(page, ids)
+        .await
+        .into_iter()
+        .filter(|(_, s)| *s != want)
+        .map(|(id, _)| format!("#{id}"))
+        .collect();
+    let should = if want { "shown" } else { "hidden" };
+    assert!(
+        wrong.is_empty(),
+        "{when}: {} should be {should}",
+        wrong.join(", ")
+    );
+}
+
+/// The sign-in card and what it holds.
+const SIGN_IN: [&str; 3] = ["login-panel", "name", "enter"];
+/// The chat layout: rooms, members, messages, history, composer, status.
+const CHAT: [&str; 7] = [
+    "chat", "rooms", "members", "messages", "older", "composer", "status",
+];
+
+#[tokio::test]
+async fn the_first_screen_is_the_sign_in_alone_and_the_chat_once_connected() {
+    let fixture = Fixture::new();
+    let server = Process::start(&fixture).await;
+    let url = format!("https://localhost:{}/", server.addr.port());
+    let page = Browser::start().await;
+    page.goto(&url).await;
+    page.wait_for(
+        "the page loaded",
+        "return document.readyState === 'complete' && !!document.getElementById('name')",
+    )
+    .await;
+
+    assert_shown(&page, "before signing in", &SIGN_IN, true).await;
+    assert_shown(&page, "before signing in", &CHAT, false).await;
+    // The card is the screen's one thing: centred across the window.
+    let off_centre = page
+        .script(
+            "const r = document.getElementById('login-panel').getBoundingClientRect(); \
+             return Math.abs(r.left + r.width / 2 - window.innerWidth / 2);",
+        )
+        .await;
+    assert!(
+        off_centre.as_f64().expect("a number") < 2.0,
+        "the sign-in card is centred: {off_centre} px off"
+    );
+    let png = page.screenshot().await;
+    assert!(png.starts_with(b"\x89PNG"), "a PNG screenshot");
+    let artifact = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("demo-first-screen.png");
+    std::fs::write(&artifact, &png).expect("write screenshot");
+
+    page.type_into("#name", "carol").await;
+    page.click("#enter").await;
+    page.wait_for(
+        "connected",
+        "return document.getElementById('status').dataset.state === 'connected'",
+    )
+    .await;
+    // The history button hides itself once the empty room has no older
+    // messages, so it is not among what must show.
+    let chat: Vec<&str> = CHAT.into_iter().filter(|id| *id != "older").collect();
+    assert_shown(&page, "once connected", &chat, true).await;
+    assert_shown(&page, "once connected", &SIGN_IN, false).await;
+
+    // Losing the server leaves the chat up, saying it reconnects; the SDK
+    // resumes the session, so there is nothing to sign in to again.
+    server.kill().await;
+    page.wait_for(
+        "the page to notice",
+        "return document.getElementById('status').dataset.state !== 'connected'",
+    )
+    .await;
+    assert_shown(&page, "while reconnecting", &chat, true).await;
+    assert_shown(&page, "while reconnecting", &SIGN_IN, false).await;
 }
 
 /// The whole answer to a plain `GET /` on `addr` (empty when the server

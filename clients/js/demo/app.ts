@@ -25,7 +25,9 @@ interface RoomView {
   typing: Map<string, ReturnType<typeof setTimeout>>;
 }
 
-let client: Client;
+let client: Client | undefined;
+/** The chat is on screen: from the first `connected` of this sign-in on. */
+let chatting = false;
 let active = "";
 let pendingId = 0;
 const views = new Map<string, RoomView>();
@@ -162,6 +164,7 @@ async function loadOlder(v: RoomView): Promise<void> {
 
 function open(name: string): void {
   if (views.has(name)) return select(name);
+  if (!client) return;
   const room = client.room(name);
   const v: RoomView = { room, messages: new Map(), pending: new Map(), unread: 0, more: true, typing: new Map() };
   views.set(name, v);
@@ -200,18 +203,63 @@ function open(name: string): void {
   select(name);
 }
 
+/** Until the first connection, the sign-in card alone says how it goes. */
+function showSignInProgress(s: ClientState): void {
+  switch (s.state) {
+    case "connecting":
+      $("login-status").textContent = s.attempt > 0 ? `Connecting (attempt ${s.attempt + 1})…` : "Connecting…";
+      break;
+    case "connected":
+      $("login-status").textContent = "";
+      break;
+    case "disconnected":
+      if (s.willReconnect) {
+        $("login-status").textContent = `Cannot reach the server yet; trying again in ${s.delayMs ?? 0} ms…`;
+      } else {
+        // Refused for good (a bad token, a name the server rejects): the
+        // card stays for another try.
+        const why = s.reason.httpStatus ? `HTTP ${s.reason.httpStatus}` : `${s.reason.code} ${s.reason.reason}`.trim();
+        $("login-status").textContent = "";
+        $("login-error").textContent = `Could not sign in: ${why}`;
+      }
+      break;
+  }
+}
+
+/** Swaps the sign-in card for the chat; from then on a lost connection
+ * shows in the header's status while the SDK reconnects and resumes. */
+function showChat(): void {
+  chatting = true;
+  $("login-panel").hidden = true;
+  $("status").hidden = false;
+  $("chat").hidden = false;
+  for (const r of DEFAULT_ROOMS) open(r);
+  select(DEFAULT_ROOMS[0]!);
+  ($("text") as HTMLInputElement).focus();
+}
+
 function start(name: string, token: string): void {
   const scheme = location.protocol === "https:" ? "wss" : "ws";
   const opts: ConstructorParameters<typeof Client>[0] = { url: `${scheme}://${location.host}/ws` };
   if (token) opts.token = () => token;
   else opts.user = name;
-  client = new Client(opts);
-  client.on("state", showStatus);
-  client.on("error", (e) => console.warn("server error", e));
-  $("login-panel").hidden = true;
-  $("chat").hidden = false;
-  for (const r of DEFAULT_ROOMS) open(r);
-  select(DEFAULT_ROOMS[0]!);
+  // Enter again before the first connection starts over with what the
+  // form says now; the abandoned client's last events are ignored.
+  const abandoned = client;
+  client = undefined;
+  abandoned?.close();
+  $("login-error").textContent = "";
+  $("login-status").textContent = "Connecting…";
+  const c = new Client(opts);
+  client = c;
+  c.on("state", (s) => {
+    if (c !== client) return;
+    showStatus(s);
+    if (chatting) return;
+    showSignInProgress(s);
+    if (s.state === "connected") showChat();
+  });
+  c.on("error", (e) => console.warn("server error", e));
 }
 
 $("login").addEventListener("submit", (e) => {
