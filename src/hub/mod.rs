@@ -18,7 +18,8 @@
 //!   the delivery budget (`event_fanout_per_sec`), and [`HubOptions`].
 //! - `remote.rs`: the cluster's side: [`Peers`], and the users other nodes
 //!   report in this node's rooms.
-//! - `registry.rs`: the live sessions, for operators.
+//! - `registry.rs`: the live sessions and their running totals (count,
+//!   queued bytes), for operators and the scrape.
 //! - `deliver.rs`: [`Fanout`], `Hub::deliver` and the hub as a `CommitSink`.
 //!
 //! Imports point one way: `deliver` → this file → `remote` → `events` →
@@ -372,6 +373,11 @@ impl Hub {
         }
     }
 
+    /// The live sessions and their running totals (see [`Registry`]).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     /// Records a live session, so operators can list and kick it.
     pub fn register_session(&self, id: SessionId, entry: SessionEntry) {
         self.registry.register(id, entry);
@@ -391,7 +397,14 @@ impl Hub {
         self.registry.close_user(user, reason)
     }
 
+    /// How many sessions are live: a running total, whatever their number.
+    pub fn session_count(&self) -> usize {
+        self.registry.count()
+    }
+
     /// A snapshot of every live session, with the rooms each has joined.
+    /// It visits every room and session: for operators' listings, not for
+    /// counts or totals (see [`Hub::session_count`] and [`Hub::registry`]).
     pub fn sessions(&self) -> Vec<SessionInfo> {
         let mut rooms_of: HashMap<SessionId, Vec<String>> = HashMap::new();
         for r in self.rooms.iter() {
