@@ -10,7 +10,7 @@
 //! - [`state`]: [`state::ServerState`], the handles every connection shares.
 //! - [`close`]: why a session ended, as a close code and a metrics label.
 //! - [`delivery`]: pre-framed frames and the per-session outbox they travel in.
-//! - [`hub`]: rooms, presence and fan-out of committed messages.
+//! - [`hub`]: rooms, presence, the session registry and fan-out of committed messages.
 //! - [`fanout`]: the store writer's commits handed to the fan-out task on the runtime.
 //! - [`history`]: the [`history::Store`] trait, the seam to where history lives.
 //! - [`store`]: redb history with a group-committing writer thread.
