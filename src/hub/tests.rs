@@ -621,3 +621,65 @@ fn presence_changes_are_batched_into_one_event_per_flush() {
         vec![r#"{"type":"presence","room":"r","count":49,"left":["late"]}"#]
     );
 }
+
+/// The scrape's totals against the operators' full snapshot, through the
+/// hub: sessions registered and joined, a commit fanned out, queues taken
+/// and sessions gone with bytes still queued.
+#[test]
+fn the_hubs_running_totals_agree_with_its_session_snapshot() {
+    let hub = Hub::new();
+    let agree = |hub: &Hub| {
+        let all = hub.sessions();
+        let queued: Vec<u64> = all.iter().map(|s| s.queued_bytes as u64).collect();
+        assert_eq!(hub.session_count(), all.len());
+        assert_eq!(hub.registry().queued_bytes(), queued.iter().sum::<u64>());
+        assert_eq!(
+            hub.registry().largest_queue(),
+            queued.iter().copied().max().unwrap_or(0)
+        );
+    };
+    let mut rxs = Vec::new();
+    for id in 0..5 {
+        let rx = member(&hub, id, &format!("u{id}"));
+        // The entry's outbox is the member's: take it from the room.
+        let outbox = hub.rooms.get("r").unwrap().members[id as usize]
+            .outbox
+            .clone();
+        hub.register_session(
+            id,
+            SessionEntry {
+                user: Arc::from(format!("u{id}")),
+                remote: ([127, 0, 0, 1], 1).into(),
+                connected_at_ms: 0,
+                outbox,
+                stats: Arc::new(SessionStats::default()),
+            },
+        );
+        rxs.push(rx);
+        agree(&hub);
+    }
+    let body = serde_json::value::to_raw_value(&"hello").unwrap();
+    for seq in 1..=3 {
+        hub.committed(&[Committed {
+            room: "r",
+            seq,
+            from: "u0",
+            ts: 0,
+            body: &body,
+        }]);
+    }
+    assert!(hub.registry().queued_bytes() > 0);
+    agree(&hub);
+    // One session takes its whole queue, another one message of it.
+    while rxs[1].try_recv().is_some() {}
+    rxs[2].try_recv();
+    rxs[2].settle();
+    agree(&hub);
+    // A session goes with bytes queued; another leaves its room first.
+    hub.unregister_session(3);
+    agree(&hub);
+    assert!(hub.leave("r", 4));
+    hub.unregister_session(4);
+    agree(&hub);
+    assert_eq!(hub.session_count(), 3);
+}
