@@ -10,7 +10,7 @@
 //! - [`state`]: [`state::ServerState`], the handles every connection shares.
 //! - [`close`]: why a session ended, as a close code and a metrics label.
 //! - [`delivery`]: pre-framed frames and the per-session outbox they travel in.
-//! - [`hub`]: rooms, presence and fan-out of committed messages.
+//! - [`hub`]: rooms, presence, the session registry and fan-out of committed messages.
 //! - [`handoff`]: the embedded store writer's commits handed to the delivery task on the runtime.
 //! - [`history`]: the history contract ([`history::Backend`]) and the types both backends share.
 //! - [`store`]: redb history with a group-committing writer thread (a backend).

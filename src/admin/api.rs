@@ -225,7 +225,7 @@ pub(super) async fn nodes(State(state): State<Arc<AdminState>>) -> Json<serde_js
                 "id": "standalone",
                 "this_node": true,
                 "alive": true,
-                "connections": state.server.hub.sessions().len(),
+                "connections": state.server.hub.session_count(),
             }],
         })),
     }
@@ -327,7 +327,7 @@ pub(super) async fn drain(
         "draining": true,
         "started": started,
         "window_ms": state.server.config.drain_window_ms,
-        "sessions": state.server.hub.sessions().len(),
+        "sessions": state.server.hub.session_count(),
     })))
 }
 

@@ -83,12 +83,12 @@ impl fmt::Debug for ScrapeCollector {
     }
 }
 
-/// Queued bytes over every session: the total and the largest.
+/// Queued bytes over every session: the total and the largest. The total
+/// is the registry's running one; the largest visits no session while
+/// nothing is queued (see `Registry::largest_queue`).
 pub(super) fn queue_depth(server: &ServerState) -> (u64, u64) {
-    server.hub.sessions().iter().fold((0, 0), |(sum, max), s| {
-        let q = s.queued_bytes as u64;
-        (sum + q, max.max(q))
-    })
+    let registry = server.hub.registry();
+    (registry.queued_bytes(), registry.largest_queue())
 }
 
 impl Collector for ScrapeCollector {

@@ -11,5 +11,7 @@ pub mod outbox;
 pub mod wire;
 
 pub use commit::EncodedCommit;
-pub use outbox::{Outbox, OutboxReceiver, Outgoing, QueueBounds, bounded_outbox, outbox};
+pub use outbox::{
+    Outbox, OutboxReceiver, Outgoing, QueueBounds, QueueTally, bounded_outbox, outbox,
+};
 pub use wire::{Delivery, Encoded, WireFrame};

@@ -26,9 +26,18 @@
 //! channel's first block and state (about 1 KiB) are allocated up front,
 //! while a `SegQueue` allocates its first block only when something is
 //! queued, so an idle session holds none.
+//!
+//! An outbox may count its queued bytes into a [`QueueTally`] shared with
+//! other outboxes (the session registry's), so that the total is read
+//! without visiting every session. Whether it counts is a flag in the same
+//! word as its bytes: each change to the bytes sees, in one atomic step,
+//! whether it belongs to the tally, and joining or leaving the tally moves
+//! exactly the bytes held at that step. A push adds to the tally at once
+//! (one relaxed add, from the fan-out task); the receiver adds up what it
+//! takes and settles it once per batch, before it waits again.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -65,6 +74,39 @@ impl Outgoing {
     }
 }
 
+/// The flag, in `Shared::queued_bytes`, of an outbox that counts into its
+/// tally; the bits below it are the bytes.
+const TALLIED: usize = 1 << (usize::BITS - 1);
+
+/// The bytes of a `Shared::queued_bytes` value, without the flag.
+fn bytes_of(word: usize) -> usize {
+    word & !TALLIED
+}
+
+/// Bytes queued in a set of outboxes, kept as they change.
+#[derive(Debug, Default)]
+pub struct QueueTally {
+    /// Signed: an outbox's changes and its joining or leaving reach the
+    /// total in any order, so it may dip below zero for a moment.
+    bytes: AtomicI64,
+}
+
+impl QueueTally {
+    /// The bytes queued now (never below zero).
+    pub fn bytes(&self) -> u64 {
+        u64::try_from(self.bytes.load(Ordering::Relaxed)).unwrap_or(0)
+    }
+
+    fn add(&self, delta: i64) {
+        self.bytes.fetch_add(delta, Ordering::Relaxed);
+    }
+}
+
+/// `bytes` as a tally's delta.
+fn delta(bytes: usize) -> i64 {
+    i64::try_from(bytes).unwrap_or(i64::MAX)
+}
+
 /// State shared between the pushing side and the session.
 #[derive(Debug)]
 struct Shared {
@@ -76,7 +118,11 @@ struct Shared {
     waker: AtomicWaker,
     /// Set when the receiver is gone: nothing more is queued.
     closed: AtomicBool,
+    /// Bytes of the messages queued now, and the [`TALLIED`] flag.
     queued_bytes: AtomicUsize,
+    /// The tally this outbox counts into while [`TALLIED`] is set; set
+    /// once, by the first [`Outbox::tally_into`].
+    tally: OnceLock<Arc<QueueTally>>,
     /// The soft bound: past it the session must be draining.
     soft_bytes: usize,
     /// The hard cap: a message past it closes the session at once.
@@ -107,10 +153,13 @@ pub struct Outbox {
 #[derive(Debug)]
 pub struct OutboxReceiver {
     shared: Arc<Shared>,
+    /// Bytes taken while counted in the tally, not yet taken off it.
+    untallied: usize,
 }
 
 impl Drop for OutboxReceiver {
     fn drop(&mut self) {
+        self.settle();
         self.shared.closed.store(true, Ordering::Release);
     }
 }
@@ -120,6 +169,17 @@ impl Shared {
     /// can pause it; outside a paused runtime it is the monotonic clock.
     fn clock_ms(&self) -> u64 {
         u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Adds `delta` to the tally, for a change of the bytes that saw the
+    /// [`TALLIED`] flag set.
+    fn tally_add(&self, delta: i64) {
+        // The flag was read by a relaxed step; this pairs with the release
+        // that set it, so the tally set before it is seen.
+        std::sync::atomic::fence(Ordering::Acquire);
+        if let Some(tally) = self.tally.get() {
+            tally.add(delta);
+        }
     }
 }
 
@@ -172,6 +232,7 @@ pub fn bounded_outbox(
         waker: AtomicWaker::new(),
         closed: AtomicBool::new(false),
         queued_bytes: AtomicUsize::new(0),
+        tally: OnceLock::new(),
         soft_bytes: bounds.soft_bytes.min(bounds.max_bytes),
         max_bytes: bounds.max_bytes,
         grace_ms: u64::try_from(bounds.grace.as_millis()).unwrap_or(u64::MAX),
@@ -187,7 +248,10 @@ pub fn bounded_outbox(
             shared: shared.clone(),
             metrics,
         },
-        OutboxReceiver { shared },
+        OutboxReceiver {
+            shared,
+            untallied: 0,
+        },
     )
 }
 
@@ -198,12 +262,22 @@ impl Outbox {
         let shared = &*self.shared;
         let len = item.len();
         let queued = &shared.queued_bytes;
-        let before = queued.fetch_add(len, Ordering::Relaxed);
+        let word = queued.fetch_add(len, Ordering::Relaxed);
+        let before = bytes_of(word);
         let after = before + len;
         if after <= shared.max_bytes && self.draining(before, after) && self.enqueue(item) {
+            if word & TALLIED != 0 {
+                shared.tally_add(delta(len));
+            }
             return true;
         }
-        queued.fetch_sub(len, Ordering::Relaxed);
+        let undone = queued.fetch_sub(len, Ordering::Relaxed);
+        // Each step counts in the tally by the flag it saw; both saw the
+        // same flag but for a join or leave in between.
+        if (word ^ undone) & TALLIED != 0 {
+            let added = if word & TALLIED != 0 { 1 } else { -1 };
+            shared.tally_add(added * delta(len));
+        }
         false
     }
 
@@ -284,7 +358,32 @@ impl Outbox {
 
     /// Bytes of durable messages currently queued.
     pub fn queued_bytes(&self) -> usize {
-        self.shared.queued_bytes.load(Ordering::Relaxed)
+        bytes_of(self.shared.queued_bytes.load(Ordering::Relaxed))
+    }
+
+    /// Counts this outbox's queued bytes into `tally`, those queued now
+    /// included, until [`Outbox::untally`]. Returns false, and counts
+    /// nothing, when the outbox has counted into another tally before.
+    /// Counting into the tally it counts into already changes nothing.
+    pub fn tally_into(&self, tally: &Arc<QueueTally>) -> bool {
+        let shared = &*self.shared;
+        if !Arc::ptr_eq(shared.tally.get_or_init(|| tally.clone()), tally) {
+            return false;
+        }
+        let word = shared.queued_bytes.fetch_or(TALLIED, Ordering::AcqRel);
+        if word & TALLIED == 0 {
+            tally.add(delta(bytes_of(word)));
+        }
+        true
+    }
+
+    /// Stops counting into the tally, taking off it the bytes queued now.
+    pub fn untally(&self) {
+        let shared = &*self.shared;
+        let word = shared.queued_bytes.fetch_and(!TALLIED, Ordering::AcqRel);
+        if word & TALLIED != 0 {
+            shared.tally_add(-delta(bytes_of(word)));
+        }
     }
 }
 
@@ -292,6 +391,8 @@ impl OutboxReceiver {
     /// Waits for the next frame. Cancel-safe: nothing is taken until it is
     /// returned. Never ends, as the session holds an [`Outbox`] itself.
     pub async fn recv(&mut self) -> Outgoing {
+        // What the last batch took leaves the tally before the next wait.
+        self.settle();
         std::future::poll_fn(|cx| {
             if let Some(item) = self.try_recv() {
                 return Poll::Ready(item);
@@ -309,18 +410,22 @@ impl OutboxReceiver {
 
     /// Takes a frame if one is ready.
     pub fn try_recv(&mut self) -> Option<Outgoing> {
-        let item = self.shared.queue.pop()?;
+        let Some(item) = self.shared.queue.pop() else {
+            self.settle();
+            return None;
+        };
         self.shared.queued.fetch_sub(1, Ordering::AcqRel);
         self.taken(&item);
         Some(item)
     }
 
-    fn taken(&self, item: &Outgoing) {
+    fn taken(&mut self, item: &Outgoing) {
         match item {
             Outgoing::Message(d) => {
-                self.shared
-                    .queued_bytes
-                    .fetch_sub(d.bytes, Ordering::Relaxed);
+                let word = (self.shared.queued_bytes).fetch_sub(d.bytes, Ordering::Relaxed);
+                if word & TALLIED != 0 {
+                    self.untallied += d.bytes;
+                }
             }
             Outgoing::Ephemeral(_) => {
                 self.shared.queued_events.fetch_sub(1, Ordering::Relaxed);
@@ -328,11 +433,23 @@ impl OutboxReceiver {
         }
     }
 
+    /// Takes what was taken since the last call off the tally: once per
+    /// batch rather than once per message, so that sessions on other
+    /// threads do not contend for the tally's counter message by message.
+    /// [`OutboxReceiver::recv`] does it before every wait, and
+    /// [`OutboxReceiver::try_recv`] when the queue is empty.
+    pub fn settle(&mut self) {
+        if self.untallied != 0 {
+            self.shared
+                .tally_add(-delta(std::mem::take(&mut self.untallied)));
+        }
+    }
+
     /// Notes that the session wrote to its socket: while its queue is past
     /// the soft bound, this restarts the grace time. Reads the clock only then.
     pub fn progressed(&self) {
         let shared = &*self.shared;
-        if shared.queued_bytes.load(Ordering::Relaxed) > shared.soft_bytes {
+        if bytes_of(shared.queued_bytes.load(Ordering::Relaxed)) > shared.soft_bytes {
             shared
                 .progress_ms
                 .store(shared.clock_ms(), Ordering::Relaxed);
@@ -498,6 +615,48 @@ mod tests {
         tx.push_message(&delivery(5, 100));
         tx.push_message(&delivery(6, 100));
         assert!(!kill.is_cancelled());
+    }
+
+    #[test]
+    fn a_tally_counts_what_its_outboxes_hold_from_join_to_leave() {
+        let metrics = Arc::new(Metrics::default());
+        let tally = Arc::new(QueueTally::default());
+        let (tx, mut rx) = outbox(2, 1024, 2, CancellationToken::new(), metrics.clone());
+        // Bytes queued before joining count from the join.
+        tx.push_message(&delivery(1, 100));
+        assert!(tx.tally_into(&tally));
+        assert_eq!(tally.bytes(), 102);
+        assert!(tx.tally_into(&tally), "joining again changes nothing");
+        assert_eq!(tally.bytes(), 102);
+        let other = Arc::new(QueueTally::default());
+        assert!(!tx.tally_into(&other), "one tally per outbox");
+        assert_eq!(other.bytes(), 0);
+        // Events are not bytes of messages.
+        tx.push_ephemeral(&Arc::new(WireFrame::text("typing")));
+        tx.push_message(&delivery(2, 50));
+        assert_eq!(tally.bytes(), 154);
+        // A message that does not fit counts nothing.
+        tx.push_message(&delivery(3, 1000));
+        assert_eq!((tx.queued_bytes(), tally.bytes()), (154, 154));
+        // What the receiver takes leaves the tally once it settles.
+        assert!(matches!(rx.try_recv(), Some(Outgoing::Message(_))));
+        assert_eq!(tx.queued_bytes(), 52);
+        rx.settle();
+        assert_eq!(tally.bytes(), 52);
+        // Leaving takes off what is held; later changes are not counted.
+        tx.untally();
+        assert_eq!(tally.bytes(), 0);
+        while rx.try_recv().is_some() {}
+        assert_eq!(tally.bytes(), 0);
+        // Back in, emptied: a receiver that goes settles on its way.
+        assert!(tx.tally_into(&tally));
+        tx.push_message(&delivery(4, 10));
+        assert_eq!(tally.bytes(), 12);
+        assert!(matches!(rx.try_recv(), Some(Outgoing::Message(_))));
+        drop(rx);
+        assert_eq!(tally.bytes(), 0);
+        tx.push_message(&delivery(5, 10));
+        assert_eq!((tx.queued_bytes(), tally.bytes()), (0, 0), "a gone session");
     }
 
     #[test]
