@@ -147,6 +147,39 @@ impl Collector for ScrapeCollector {
             None,
             i64::from(server.store.writable().is_ok()),
         )?;
+        if let Some(node) = &server.cluster {
+            let stats = node.bus.stats();
+            for (name, help, v) in [
+                (
+                    "switchboard_cluster_deliveries_received",
+                    "Delivery payloads received from other nodes.",
+                    stats.deliveries_received,
+                ),
+                (
+                    "switchboard_cluster_events_received",
+                    "Typing and presence payloads received from other nodes.",
+                    stats.events_received,
+                ),
+                (
+                    "switchboard_cluster_history_reads",
+                    "Reads of history the bus made to fill a gap or catch a room up.",
+                    stats.history_reads,
+                ),
+                (
+                    "switchboard_cluster_history_reads_answered",
+                    "Those reads whose answer the bus has taken in.",
+                    stats.history_reads_answered,
+                ),
+                (
+                    "switchboard_cluster_delivered",
+                    "Messages the bus handed to this node's hub.",
+                    stats.delivered,
+                ),
+            ] {
+                let c = ConstCounter::new(v);
+                c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)?;
+            }
+        }
         Ok(())
     }
 }

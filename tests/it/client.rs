@@ -27,7 +27,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::support::{DEADLINE, Fixture, Process, TestServer, json};
+use crate::support::{DEADLINE, Fixture, Process, TestServer, json, wait_until};
 
 /// Quick retries: the tests wait for reconnects, and loopback is fast.
 fn fast_backoff() -> BackoffPolicy {
@@ -147,11 +147,10 @@ async fn two_clients_chat_through_a_sigkill_and_restart_and_agree() {
     let bob_sends = tokio::spawn(send_many(bob.clone(), "bob", Arc::clone(&acked)));
 
     // Kill the server mid-conversation.
-    let start = tokio::time::Instant::now();
-    while acked.load(Ordering::Relaxed) < total / 3 {
-        assert!(start.elapsed() < DEADLINE, "no traffic");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_until("a third of the sends acked", || {
+        acked.load(Ordering::Relaxed) >= total / 3
+    })
+    .await;
     server.kill().await;
     let at_kill = acked.load(Ordering::Relaxed);
     wait_state(&alice, "alice to see the crash", disconnected).await;
@@ -815,15 +814,10 @@ async fn sends_refused_as_unavailable_are_stored_once_when_the_store_recovers() 
             tokio::spawn(async move { alice.send("disk", padded("alice", i)).await })
         })
         .collect();
-    let start = tokio::time::Instant::now();
-    while sniffer.unavailable.load(Ordering::SeqCst) < WHILE_FULL {
-        assert!(
-            start.elapsed() < DEADLINE,
-            "only {} refusals reached alice",
-            sniffer.unavailable.load(Ordering::SeqCst)
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until("the refusals to reach alice", || {
+        sniffer.unavailable.load(Ordering::SeqCst) >= WHILE_FULL
+    })
+    .await;
     for (i, s) in sends.iter().enumerate() {
         assert!(
             !s.is_finished(),

@@ -27,7 +27,7 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::admin::{call, http};
 use crate::cluster::Node;
 use crate::natsd::Nats;
-use crate::support::{Client, DEADLINE, connect_tls, json};
+use crate::support::{Client, DEADLINE, connect_tls, eventually, json};
 
 /// The rooms every client joins and sends to, in turn.
 const ROOMS: [&str; 3] = ["r0", "r1", "r2"];
@@ -778,10 +778,22 @@ async fn a_resume_past_what_the_node_has_heard_gets_no_message_twice() {
         writer.next_message("q").await,
         ServerFrame::Message { seq: 1, .. }
     ));
-    // Time passes so that the node's two reads are over before seq 2 is
-    // stored: nothing the node exports tells the test when they are, and
-    // the first assertion on the reader's join checks that this held.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The node's two reads must be over before seq 2 is stored: its
+    // metrics count the reads whose answer it has taken in.
+    let admin = nodes[0].process.admin;
+    eventually(
+        "the node's two catch-up reads of q are answered",
+        async || {
+            let text = http(admin, "GET", "/metrics", &[], None).await.body;
+            let answered = text
+                .lines()
+                .find(|l| l.starts_with("switchboard_cluster_history_reads_answered_total"))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse::<u64>().ok())?;
+            (answered >= 2).then_some(())
+        },
+    )
+    .await;
     // Seq 2 is stored by a node that dies before announcing it; a client of
     // that node saw it and resumes here.
     assert_eq!(store_silently(&nats.url(), "q", "2").await, 2);

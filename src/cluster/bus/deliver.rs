@@ -105,6 +105,7 @@ pub(super) async fn deliverer(
                         room
                     }
                     Input::Read { room, round, result } => {
+                        shared.counters.history_reads_answered.fetch_add(1, Ordering::Relaxed);
                         let Some(r) = rooms.get_mut(&room).filter(|r| r.round == round) else { continue };
                         let msgs = result
                             .inspect_err(|error| tracing::warn!(%error, room, "cannot read a room's history for its live delivery; retrying"))

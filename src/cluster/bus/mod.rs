@@ -122,6 +122,9 @@ pub struct BusStats {
     pub events_received: u64,
     /// Reads of history to fill a gap or catch up.
     pub history_reads: u64,
+    /// Those reads whose answer (messages or an error) the deliverer has
+    /// taken in.
+    pub history_reads_answered: u64,
     /// Messages handed to the hub.
     pub delivered: u64,
 }
@@ -234,6 +237,7 @@ impl ClusterBus {
             deliveries_received: c.deliveries_received.load(Ordering::Relaxed),
             events_received: c.events_received.load(Ordering::Relaxed),
             history_reads: c.history_reads.load(Ordering::Relaxed),
+            history_reads_answered: c.history_reads_answered.load(Ordering::Relaxed),
             delivered: c.delivered.load(Ordering::Relaxed),
         }
     }

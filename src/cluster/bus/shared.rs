@@ -116,6 +116,7 @@ pub(super) struct Counters {
     pub(super) deliveries_received: AtomicU64,
     pub(super) events_received: AtomicU64,
     pub(super) history_reads: AtomicU64,
+    pub(super) history_reads_answered: AtomicU64,
     pub(super) delivered: AtomicU64,
 }
 
