@@ -12,6 +12,6 @@ pub mod wire;
 
 pub use commit::EncodedCommit;
 pub use outbox::{
-    Outbox, OutboxReceiver, Outgoing, QueueBounds, QueueTally, bounded_outbox, outbox,
+    Outbox, OutboxReceiver, Outgoing, QueueBounds, QueueTally, TallyBatch, bounded_outbox, outbox,
 };
 pub use wire::{Delivery, Encoded, WireFrame};

@@ -32,9 +32,11 @@
 //! without visiting every session. Whether it counts is a flag in the same
 //! word as its bytes: each change to the bytes sees, in one atomic step,
 //! whether it belongs to the tally, and joining or leaving the tally moves
-//! exactly the bytes held at that step. A push adds to the tally at once
-//! (one relaxed add, from the fan-out task); the receiver adds up what it
-//! takes and settles it once per batch, before it waits again.
+//! exactly the bytes held at that step. The fan-out of a delivery adds
+//! its pushes up in a [`TallyBatch`] and reaches the shared total once per
+//! delivery, not once per member; another push adds at once. The receiver
+//! adds up what it takes and settles it once per batch, before it waits
+//! again.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -99,6 +101,44 @@ impl QueueTally {
 
     fn add(&self, delta: i64) {
         self.bytes.fetch_add(delta, Ordering::Relaxed);
+    }
+}
+
+/// The tally deltas of many pushes, added to their tally once: the fan-out
+/// of one delivery to a room's members touches the shared total once, not
+/// once per member. Added when dropped, or at [`TallyBatch::flush`].
+#[derive(Debug, Default)]
+pub struct TallyBatch {
+    tally: Option<Arc<QueueTally>>,
+    delta: i64,
+}
+
+impl TallyBatch {
+    fn add(&mut self, tally: &Arc<QueueTally>, delta: i64) {
+        match &self.tally {
+            Some(t) if Arc::ptr_eq(t, tally) => self.delta += delta,
+            _ => {
+                self.flush();
+                self.tally = Some(tally.clone());
+                self.delta = delta;
+            }
+        }
+    }
+
+    /// Adds what was gathered to the tally.
+    pub fn flush(&mut self) {
+        if let Some(tally) = &self.tally
+            && self.delta != 0
+        {
+            tally.add(self.delta);
+        }
+        self.delta = 0;
+    }
+}
+
+impl Drop for TallyBatch {
+    fn drop(&mut self) {
+        self.flush();
     }
 }
 
@@ -181,6 +221,19 @@ impl Shared {
             tally.add(delta);
         }
     }
+
+    /// As [`Shared::tally_add`], into `batch` when there is one.
+    fn tally_add_to(&self, delta: i64, batch: Option<&mut TallyBatch>) {
+        match batch {
+            Some(batch) => {
+                std::sync::atomic::fence(Ordering::Acquire);
+                if let Some(tally) = self.tally.get() {
+                    batch.add(tally, delta);
+                }
+            }
+            None => self.tally_add(delta),
+        }
+    }
 }
 
 /// The bounds of one outbox (from `Config`).
@@ -258,7 +311,7 @@ pub fn bounded_outbox(
 impl Outbox {
     /// Queues a frame without waiting. Returns false when it did not fit
     /// (or the session is gone); the caller applies the policy.
-    fn try_push(&self, item: Outgoing) -> bool {
+    fn try_push(&self, item: Outgoing, batch: Option<&mut TallyBatch>) -> bool {
         let shared = &*self.shared;
         let len = item.len();
         let queued = &shared.queued_bytes;
@@ -267,7 +320,7 @@ impl Outbox {
         let after = before + len;
         if after <= shared.max_bytes && self.draining(before, after) && self.enqueue(item) {
             if word & TALLIED != 0 {
-                shared.tally_add(delta(len));
+                shared.tally_add_to(delta(len), batch);
             }
             return true;
         }
@@ -321,7 +374,17 @@ impl Outbox {
     /// Queues a durable message; on overflow closes the session as a slow
     /// consumer instead of dropping the message silently.
     pub fn push_message(&self, delivery: &Arc<Delivery>) {
-        if !self.try_push(Outgoing::Message(delivery.clone())) && !self.is_closed() {
+        self.push_message_in(delivery, None);
+    }
+
+    /// As [`Outbox::push_message`], gathering its tally delta in `batch`
+    /// (the fan-out of one delivery to many members).
+    pub fn push_message_batched(&self, delivery: &Arc<Delivery>, batch: &mut TallyBatch) {
+        self.push_message_in(delivery, Some(batch));
+    }
+
+    fn push_message_in(&self, delivery: &Arc<Delivery>, batch: Option<&mut TallyBatch>) {
+        if !self.try_push(Outgoing::Message(delivery.clone()), batch) && !self.is_closed() {
             self.metrics.messages_dropped.inc();
             self.close(CloseReason::SlowConsumer);
         }
@@ -657,6 +720,42 @@ mod tests {
         assert_eq!(tally.bytes(), 0);
         tx.push_message(&delivery(5, 10));
         assert_eq!((tx.queued_bytes(), tally.bytes()), (0, 0), "a gone session");
+    }
+
+    #[test]
+    fn a_batch_reaches_the_tally_once_flushed_with_every_members_bytes() {
+        let metrics = Arc::new(Metrics::default());
+        let tally = Arc::new(QueueTally::default());
+        let members: Vec<_> = (0..3)
+            .map(|_| outbox(4, 1024, 2, CancellationToken::new(), metrics.clone()))
+            .collect();
+        for (tx, _) in &members[..2] {
+            assert!(tx.tally_into(&tally));
+        }
+        let d = delivery(1, 100);
+        let mut batch = TallyBatch::default();
+        for (tx, _) in &members {
+            tx.push_message_batched(&d, &mut batch);
+        }
+        assert_eq!(
+            tally.bytes(),
+            0,
+            "nothing reaches the total before the flush"
+        );
+        batch.flush();
+        assert_eq!(tally.bytes(), 204, "the two tallied members, not the third");
+        batch.flush();
+        assert_eq!(tally.bytes(), 204, "a flush adds once");
+        // A dropped batch flushes too.
+        {
+            let mut batch = TallyBatch::default();
+            members[0].0.push_message_batched(&d, &mut batch);
+        }
+        assert_eq!(tally.bytes(), 306);
+        // Every member still got the message.
+        for (_, mut rx) in members {
+            assert!(matches!(rx.try_recv(), Some(Outgoing::Message(_))));
+        }
     }
 
     #[test]

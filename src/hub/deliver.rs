@@ -11,7 +11,7 @@
 
 use std::sync::Arc;
 
-use crate::delivery::{Delivery, EncodedCommit};
+use crate::delivery::{Delivery, EncodedCommit, TallyBatch};
 use crate::hub::Hub;
 
 impl Hub {
@@ -20,6 +20,9 @@ impl Hub {
     /// come in commit order (one caller at a time), as members see them in
     /// it.
     pub fn deliver(&self, commit: EncodedCommit) {
+        // The registry's queued-bytes total is touched once per room, not
+        // once per member.
+        let mut tally = TallyBatch::default();
         for (room, messages) in commit.rooms {
             let Some(r) = self.rooms.get(&*room) else {
                 continue;
@@ -31,8 +34,9 @@ impl Hub {
                 commit.encoded,
             ));
             for m in &r.members {
-                m.outbox.push_message(&delivery);
+                m.outbox.push_message_batched(&delivery, &mut tally);
             }
+            tally.flush();
             if let Some(seq) = last {
                 // Still under the guard of the pushes: see `Room::latest`.
                 r.raise_latest(seq);
