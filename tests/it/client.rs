@@ -207,11 +207,13 @@ async fn two_clients_chat_through_a_sigkill_and_restart_and_agree() {
 
 /// A TCP relay from the client to the server that the test can cut
 /// (dropping every connection and refusing new ones) or mute (discarding
-/// what the server sends).
+/// what the server sends), and that counts the `unavailable` refusals the
+/// server writes: what the application never sees, the test still can.
 struct Relay {
     addr: SocketAddr,
     open: Arc<AtomicBool>,
     mute: Arc<AtomicBool>,
+    unavailable: Arc<AtomicUsize>,
     conns: Arc<std::sync::Mutex<CancellationToken>>,
     stop: CancellationToken,
 }
@@ -223,12 +225,14 @@ impl Relay {
             addr: listener.local_addr().expect("addr"),
             open: Arc::new(AtomicBool::new(true)),
             mute: Arc::new(AtomicBool::new(false)),
+            unavailable: Arc::new(AtomicUsize::new(0)),
             conns: Arc::new(std::sync::Mutex::new(CancellationToken::new())),
             stop: CancellationToken::new(),
         };
-        let (open, mute, conns, stop) = (
+        let (open, mute, count, conns, stop) = (
             Arc::clone(&relay.open),
             Arc::clone(&relay.mute),
+            Arc::clone(&relay.unavailable),
             Arc::clone(&relay.conns),
             relay.stop.clone(),
         );
@@ -244,14 +248,14 @@ impl Relay {
                     continue;
                 }
                 let cut = conns.lock().expect("lock").clone();
-                let mute = Arc::clone(&mute);
+                let (mute, count) = (Arc::clone(&mute), Arc::clone(&count));
                 tokio::spawn(async move {
                     let Ok(server) = TcpStream::connect(target).await else {
                         return;
                     };
                     tokio::select! {
                         _ = cut.cancelled() => {}
-                        _ = pipe(client, server, mute) => {}
+                        _ = pipe(client, server, mute, count) => {}
                     }
                 });
             }
@@ -284,8 +288,16 @@ impl Drop for Relay {
 }
 
 /// Copies both ways until either side ends; bytes from the server are
-/// discarded while `mute` is set.
-async fn pipe(client: TcpStream, server: TcpStream, mute: Arc<AtomicBool>) {
+/// discarded while `mute` is set. Counts `"code":"unavailable"` in what the
+/// server sends (server frames are not masked, and the server compresses
+/// none).
+async fn pipe(
+    client: TcpStream,
+    server: TcpStream,
+    mute: Arc<AtomicBool>,
+    unavailable: Arc<AtomicUsize>,
+) {
+    const NEEDLE: &[u8] = br#""code":"unavailable""#;
     let (mut cr, mut cw) = client.into_split();
     let (mut sr, mut sw) = server.into_split();
     let up = async {
@@ -293,14 +305,20 @@ async fn pipe(client: TcpStream, server: TcpStream, mute: Arc<AtomicBool>) {
     };
     let down = async {
         let mut buf = vec![0u8; 16 * 1024];
+        // The end of the previous read, so a needle split by a read counts.
+        let mut tail: Vec<u8> = Vec::new();
         loop {
-            match sr.read(&mut buf).await {
+            let n = match sr.read(&mut buf).await {
                 Ok(0) | Err(_) => return,
-                Ok(n) => {
-                    if !mute.load(Ordering::SeqCst) && cw.write_all(&buf[..n]).await.is_err() {
-                        return;
-                    }
-                }
+                Ok(n) => n,
+            };
+            let mut seen = std::mem::take(&mut tail);
+            seen.extend_from_slice(&buf[..n]);
+            let found = seen.windows(NEEDLE.len()).filter(|w| *w == NEEDLE).count();
+            unavailable.fetch_add(found, Ordering::SeqCst);
+            tail = seen[seen.len().saturating_sub(NEEDLE.len() - 1)..].to_vec();
+            if !mute.load(Ordering::SeqCst) && cw.write_all(&buf[..n]).await.is_err() {
+                return;
             }
         }
     };
@@ -667,89 +685,6 @@ async fn presence_and_typing_reach_the_application() {
     server.stop().await;
 }
 
-/// A relay to a plain `ws://` listener that counts the `unavailable`
-/// refusals the server writes to the client: what the application never
-/// sees, the test still can.
-struct Sniffer {
-    addr: SocketAddr,
-    unavailable: Arc<AtomicUsize>,
-    stop: CancellationToken,
-}
-
-impl Sniffer {
-    async fn start(target: SocketAddr) -> Sniffer {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind sniffer");
-        let sniffer = Sniffer {
-            addr: listener.local_addr().expect("addr"),
-            unavailable: Arc::new(AtomicUsize::new(0)),
-            stop: CancellationToken::new(),
-        };
-        let (count, stop) = (Arc::clone(&sniffer.unavailable), sniffer.stop.clone());
-        tokio::spawn(async move {
-            loop {
-                let accepted = tokio::select! {
-                    _ = stop.cancelled() => return,
-                    a = listener.accept() => a,
-                };
-                let Ok((client, _)) = accepted else { continue };
-                let (count, stop) = (Arc::clone(&count), stop.clone());
-                tokio::spawn(async move {
-                    let Ok(server) = TcpStream::connect(target).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = stop.cancelled() => {}
-                        _ = sniff(client, server, count) => {}
-                    }
-                });
-            }
-        });
-        sniffer
-    }
-}
-
-impl Drop for Sniffer {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
-
-/// Copies both ways; counts `"code":"unavailable"` in what the server
-/// sends (server frames are not masked, and the server compresses none).
-async fn sniff(client: TcpStream, server: TcpStream, count: Arc<AtomicUsize>) {
-    const NEEDLE: &[u8] = br#""code":"unavailable""#;
-    let (mut cr, mut cw) = client.into_split();
-    let (mut sr, mut sw) = server.into_split();
-    let up = async {
-        let _ = tokio::io::copy(&mut cr, &mut sw).await;
-    };
-    let down = async {
-        let mut buf = vec![0u8; 16 * 1024];
-        // The end of the previous read, so a needle split by a read counts.
-        let mut tail: Vec<u8> = Vec::new();
-        loop {
-            let n = match sr.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => n,
-            };
-            let mut seen = std::mem::take(&mut tail);
-            seen.extend_from_slice(&buf[..n]);
-            let found = seen.windows(NEEDLE.len()).filter(|w| *w == NEEDLE).count();
-            count.fetch_add(found, Ordering::SeqCst);
-            tail = seen[seen.len().saturating_sub(NEEDLE.len() - 1)..].to_vec();
-            if cw.write_all(&buf[..n]).await.is_err() {
-                return;
-            }
-        }
-    };
-    tokio::select! {
-        _ = up => {}
-        _ = down => {}
-    }
-}
-
 /// A padded body like the disk tests', so that it needs the space the
 /// full disk does not have.
 fn padded(who: &str, i: usize) -> protocol::Body {
@@ -771,10 +706,10 @@ async fn sends_refused_as_unavailable_are_stored_once_when_the_store_recovers() 
         c.plain_listen = Some("127.0.0.1:0".parse().expect("addr"));
     })
     .await;
-    let sniffer = Sniffer::start(server.plain_addr.expect("plain listener")).await;
+    let relay = Relay::start(server.plain_addr.expect("plain listener")).await;
     let mut o = Options::new(format!(
         "ws://127.0.0.1:{}/ws?user=alice",
-        sniffer.addr.port()
+        relay.addr.port()
     ));
     o.backoff = fast_backoff();
     let (alice, mut alice_events) = Client::start(o);
@@ -815,7 +750,7 @@ async fn sends_refused_as_unavailable_are_stored_once_when_the_store_recovers() 
         })
         .collect();
     wait_until("the refusals to reach alice", || {
-        sniffer.unavailable.load(Ordering::SeqCst) >= WHILE_FULL
+        relay.unavailable.load(Ordering::SeqCst) >= WHILE_FULL
     })
     .await;
     for (i, s) in sends.iter().enumerate() {
@@ -841,7 +776,7 @@ async fn sends_refused_as_unavailable_are_stored_once_when_the_store_recovers() 
         assert!(!ack.duplicate, "send {i}: nothing of it was stored before");
         acks.push(ack);
     }
-    let refusals = sniffer.unavailable.load(Ordering::SeqCst);
+    let refusals = relay.unavailable.load(Ordering::SeqCst);
     assert!(refusals >= WHILE_FULL, "{refusals} refusals");
 
     // The history holds each of alice's messages once, at its acked seq.
@@ -875,6 +810,6 @@ async fn sends_refused_as_unavailable_are_stored_once_when_the_store_recovers() 
     let seen = transcript(&mut alice_events, "disk", total).await;
     assert_eq!(seen.last().map(|m| m.seq), Some(total as u64));
     alice.close().await;
-    drop(sniffer);
+    drop(relay);
     server.stop().await;
 }
